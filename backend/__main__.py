@@ -1,0 +1,56 @@
+"""``pvnet-netback`` / ``python -m backend``: one netback for one guest interface."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from backend.filter import Filter, FilterError
+from backend.interface import Netback, NetbackConfig
+from backend.netback import TX_MODES
+
+
+def parse_args(argv: list[str] | None = None) -> NetbackConfig:
+    p = argparse.ArgumentParser(
+        prog="pvnet-netback",
+        description="Serve one pvnet frontend: its TX/RX rings, grant region and vif TAP.")
+    p.add_argument("--vif", required=True, help="TAP to create, e.g. vif1.0")
+    p.add_argument("--domid", type=int, required=True, help="the frontend's domain id")
+    p.add_argument("--bridge", help="bridge to attach the vif to")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--listen", metavar="PATH",
+                       help="namespace placement: event socket frontends connect to")
+    where.add_argument("--connect", metavar="PATH",
+                       help="QEMU placement: the guest's virtio-serial port socket")
+    p.add_argument("--region-fd", type=int, metavar="N",
+                   help="QEMU placement: inherited memfd of the guest's grant region")
+    p.add_argument("--ctl", metavar="PATH", help="control socket for stats")
+    p.add_argument("--tx-mode", choices=TX_MODES, default="lazy",
+                   help="lazy: map payload only on touch; map: map every fragment; "
+                        "copy: copy whole packets (default: lazy)")
+    p.add_argument("--filter", action="append", default=[], metavar="RULE",
+                   help="e.g. 'drop ip_proto=17', 'drop payload=hex:deadbeef' (repeatable)")
+    p.add_argument("--budget", type=int, default=64, help="packets per ring per wake-up")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    if a.connect and a.region_fd is None:
+        p.error("--connect needs --region-fd (the region is shared through QEMU)")
+    try:
+        Filter.parse(a.filter)
+    except FilterError as e:
+        p.error(str(e))
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s netback %(levelname)s %(message)s", stream=sys.stderr)
+    return NetbackConfig(vif=a.vif, domid=a.domid, bridge=a.bridge, listen=a.listen,
+                         connect=a.connect, region_fd=a.region_fd, ctl=a.ctl,
+                         tx_mode=a.tx_mode, filters=a.filter, budget=a.budget)
+
+
+def main(argv: list[str] | None = None) -> int:
+    Netback(parse_args(argv)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""``pvnet-netfront`` / ``python -m frontend``: the guest side of one pvnet interface."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from frontend.netfront import Netfront, NetfrontConfig
+
+
+def size(text: str) -> int:
+    """'8M', '16m', '4096' -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower()
+    if t and t[-1] in units:
+        return int(t[:-1]) * units[t[-1]]
+    return int(t)
+
+
+def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
+    p = argparse.ArgumentParser(
+        prog="pvnet-netfront",
+        description="The guest side of a pvnet interface: a TAP whose frames travel through "
+                    "a shared grant region to a netback.")
+    p.add_argument("--name", required=True, help="this guest's name (shown in stats)")
+    p.add_argument("--domid", type=int, default=1, help="this guest's domain id (default 1)")
+    p.add_argument("--tap", default="eth0", help="TAP to create for the guest (default eth0)")
+    p.add_argument("--mac", help="MAC address of the TAP")
+    p.add_argument("--ip", help="address/prefix for the TAP, e.g. 10.77.0.11/24")
+    p.add_argument("--mtu", type=int)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--connect", metavar="PATH",
+                       help="namespace placement: the netback's event socket")
+    where.add_argument("--channel", metavar="DEV",
+                       help="QEMU placement: the virtio-serial port, e.g. "
+                            "/dev/virtio-ports/pvnet-event")
+    p.add_argument("--region", default=None,
+                   help="memfd (namespace placement, default) or pci[:SYSFS-DIR] (QEMU)")
+    p.add_argument("--region-size", type=size, default=8 << 20,
+                   help="grant region size for a memfd region (default 8M)")
+    p.add_argument("--ctl", metavar="PATH", help="control socket for stats")
+    p.add_argument("--no-header-slots", action="store_true",
+                   help="do not ask for feature-header-slots (headers ride in payload grants)")
+    p.add_argument("--persistent", action="store_true", help="ask for feature-persistent")
+    p.add_argument("--no-gso", action="store_true",
+                   help="do not negotiate GSO: MTU-sized frames only")
+    p.add_argument("--budget", type=int, default=64, help="frames per ring per wake-up")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    region = a.region or ("memfd" if a.connect else "pci")
+    if a.connect and region != "memfd":
+        p.error("--connect (namespace placement) needs a memfd region")
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s netfront %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    return NetfrontConfig(name=a.name, domid=a.domid, tap=a.tap, mac=a.mac, ip=a.ip, mtu=a.mtu,
+                          ctl=a.ctl, connect=a.connect, channel=a.channel, region=region,
+                          region_size=a.region_size, header_slots=not a.no_header_slots,
+                          persistent=a.persistent, gso=not a.no_gso, budget=a.budget)
+
+
+def main(argv: list[str] | None = None) -> int:
+    Netfront(parse_args(argv)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

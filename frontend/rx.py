@@ -1,0 +1,172 @@
+"""Netfront RX: keep the RX ring stocked with granted pages; write received frames to the TAP.
+
+Buffers are found by the response's id, never by ring slot, so the backend may complete them
+in any order ("ring v2"). A frame spanning several buffers (``NETRXF_more_data``) is written
+with one ``writev`` straight out of the shared pages. Every response is checked first: an
+unknown or duplicate id, or a size past the buffer, marks the device broken instead of
+writing anywhere it should not.
+"""
+
+from __future__ import annotations
+
+import os
+
+from frontend.tx import BackendError
+from shared.grant import RESERVED_REFS
+from shared.netif import (
+    EXTRA_INFO,
+    GREF_PERSISTENT,
+    PAGE_SIZE,
+    RING_SIZE,
+    RX_REQUEST,
+    RX_RESPONSE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+)
+from shared.offload import (
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VNET_HDR,
+    XEN_TO_VIRTIO_GSO,
+    checksum_setup,
+)
+from shared.region import Region
+from shared.ring import MASK32, FrontRing
+from shared.stats import RingStats
+
+#: RX buffers: one page per RX ring slot, at the start of the payload area
+RX_BUFFERS = RING_SIZE
+_unpack_rsp = RX_RESPONSE.unpack_from
+_pack_req = RX_REQUEST.pack_into
+
+
+class RxQueue:
+    def __init__(self, region: Region, tap_fd: int, stats: RingStats, persistent: bool,
+                 backend_domid: int = 0) -> None:
+        lay = region.layout
+        self.ring = FrontRing(region.rx_ring, RX_REQUEST.size)
+        self.buf = self.ring.buf
+        self.tap_fd = tap_fd
+        self.stats = stats
+        self.grants = region.grants
+        self.persistent = persistent
+        self.domid = backend_domid
+        self.frames = [lay.payload_page + i for i in range(RX_BUFFERS)]
+        self.views = [region.page(f) for f in self.frames]
+        refs = [RESERVED_REFS + i for i in range(RX_BUFFERS)]
+        self.refs = [r | GREF_PERSISTENT for r in refs] if persistent else refs
+        if persistent:
+            for r, f in zip(refs, self.frames, strict=True):
+                self.grants.grant(r, backend_domid, f)
+        self.posted = bytearray(RX_BUFFERS)
+        self.free = list(range(RX_BUFFERS))
+        self.vnet = bytearray(VNET_HDR.size)
+        self._reset_frame()
+
+    def _reset_frame(self) -> None:
+        self.iov: list = [self.vnet]
+        self.ids: list[int] = []
+        self.flags = 0
+        self.gso = (0, 0)
+        self.bad = False
+
+    def refill(self) -> int:
+        """Post every free buffer (not yet pushed)."""
+        ring, buf, entry = self.ring, self.buf, self.ring.entry
+        free, refs, posted = self.free, self.refs, self.posted
+        n = min(len(free), ring.free_requests())
+        prod = ring.req_prod_pvt
+        for _ in range(n):
+            i = free.pop()
+            if not self.persistent:
+                self.grants.grant(refs[i], self.domid, self.frames[i])
+            posted[i] = 1
+            _pack_req(buf, entry(prod), i, 0, refs[i])
+            prod += 1
+        ring.req_prod_pvt = prod & MASK32
+        self.stats.grants_active = RX_BUFFERS - len(free)
+        return n
+
+    def _release(self, rid: int) -> None:
+        if not self.persistent and not self.grants.end_access(self.refs[rid]):
+            raise BackendError(f"backend still holds rx gref {self.refs[rid]}")
+        self.free.append(rid)
+
+    def _take(self, rid: int) -> None:
+        if rid >= RX_BUFFERS or not self.posted[rid]:
+            raise BackendError(f"rx response for buffer {rid} that is not posted")
+        self.posted[rid] = 0
+
+    def poll(self, budget: int = 64) -> int:
+        """Consume responses, writing each complete frame to the TAP. Returns frames done."""
+        ring, buf, entry, views = self.ring, self.buf, self.ring.entry, self.views
+        frames = 0
+        while frames < budget:
+            n = ring.unconsumed_responses()
+            if not n:
+                break
+            cons = ring.rsp_cons
+            end = cons + n
+            while cons != end and frames < budget:
+                rid, off, flags, status = _unpack_rsp(buf, entry(cons))
+                cons += 1
+                self._take(rid)
+                self.ids.append(rid)
+                if status < 0:
+                    self.bad = True
+                elif off + status > PAGE_SIZE:
+                    raise BackendError(f"rx response {rid}: {off}+{status} past its buffer")
+                else:
+                    self.iov.append(views[rid][off:off + status])
+                if len(self.ids) == 1:
+                    self.flags = flags
+                if flags & NETRXF_extra_info:
+                    if cons == end:
+                        raise BackendError("rx extra info missing")
+                    etype, _ef, gsize, gtype, _pad, retired = EXTRA_INFO.unpack_from(
+                        buf, entry(cons))
+                    cons += 1
+                    if etype != XEN_NETIF_EXTRA_TYPE_GSO or gtype not in XEN_TO_VIRTIO_GSO:
+                        raise BackendError(f"rx extra info type {etype}/{gtype}")
+                    self._take(retired)
+                    self.ids.append(retired)
+                    self.gso = (XEN_TO_VIRTIO_GSO[gtype], gsize)
+                if flags & NETRXF_more_data:
+                    if len(self.ids) > 20:
+                        raise BackendError("rx frame spans more than 20 buffers")
+                    continue
+                self._deliver()
+                frames += 1
+            ring.rsp_cons = cons & MASK32
+        return frames
+
+    def _deliver(self) -> None:
+        st = self.stats
+        iov = self.iov
+        if self.bad or len(iov) < 2:
+            st.drops += 1
+        else:
+            flags = self.flags
+            vflags = cstart = coff = 0
+            if flags & NETRXF_csum_blank:
+                setup = checksum_setup(iov[1])
+                if setup is not None:
+                    vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
+                    cstart, coff = setup
+            elif flags & NETRXF_data_validated:
+                vflags = VIRTIO_NET_HDR_F_DATA_VALID
+            gtype, gsize = self.gso
+            VNET_HDR.pack_into(self.vnet, 0, vflags, gtype, 0, gsize, cstart, coff, 0)
+            try:
+                n = os.writev(self.tap_fd, iov) - VNET_HDR.size
+                st.rx_packets += 1
+                st.rx_bytes += n
+            except OSError:
+                st.drops += 1
+                st.drops_error += 1
+        for rid in self.ids:
+            self._release(rid)
+        self._reset_frame()

@@ -1,0 +1,90 @@
+"""The grant table: entries shaped like Xen's ``grant_entry_v1`` {flags u16, domid u16, frame u32}.
+
+The frontend writes an entry to let one backend domain reach one page of its region
+(``grant``) and clears it to take that back (``end_access``). The backend checks an entry
+before touching the page and sets ``GTF_reading``/``GTF_writing`` while it holds a mapping, so
+``end_access`` refuses to revoke a grant in use, as ``gnttab_end_foreign_access_ref`` does.
+
+Python has no compare-and-swap on shared memory, so unlike Xen the in-use bits are advisory:
+a frontend that revokes a grant racing the backend's map only damages its own page (the region
+is the frontend's memory); the backend's own safety never depends on them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+GRANT_ENTRY = struct.Struct("<HHI")
+GTF_permit_access = 1
+GTF_readonly = 1 << 2
+GTF_reading = 1 << 3
+GTF_writing = 1 << 4
+GTF_in_use = GTF_reading | GTF_writing
+#: Linux's GNTTAB_NR_RESERVED_ENTRIES: refs below this are never handed out.
+RESERVED_REFS = 8
+
+
+class GrantError(Exception):
+    """A grant reference the backend must not use: the frontend is buggy or hostile."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    flags: int
+    domid: int
+    frame: int
+
+
+class GrantTable:
+    """``count`` entries at the start of ``buf``; frames are page numbers in the region."""
+
+    def __init__(self, buf: memoryview, count: int) -> None:
+        if count * GRANT_ENTRY.size > len(buf):
+            raise ValueError("grant table does not fit its area")
+        self.buf = buf
+        self.count = count
+        self.flags = buf[: count * GRANT_ENTRY.size].cast("H")  # flags at u16 index 4*ref
+
+    def read(self, ref: int) -> Grant:
+        if not 0 <= ref < self.count:
+            raise GrantError(f"gref {ref} outside the table (0..{self.count - 1})")
+        return Grant(*GRANT_ENTRY.unpack_from(self.buf, ref * GRANT_ENTRY.size))
+
+    # --- frontend side ------------------------------------------------------------------
+    def grant(self, ref: int, domid: int, frame: int, readonly: bool = False) -> None:
+        """gnttab_grant_foreign_access_ref: frame and domid first, then the permit flag."""
+        GRANT_ENTRY.pack_into(self.buf, ref * GRANT_ENTRY.size, 0, domid, frame)
+        self.flags[ref * 4] = GTF_permit_access | (GTF_readonly if readonly else 0)
+
+    def end_access(self, ref: int) -> bool:
+        """Revoke; refused (False) while the backend has the grant in use."""
+        if self.flags[ref * 4] & GTF_in_use:
+            return False
+        self.flags[ref * 4] = 0
+        return True
+
+    def in_use(self, ref: int) -> bool:
+        return bool(self.flags[ref * 4] & GTF_in_use)
+
+    # --- backend side -------------------------------------------------------------------
+    def check(self, ref: int, domid: int, write: bool, frames: range) -> int:
+        """Validate ``ref`` for access by ``domid``; return the frame it grants."""
+        if not 0 <= ref < self.count:
+            raise GrantError(f"gref {ref} outside the table (0..{self.count - 1})")
+        flags, gdomid, frame = GRANT_ENTRY.unpack_from(self.buf, ref * GRANT_ENTRY.size)
+        if not flags & GTF_permit_access:
+            raise GrantError(f"gref {ref} is not granted")
+        if gdomid != domid:
+            raise GrantError(f"gref {ref} is granted to domain {gdomid}, not {domid}")
+        if write and flags & GTF_readonly:
+            raise GrantError(f"gref {ref} is read-only")
+        if frame not in frames:
+            raise GrantError(f"gref {ref} grants frame {frame}, outside the payload area")
+        return frame
+
+    def mark(self, ref: int, write: bool) -> None:
+        self.flags[ref * 4] |= GTF_writing if write else GTF_reading
+
+    def unmark(self, ref: int) -> None:
+        self.flags[ref * 4] &= ~GTF_in_use & 0xFFFF

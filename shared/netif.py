@@ -1,0 +1,81 @@
+"""Wire formats of the pvnet rings: Xen's ``netif.h``, defined once for both ends.
+
+Every structure that crosses the grant region is a precompiled ``struct.Struct`` here, so the
+frontend and backend cannot disagree about a field. Values and layouts are Xen's; our
+additions (header slots, persistent grefs, the RX extra slot's buffer id) are marked as such.
+"""
+
+from __future__ import annotations
+
+import struct
+
+PAGE_SIZE = 4096
+RING_SIZE = 256  # __CONST_RING_SIZE(netif_tx, 4096) and (netif_rx, 4096)
+ETH_HLEN = 14
+
+# --- TX: frontend -> backend -------------------------------------------------------------
+#: struct netif_tx_request { grant_ref_t gref; uint16_t offset, flags, id, size; }
+TX_REQUEST = struct.Struct("<IHHHH")
+#: struct netif_tx_response { uint16_t id; int16_t status; }
+TX_RESPONSE = struct.Struct("<Hh")
+
+NETTXF_csum_blank = 1 << 0
+NETTXF_data_validated = 1 << 1
+NETTXF_more_data = 1 << 2
+NETTXF_extra_info = 1 << 3
+#: pvnet addition (feature-header-slots): ``gref`` is an offset into the header-slot area.
+NETTXF_header_slot = 1 << 4
+
+# --- RX: backend -> frontend -------------------------------------------------------------
+#: struct netif_rx_request { uint16_t id; uint16_t pad; grant_ref_t gref; }
+RX_REQUEST = struct.Struct("<HHI")
+#: struct netif_rx_response { uint16_t id, offset, flags; int16_t status; }
+RX_RESPONSE = struct.Struct("<HHHh")
+
+NETRXF_data_validated = 1 << 0
+NETRXF_csum_blank = 1 << 1
+NETRXF_more_data = 1 << 2
+NETRXF_extra_info = 1 << 3
+
+# --- extra info slots (both rings) --------------------------------------------------------
+#: struct netif_extra_info { uint8_t type, flags; struct { uint16_t size; uint8_t type, pad;
+#: uint16_t features; } gso; }
+EXTRA_INFO = struct.Struct("<BBHBBH")
+XEN_NETIF_EXTRA_TYPE_GSO = 1
+XEN_NETIF_EXTRA_FLAG_MORE = 1
+XEN_NETIF_GSO_TYPE_NONE = 0
+XEN_NETIF_GSO_TYPE_TCPV4 = 1
+XEN_NETIF_GSO_TYPE_TCPV6 = 2
+# pvnet addition ("ring v2"): RX responses carry request ids and may complete out of order, so
+# the slot an RX extra-info occupies must say which posted buffer it retires. It rides in
+# gso.features, which Linux always sets to 0.
+
+# --- statuses ----------------------------------------------------------------------------
+XEN_NETIF_RSP_DROPPED = -2
+XEN_NETIF_RSP_ERROR = -1
+XEN_NETIF_RSP_OKAY = 0
+XEN_NETIF_RSP_NULL = 1  # the response slot of an extra-info request
+
+# --- limits (Linux xen-netback) ------------------------------------------------------------
+#: XEN_NETBK_LEGACY_SLOTS_MAX: the most slots a packet may use (not counting extras).
+MAX_SLOTS_PER_PACKET = 18
+#: fatal_skb_slots: a frontend asking for this many slots is malicious; disconnect it.
+FATAL_SKB_SLOTS = 20
+#: MAX_SKB_FRAGS: frags beyond this count as tx_frag_overflow (Linux uses a frag_list).
+MAX_SKB_FRAGS = 17
+#: Largest frame the TAP can hand over: 64 KiB IP datagram + Ethernet + VLAN header.
+MAX_FRAME = 65535 + ETH_HLEN + 4
+
+#: pvnet addition (feature-persistent): set in a gref passed on the ring to say "keep it mapped".
+GREF_PERSISTENT = 1 << 31
+GREF_MASK = GREF_PERSISTENT - 1
+
+# --- negotiated feature keys (xenbus names) -------------------------------------------------
+FEATURES = (
+    "feature-sg",
+    "feature-gso-tcpv4",
+    "feature-gso-tcpv6",
+    "feature-rx-copy",
+    "feature-header-slots",
+    "feature-persistent",
+)

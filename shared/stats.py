@@ -1,0 +1,45 @@
+"""Per-ring-end counters with the canonical names of DESIGN.md (Linux names where one exists).
+
+Plain attributes on a slotted dataclass: the data path bumps them with ``+=`` (no dict lookups,
+no locks); the control thread takes a snapshot with ``as_dict``. A torn read of one counter is
+harmless for a monitoring view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class RingStats:
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_header_slot_packets: int = 0
+    tx_zerocopy_sent: int = 0
+    tx_zerocopy_success: int = 0
+    tx_zerocopy_fail: int = 0
+    tx_frag_overflow: int = 0
+    grant_maps: int = 0
+    grant_maps_avoided: int = 0
+    grant_copies: int = 0
+    persistent_hits: int = 0
+    maps_outstanding: int = 0
+    grants_in_use: int = 0
+    grants_active: int = 0
+    copy_bytes: int = 0
+    slots_in_flight: int = 0
+    slots_consumed: int = 0
+    slots_released: int = 0
+    header_slots_in_use: int = 0
+    notify_sent: int = 0
+    notify_suppressed: int = 0
+    queue_stops: int = 0
+    drops: int = 0
+    drops_filtered: int = 0
+    drops_error: int = 0
+    drops_no_buffer: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

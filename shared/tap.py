@@ -1,0 +1,79 @@
+"""TAP devices with virtio-net headers: the frontend's guest NIC and the backend's vif.
+
+With ``IFF_VNET_HDR`` every frame read or written starts with a 12-byte virtio_net_hdr that
+carries checksum-offload and GSO metadata, and ``TUNSETOFFLOAD`` lets the kernel hand over
+64 KiB TCP segments unsegmented: the one lever that makes a Python data path fast (FACTS.md:
+1.2 Gbit/s with 1514-byte frames, 13.5 with GSO). The device lives as long as the fd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from pyroute2 import IPRoute
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+
+
+def open_tap(name: str, offload: int = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,
+             vnet_hdr_size: int = 12) -> int:
+    """Create (or attach to) TAP ``name``; returns a non-blocking fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifr)
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", vnet_hdr_size))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def set_offload(fd: int, offload: int) -> None:
+    """Change what the kernel may hand us (after negotiation: no GSO feature, no TSO)."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+
+
+def configure(name: str, mac: str | None = None, ip: str | None = None,
+              master: str | None = None, mtu: int | None = None, up: bool = True) -> None:
+    """Set MAC/MTU, attach to a bridge, add an address (``a.b.c.d/len``) and bring it up."""
+    with IPRoute() as ipr:
+        (idx,) = ipr.link_lookup(ifname=name)
+        kw: dict = {}
+        if mac:
+            kw["address"] = mac
+        if mtu:
+            kw["mtu"] = mtu
+        if master:
+            found = ipr.link_lookup(ifname=master)
+            if not found:
+                raise RuntimeError(f"bridge {master} does not exist")
+            kw["master"] = found[0]
+        if kw:
+            ipr.link("set", index=idx, **kw)
+        if ip:
+            addr, _, plen = ip.partition("/")
+            existing = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx)}
+            if addr not in existing:
+                ipr.addr("add", index=idx, address=addr, prefixlen=int(plen or 24))
+        ipr.link("set", index=idx, state="up" if up else "down")
+
+
+def set_carrier(name: str, up: bool) -> None:
+    """Administrative up/down, the closest a TAP owner gets to netif_carrier_off."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            ipr.link("set", index=found[0], state="up" if up else "down")
