@@ -16,6 +16,7 @@ import os
 
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
+from shared.grant import GRANT_ENTRY, GTF_permit_access
 from shared.netif import (
     EXTRA_INFO,
     FATAL_SKB_SLOTS,
@@ -47,7 +48,8 @@ from shared.offload import (
     checksum_setup,
 )
 from shared.region import Region
-from shared.ring import MASK32, BackRing
+from shared.ring import HEADER_SIZE, MASK32, BackRing
+from shared.slots import HeaderSlots, SlotError
 from shared.stats import RingStats
 
 TX_MODES = ("lazy", "map", "copy")
@@ -56,6 +58,8 @@ TX_COPY_LEN = 128
 _unpack_req = TX_REQUEST.unpack_from
 _pack_rsp = TX_RESPONSE.pack_into
 _unpack_extra = EXTRA_INFO.unpack_from
+_unpack_gnt = GRANT_ENTRY.unpack_from
+_HDR, _SLOT = HEADER_SIZE, TX_REQUEST.size  # entry(idx), inlined in hot loops
 
 
 class FatalTxError(Exception):
@@ -73,8 +77,7 @@ class TxPath:
         self.buf = self.ring.buf
         self.mem = region.buf
         self.hdr = region.hdr
-        self.hdr_slot_size = region.layout.hdr_slot_size
-        self.hdr_bytes = region.layout.hdr_area_bytes
+        self.slots = HeaderSlots(region.hdr, region.layout.hdr_slot_size, region.layout.hdr_slots)
         self.gntmap = gntmap
         self.vif_fd = vif_fd
         self.stats = stats
@@ -84,6 +87,9 @@ class TxPath:
         self.pending = bytearray(RING_SIZE)  # request id -> slot not yet answered
         self.dealloc: list[int] = []  # ids released by skb destructors, + NULL counts
         self.vnet = bytearray(VNET_HDR.size)
+        self.gnt_buf = region.grants.buf
+        self.gnt_count = region.grants.count
+        self.frames = region.layout.payload_frames
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64) -> bool:
@@ -132,6 +138,8 @@ class TxPath:
                     raise FatalTxError(f"bad GSO type {gtype} size {gsize}")
                 gso_type, gso_size = gtype, gsize
                 more = eflags & XEN_NETIF_EXTRA_FLAG_MORE
+        self._take_id(rid)
+        pending, mask = self.pending, ring.mask
         frags: list[tuple[int, int, int, int]] = []
         fflags = flags
         total_frags = 0
@@ -140,19 +148,19 @@ class TxPath:
                 raise FatalTxError("packet asks for more slots than were published")
             if len(frags) + 2 >= FATAL_SKB_SLOTS:
                 raise FatalTxError(f"packet uses {FATAL_SKB_SLOTS} or more slots")
-            fgref, foff, fflags, fid, fsize = _unpack_req(buf, entry(idx))
+            fgref, foff, fflags, fid, fsize = _unpack_req(buf, _HDR + (idx & mask) * _SLOT)
             idx += 1
             if foff + fsize > PAGE_SIZE:
                 raise FatalTxError(f"fragment crosses a page boundary ({foff}+{fsize})")
+            if fid >= RING_SIZE or pending[fid]:
+                self._take_id(fid)  # raises with the reason
+            pending[fid] = 1
             frags.append((fgref, foff, fid, fsize))
             total_frags += fsize
         slots = (idx - cons) & MASK32
         ring.req_cons = idx & MASK32
         st = self.stats
         st.slots_consumed += slots
-        self._take_id(rid)
-        for f in frags:
-            self._take_id(f[2])
         first_len = size - total_frags
         if first_len <= 0:
             raise FatalTxError(f"fragments ({total_frags} B) bigger than the packet ({size} B)")
@@ -161,13 +169,14 @@ class TxPath:
             self._drop(rid, [f[2] for f in frags], extras)
             return None
         skb = SkBuff(b"", self._destructor)
+        skb.size = size
         if flags & NETTXF_header_slot:
             if not self.header_slots:
                 raise FatalTxError("header-slot request without feature-header-slots")
-            start = gref + off
-            if gref % self.hdr_slot_size or gref >= self.hdr_bytes \
-                    or off + first_len > self.hdr_slot_size:
-                raise FatalTxError(f"header slot offset {gref}+{off} len {first_len} invalid")
+            try:
+                start = self.slots.check(gref, off, first_len)
+            except SlotError as e:
+                raise FatalTxError(str(e)) from e
             skb.head = bytes(self.hdr[start:start + first_len])
             st.copy_bytes += first_len
             st.tx_header_slot_packets += 1
@@ -196,20 +205,28 @@ class TxPath:
             st.tx_frag_overflow += 1
         if self.mode == "copy":
             parts = [skb.head]
-            nulls = skb.extras
-            for gref, off, fid, fsize in frags:
+            for i, (gref, off, fid, fsize) in enumerate(frags):
                 parts.append(gntmap.copy_from(gref, off, fsize))
                 self.dealloc.append(fid)
-                self.dealloc.append(nulls)
-                nulls = 0
+                if i == 0 and skb.extras:
+                    self.dealloc.extend([-1] * skb.extras)
             skb.head = b"".join(parts)
             skb.extras = 0
             return
         check = gntmap.check
+        table, count, dom = self.gnt_buf, self.gnt_count, gntmap.domid
+        lo, hi = self.frames.start, self.frames.stop
         out = skb.frags
         ids = skb.ids
         for gref, off, fid, fsize in frags:
-            out.append((gref, check(gref), off, fsize))
+            # gnttab check inlined for the common case; anything unusual takes the full path
+            if gref < count:
+                gflags, gdom, frame = _unpack_gnt(table, gref << 3)
+                if not (gflags & GTF_permit_access and gdom == dom and lo <= frame < hi):
+                    frame = check(gref)
+            else:
+                frame = check(gref)
+            out.append((gref, frame, off, fsize))
             ids.append(fid)
         if self.mode == "map":
             for gref, *_ in out:
@@ -219,7 +236,7 @@ class TxPath:
     # --- handing to the vif -------------------------------------------------------------
     def _submit(self, skb: SkBuff) -> None:
         st = self.stats
-        size = len(skb)
+        size = skb.size
         st.tx_packets += 1
         st.tx_bytes += size
         if skb.frags:
@@ -280,16 +297,29 @@ class TxPath:
             else:
                 st.tx_zerocopy_success += 1
         dealloc = self.dealloc
-        nulls = skb.extras  # NULL answers owed after the first id (stock first slot only)
-        for fid in skb.ids:
-            dealloc.append(fid)
-            dealloc.append(nulls)
-            nulls = 0
+        if skb.extras:  # NULL answers owed after the first id (stock first slot only)
+            dealloc.append(skb.ids[0])
+            dealloc.extend([-1] * skb.extras)
+            dealloc.extend(skb.ids[1:])
+        else:
+            dealloc.extend(skb.ids)
 
     def _flush_dealloc(self) -> None:
+        """Answer released slots in release order; -1 stands for an extra's NULL answer."""
         d = self.dealloc
-        for i in range(0, len(d), 2):
-            self._respond(d[i], XEN_NETIF_RSP_OKAY, d[i + 1])
+        if not d:
+            return
+        ring, buf, pending, mask = self.ring, self.buf, self.pending, self.ring.mask
+        prod = ring.rsp_prod_pvt
+        for rid in d:
+            if rid >= 0:
+                _pack_rsp(buf, _HDR + (prod & mask) * _SLOT, rid, XEN_NETIF_RSP_OKAY)
+                pending[rid] = 0
+            else:
+                _pack_rsp(buf, _HDR + (prod & mask) * _SLOT, 0, XEN_NETIF_RSP_NULL)
+            prod += 1
+        ring.rsp_prod_pvt = prod & MASK32
+        self.stats.slots_released += len(d)
         d.clear()
 
     def _respond(self, rid: int, status: int, nulls: int) -> None:

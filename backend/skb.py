@@ -16,11 +16,12 @@ from collections.abc import Callable
 class SkBuff:
     """One packet inside netback. Slotted: the TX path builds one per packet."""
 
-    __slots__ = ("head", "frags", "ids", "extras", "gso_type", "gso_size", "csum_blank",
+    __slots__ = ("size", "head", "frags", "ids", "extras", "gso_type", "gso_size", "csum_blank",
                  "data_validated", "mapped", "destructor", "transmitted")
 
     def __init__(self, head: bytes, destructor: Callable[[SkBuff], None]) -> None:
         self.head = head
+        self.size = len(head)
         #: (gref, frame, offset, size) per fragment, not mapped
         self.frags: list[tuple[int, int, int, int]] = []
         #: ring request ids whose slots are released when this skb is freed
@@ -34,9 +35,6 @@ class SkBuff:
         self.mapped: list[int] = []
         self.destructor = destructor
         self.transmitted = False
-
-    def __len__(self) -> int:
-        return len(self.head) + sum(f[3] for f in self.frags)
 
     def payload(self, gntmap) -> bytes:
         """The whole packet's bytes; maps every fragment (lazily, once) to read them."""

@@ -42,6 +42,8 @@ from shared.transport import (
 from shared.xenbus import NegotiationError, XenbusState
 
 log = logging.getLogger("netfront")
+#: largest GSO packet the guest stack may hand us: tx_request.size is 16 bits
+GSO_MAX_SIZE = 0xFFFF - 320
 
 
 class Shutdown(Exception):
@@ -83,7 +85,8 @@ class Netfront:
         self.rx: RxQueue | None = None
         self.bar: mmap.mmap | None = None
         self.tap_fd = open_tap(cfg.tap)
-        configure(cfg.tap, mac=cfg.mac, ip=cfg.ip, mtu=cfg.mtu)
+        # netfront: netif_set_tso_max_size(XEN_NETIF_MAX_TX_SIZE - MAX_TCP_HEADER)
+        configure(cfg.tap, mac=cfg.mac, ip=cfg.ip, mtu=cfg.mtu, gso_max_size=GSO_MAX_SIZE)
         self.ctl = ControlServer(cfg.ctl, self.control) if cfg.ctl else None
 
     def wanted(self) -> dict[str, bool]:

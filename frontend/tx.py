@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import os
 
-from shared.grant import RESERVED_REFS
+from shared.grant import (
+    GRANT_ENTRY,
+    RESERVED_REFS,
+    GTF_in_use,
+    GTF_permit_access,
+    GTF_readonly,
+)
 from shared.netif import (
     EXTRA_INFO,
     GREF_PERSISTENT,
@@ -40,12 +46,17 @@ from shared.offload import (
 )
 from shared.region import Region
 from shared.ring import MASK32, FrontRing
+from shared.slots import HeaderSlots
 from shared.stats import RingStats
 
+#: the largest packet netif can describe (tx_request.size is u16: XEN_NETIF_MAX_TX_SIZE)
+MAX_PACKET = 0xFFFF
 #: pages per payload chunk: the largest frame (64 KiB + headers) without a header slot
 CHUNK_PAGES = 17
 _pack_req = TX_REQUEST.pack_into
 _unpack_rsp = TX_RESPONSE.unpack_from
+_pack_gnt = GRANT_ENTRY.pack_into
+_RO = GTF_permit_access | GTF_readonly
 
 
 class BackendError(Exception):
@@ -64,9 +75,8 @@ class TxQueue:
         self.header_slots = header_slots
         self.persistent = persistent
         self.domid = backend_domid
-        ss = self.slot_size = lay.hdr_slot_size
-        self.slot_views = [region.hdr[i * ss:(i + 1) * ss] for i in range(lay.hdr_slots)]
-        self.free_slots = list(range(lay.hdr_slots))
+        self.slots = HeaderSlots(region.hdr, lay.hdr_slot_size, lay.hdr_slots)
+        self.slot_size = lay.hdr_slot_size
         nchunks = (lay.payload_pages - first_page) // CHUNK_PAGES
         if nchunks < 2:
             raise ValueError("region too small for TX payload chunks")
@@ -95,16 +105,18 @@ class TxQueue:
 
     def can_send(self) -> bool:
         return (self.ring.free_requests() >= MAX_SLOTS_PER_PACKET + 1 and bool(self.free_chunks)
-                and bool(self.free_slots) and len(self.free_ids) >= MAX_SLOTS_PER_PACKET)
+                and bool(self.slots.free) and len(self.free_ids) >= MAX_SLOTS_PER_PACKET)
 
     def pump(self, budget: int = 64) -> int:
         """Move up to ``budget`` frames from the TAP onto the ring (not yet pushed)."""
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         st, vnet = self.stats, self.vnet
-        free_slots, free_chunks, free_ids = self.free_slots, self.free_chunks, self.free_ids
+        free_slots, free_chunks, free_ids = self.slots.free, self.free_chunks, self.free_ids
+        slot_views = self.slots.views
         busy, id_slot, id_chunk, id_gref = self.busy, self.id_slot, self.id_chunk, self.id_gref
         hs, ss = self.header_slots, self.slot_size
-        grant = None if self.persistent else self.grants.grant
+        grant = not self.persistent
+        gbuf, domid = self.grants.buf, self.domid
         readv, tap = os.readv, self.tap_fd
         sent = 0
         while sent < budget:
@@ -116,7 +128,7 @@ class TxQueue:
             chunk = free_chunks[-1]
             if hs:
                 slot = free_slots[-1]
-                iov = [vnet, self.slot_views[slot], self.chunk_views[chunk]]
+                iov = [vnet, slot_views[slot], self.chunk_views[chunk]]
             else:
                 iov = [vnet, self.chunk_views[chunk]]
             try:
@@ -124,6 +136,10 @@ class TxQueue:
             except BlockingIOError:
                 break
             if length <= 0:
+                continue
+            if length > MAX_PACKET:  # netif's size field is 16 bits; the TAP is capped below
+                st.drops += 1
+                st.drops_error += 1
                 continue
             vflags, vgso, _hl, gso_size, _cs, _co, _nb = VNET_HDR.unpack_from(vnet)
             flags = 0
@@ -157,7 +173,7 @@ class TxQueue:
                 ref = self.chunk_refs[chunk][0]
                 id_gref[rid] = ref
                 if grant:
-                    grant(ref, self.domid, self.chunk_frames[chunk][0], True)
+                    _pack_gnt(gbuf, ref << 3, _RO, domid, self.chunk_frames[chunk][0])
                 _pack_req(buf, entry(prod), ref, 0,
                           flags | (NETTXF_more_data if rest else 0), rid, length)
                 page = 1
@@ -178,8 +194,8 @@ class TxQueue:
                     ref = refs[page]
                     id_chunk[fid] = chunk
                     id_gref[fid] = ref
-                    if grant:
-                        grant(ref, self.domid, self.chunk_frames[chunk][page], True)
+                    if grant:  # GrantTable.grant, inlined
+                        _pack_gnt(gbuf, ref << 3, _RO, domid, self.chunk_frames[chunk][page])
                     _pack_req(buf, entry(prod), ref, 0, NETTXF_more_data if rest else 0,
                               fid, size)
                     prod += 1
@@ -198,6 +214,8 @@ class TxQueue:
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         busy, id_slot, id_chunk = self.busy, self.id_slot, self.id_chunk
         st = self.stats
+        revoke = not self.persistent
+        gflags = self.grants.flags
         done = 0
         while True:
             n = ring.unconsumed_responses()
@@ -215,12 +233,15 @@ class TxQueue:
                 slot = id_slot[rid]
                 if slot >= 0:
                     id_slot[rid] = -1
-                    self.free_slots.append(slot)
+                    self.slots.release(slot)
                 chunk = id_chunk[rid]
                 if chunk >= 0:
                     id_chunk[rid] = -1
-                    if not self.persistent and not self.grants.end_access(self.id_gref[rid]):
-                        raise BackendError(f"backend still holds gref {self.id_gref[rid]}")
+                    if revoke:  # GrantTable.end_access, inlined
+                        ref = self.id_gref[rid] << 2
+                        if gflags[ref] & GTF_in_use:
+                            raise BackendError(f"backend still holds gref {ref >> 2}")
+                        gflags[ref] = 0
                     self.chunk_out[chunk] -= 1
                     if not self.chunk_out[chunk]:
                         self.free_chunks.append(chunk)
@@ -237,4 +258,4 @@ class TxQueue:
         return (self.ring.req_prod_pvt - self.ring.rsp_cons) & MASK32
 
     def header_slots_in_use(self) -> int:
-        return len(self.slot_views) - len(self.free_slots)
+        return self.slots.in_use

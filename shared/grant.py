@@ -53,9 +53,11 @@ class GrantTable:
 
     # --- frontend side ------------------------------------------------------------------
     def grant(self, ref: int, domid: int, frame: int, readonly: bool = False) -> None:
-        """gnttab_grant_foreign_access_ref: frame and domid first, then the permit flag."""
-        GRANT_ENTRY.pack_into(self.buf, ref * GRANT_ENTRY.size, 0, domid, frame)
-        self.flags[ref * 4] = GTF_permit_access | (GTF_readonly if readonly else 0)
+        """gnttab_grant_foreign_access_ref. One store of the whole entry is enough: the backend
+        reads an entry only after it sees a ring request published later (x86 keeps stores in
+        order), never by scanning the table."""
+        GRANT_ENTRY.pack_into(self.buf, ref * GRANT_ENTRY.size,
+                              GTF_permit_access | (GTF_readonly if readonly else 0), domid, frame)
 
     def end_access(self, ref: int) -> bool:
         """Revoke; refused (False) while the backend has the grant in use."""

@@ -47,8 +47,10 @@ def set_offload(fd: int, offload: int) -> None:
 
 
 def configure(name: str, mac: str | None = None, ip: str | None = None,
-              master: str | None = None, mtu: int | None = None, up: bool = True) -> None:
-    """Set MAC/MTU, attach to a bridge, add an address (``a.b.c.d/len``) and bring it up."""
+              master: str | None = None, mtu: int | None = None, up: bool = True,
+              gso_max_size: int | None = None) -> None:
+    """Set MAC/MTU, attach to a bridge, add an address (``a.b.c.d/len``) and bring it up.
+    ``gso_max_size`` caps the segments the stack hands the TAP (netif_set_tso_max_size)."""
     with IPRoute() as ipr:
         (idx,) = ipr.link_lookup(ifname=name)
         kw: dict = {}
@@ -56,6 +58,8 @@ def configure(name: str, mac: str | None = None, ip: str | None = None,
             kw["address"] = mac
         if mtu:
             kw["mtu"] = mtu
+        if gso_max_size:
+            kw["gso_max_size"] = gso_max_size
         if master:
             found = ipr.link_lookup(ifname=master)
             if not found:

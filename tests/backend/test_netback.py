@@ -1,0 +1,156 @@
+"""Netback TX through the in-process pair: frames arrive intact, each mode does what it says,
+and malformed requests are fatal for the frontend that wrote them."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backend.netback import FatalTxError
+from shared.grant import GrantError
+from shared.netif import (
+    TX_REQUEST,
+    XEN_NETIF_RSP_OKAY,
+    NETTXF_header_slot,
+    NETTXF_more_data,
+)
+from shared.ring import MASK32, RingError
+from tests.conftest import frame, make_pair
+
+
+def close(p):
+    for s in (p.guest, p.wire, *p._keep):
+        s.close()
+
+
+@pytest.mark.parametrize("mode", ["lazy", "map", "copy"])
+@pytest.mark.parametrize("header_slots", [True, False])
+def test_frames_cross_intact_in_every_mode(mode, header_slots):
+    p = make_pair(mode, header_slots)
+    frames = [frame(bytes([i]) * n) for i, n in enumerate([0, 10, 100, 1400, 5000, 60000])]
+    for f in frames:
+        p.send(f)
+    p.run_tx()
+    assert p.wire_frames() == frames
+    bst = p.bstats[0]
+    assert bst.tx_packets == len(frames)
+    assert bst.slots_consumed == bst.slots_released
+    assert p.tx.in_flight() == 0 and p.tx.header_slots_in_use() == 0
+    assert bst.maps_outstanding == 0 and bst.grants_in_use == 0
+    if header_slots:
+        assert bst.tx_header_slot_packets == len(frames)
+    frag_pkts = sum(1 for f in frames if len(f) > 128)
+    if mode == "lazy":
+        assert bst.grant_maps == 0
+        assert bst.tx_zerocopy_sent == bst.tx_zerocopy_success + bst.tx_zerocopy_fail
+    elif mode == "map":
+        assert bst.grant_maps >= frag_pkts
+    else:
+        assert bst.copy_bytes >= sum(len(f) for f in frames)
+        assert bst.tx_zerocopy_sent == 0
+    close(p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(14, 65535 + 20), min_size=1, max_size=12))
+def test_any_frame_size_crosses(sizes):
+    """Up to netif's 16-bit size limit frames cross intact; above it the frontend drops them
+    (counted) instead of writing a size that does not fit the request."""
+    p = make_pair()
+    frames = [bytes([n % 251]) * n for n in sizes]
+    for f in frames:
+        p.send(f)
+    p.run_tx()
+    assert p.wire_frames() == [f for f in frames if len(f) <= 65535]
+    assert p.fstats[0].drops == sum(len(f) > 65535 for f in frames)
+    close(p)
+
+
+def test_header_rule_drops_without_mapping_payload_rule_maps():
+    p = make_pair(filters=["drop dst_port=9999"])
+    p.send(frame(b"a" * 6000, dport=9999))
+    p.send(frame(b"b" * 6000, dport=80))
+    p.run_tx()
+    assert len(p.wire_frames()) == 1
+    bst = p.bstats[0]
+    assert bst.drops_filtered == 1 and bst.grant_maps == 0
+    close(p)
+    p = make_pair(filters=["drop payload=text:SECRET"])
+    p.send(frame(b"x" * 5000 + b"SECRET" + b"y" * 100))
+    p.send(frame(b"x" * 5000))
+    p.run_tx()
+    assert len(p.wire_frames()) == 1
+    bst = p.bstats[0]
+    assert bst.drops_filtered == 1 and bst.grant_maps > 0
+    assert bst.maps_outstanding == 0 and bst.tx_zerocopy_fail == 2
+    assert bst.tx_zerocopy_sent == bst.tx_zerocopy_success + bst.tx_zerocopy_fail
+    assert p.tx.in_flight() == 0  # filtered packets release their slots too
+    close(p)
+
+
+def put(p, *reqs):
+    ring = p.tx.ring
+    for r in reqs:
+        TX_REQUEST.pack_into(ring.buf, ring.entry(ring.req_prod_pvt), *r)
+        ring.req_prod_pvt = (ring.req_prod_pvt + 1) & MASK32
+    ring.push_requests()
+
+
+def grant(p, ref):
+    p.front_region.grants.grant(ref, 0, p.front_region.layout.payload_page + ref)
+
+
+HS, MD = NETTXF_header_slot, NETTXF_more_data
+
+
+@pytest.mark.parametrize("reqs,err,match", [
+    ([(0, 0, HS | MD, 1, 200), (8, 0, 0, 1, 100)], FatalTxError, "reused"),
+    ([(0, 0, HS | MD, 1, 5000), (8, 100, 0, 2, 4000)], FatalTxError, "page boundary"),
+    ([(64, 0, HS, 1, 60)], FatalTxError, "not inside a slot"),
+    ([(0, 0, HS | MD, 1, 200)], FatalTxError, "more slots than were published"),
+    ([(0, 0, HS | MD, 1, 200), (99999, 0, 0, 2, 100)], GrantError, "outside the table"),
+    ([(0, 0, HS | MD, 1, 200), (9, 0, 0, 2, 100)], GrantError, "not granted"),
+    ([(0, 0, HS | MD, 300, 200), (8, 0, 0, 2, 100)], FatalTxError, "out of range"),
+    ([(0, 0, HS | MD, 1, 100), (8, 0, 0, 2, 200)], FatalTxError, "bigger than the packet"),
+])
+def test_malformed_requests_are_fatal(reqs, err, match):
+    p = make_pair()
+    grant(p, 8)
+    put(p, *reqs)
+    with pytest.raises(err, match=match):
+        p.btx.action()
+    close(p)
+
+
+def test_twenty_slots_is_fatal_eighteen_is_fine():
+    p = make_pair()
+    for ref in range(8, 40):
+        grant(p, ref)
+    put(p, (0, 0, HS | MD, 1, 100 + 17 * 10),
+        *[(8 + i, 0, MD if i < 16 else 0, 2 + i, 10) for i in range(17)])
+    p.btx.action()  # 18 slots: accepted
+    assert p.bstats[0].tx_packets == 1
+    put(p, (0, 0, HS | MD, 100, 100 + 19 * 10),
+        *[(8 + i, 0, MD, 101 + i, 10) for i in range(19)])
+    with pytest.raises(FatalTxError, match="20 or more"):
+        p.btx.action()
+    close(p)
+
+
+def test_producer_index_running_ahead_is_fatal():
+    p = make_pair()
+    p.tx.ring.idx[0] = 1000
+    with pytest.raises(RingError):
+        p.btx.action()
+    close(p)
+
+
+def test_header_slot_answered_before_fragments():
+    p = make_pair()
+    grant(p, 8)
+    put(p, (0, 0, HS | MD, 1, 300), (8, 0, 0, 2, 200))
+    p.btx._build(p.btx.ring.unconsumed_requests())  # built, not yet freed
+    ring = p.btx.ring
+    assert ring.rsp_prod_pvt == 1  # header slot answered at once
+    rid, status = p.tx.ring.buf[64:68].cast("H")[0], XEN_NETIF_RSP_OKAY
+    assert rid == 1 and status == 0
+    close(p)

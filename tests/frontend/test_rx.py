@@ -1,0 +1,57 @@
+"""Netfront RX accepts out-of-order completion by id and refuses a lying backend."""
+
+import pytest
+
+from frontend.tx import BackendError
+from shared.netif import RX_RESPONSE, NETRXF_more_data
+from shared.offload import VNET_HDR
+from shared.ring import MASK32
+from tests.conftest import make_pair
+
+
+def respond(p, *rsps):
+    ring = p.brx.ring
+    for r in rsps:
+        RX_RESPONSE.pack_into(ring.buf, ring.entry(ring.rsp_prod_pvt), *r)
+        ring.rsp_prod_pvt = (ring.rsp_prod_pvt + 1) & MASK32
+    ring.push_responses()
+
+
+@pytest.fixture
+def posted():
+    p = make_pair()
+    p.rx.refill()
+    p.rx.ring.push_requests()
+    p.brx.refill()
+    yield p
+    for s in (p.guest, p.wire, *p._keep):
+        s.close()
+
+
+def test_buffers_complete_out_of_order(posted):
+    p = posted
+    ids = [rid for rid, _ in list(p.brx.posted)[:3]]
+    # fill three buffers, then answer them in reverse order as one frame and one single
+    for i, rid in enumerate(ids):
+        p.front_region.page(p.rx.frames[rid])[:4] = bytes([i]) * 4
+    respond(p, (ids[2], 0, NETRXF_more_data, 4), (ids[0], 0, 0, 4), (ids[1], 0, 0, 4))
+    p.rx.poll()
+    got = [g[VNET_HDR.size:] for g in p.guest_frames()]
+    assert got == [bytes([2]) * 4 + bytes([0]) * 4, bytes([1]) * 4]
+    assert set(ids) <= set(p.rx.free)
+
+
+@pytest.mark.parametrize("bad", [(300, 0, 0, 10), (0, 4000, 0, 200)])
+def test_unknown_id_or_overflow_breaks_the_device(posted, bad):
+    rid = posted.brx.posted[0][0] if bad[0] == 0 else bad[0]
+    respond(posted, (rid, *bad[1:]))
+    with pytest.raises(BackendError):
+        posted.rx.poll()
+    assert posted.guest_frames() == []
+
+
+def test_duplicate_id_breaks_the_device(posted):
+    rid = posted.brx.posted[0][0]
+    respond(posted, (rid, 0, 0, 10), (rid, 0, 0, 10))
+    with pytest.raises(BackendError, match="not posted"):
+        posted.rx.poll()
