@@ -1,0 +1,387 @@
+"""Lab topology as data: a small YAML file parsed into frozen dataclasses.
+
+A user describes a lab in ten lines (a bridge, the wire peer, the guests with their pvnet knobs)
+and every other piece -- `invoke up/down/iperf`, `pvnet stats`, the tests -- derives device,
+namespace, socket and log names from it, so they always agree and `down` can find everything
+`up` made. Validation is strict and names the offending field (``guests[1].tx_mode``), because a
+typo silently replaced by a default would make a benchmark measure the wrong thing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "default.yaml"
+DEFAULT_STATE_DIR = Path("/run/pvnet")
+
+TX_MODES = ("lazy", "map", "copy")
+EVENT_KINDS = ("serial", "doorbell")
+PAGE = 4096
+IFNAMSIZ = 15  # usable characters of a Linux interface name
+MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1, as in Xen
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMG]?)i?B?$", re.IGNORECASE)
+_FILTER_RE = re.compile(r"^[a-z_]+( +[a-z_]+=\S+)+$")
+_NAME_WHAT = "must be lowercase letters, digits, '-' or '_', starting with a letter"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class TopologyError(ValueError):
+    """A topology file is invalid; the message is ``<file>: <field>: <problem>``."""
+
+
+@dataclass(frozen=True)
+class Wire:
+    """The test NIC's far side: a veth end in its own namespace, standing in for the network."""
+
+    netns: str
+    ip: ipaddress.IPv4Interface
+    iperf_server: bool
+    host_if: str  # veth end on the bridge
+    dev: str  # veth end inside `netns`
+
+
+@dataclass(frozen=True)
+class Guest:
+    """One guest and its pvnet knobs (passed to netback/netfront on their command lines)."""
+
+    name: str
+    domid: int
+    mac: str
+    ip: ipaddress.IPv4Interface
+    memory: int = 512  # MiB (QEMU placement)
+    region_size: int = 8 << 20  # bytes of grant region
+    tx_mode: str = "lazy"
+    header_slots: bool = True
+    persistent: bool = False
+    event: str = "serial"  # QEMU placement only
+    filters: tuple[str, ...] = ()
+
+    @property
+    def vif(self) -> str:
+        """Backend interface name, Xen-style vif<domid>.<devid> (one device per guest here)."""
+        return f"vif{self.domid}.0"
+
+    @property
+    def netns(self) -> str:
+        """The namespace the netfront runs in for the no-VM placement: named as the guest."""
+        return self.name
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A whole lab. Path helpers live here so every tool derives the same names."""
+
+    bridge: str
+    wire: Wire
+    guests: tuple[Guest, ...]
+    host_netns: str | None = "pvhost"
+    state_dir: Path = DEFAULT_STATE_DIR
+    ipv6: bool = False
+    source: str = "<topology>"
+
+    def guest(self, name: str) -> Guest:
+        for g in self.guests:
+            if g.name == name:
+                return g
+        raise KeyError(f"no guest {name!r} in {self.source}")
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """Every namespace this topology owns, host side first."""
+        host = (self.host_netns,) if self.host_netns else ()
+        return (*host, self.wire.netns, *(g.netns for g in self.guests))
+
+    def event_socket(self, g: Guest) -> Path:
+        return self.state_dir / f"{g.vif}.ev"
+
+    def backend_ctl(self, g: Guest) -> Path:
+        return self.state_dir / f"{g.vif}.ctl"
+
+    def frontend_ctl(self, g: Guest) -> Path:
+        return self.state_dir / f"{g.name}.ctl"
+
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / "log" / f"{name}.log"
+
+    def pidfile(self, name: str) -> Path:
+        return self.state_dir / f"{name}.pid"
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+class _Fields:
+    """Reads one mapping, remembering its path for error messages and flagging unknown keys."""
+
+    def __init__(self, src: str, path: str, data: Any, known: tuple[str, ...]) -> None:
+        self.src, self.path = src, path
+        if not isinstance(data, dict):
+            self.fail(f"must be a mapping (got {_show(data)})")
+        for key in data:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1) or [
+                    k for k in known if str(key) and k.startswith(str(key))][:1]
+                extra = f"; did you mean {hint[0]!r}?" if hint else f" (known: {', '.join(known)})"
+                self.fail(f"unknown key {key!r}{extra}")
+        self.data: dict = data
+
+    def field(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, msg: str, key: str | None = None) -> None:
+        where = self.field(key) if key is not None else (self.path or "(top level)")
+        raise TopologyError(f"{self.src}: {where}: {msg}")
+
+    def get(self, key: str, default: Any = ..., *, required: bool = False) -> Any:
+        if key not in self.data or self.data[key] is None and required:
+            if required or default is ...:
+                self.fail("required", key)
+            return default
+        return self.data[key]
+
+    def string(self, key: str, default: Any = ..., *, pattern: re.Pattern[str] | None = None,
+               maxlen: int | None = None, what: str = "") -> str:
+        value = self.get(key, default)
+        if not isinstance(value, str) or not value:
+            self.fail(f"must be a non-empty string (got {_show(value)})", key)
+        if maxlen is not None and len(value) > maxlen:
+            self.fail(f"must be at most {maxlen} characters (got {value!r})", key)
+        if pattern is not None and not pattern.match(value):
+            self.fail(f"{what or 'invalid name'} (got {value!r})", key)
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(f"must be true or false (got {_show(value)})", key)
+        return value
+
+    def integer(self, key: str, default: Any = ..., *, lo: int, hi: int) -> int:
+        value = self.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            self.fail(f"must be an integer in {lo}..{hi} (got {_show(value)})", key)
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, default)
+        if value not in choices:
+            self.fail(f"must be one of {', '.join(choices)} (got {_show(value)})", key)
+        return value
+
+    def interface(self, key: str) -> ipaddress.IPv4Interface:
+        value = self.get(key, required=True)
+        if not isinstance(value, str) or "/" not in value:
+            self.fail(f"must be an IPv4 address with prefix, like 10.77.0.11/24 "
+                      f"(got {_show(value)})", key)
+        try:
+            iface = ipaddress.IPv4Interface(value)
+        except ValueError as exc:
+            self.fail(f"invalid IPv4 address: {exc} (got {value!r})", key)
+        net = iface.network
+        if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+            self.fail(f"is the network or broadcast address of {net} (got {value!r})", key)
+        return iface
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, dict | list) else type(value).__name__
+
+
+def parse_size(text: Any) -> int:
+    """'8M' / '512K' / '1G' / 4096 -> bytes. Raises ValueError."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = _SIZE_RE.match(str(text).strip()) if isinstance(text, str) else None
+    if not m:
+        raise ValueError("expected a size like 8M, 512K or 1G")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+_TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
+_WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
+_GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode",
+               "header_slots", "persistent", "event", "filters")
+
+
+def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
+    f = _Fields(src, "wire", data, _WIRE_KEYS)
+    ns = f.string("netns", "wire", pattern=_NAME_RE, what=_NAME_WHAT)
+    host_if = f.string("host_if", f"{bridge}-wire", pattern=_IFNAME_RE, maxlen=IFNAMSIZ,
+                       what="invalid interface name")
+    dev = f.string("dev", "eth0", pattern=_IFNAME_RE, maxlen=IFNAMSIZ,
+                   what="invalid interface name")
+    return Wire(netns=ns, ip=f.interface("ip"), iperf_server=f.boolean("iperf_server", True),
+                host_if=host_if, dev=dev)
+
+
+def _filter_problem(rule: str) -> str | None:
+    """Ask netback's own rule parser, so `up` fails here rather than in a netback log."""
+    try:
+        from backend.filter import FilterError, Rule
+    except ImportError:  # data path not importable: the shape check above has to do
+        return None
+    try:
+        Rule.parse(rule)
+    except FilterError as exc:
+        return str(exc)
+    return None
+
+
+def _parse_guest(src: str, i: int, data: Any) -> Guest:
+    f = _Fields(src, f"guests[{i}]", data, _GUEST_KEYS)
+    name = f.string("name", pattern=_NAME_RE, maxlen=IFNAMSIZ, what=_NAME_WHAT)
+    if re.match(r"^vif\d", name):
+        f.fail(f"must not look like a backend vif name (got {name!r})", "name")
+    if isinstance(f.data.get("mac"), int):
+        f.fail("YAML read this MAC as a base-60 number; quote it ('10:20:30:40:50:01')", "mac")
+    mac = f.string("mac").lower()
+    if not _MAC_RE.match(mac):
+        f.fail(f"must be a MAC address like 00:16:3e:00:00:01 (got {f.data['mac']!r})", "mac")
+    if int(mac[:2], 16) & 1:
+        f.fail(f"must be a unicast MAC (multicast bit set in {mac!r})", "mac")
+    if mac == "00:00:00:00:00:00":
+        f.fail("must not be all zeros", "mac")
+    try:
+        region = parse_size(f.get("region_size", "8M"))
+    except ValueError as exc:
+        f.fail(f"{exc} (got {f.data['region_size']!r})", "region_size")
+    if region < 1 << 20 or region % PAGE:
+        f.fail(f"must be at least 1M and a multiple of {PAGE} (got {region} bytes)",
+               "region_size")
+    filters = f.get("filters", [])
+    if not isinstance(filters, list):
+        f.fail(f"must be a list of rule strings (got {_show(filters)})", "filters")
+    for j, rule in enumerate(filters):
+        if not isinstance(rule, str) or not _FILTER_RE.match(rule.strip()):
+            f.fail(f"expected a rule like 'drop ip_proto=17' (got {_show(rule)})",
+                   f"filters[{j}]")
+        problem = _filter_problem(rule)
+        if problem:
+            f.fail(problem, f"filters[{j}]")
+    return Guest(
+        name=name,
+        domid=f.integer("domid", lo=1, hi=MAX_DOMID),
+        mac=mac,
+        ip=f.interface("ip"),
+        memory=f.integer("memory", 512, lo=64, hi=1 << 20),
+        region_size=region,
+        tx_mode=f.choice("tx_mode", "lazy", TX_MODES),
+        header_slots=f.boolean("header_slots", True),
+        persistent=f.boolean("persistent", False),
+        event=f.choice("event", "serial", EVENT_KINDS),
+        filters=tuple(r.strip() for r in filters),
+    )
+
+
+def parse(data: Any, source: str = "<topology>", state_dir: str | Path | None = None) -> Topology:
+    """Validate an already-decoded YAML document. `state_dir` overrides the file's (tests)."""
+    top = _Fields(source, "", data, _TOP_KEYS)
+    bridge = top.string("bridge", "pvbr0", pattern=_IFNAME_RE, maxlen=IFNAMSIZ,
+                        what="invalid interface name")
+    host_ns = top.get("host_netns", "pvhost")
+    if host_ns is not None:
+        host_ns = top.string("host_netns", "pvhost", pattern=_NAME_RE,
+                             what=_NAME_WHAT + " (or null for the root namespace)")
+    sd = top.get("state_dir", str(DEFAULT_STATE_DIR))
+    if not isinstance(sd, str) or not sd.startswith("/"):
+        top.fail(f"must be an absolute path (got {_show(sd)})", "state_dir")
+    ipv6 = top.boolean("ipv6", False)
+    wire = _parse_wire(source, top.get("wire", required=True), bridge)
+    raw_guests = top.get("guests", required=True)
+    if not isinstance(raw_guests, list) or not raw_guests:
+        top.fail(f"must be a non-empty list of guests (got {_show(raw_guests)})", "guests")
+    guests = tuple(_parse_guest(source, i, g) for i, g in enumerate(raw_guests))
+    _check_unique(source, bridge, host_ns, wire, guests)
+    return Topology(bridge=bridge, wire=wire, guests=guests, host_netns=host_ns,
+                    state_dir=Path(state_dir) if state_dir is not None else Path(sd),
+                    ipv6=ipv6, source=source)
+
+
+def _check_unique(src: str, bridge: str, host_ns: str | None, wire: Wire,
+                  guests: tuple[Guest, ...]) -> None:
+    """Cross-field checks: one subnet, nothing shared, no name used twice for two things."""
+
+    def fail(field: str, msg: str) -> None:
+        raise TopologyError(f"{src}: {field}: {msg}")
+
+    namespaces = {wire.netns: "wire.netns"}
+    if host_ns is not None:
+        if host_ns == wire.netns:
+            fail("wire.netns", f"same namespace as host_netns ({host_ns!r})")
+        namespaces[host_ns] = "host_netns"
+    if wire.host_if == bridge:
+        fail("wire.host_if", f"same name as the bridge ({bridge!r})")
+    firsts: dict[str, dict[Any, str]] = {"name": {}, "domid": {}, "mac": {},
+                                         "ip": {str(wire.ip.ip): "wire.ip"}}
+    for i, g in enumerate(guests):
+        here = f"guests[{i}]"
+        if g.ip.network != wire.ip.network:
+            fail(f"{here}.ip", f"{g.ip} is not in the wire subnet {wire.ip.network}")
+        if g.name in namespaces:
+            fail(f"{here}.name", f"{g.name!r} is already used by {namespaces[g.name]}")
+        if g.vif == bridge or g.vif == wire.host_if:
+            fail(f"{here}.domid", f"vif name {g.vif!r} collides with another interface")
+        for key, value in (("name", g.name), ("domid", g.domid), ("mac", g.mac),
+                           ("ip", str(g.ip.ip))):
+            seen = firsts[key]
+            if value in seen:
+                fail(f"{here}.{key}", f"duplicate {key} {value!r} (also {seen[value]})")
+            seen[value] = f"{here}.{key}"
+
+
+def loads(text: str, source: str = "<topology>", state_dir: str | Path | None = None) -> Topology:
+    """Parse YAML text; YAML syntax errors are reported as TopologyError too."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "YAML"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise TopologyError(f"{source}: {where}: {problem}") from None
+    return parse(data, source, state_dir)
+
+
+def load(path: str | Path | None = None, state_dir: str | Path | None = None) -> Topology:
+    """Load a topology file (default: the shipped default.yaml)."""
+    p = Path(path) if path is not None else DEFAULT_TOPOLOGY
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise TopologyError(f"{p}: cannot read: {exc.strerror}") from None
+    return loads(text, str(p), state_dir)
