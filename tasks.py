@@ -49,6 +49,9 @@ def up(c: Context, no_vm: bool = False, topology: str | None = None, timeout: in
     """Bring the lab up: bridge, wire peer with iperf3, guests, netback+netfront per guest."""
     from shared.lab.netns import Lab, LabError, resolve_topology
 
+    from shared.lab import deps
+
+    deps.ensure(["iperf3", "iproute2", "procps"] if no_vm else None)
     topo = resolve_topology(topology)
     print(f"topology {topo.source}", flush=True)
     if not no_vm:

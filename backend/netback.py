@@ -201,6 +201,7 @@ class TxPath:
 
     def _attach(self, skb: SkBuff, frags: list[tuple[int, int, int, int]]) -> None:
         gntmap, st = self.gntmap, self.stats
+        st.tx_frags += len(frags)
         if len(frags) > MAX_SKB_FRAGS:
             st.tx_frag_overflow += 1
         if self.mode == "copy":

@@ -17,6 +17,7 @@ class RingStats:
     rx_packets: int = 0
     rx_bytes: int = 0
     tx_header_slot_packets: int = 0
+    tx_frags: int = 0
     tx_zerocopy_sent: int = 0
     tx_zerocopy_success: int = 0
     tx_zerocopy_fail: int = 0
