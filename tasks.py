@@ -47,9 +47,8 @@ def _lab_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_lab_errors
 def up(c: Context, no_vm: bool = False, topology: str | None = None, timeout: int = 30):
     """Bring the lab up: bridge, wire peer with iperf3, guests, netback+netfront per guest."""
-    from shared.lab.netns import Lab, LabError, resolve_topology
-
     from shared.lab import deps
+    from shared.lab.netns import Lab, LabError, resolve_topology
 
     deps.ensure(["iperf3", "iproute2", "procps"] if no_vm else None)
     topo = resolve_topology(topology)

@@ -16,14 +16,17 @@ from collections.abc import Callable
 class SkBuff:
     """One packet inside netback. Slotted: the TX path builds one per packet."""
 
-    __slots__ = ("size", "head", "frags", "ids", "extras", "gso_type", "gso_size", "csum_blank",
+    __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras", "gso_type", "gso_size", "csum_blank",
                  "data_validated", "mapped", "destructor", "transmitted")
 
     def __init__(self, head: bytes, destructor: Callable[[SkBuff], None]) -> None:
         self.head = head
         self.size = len(head)
-        #: (gref, frame, offset, size) per fragment, not mapped
-        self.frags: list[tuple[int, int, int, int]] = []
+        #: the fragments, as columns (gref, frame, offset, size): attached, not mapped
+        self.grefs: list[int] = []
+        self.frames: list[int] = []
+        self.offs: list[int] = []
+        self.sizes: list[int] = []
         #: ring request ids whose slots are released when this skb is freed
         self.ids: list[int] = []
         self.extras = 0
@@ -39,12 +42,13 @@ class SkBuff:
     def payload(self, gntmap) -> bytes:
         """The whole packet's bytes; maps every fragment (lazily, once) to read them."""
         parts = [self.head]
-        for gref, _frame, off, size in self.frags:
+        for gref, frame, off, size in zip(self.grefs, self.frames, self.offs, self.sizes,
+                                          strict=True):
             if gref not in self.mapped:
                 self.mapped.append(gref)
                 page = gntmap.map(gref)
             else:
-                page = gntmap.region.page(_frame)
+                page = gntmap.region.page(frame)
             parts.append(bytes(page[off:off + size]))
         return b"".join(parts)
 

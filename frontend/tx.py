@@ -6,8 +6,14 @@ payload chunk whose pages are granted one reference each. The first request carr
 slot's offset (``NETTXF_header_slot``), an extra-info slot carries GSO, then one request per
 payload page. Without header slots the frame starts in the chunk's first page, as stock netif.
 
-Flow control: when the ring, the header slots, the chunks or the ids run short, the queue stops
-(it stops polling the TAP) and restarts as responses release them.
+Request ids are fixed: a header slot and each page of each chunk own one id for good, so an
+id says what a response releases and nothing has to be allocated per request. That also lets
+the fragment requests (and grant entries) of a chunk be precomputed once: per packet the
+frontend copies a slice of that template onto the ring and patches the last request's size,
+instead of packing one request per page in Python.
+
+Flow control: when the ring, the header slots or the chunks run short, the queue stops (it
+stops polling the TAP) and restarts as responses release them.
 """
 
 from __future__ import annotations
@@ -26,9 +32,7 @@ from shared.netif import (
     GREF_PERSISTENT,
     MAX_SLOTS_PER_PACKET,
     PAGE_SIZE,
-    RING_SIZE,
     TX_REQUEST,
-    TX_RESPONSE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_RSP_NULL,
     XEN_NETIF_RSP_OKAY,
@@ -45,7 +49,7 @@ from shared.offload import (
     VNET_HDR,
 )
 from shared.region import Region
-from shared.ring import MASK32, FrontRing
+from shared.ring import HEADER_SIZE, MASK32, FrontRing
 from shared.slots import HeaderSlots
 from shared.stats import RingStats
 
@@ -53,10 +57,11 @@ from shared.stats import RingStats
 MAX_PACKET = 0xFFFF
 #: pages per payload chunk: the largest frame (64 KiB + headers) without a header slot
 CHUNK_PAGES = 17
+#: ids at and above this belong to header slots; below, id = chunk * CHUNK_PAGES + page
+SLOT_ID_BASE = 0x8000
 _pack_req = TX_REQUEST.pack_into
-_unpack_rsp = TX_RESPONSE.unpack_from
-_pack_gnt = GRANT_ENTRY.pack_into
 _RO = GTF_permit_access | GTF_readonly
+_SLOT = TX_REQUEST.size
 
 
 class BackendError(Exception):
@@ -69,54 +74,69 @@ class TxQueue:
         lay = region.layout
         self.ring = FrontRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
+        self.r16 = self.buf.cast("H")  # response id at u16 index 32 + 6 * slot
+        self.r16s = self.buf.cast("h")  # response status at 33 + 6 * slot
         self.tap_fd = tap_fd
         self.stats = stats
         self.grants = region.grants
         self.header_slots = header_slots
         self.persistent = persistent
-        self.domid = backend_domid
         self.slots = HeaderSlots(region.hdr, lay.hdr_slot_size, lay.hdr_slots)
-        self.slot_size = lay.hdr_slot_size
-        nchunks = (lay.payload_pages - first_page) // CHUNK_PAGES
+        nchunks = min((lay.payload_pages - first_page) // CHUNK_PAGES,
+                      SLOT_ID_BASE // CHUNK_PAGES)
         if nchunks < 2:
             raise ValueError("region too small for TX payload chunks")
         self.chunk_views = []
-        self.chunk_refs: list[list[int]] = []
-        self.chunk_frames: list[list[int]] = []
+        self.chunk_ref0: list[int] = []  # refs of a chunk's pages are consecutive
+        self.req_tmpl: list[memoryview] = []
+        self.gnt_tmpl: list[memoryview] = []
         for c in range(nchunks):
             p0 = first_page + c * CHUNK_PAGES
             f0 = lay.payload_page + p0
+            ref0 = RESERVED_REFS + p0
             self.chunk_views.append(region.buf[f0 * PAGE_SIZE:(f0 + CHUNK_PAGES) * PAGE_SIZE])
-            refs = [RESERVED_REFS + p0 + i for i in range(CHUNK_PAGES)]
-            self.chunk_frames.append([f0 + i for i in range(CHUNK_PAGES)])
-            self.chunk_refs.append([r | GREF_PERSISTENT for r in refs] if persistent else refs)
+            self.chunk_ref0.append(ref0)
+            flag = GREF_PERSISTENT if persistent else 0
+            self.req_tmpl.append(memoryview(b"".join(
+                TX_REQUEST.pack((ref0 + p) | flag, 0, NETTXF_more_data, c * CHUNK_PAGES + p,
+                                PAGE_SIZE) for p in range(CHUNK_PAGES))))
+            entries = b"".join(GRANT_ENTRY.pack(_RO, backend_domid, f0 + p)
+                               for p in range(CHUNK_PAGES))
+            self.gnt_tmpl.append(memoryview(entries))
             if persistent:  # granted once, for the life of the connection
-                for r, f in zip(refs, self.chunk_frames[-1], strict=True):
-                    self.grants.grant(r, backend_domid, f, readonly=True)
+                region.grants.buf[ref0 * 8:(ref0 + CHUNK_PAGES) * 8] = entries
         self.free_chunks = list(range(nchunks))
-        self.chunk_out = [0] * nchunks
-        self.free_ids = list(range(RING_SIZE))
-        self.busy = bytearray(RING_SIZE)
-        self.id_slot = [-1] * RING_SIZE
-        self.id_chunk = [-1] * RING_SIZE
-        self.id_gref = [0] * RING_SIZE
+        self.chunk_out = [0] * nchunks  # fragment responses still awaited per chunk
+        self.chunk_used = [0] * nchunks  # pages granted per chunk (to revoke)
+        self.busy = bytearray(1 << 16)  # ids in flight: a response for any other is a lie
         self.vnet = bytearray(VNET_HDR.size)
         self.stopped = False
 
     def can_send(self) -> bool:
         return (self.ring.free_requests() >= MAX_SLOTS_PER_PACKET + 1 and bool(self.free_chunks)
-                and bool(self.slots.free) and len(self.free_ids) >= MAX_SLOTS_PER_PACKET)
+                and bool(self.slots.free))
+
+    def _put(self, prod: int, src: memoryview) -> None:
+        """Copy whole requests from a template onto the ring at ``prod`` (it may wrap)."""
+        ring = self.ring
+        pos = prod & ring.mask
+        room = (ring.size - pos) * _SLOT
+        at = HEADER_SIZE + pos * _SLOT
+        if len(src) <= room:
+            self.buf[at:at + len(src)] = src
+        else:
+            self.buf[at:at + room] = src[:room]
+            self.buf[HEADER_SIZE:HEADER_SIZE + len(src) - room] = src[room:]
 
     def pump(self, budget: int = 64) -> int:
         """Move up to ``budget`` frames from the TAP onto the ring (not yet pushed)."""
         ring, buf, entry = self.ring, self.buf, self.ring.entry
-        st, vnet = self.stats, self.vnet
-        free_slots, free_chunks, free_ids = self.slots.free, self.free_chunks, self.free_ids
+        st, vnet, busy = self.stats, self.vnet, self.busy
+        free_slots, free_chunks = self.slots.free, self.free_chunks
         slot_views = self.slots.views
-        busy, id_slot, id_chunk, id_gref = self.busy, self.id_slot, self.id_chunk, self.id_gref
-        hs, ss = self.header_slots, self.slot_size
+        hs, ss = self.header_slots, self.slots.slot_size
         grant = not self.persistent
-        gbuf, domid = self.grants.buf, self.domid
+        gbuf = self.grants.buf
         readv, tap = os.readv, self.tap_fd
         sent = 0
         while sent < budget:
@@ -154,54 +174,48 @@ class TxQueue:
             if xgso:
                 flags |= NETTXF_extra_info
             prod = start = ring.req_prod_pvt
-            rid = free_ids.pop()
-            busy[rid] = 1
-            if hs:
+            tmpl = self.req_tmpl[chunk]
+            base = chunk * CHUNK_PAGES
+            if hs:  # first request: the header slot
                 free_slots.pop()
-                hlen = length if length < ss else ss
-                rest = length - hlen
-                id_slot[rid] = slot
+                rest = length - ss if length > ss else 0
+                sid = SLOT_ID_BASE + slot
+                busy[sid] = 1
                 _pack_req(buf, entry(prod), slot * ss, 0,
                           flags | NETTXF_header_slot | (NETTXF_more_data if rest else 0),
-                          rid, length)
-                page = 0
+                          sid, length)
                 st.tx_header_slot_packets += 1
-            else:
-                first = length if length < PAGE_SIZE else PAGE_SIZE
-                rest = length - first
-                id_chunk[rid] = chunk
-                ref = self.chunk_refs[chunk][0]
-                id_gref[rid] = ref
-                if grant:
-                    _pack_gnt(gbuf, ref << 3, _RO, domid, self.chunk_frames[chunk][0])
-                _pack_req(buf, entry(prod), ref, 0,
-                          flags | (NETTXF_more_data if rest else 0), rid, length)
-                page = 1
+                npages = -(-rest // PAGE_SIZE)
+                first = 0
+            else:  # first request: the chunk's first page, sized as the whole packet
+                npages = -(-length // PAGE_SIZE)
+                _pack_req(buf, entry(prod), (self.chunk_ref0[chunk]
+                                             | (0 if grant else GREF_PERSISTENT)), 0,
+                          flags | (NETTXF_more_data if npages > 1 else 0), base, length)
+                rest = length - PAGE_SIZE
+                first = 1
             prod += 1
             if xgso:
                 EXTRA_INFO.pack_into(buf, entry(prod), XEN_NETIF_EXTRA_TYPE_GSO, 0, gso_size,
                                      xgso, 0, 0)
                 prod += 1
-            if rest or not hs:
+            if npages:
+                nfrag = npages - first
+                if nfrag:
+                    self._put(prod, tmpl[first * _SLOT:npages * _SLOT])
+                    prod += nfrag
+                    last = rest - (nfrag - 1) * PAGE_SIZE
+                    _pack_req(buf, entry(prod - 1),
+                              (self.chunk_ref0[chunk] + npages - 1)
+                              | (0 if grant else GREF_PERSISTENT), 0, 0,
+                              base + npages - 1, last)
+                busy[base:base + npages] = b"\x01" * npages
+                if grant:  # GrantTable.grant for every page used, as one copy
+                    r0 = self.chunk_ref0[chunk] * 8
+                    gbuf[r0:r0 + npages * 8] = self.gnt_tmpl[chunk][:npages * 8]
                 free_chunks.pop()
-                refs = self.chunk_refs[chunk]
-                nfrag = page
-                while rest > 0:
-                    size = rest if rest < PAGE_SIZE else PAGE_SIZE
-                    rest -= size
-                    fid = free_ids.pop()
-                    busy[fid] = 1
-                    ref = refs[page]
-                    id_chunk[fid] = chunk
-                    id_gref[fid] = ref
-                    if grant:  # GrantTable.grant, inlined
-                        _pack_gnt(gbuf, ref << 3, _RO, domid, self.chunk_frames[chunk][page])
-                    _pack_req(buf, entry(prod), ref, 0, NETTXF_more_data if rest else 0,
-                              fid, size)
-                    prod += 1
-                    page += 1
-                    nfrag += 1
-                self.chunk_out[chunk] = nfrag
+                self.chunk_out[chunk] = npages
+                self.chunk_used[chunk] = npages
             ring.req_prod_pvt = prod & MASK32
             st.slots_consumed += prod - start
             st.tx_packets += 1
@@ -210,49 +224,58 @@ class TxQueue:
         return sent
 
     def reap(self) -> int:
-        """Consume responses: release header slots, chunks, grants and ids."""
-        ring, buf, entry = self.ring, self.buf, self.ring.entry
-        busy, id_slot, id_chunk = self.busy, self.id_slot, self.id_chunk
+        """Consume responses: release header slots, chunks (revoking their grants) and ids."""
+        ring = self.ring
+        busy, chunk_out = self.busy, self.chunk_out
+        free_slots = self.slots.free
         st = self.stats
-        revoke = not self.persistent
-        gflags = self.grants.flags
         done = 0
         while True:
             n = ring.unconsumed_responses()
             if not n:
                 return done
             cons = ring.rsp_cons
-            for _ in range(n):
-                rid, status = _unpack_rsp(buf, entry(cons))
-                cons += 1
+            pos = cons & ring.mask
+            first = min(n, ring.size - pos)  # the responses up to the wrap, then the rest
+            ids = self.r16[32 + 6 * pos:32 + 6 * (pos + first):6].tolist()
+            sts = self.r16s[33 + 6 * pos:33 + 6 * (pos + first):6].tolist()
+            if first < n:
+                ids += self.r16[32:32 + 6 * (n - first):6].tolist()
+                sts += self.r16s[33:33 + 6 * (n - first):6].tolist()
+            finished = []
+            for rid, status in zip(ids, sts, strict=True):
                 if status == XEN_NETIF_RSP_NULL:
                     continue
-                if rid >= RING_SIZE or not busy[rid]:
+                if not busy[rid]:
                     raise BackendError(f"tx response for id {rid} that is not in flight")
                 busy[rid] = 0
-                slot = id_slot[rid]
-                if slot >= 0:
-                    id_slot[rid] = -1
-                    self.slots.release(slot)
-                chunk = id_chunk[rid]
-                if chunk >= 0:
-                    id_chunk[rid] = -1
-                    if revoke:  # GrantTable.end_access, inlined
-                        ref = self.id_gref[rid] << 2
-                        if gflags[ref] & GTF_in_use:
-                            raise BackendError(f"backend still holds gref {ref >> 2}")
-                        gflags[ref] = 0
-                    self.chunk_out[chunk] -= 1
-                    if not self.chunk_out[chunk]:
-                        self.free_chunks.append(chunk)
-                self.free_ids.append(rid)
+                if rid >= SLOT_ID_BASE:
+                    free_slots.append(rid - SLOT_ID_BASE)
+                else:
+                    c = rid // CHUNK_PAGES
+                    chunk_out[c] -= 1
+                    if not chunk_out[c]:
+                        finished.append(c)
                 if status != XEN_NETIF_RSP_OKAY:
                     st.drops += 1
                 done += 1
-            ring.rsp_cons = cons & MASK32
+            for c in finished:
+                self._release_chunk(c)
+            ring.rsp_cons = (cons + n) & MASK32
             st.slots_released += n
             if self.stopped and self.can_send():
                 self.stopped = False
+
+    def _release_chunk(self, c: int) -> None:
+        """All of a chunk's pages are answered: revoke their grants (refused if in use)."""
+        if not self.persistent:
+            used = self.chunk_used[c]
+            r0 = self.chunk_ref0[c]
+            flags = self.grants.flags[r0 * 4:(r0 + used) * 4:4]
+            if any(f & GTF_in_use for f in flags.tolist()):
+                raise BackendError(f"backend still holds a grant of chunk {c}")
+            self.grants.buf[r0 * 8:(r0 + used) * 8] = bytes(used * 8)
+        self.free_chunks.append(c)
 
     def in_flight(self) -> int:
         return (self.ring.req_prod_pvt - self.ring.rsp_cons) & MASK32
