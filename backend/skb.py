@@ -16,8 +16,9 @@ from collections.abc import Callable
 class SkBuff:
     """One packet inside netback. Slotted: the TX path builds one per packet."""
 
-    __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras", "gso_type", "gso_size", "csum_blank",
-                 "data_validated", "mapped", "destructor", "transmitted")
+    __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras",
+                 "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "destructor",
+                 "transmitted")
 
     def __init__(self, head: bytes, destructor: Callable[[SkBuff], None]) -> None:
         self.head = head
