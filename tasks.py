@@ -48,24 +48,27 @@ def _lab_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def up(c: Context, no_vm: bool = False, topology: str | None = None, timeout: int = 30):
     """Bring the lab up: bridge, wire peer with iperf3, guests, netback+netfront per guest."""
     from shared.lab import deps
-    from shared.lab.netns import Lab, LabError, resolve_topology
+    from shared.lab.netns import Lab, resolve_topology
 
     deps.ensure(["iperf3", "iproute2", "procps"] if no_vm else None)
     topo = resolve_topology(topology)
     print(f"topology {topo.source}", flush=True)
-    if not no_vm:
-        # QEMU placement hook: the lead wires shared/lab/machine.py in here.
-        raise LabError("QEMU placement: not wired yet (use `invoke up --no-vm` for namespaces)")
-    Lab(topo).up(timeout=timeout)
+    if no_vm:
+        Lab(topo).up(timeout=timeout)
+    else:
+        from shared.lab.vms import VmLab
+
+        VmLab(topo).up(timeout=max(timeout, 120))
 
 
 @task(help={"topology": TOPOLOGY_HELP})
 @_lab_errors
 def down(c: Context, topology: str | None = None):
     """Remove everything `up` made (also after a crash or a half-finished up). Idempotent."""
-    from shared.lab.netns import Lab, resolve_topology
+    from shared.lab.netns import resolve_topology
+    from shared.lab.vms import VmLab
 
-    Lab(resolve_topology(topology)).down()
+    VmLab(resolve_topology(topology)).down()
 
 
 @task(help={
@@ -80,13 +83,22 @@ def iperf(c: Context, time: int = 5, json: bool = False, udp: bool = False, bitr
           topology: str | None = None):
     """iperf3 each guest <-> wire and guest <-> guest, both directions; Gbit/s per path."""
     from shared.lab.netns import format_iperf, iperf_paths, resolve_topology, run_iperf
+    from shared.lab.vms import SshRunner, running_vms
 
     topo = resolve_topology(topology)
     results = []
-    for path in iperf_paths(topo):
-        if not json:
-            print(f"iperf3 {path.label} ({time} s) ...", file=sys.stderr, flush=True)
-        results.append(run_iperf(path, time, udp, bitrate))
+    runner = SshRunner(topo) if running_vms(topo) else None
+    try:
+        for path in iperf_paths(topo):
+            if not json:
+                print(f"iperf3 {path.label} ({time} s) ...", file=sys.stderr, flush=True)
+            if runner is None:
+                results.append(run_iperf(path, time, udp, bitrate))
+            else:
+                results.append(run_iperf(path, time, udp, bitrate, runner=runner))
+    finally:
+        if runner is not None:
+            runner.close()
     if json:
         print(jsonlib.dumps({r.path.label: r.raw if r.raw else {"error": r.error} for r in results},
                          indent=1))
@@ -130,3 +142,69 @@ def test(c: Context, fast: bool = False):
 def lint(c: Context):
     """ruff check . (line length 100, rules in pyproject.toml)."""
     c.run(f"{sys.executable} -m ruff check .")
+
+
+@task(help={"name": "guest name", "cmd": "command to run (default: an interactive hint)",
+            "topology": TOPOLOGY_HELP})
+@_lab_errors
+def ssh(c: Context, name: str, cmd: str = "", topology: str | None = None):
+    """Run a command in a QEMU guest over its management ssh (127.0.0.1 only)."""
+    from shared.lab.netns import resolve_topology
+    from shared.lab.vms import SshRunner, load_handles
+
+    topo = resolve_topology(topology)
+    if not cmd:
+        h = load_handles(topo).get(name)
+        port = h.ssh_port if h else "?"
+        print(f"ssh -p {port} -i vm-images/cache/ssh/id_ed25519 root@127.0.0.1 "
+              f"(or: invoke ssh {name} --cmd 'ip addr')")
+        return
+    runner = SshRunner(topo)
+    try:
+        rc, out, err = runner(name, cmd, 600)
+    finally:
+        runner.close()
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    if rc:
+        raise Exit(code=rc)
+
+
+@task(help={"name": "guest name", "lines": "how many lines from the end (0: all)",
+            "topology": TOPOLOGY_HELP})
+@_lab_errors
+def logs(c: Context, name: str, lines: int = 0, topology: str | None = None):
+    """Show a guest's console (QEMU placement) or a data process's log (any placement)."""
+    from shared.lab.netns import resolve_topology
+    from shared.lab.vms import load_handles
+
+    topo = resolve_topology(topology)
+    h = load_handles(topo).get(name)
+    path = h.console if h else topo.log_path(name)
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        raise Exit(f"no log for {name!r} ({path}: {exc.strerror})", code=1) from None
+    print("\n".join(text[-lines:] if lines else text))
+
+
+@task(help={"force": "rebuild even if the recipe and kernel did not change",
+            "json": "print the image description as JSON"})
+def image(c: Context, force: bool = False, json: bool = False):
+    """Build (or reuse) the QEMU guest image from Debian packages; prints its size."""
+    from shared.lab.image import main
+
+    argv = (["--force"] if force else []) + (["--json"] if json else [])
+    code = main(argv)
+    if code:
+        raise Exit(code=code)
+
+
+@task
+def accel(c: Context):
+    """Which QEMU accelerator the lab uses: KVM only if it really boots the guest, else TCG."""
+    from shared.lab.accel import main
+
+    code = main()
+    if code:
+        raise Exit(code=code)

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
     p.add_argument("--region-size", type=size, default=8 << 20,
                    help="grant region size for a memfd region (default 8M)")
     p.add_argument("--ctl", metavar="PATH", help="control socket for stats")
+    p.add_argument("--ctl-port", metavar="DEV",
+                   help="QEMU placement: also serve stats on this virtio-serial port")
     p.add_argument("--no-header-slots", action="store_true",
                    help="do not ask for feature-header-slots (headers ride in payload grants)")
     p.add_argument("--persistent", action="store_true", help="ask for feature-persistent")
@@ -55,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                         format="%(asctime)s netfront %(levelname)s %(message)s",
                         stream=sys.stderr)
     return NetfrontConfig(name=a.name, domid=a.domid, tap=a.tap, mac=a.mac, ip=a.ip, mtu=a.mtu,
-                          ctl=a.ctl, connect=a.connect, channel=a.channel, region=region,
+                          ctl=a.ctl, ctl_port=a.ctl_port, connect=a.connect,
+                          channel=a.channel, region=region,
                           region_size=a.region_size, header_slots=not a.no_header_slots,
                           persistent=a.persistent, gso=not a.no_gso, budget=a.budget)
 

@@ -18,7 +18,7 @@ from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import BackendError, TxQueue
 from frontend.xenbus import Handshake
 from shared.channel import ChannelClosed, ChannelError, EventChannel
-from shared.control import ControlServer
+from shared.control import ControlServer, PortControl
 from shared.netif import FEATURES
 from shared.region import Region
 from shared.ring import FrontRing, RingError
@@ -59,6 +59,7 @@ class NetfrontConfig:
     ip: str | None = None
     mtu: int | None = None
     ctl: str | None = None
+    ctl_port: str | None = None  # QEMU placement: serve stats on this virtio-serial port
     connect: str | None = None  # namespace placement: the backend's event socket
     channel: str | None = None  # QEMU placement: the virtio-serial port device
     region: str = "memfd"  # "memfd" (namespace placement) or "pci[:sysfs-dir]" (QEMU)
@@ -88,6 +89,7 @@ class Netfront:
         # netfront: netif_set_tso_max_size(XEN_NETIF_MAX_TX_SIZE - MAX_TCP_HEADER)
         configure(cfg.tap, mac=cfg.mac, ip=cfg.ip, mtu=cfg.mtu, gso_max_size=GSO_MAX_SIZE)
         self.ctl = ControlServer(cfg.ctl, self.control) if cfg.ctl else None
+        self.ctl_port = PortControl(cfg.ctl_port, self.control) if cfg.ctl_port else None
 
     def wanted(self) -> dict[str, bool]:
         c = self.cfg
@@ -142,6 +144,8 @@ class Netfront:
         signal.signal(signal.SIGINT, stop)
         if self.ctl:
             self.ctl.start()
+        if self.ctl_port:
+            self.ctl_port.start()
         chan = None
         try:
             while True:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import selectors
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,33 +271,37 @@ class ControlServer:
         conn.sock.close()
 
     def _dispatch(self, line: bytes) -> bytes:
-        """Decode one request and produce its reply line; never raises."""
-        try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error(f"malformed JSON: {exc}")
-        if not isinstance(request, dict):
-            return _error(f"request must be a JSON object, got {type(request).__name__}")
-        cmd = request.get("cmd")
-        if not isinstance(cmd, str):
-            return _error('request needs a string "cmd"')
-        if cmd == "ping":
-            return _encode({"ok": True, "pong": True, "pid": os.getpid()})
-        try:
-            result = self.handler(request)
-        except KeyError as exc:
-            detail = exc.args[0] if exc.args else cmd
-            return _error(f"unknown command or key: {detail}")
-        except ValueError as exc:
-            return _error(f"bad request: {exc}")
-        except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the server
-            return _error(f"internal error in {cmd!r}: {type(exc).__name__}: {exc}")
-        if not isinstance(result, dict):
-            return _error(f"internal error: handler returned {type(result).__name__}, not a dict")
-        try:
-            return _encode({"ok": True, **result})
-        except (TypeError, ValueError) as exc:
-            return _error(f"internal error: reply not serialisable: {exc}")
+        return answer(self.handler, line)
+
+
+def answer(handler: Handler, line: bytes) -> bytes:
+    """Decode one request and produce its reply line; never raises."""
+    try:
+        request = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return _error(f"malformed JSON: {exc}")
+    if not isinstance(request, dict):
+        return _error(f"request must be a JSON object, got {type(request).__name__}")
+    cmd = request.get("cmd")
+    if not isinstance(cmd, str):
+        return _error('request needs a string "cmd"')
+    if cmd == "ping":
+        return _encode({"ok": True, "pong": True, "pid": os.getpid()})
+    try:
+        result = handler(request)
+    except KeyError as exc:
+        detail = exc.args[0] if exc.args else cmd
+        return _error(f"unknown command or key: {detail}")
+    except ValueError as exc:
+        return _error(f"bad request: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the server
+        return _error(f"internal error in {cmd!r}: {type(exc).__name__}: {exc}")
+    if not isinstance(result, dict):
+        return _error(f"internal error: handler returned {type(result).__name__}, not a dict")
+    try:
+        return _encode({"ok": True, **result})
+    except (TypeError, ValueError) as exc:
+        return _error(f"internal error: reply not serialisable: {exc}")
 
 
 def _connect_hint(exc: OSError) -> str:
@@ -352,3 +358,68 @@ def query(path: str | os.PathLike[str], request: dict, timeout: float = 2.0) -> 
     if not reply.pop("ok"):
         raise ControlError(f"{path}: {reply.get('error', 'request failed')}", reply)
     return reply
+
+
+class PortControl:
+    """The same protocol served on a character device: a virtio-serial port whose host end is
+    a unix socket (QEMU chardev), so a frontend inside a guest answers `pvnet stats` on the
+    host like any other end. One host client at a time (the port is one stream)."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PortControl:
+        self._thread = threading.Thread(target=self._serve, daemon=True,
+                                        name=f"control:{os.path.basename(self.path)}")
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _serve(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        buf = bytearray()
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(500):
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:  # host side not connected: wait for the next client
+                    buf.clear()
+                    time.sleep(0.1)
+                    continue
+                buf += data
+                while (nl := buf.find(b"\n")) >= 0:
+                    line = bytes(buf[:nl])
+                    del buf[:nl + 1]
+                    reply = (answer(self.handler, line) if len(line) <= MAX_LINE
+                             else _error(f"request line longer than {MAX_LINE} bytes"))
+                    if line.strip():
+                        self._write(fd, reply)
+                if len(buf) > MAX_LINE:
+                    buf.clear()
+                    self._write(fd, _error(f"request line longer than {MAX_LINE} bytes"))
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _write(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError:
+                return

@@ -601,6 +601,22 @@ class Machine:
         self._teardown()
         return self.exitcode
 
+    def detach(self) -> int | None:
+        """Leave QEMU running on its own (the lab's `up` exits; `down` powers it off later
+        through the QMP socket in the run dir). Returns its pid."""
+        pid = self.pid
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._proc = None
+        return pid
+
     def kill(self) -> int | None:
         """SIGKILL QEMU now (no guest shutdown)."""
         if self._proc is not None:

@@ -165,8 +165,10 @@ class Lab:
         self._spawned: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- up --------------------------------------------------------------------------------
-    def up(self, *, processes: bool = True, timeout: float = 30.0) -> None:
-        """Create everything (idempotently); with `processes`, start the data path and wait."""
+    def up(self, *, processes: bool = True, timeout: float = 30.0,
+           guest_netns: bool = True) -> None:
+        """Create everything (idempotently); with `processes`, start the data path and wait.
+        Without `guest_netns` only the host side is made (the QEMU placement's guests are VMs)."""
         _require_root()
         t = self.topo
         t.state_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +187,7 @@ class Lab:
         self._wire()
         if t.wire.iperf_server:
             self._iperf_server(t.wire.netns)
-        for g in t.guests:
+        for g in t.guests if guest_netns else ():
             self._netns(g.netns)
             self._iperf_server(g.netns)
         if processes:
@@ -282,7 +284,8 @@ class Lab:
         self.say(f"iperf3 server in {ns}: started (pid {proc.pid})")
 
     # -- data path processes ---------------------------------------------------------------
-    def _spawn_data(self, role: str, name: str, argv: list[str], ctl: Path) -> None:
+    def _spawn_data(self, role: str, name: str, argv: list[str], ctl: Path,
+                    pass_fds: tuple[int, ...] = ()) -> None:
         pidfile = self.topo.pidfile(name)
         self.state.add("pidfiles", str(pidfile))
         self.state.add("sockets", str(ctl))
@@ -295,7 +298,8 @@ class Lab:
                 ctl.unlink()  # left behind by a crashed run; the new process must bind it
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.topo.log_path(name)
-        self._spawned[name] = procs.spawn(argv, log=log, pidfile=pidfile, cwd=REPO_ROOT, env=env)
+        self._spawned[name] = procs.spawn(argv, log=log, pidfile=pidfile, cwd=REPO_ROOT, env=env,
+                                          pass_fds=pass_fds)
         self.say(f"{role} {name}: started (pid {self._spawned[name].pid}, log {log})")
 
     def _start_pair(self, g: Guest, timeout: float) -> None:
@@ -493,6 +497,9 @@ def resolve_topology(path: str | None) -> Topology:
 # -- iperf3 ----------------------------------------------------------------------------------
 
 
+Runner = Callable[[str | None, list[str], float], tuple[int, str, str]]
+
+
 @dataclass(frozen=True)
 class IperfPath:
     """One measured direction: the client runs in `netns` against `server`; -R if `reverse`."""
@@ -527,24 +534,31 @@ def iperf_paths(topo: Topology) -> list[IperfPath]:
     return out
 
 
+def netns_runner(where: str | None, argv: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run `argv` in namespace `where`: the namespace placement's way into a guest."""
+    proc = subprocess.run([*netns_exec(where), *argv], capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def run_iperf(path: IperfPath, seconds: int = 5, udp: bool = False,
-              bitrate: str = "0") -> IperfResult:
-    """Run one iperf3 client (bounded by `seconds`) and pull sender/receiver rates from -J."""
-    argv = [*netns_exec(path.netns), "iperf3", "-c", path.server, "-t", str(seconds), "-J",
-            "--connect-timeout", "3000"]
+              bitrate: str = "0", runner: Runner = netns_runner) -> IperfResult:
+    """Run one iperf3 client (bounded by `seconds`) and pull sender/receiver rates from -J.
+    `runner` says how to run it where `path.netns` names (a namespace, or a VM over ssh)."""
+    argv = ["iperf3", "-c", path.server, "-t", str(seconds), "-J", "--connect-timeout", "3000"]
     if path.reverse:
         argv.append("-R")
     if udp:
         argv += ["-u", "-b", bitrate]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 20)
-    except subprocess.TimeoutExpired:
+        rc, out, err = runner(path.netns, argv, seconds + 20)
+    except (subprocess.TimeoutExpired, TimeoutError):
         return IperfResult(path, error=f"iperf3 did not finish within {seconds + 20} s")
     try:
-        raw = json.loads(proc.stdout)
+        raw = json.loads(out)
     except ValueError:
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        return IperfResult(path, error=msg[-1] if msg else f"iperf3 exit status {proc.returncode}")
+        msg = (err or out).strip().splitlines()
+        return IperfResult(path, error=msg[-1] if msg else f"iperf3 exit status {rc}")
     if raw.get("error"):
         return IperfResult(path, raw=raw, error=str(raw["error"]))
     end = raw.get("end") or {}

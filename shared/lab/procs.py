@@ -75,7 +75,8 @@ def write_pidfile(path: Path, pid: int, argv: Sequence[str]) -> PidRecord:
 
 
 def spawn(argv: Sequence[str], *, log: Path, pidfile: Path, cwd: str | Path | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+          env: dict[str, str] | None = None,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     """Start `argv` detached (new session), stdout+stderr appended to `log`, and record it.
 
     The caller keeps the Popen so it can notice an early exit while it waits for readiness;
@@ -87,7 +88,7 @@ def spawn(argv: Sequence[str], *, log: Path, pidfile: Path, cwd: str | Path | No
         out.flush()
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=cwd, env=env,
+            start_new_session=True, cwd=cwd, env=env, pass_fds=tuple(pass_fds),
         )
     write_pidfile(pidfile, proc.pid, argv)
     return proc

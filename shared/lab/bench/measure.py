@@ -1,0 +1,113 @@
+"""What a path reports around a workload (`Sample`) and the per-run figures derived from two.
+
+A path only has to say what it can see -- cumulative frame counts per direction, the pids of its
+data-path processes, and (for pvnet) the raw ring counters of both ends -- and this module turns
+a before/after pair into the bench's fields. Keeping the arithmetic here, away from the paths,
+means a new path (QEMU) gets CPU per GB, notifications per packet and the rest for free, and the
+fast tests can check the arithmetic on fake samples.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MIN_BYTES_FOR_CPU_PER_GB = 1 << 20
+"""Below this much payload a CPU-per-GB figure is noise (rr moves a few hundred KB)."""
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """CPU time used so far and peak RSS of one process, from /proc (None if it is gone)."""
+
+    cpu_s: float
+    hwm_kb: int
+
+
+def read_proc(pid: int) -> ProcSample | None:
+    """utime+stime (/proc/<pid>/stat fields 14, 15) and VmHWM (/proc/<pid>/status)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    rest = raw[raw.rindex(")") + 2:].split()  # rest[0] is field 3
+    ticks = int(rest[11]) + int(rest[12])
+    hwm = 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+            break
+    return ProcSample(ticks / CLK_TCK, hwm)
+
+
+@dataclass
+class Sample:
+    """A path's cumulative view at one instant.
+
+    `frames`: data frames seen so far per direction ("tx" guest->peer, "rx" peer->guest).
+    `procs`: role ("front", "back") -> process sample, for the processes of the data path.
+    `rings`: end ("front", "back") -> the stats reply's "rings" dict (pvnet paths only).
+    """
+
+    t: float = field(default_factory=time.monotonic)
+    frames: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, ProcSample | None] = field(default_factory=dict)
+    rings: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+
+def _rings_for(direction: str) -> tuple[str, ...]:
+    """Which rings carry a direction's data: TX guest->peer, RX peer->guest, both for rr."""
+    return {"tx": ("tx",), "rx": ("rx",)}.get(direction, ("tx", "rx"))
+
+
+def _ring_delta(before: Sample, after: Sample, end: str, ring: str, key: str) -> int:
+    try:
+        return int(after.rings[end][ring][key]) - int(before.rings[end][ring][key])
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _per(num: float, den: float, digits: int = 3) -> float | None:
+    return round(num / den, digits) if den > 0 else None
+
+
+def derive(before: Sample, after: Sample, direction: str, payload_bytes: float,
+           seconds: float) -> dict[str, float | None]:
+    """The bench fields one run yields: fps (path counters), CPU, notify/map/copy per packet, RSS.
+
+    `payload_bytes` is what the workload delivered (iperf3's receiver bytes), used for CPU s per
+    GB; `seconds` is the workload's own duration, used for frames per second.
+    """
+    dirs = ("tx", "rx") if direction not in ("tx", "rx") else (direction,)
+    out: dict[str, float | None] = {}
+    if all(d in before.frames and d in after.frames for d in dirs):
+        frames = sum(after.frames[d] - before.frames[d] for d in dirs)
+        out["frames"] = frames
+        out["fps"] = round(frames / seconds, 1) if seconds > 0 else None
+    wall = after.t - before.t
+    for role in ("front", "back"):
+        a, b = after.procs.get(role), before.procs.get(role)
+        cpu = a.cpu_s - b.cpu_s if a is not None and b is not None else None
+        out[f"cpu_{role}_pct"] = round(100 * cpu / wall, 1) if cpu is not None and wall else None
+        big = payload_bytes >= MIN_BYTES_FOR_CPU_PER_GB
+        out[f"cpu_{role}_s_per_gb"] = (round(cpu / (payload_bytes / 1e9), 2)
+                                       if cpu is not None and big else None)
+        out[f"rss_{role}_mb"] = round(a.hwm_kb / 1024, 1) if a is not None else None
+    if before.rings and after.rings:
+        rings = _rings_for(direction)
+        packets = sum(_ring_delta(before, after, "back", r, f"{r}_packets") for r in rings)
+        ends = tuple(after.rings)
+        notify = sum(_ring_delta(before, after, e, r, "notify_sent")
+                     for e in ends for r in ("tx", "rx"))
+        maps = sum(_ring_delta(before, after, "back", r, "grant_maps") for r in rings)
+        copies = sum(_ring_delta(before, after, "back", r, "grant_copies") for r in rings)
+        copied = sum(_ring_delta(before, after, e, r, "copy_bytes") for e in ends for r in rings)
+        out.update(ring_packets=packets, notify_per_pkt=_per(notify, packets),
+                   maps_per_pkt=_per(maps, packets), copies_per_pkt=_per(copies, packets),
+                   copy_bytes_per_pkt=_per(copied, packets, 1))
+    return out

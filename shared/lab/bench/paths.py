@@ -1,0 +1,220 @@
+"""The registry of measured paths and the two small interfaces a path implements.
+
+A *path* is one way frames get from a guest to the wire peer (a veth pair, pvnet in namespaces
+in one mode, later a QEMU guest with virtio-net or pvnet). The runner only ever calls
+
+    ends = path.setup(gso)      # bring it up; returns the guest and peer `Endpoint`s
+    path.sample()               # cumulative counters now (see measure.Sample)
+    path.teardown()             # remove everything setup made; safe after a failed setup
+
+and runs workloads between `ends.guest` and `ends.peer`. Workloads run their clients on the
+guest end (`run`, blocking, bounded) and their servers on the peer end (`start`); the peer
+serves iperf3 on `IPERF_PORT` for as long as the path is up.
+
+Adding a path is registering a factory that returns one `Path` per mode. A QEMU path is about
+this much (the lead owns shared/lab/machine.py; names below are illustrative):
+
+    @register("virtio-net")
+    def virtio_paths(ctx: PathContext) -> list[Path]:
+        return [VirtioNet(ctx)]
+
+    @dataclass
+    class VirtioNet:
+        ctx: PathContext
+        path: str = "virtio-net"
+        mode: str = "-"
+        note: str = ""
+        vm: Any = None
+
+        def setup(self, gso: bool) -> Endpoints:
+            self.lab = Lab(wire_only_topology(self.ctx), say=self.ctx.log)  # bridge + wire peer
+            self.lab.up(processes=False)
+            self.vm = Machine(MachineConfig(..., taps=[TapNic(bridge=..., ...)]))
+            self.vm.launch(); self.vm.wait_ssh()
+            if not gso:
+                self.vm.ssh("ethtool -K eth1 tso off gso off gro off", check=True)
+            return Endpoints(SshEndpoint(self.vm, "10.81.0.11"),
+                             NetnsEndpoint(wire_ns, "10.81.0.1"))
+
+        def sample(self) -> Sample:
+            return Sample(frames=link_frames(host_ns, vif_tap),   # counters of the TAP
+                          procs={"back": read_proc(self.vm.pid)})
+
+        def teardown(self) -> None:
+            if self.vm: self.vm.shutdown()
+            self.lab.down()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any, Protocol
+
+from shared.lab.bench.measure import Sample
+
+IPERF_PORT = 5201
+PATH_ORDER = ("veth", "pvnet-netns", "virtio-net", "pvnet-qemu")
+"""Known path names, in run order (veth first: every ratio divides by it)."""
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CmdResult:
+    rc: int
+    out: str
+    err: str
+
+
+class Endpoint(Protocol):
+    """One end of a path as a workload sees it: an address and a place to run programs."""
+
+    ip: str
+    python: str  # interpreter at that end (runs rr.py by path)
+
+    def run(self, argv: Sequence[str], timeout: float) -> CmdResult:
+        """Run a client to completion (killed after `timeout`)."""
+        ...
+
+    def start(self, argv: Sequence[str]) -> Callable[[], None]:
+        """Start a server in the background; returns the function that stops it."""
+        ...
+
+
+@dataclass
+class NetnsEndpoint:
+    """An end that is a network namespace on this host (veth, pvnet-netns, every wire peer)."""
+
+    netns: str
+    ip: str
+    python: str = sys.executable
+
+    def _argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+    def run(self, argv: Sequence[str], timeout: float) -> CmdResult:
+        try:
+            p = subprocess.run(self._argv(argv), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            return CmdResult(124, _text(exc.stdout), f"timed out after {timeout:g} s")
+        return CmdResult(p.returncode, p.stdout, p.stderr)
+
+    def start(self, argv: Sequence[str]) -> Callable[[], None]:
+        proc = subprocess.Popen(self._argv(argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+        def stop() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+        return stop
+
+
+@dataclass
+class SshEndpoint:
+    """A guest end reached over ssh: anything with `ssh(cmd, timeout) -> (rc, out, err)`.
+
+    Fits shared/lab/machine.Machine. Only `run` is needed on a guest end (servers run on the
+    peer), so `start` is left out on purpose.
+    """
+
+    machine: Any
+    ip: str
+    python: str = "python3"
+
+    def run(self, argv: Sequence[str], timeout: float) -> CmdResult:
+        try:
+            rc, out, err = self.machine.ssh(list(argv), timeout=timeout)
+        except Exception as exc:  # an ssh failure is a failed run, not a crashed bench
+            return CmdResult(255, "", f"ssh: {exc}")
+        return CmdResult(rc, out, err)
+
+    def start(self, argv: Sequence[str]) -> Callable[[], None]:
+        raise NotImplementedError("servers run on the peer end")
+
+
+def _text(data: bytes | str | None) -> str:
+    if isinstance(data, bytes):
+        return data.decode(errors="replace")
+    return data or ""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    guest: Endpoint
+    peer: Endpoint
+
+
+class Path(Protocol):
+    """One measured path (one mode). `path`/`mode` go into every record it yields."""
+
+    path: str
+    mode: str
+    note: str  # set by setup: what was configured (offloads...), copied into the records
+
+    def setup(self, gso: bool) -> Endpoints: ...
+
+    def sample(self) -> Sample: ...
+
+    def teardown(self) -> None: ...
+
+
+@dataclass
+class PathContext:
+    """What every path factory gets: unique names, a state dir, a log, where to keep logs."""
+
+    prefix: str = "pvb"  # namespaces/devices are named <prefix>-...; tests use their own
+    subnet: str = "10.81.0"  # a /24; peer .1, guest .11
+    state_dir: FsPath = FsPath("/run/pvnet-bench")
+    results: FsPath | None = None  # lab logs are copied here on teardown
+    modes: tuple[str, ...] | None = None  # restrict multi-mode paths (None: all)
+    log: Log = field(default=lambda line: None)
+
+    def ip(self, host: int) -> str:
+        return f"{self.subnet}.{host}"
+
+
+Factory = Callable[[PathContext], list[Path]]
+REGISTRY: dict[str, Factory] = {}
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Decorator: make a path factory available as `--paths <name>`."""
+
+    def deco(fn: Factory) -> Factory:
+        REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def build_paths(names: Sequence[str] | None, ctx: PathContext) -> list[Path]:
+    """Instantiate the requested paths (all registered ones if `names` is None), veth first."""
+    _load_builtin()
+    wanted = list(REGISTRY) if names is None else list(names)
+    unknown = [n for n in wanted if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown path(s) {', '.join(unknown)} "
+                         f"(registered: {', '.join(REGISTRY)})")
+    order = {n: i for i, n in enumerate(PATH_ORDER)}
+    wanted.sort(key=lambda n: order.get(n, len(order)))
+    return [p for n in wanted for p in REGISTRY[n](ctx)]
+
+
+def _load_builtin() -> None:
+    """Import the modules whose @register calls fill the registry (late: no import cycle)."""
+    from shared.lab.bench import pvnet_netns, veth  # noqa: F401

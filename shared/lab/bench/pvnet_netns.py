@@ -1,0 +1,107 @@
+"""The `pvnet-netns` path: one guest namespace behind netfront/netback, traffic to the wire peer.
+
+Each mode is a one-guest topology of its own brought up with `Lab` (private names and state
+dir, so it can run beside a user's lab or the tests). The topology has no key for GSO, so the
+no-GSO session wraps the lab's command builder and appends `--no-gso` to the netfront's argv.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+
+from shared.control import query
+from shared.lab.bench.measure import Sample, read_proc
+from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext, register
+from shared.lab.netns import Lab, default_commands
+from shared.lab.topology import Guest, Topology, loads
+
+MODES: dict[str, dict[str, object]] = {
+    "lazy": {"tx_mode": "lazy"},
+    "map": {"tx_mode": "map"},
+    "copy": {"tx_mode": "copy"},
+    "lazy-noslots": {"tx_mode": "lazy", "header_slots": False},
+    "lazy-persistent": {"tx_mode": "lazy", "persistent": True},
+}
+
+
+def topology_yaml(ctx: PathContext, mode: str) -> str:
+    """A one-guest topology in `ctx`'s names and subnet, with `mode`'s guest keys."""
+    pre = ctx.prefix
+    keys = "".join(f", {k}: {str(v).lower()}" for k, v in MODES[mode].items())
+    return (f"bridge: {pre}br0\nhost_netns: {pre}-host\n"
+            f"wire: {{netns: {pre}-wire, ip: {ctx.ip(1)}/24, iperf_server: true, "
+            f"host_if: {pre}br0-wire}}\n"
+            f"guests:\n  - {{name: {pre}-g1, domid: 211, mac: \"02:00:00:00:b2:11\", "
+            f"ip: {ctx.ip(11)}/24{keys}}}\n")
+
+
+def no_gso_commands(topo: Topology, g: Guest) -> tuple[list[str], list[str]]:
+    """The lab's command lines with `--no-gso` for the netfront (no topology key for it)."""
+    back, front = default_commands(topo, g)
+    return back, [*front, "--no-gso"]
+
+
+@dataclass
+class PvnetNetnsPath:
+    ctx: PathContext
+    mode: str
+    path: str = "pvnet-netns"
+    note: str = ""
+    _lab: Lab | None = None
+    _ends: dict[str, FsPath] = field(default_factory=dict)
+    _session: int = 0
+    _gso: bool = True
+
+    def _topology(self) -> Topology:
+        state = self.ctx.state_dir / f"{self.ctx.prefix}-pvnet"
+        return loads(topology_yaml(self.ctx, self.mode), state_dir=state)
+
+    def setup(self, gso: bool) -> Endpoints:
+        topo = self._topology()
+        commands = default_commands if gso else no_gso_commands
+        self._lab = Lab(topo, commands=commands, say=self.ctx.log)
+        self._lab.down()  # sweep whatever a crashed earlier run left under our names
+        shutil.rmtree(topo.state_dir / "log", ignore_errors=True)  # logs of this session only
+        self._session += 1
+        self._gso = gso
+        self._lab.up(timeout=30)
+        g = topo.guests[0]
+        self._ends = {"front": topo.frontend_ctl(g), "back": topo.backend_ctl(g)}
+        self.note = "gso on" if gso else "gso off (netfront --no-gso)"
+        return Endpoints(NetnsEndpoint(g.netns, str(g.ip.ip)),
+                         NetnsEndpoint(topo.wire.netns, str(topo.wire.ip.ip)))
+
+    def sample(self) -> Sample:
+        s = Sample()
+        for end, ctl in self._ends.items():
+            reply = query(str(ctl), {"cmd": "stats"}, timeout=3.0)
+            s.rings[end] = reply["rings"]
+            s.procs[end] = read_proc(int(reply["pid"]))
+        back = s.rings["back"]
+        s.frames = {"tx": int(back["tx"]["tx_packets"]), "rx": int(back["rx"]["rx_packets"])}
+        return s
+
+    def teardown(self) -> None:
+        if self._lab is None:
+            return
+        lab, self._lab = self._lab, None
+        try:
+            self._keep_logs(lab.topo)
+        finally:
+            lab.down()
+
+    def _keep_logs(self, topo: Topology) -> None:
+        """Copy the netback/netfront logs next to the results, one dir per session."""
+        src = topo.state_dir / "log"
+        if self.ctx.results is None or not src.is_dir():
+            return
+        dst = self.ctx.results / "logs" / f"{self.mode}-{'gso' if self._gso else 'nogso'}"
+        shutil.copytree(src, dst.with_name(f"{dst.name}-{self._session}"), dirs_exist_ok=True)
+
+
+@register("pvnet-netns")
+def pvnet_netns_paths(ctx: PathContext) -> list[Path]:
+    modes = [m for m in MODES if ctx.modes is None or m in ctx.modes]
+    return [PvnetNetnsPath(ctx, m) for m in modes]

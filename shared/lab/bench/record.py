@@ -1,0 +1,120 @@
+"""One bench record (a row of the table, an element of the JSON list) and the logic over many.
+
+Kept free of I/O so the fast tests can drive it with fake records: picking the median of the
+repetitions, and the ratios to veth and virtio-net that make numbers from a noisy shared
+machine comparable (only ratios measured side by side in one run mean anything here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+PRIMARY = {"tcp": "gbps", "tcp-nogso": "gbps", "udp64": "fps", "rr": "tps"}
+"""The higher-is-better figure each workload's ratios are taken on."""
+
+
+@dataclass
+class Record:
+    """One (path, mode, workload, direction): the median repetition's figures.
+
+    direction: "tx" guest->peer, "rx" peer->guest, "both" for rr.
+    Per-packet figures count data frames of the measured direction on the backend's ring;
+    notify_per_pkt counts every notification either end sent on either ring (ACK traffic
+    included: it is the whole cost of moving those packets). cpu_*_s_per_gb divides process CPU
+    time by payload delivered; null where there is no such process (veth) or too little payload.
+    """
+
+    path: str
+    mode: str
+    workload: str
+    direction: str
+    seconds: float = 0.0
+    reps: int = 0
+    gbps: float | None = None
+    fps: float | None = None
+    tps: float | None = None
+    loss_pct: float | None = None
+    p50_us: float | None = None
+    p99_us: float | None = None
+    vs_veth: float | None = None
+    vs_virtio: float | None = None
+    cpu_front_s_per_gb: float | None = None
+    cpu_back_s_per_gb: float | None = None
+    cpu_front_pct: float | None = None
+    cpu_back_pct: float | None = None
+    notify_per_pkt: float | None = None
+    maps_per_pkt: float | None = None
+    copies_per_pkt: float | None = None
+    copy_bytes_per_pkt: float | None = None
+    rss_front_mb: float | None = None
+    rss_back_mb: float | None = None
+    spread_pct: float | None = None  # (max - min) / median of the primary figure over reps
+    note: str = ""
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.path, self.mode, self.workload, self.direction)
+
+    @property
+    def primary(self) -> float | None:
+        return getattr(self, PRIMARY.get(self.workload, "gbps"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def median_of(reps: list[Record]) -> Record:
+    """The repetition with the median primary figure (lower middle for an even count).
+
+    A whole record rather than per-field medians, so the CPU and per-packet figures stay the
+    ones measured together with that throughput. Failed repetitions only count if all failed.
+    """
+    if not reps:
+        raise ValueError("no repetitions")
+    good = [r for r in reps if r.error is None and r.primary is not None]
+    if not good:
+        out = Record.from_dict(reps[-1].as_dict())
+        out.reps = 0
+        return out
+    good.sort(key=lambda r: r.primary)  # type: ignore[arg-type, return-value]
+    out = Record.from_dict(good[(len(good) - 1) // 2].as_dict())
+    out.reps = len(good)
+    lo, hi, mid = good[0].primary, good[-1].primary, out.primary
+    out.spread_pct = round(100 * (hi - lo) / mid, 1) if len(good) > 1 and mid else None
+    return out
+
+
+def combine(runs: Iterable[Record]) -> list[Record]:
+    """Group repetitions by key (first-seen order) and keep each group's median."""
+    groups: dict[tuple[str, str, str, str], list[Record]] = {}
+    for r in runs:
+        groups.setdefault(r.key, []).append(r)
+    return [median_of(g) for g in groups.values()]
+
+
+def _baseline(records: list[Record], path: str) -> dict[tuple[str, str], float]:
+    base: dict[tuple[str, str], float] = {}
+    for r in records:
+        if r.path == path and r.error is None and r.primary:
+            base.setdefault((r.workload, r.direction), r.primary)
+    return base
+
+
+def add_ratios(records: list[Record]) -> list[Record]:
+    """Fill vs_veth and vs_virtio (primary / baseline's primary, same workload and direction);
+    null where the baseline path did not run or the record has no figure."""
+    veth, virtio = _baseline(records, "veth"), _baseline(records, "virtio-net")
+    for r in records:
+        p = r.primary
+        for attr, base in (("vs_veth", veth), ("vs_virtio", virtio)):
+            b = base.get((r.workload, r.direction))
+            setattr(r, attr, round(p / b, 3) if p is not None and b else None)
+    return records

@@ -1,0 +1,180 @@
+"""Turning records into what a person reads: the markdown table, the targets, JSON, a plot.
+
+The targets are the issue's goals; the bench reports them and never asserts them (a shared,
+noisy two-core machine decides too much of the absolute numbers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+
+from shared.lab.bench.record import Record
+
+PVNET_PATHS = ("pvnet-netns", "pvnet-qemu")
+
+Column = tuple[str, Callable[[Record], str]]
+
+
+def _num(v: float | None, fmt: str = ".2f", scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, fmt)
+
+
+def _pair(a: float | None, b: float | None, fmt: str = ".1f") -> str:
+    if a is None and b is None:
+        return "-"
+    return f"{_num(a, fmt)} / {_num(b, fmt)}"
+
+
+COLUMNS: list[Column] = [
+    ("path", lambda r: r.path),
+    ("mode", lambda r: r.mode),
+    ("workload", lambda r: r.workload),
+    ("dir", lambda r: r.direction),
+    ("Gbit/s", lambda r: _num(r.gbps, ".3f")),
+    ("kframes/s", lambda r: _num(r.fps, ".1f", 1e-3)),
+    ("loss %", lambda r: _num(r.loss_pct, ".1f")),
+    ("p50 µs", lambda r: _num(r.p50_us, ".1f")),
+    ("p99 µs", lambda r: _num(r.p99_us, ".1f")),
+    ("vs veth", lambda r: _num(r.vs_veth, ".2f")),
+    ("vs virtio", lambda r: _num(r.vs_virtio, ".2f")),
+    ("CPU s/GB f / b", lambda r: _pair(r.cpu_front_s_per_gb, r.cpu_back_s_per_gb)),
+    ("CPU % f / b", lambda r: _pair(r.cpu_front_pct, r.cpu_back_pct, ".0f")),
+    ("notif/pkt", lambda r: _num(r.notify_per_pkt, ".3f")),
+    ("maps/pkt", lambda r: _num(r.maps_per_pkt, ".2f")),
+    ("copy B/pkt", lambda r: _num(r.copy_bytes_per_pkt, ".0f")),
+    ("RSS MB f / b", lambda r: _pair(r.rss_front_mb, r.rss_back_mb, ".0f")),
+    ("± %", lambda r: _num(r.spread_pct, ".0f")),
+]
+
+
+def markdown_table(records: list[Record]) -> str:
+    """A GitHub-markdown table, one row per record; failed ones say why in the first column."""
+    head = [name for name, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in records:
+        if r.error and r.primary is None:
+            cells = [r.path, r.mode, r.workload, r.direction, f"error: {r.error}"]
+            cells += [""] * (len(COLUMNS) - len(cells))
+        else:
+            cells = [fn(r) for _, fn in COLUMNS]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    text: str
+    value: str
+    met: bool | None  # None: not measured in this run
+
+    def line(self) -> str:
+        mark = {True: "met", False: "NOT met", None: "not measured"}[self.met]
+        return f"- {self.text}: {self.value} -- {mark}"
+
+
+def _find(records: list[Record], path: str, mode: str, workload: str,
+          direction: str) -> Record | None:
+    for r in records:
+        if (r.path, r.mode, r.workload, r.direction) == (path, mode, workload, direction):
+            return r if r.error is None or r.primary is not None else None
+    return None
+
+
+def _ratio_target(text: str, num: Record | None, den: Record | None, attr: str,
+                  goal: float) -> TargetResult:
+    a = getattr(num, attr) if num else None
+    b = getattr(den, attr) if den else None
+    if a is None or not b:
+        return TargetResult(text, "n/a", None)
+    ratio = a / b
+    return TargetResult(text, f"{ratio:.2f}x", ratio >= goal)
+
+
+def targets(records: list[Record]) -> list[TargetResult]:
+    """The issue's goals, evaluated for every pvnet path that ran."""
+    out: list[TargetResult] = []
+    present = [p for p in PVNET_PATHS if any(r.path == p for r in records)] or [PVNET_PATHS[0]]
+    for p in present:
+        for d in ("tx", "rx"):
+            lazy = _find(records, p, "lazy", "tcp", d)
+            veth = _find(records, "veth", "-", "tcp", d)
+            out.append(_ratio_target(f"{p} lazy TCP {d} >= 0.6x veth", lazy, veth, "gbps", 0.6))
+        lazy = _find(records, p, "lazy", "tcp", "tx")
+        for other, goal in (("map", 1.3), ("copy", 1.1)):
+            out.append(_ratio_target(
+                f"{p} lazy >= {goal}x {other}, 64 KB GSO frames (tcp tx; tx_mode acts on TX)",
+                lazy, _find(records, p, other, "tcp", "tx"), "gbps", goal))
+        for d in ("tx", "rx"):
+            r = _find(records, p, "lazy", "udp64", d)
+            fps = r.fps if r else None
+            out.append(TargetResult(f"{p} lazy UDP 64 B {d} >= 100k frames/s delivered",
+                                    "n/a" if fps is None else f"{fps / 1e3:.1f}k",
+                                    None if fps is None else fps >= 100e3))
+    return out
+
+
+def targets_text(records: list[Record]) -> str:
+    res = targets(records)
+    met = sum(1 for t in res if t.met)
+    known = sum(1 for t in res if t.met is not None)
+    return "\n".join([f"Targets: {met} of {known} measured met", *[t.line() for t in res]])
+
+
+def write_json(records: list[Record], path: FsPath) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([r.as_dict() for r in records], indent=1) + "\n")
+
+
+def read_json(path: FsPath) -> list[Record]:
+    return [Record.from_dict(d) for d in json.loads(path.read_text())]
+
+
+def _label(r: Record) -> str:
+    return r.path if r.mode == "-" else f"{r.path}\n{r.mode}"
+
+
+def plot(records: list[Record], out: FsPath) -> FsPath | None:
+    """Three panels (TCP Gbit/s, UDP 64 B kframes/s, rr latency); None if no matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.error is None or r.primary is not None]
+    labels = list(dict.fromkeys(_label(r) for r in ok))
+    if not labels:
+        return None
+    panels = [
+        ("TCP, one stream (Gbit/s)", "gbps", 1.0,
+         [("tcp", "tx"), ("tcp", "rx"), ("tcp-nogso", "tx"), ("tcp-nogso", "rx")]),
+        ("UDP 64 B delivered (kframes/s)", "fps", 1e-3, [("udp64", "tx"), ("udp64", "rx")]),
+        ("1-byte TCP request/response (µs)", None, 1.0, [("rr", "both")]),
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.4 * len(labels)), 11))
+    x = list(range(len(labels)))
+    for ax, (title, attr, scale, series) in zip(axes, panels, strict=True):
+        bars = ([(f"{w} {d}", w, d, attr) for w, d in series] if attr
+                else [("p50", "rr", "both", "p50_us"), ("p99", "rr", "both", "p99_us")])
+        width = 0.8 / len(bars)
+        for i, (name, w, d, field) in enumerate(bars):
+            vals = []
+            for lab in labels:
+                r = next((r for r in ok if _label(r) == lab and r.workload == w
+                          and r.direction == d), None)
+                v = getattr(r, field) if r else None
+                vals.append(0.0 if v is None else v * scale)
+            ax.bar([xi + (i - (len(bars) - 1) / 2) * width for xi in x], vals, width, label=name)
+        ax.set_title(title)
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,138 @@
+"""The `veth` path: two namespaces joined by a veth pair -- the host stack's ceiling.
+
+Both ends are created fresh for every session so their offloads are the kernel's defaults
+(recorded in the records' `note`: TSO/GSO on, GRO off on this kernel); only the no-GSO session
+switches TSO, GSO and GRO off on both ends with ethtool, to match what pvnet does with
+--no-gso (MTU-sized frames end to end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from pyroute2 import netns as pnetns
+
+from shared.lab import procs
+from shared.lab.bench.measure import Sample
+from shared.lab.bench.paths import (
+    IPERF_PORT,
+    Endpoints,
+    NetnsEndpoint,
+    Path,
+    PathContext,
+    register,
+)
+from shared.lab.netns import rtnl
+
+DEV = "eth0"
+
+
+def ensure_ethtool() -> None:
+    """apt-get install ethtool if it is missing (shared/lab/deps.py does not list it yet)."""
+    if shutil.which("ethtool"):
+        return
+    print("installing ethtool (needed for offload settings in the bench)", file=sys.stderr)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-qq", "ethtool"], check=True, env=env)
+
+
+def ethtool(ns: str, *args: str) -> str:
+    p = subprocess.run(["ip", "netns", "exec", ns, "ethtool", *args], capture_output=True,
+                       text=True, timeout=10, check=True)
+    return p.stdout
+
+
+def offload_summary(ns: str, dev: str) -> str:
+    """'tso on, gso on, gro off' for a device, from `ethtool -k` (what the run really had)."""
+    feats = {}
+    for line in ethtool(ns, "-k", dev).splitlines():
+        key, _, value = line.partition(":")
+        feats[key.strip()] = value.split()[0] if value.split() else "?"
+    names = {"tcp-segmentation-offload": "tso", "generic-segmentation-offload": "gso",
+             "generic-receive-offload": "gro"}
+    return ", ".join(f"{short} {feats.get(long, '?')}" for long, short in names.items())
+
+
+def link_frames(ns: str, dev: str) -> int:
+    """rx_packets of `dev` in namespace `ns` (IFLA_STATS64)."""
+    with rtnl(ns) as h:
+        link = h.get_links(h.link_lookup(ifname=dev)[0])[0]
+        return int(link.get_attr("IFLA_STATS64")["rx_packets"])
+
+
+@dataclass
+class VethPath:
+    """Guest namespace <prefix>-va and peer <prefix>-vb, each with an `eth0` end of one veth."""
+
+    ctx: PathContext
+    path: str = "veth"
+    mode: str = "-"
+    note: str = ""
+    _stop: list = field(default_factory=list)
+
+    @property
+    def guest_ns(self) -> str:
+        return f"{self.ctx.prefix}-va"
+
+    @property
+    def peer_ns(self) -> str:
+        return f"{self.ctx.prefix}-vb"
+
+    def setup(self, gso: bool) -> Endpoints:
+        self.teardown()  # a crashed earlier run may have left our namespaces behind
+        g, p = self.guest_ns, self.peer_ns
+        for ns in (g, p):
+            pnetns.create(ns)
+            _ip(ns, "link", "set", "lo", "up")
+            _no_ipv6(ns)
+        _ip(g, "link", "add", DEV, "type", "veth", "peer", "name", DEV, "netns", p)
+        for ns, host in ((g, 11), (p, 1)):
+            _ip(ns, "addr", "add", f"{self.ctx.ip(host)}/24", "dev", DEV)
+            _ip(ns, "link", "set", DEV, "up")
+        if not gso:
+            ensure_ethtool()
+            for ns in (g, p):
+                ethtool(ns, "-K", DEV, "tso", "off", "gso", "off", "gro", "off")
+        if shutil.which("ethtool"):
+            self.note = offload_summary(g, DEV)
+        else:
+            self.note = "offloads: kernel defaults"
+        self.ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        pidfile = self.ctx.state_dir / f"{self.ctx.prefix}-veth-iperf3.pid"
+        procs.spawn(["ip", "netns", "exec", p, "iperf3", "-s", "-p", str(IPERF_PORT)],
+                    log=self.ctx.state_dir / "veth-iperf3.log", pidfile=pidfile)
+        self.ctx.log(f"veth: {g}:{DEV} <-> {p}:{DEV} up ({self.note}), iperf3 -s in {p}")
+        return Endpoints(NetnsEndpoint(g, self.ctx.ip(11)), NetnsEndpoint(p, self.ctx.ip(1)))
+
+    def sample(self) -> Sample:
+        return Sample(frames={"tx": link_frames(self.peer_ns, DEV),
+                              "rx": link_frames(self.guest_ns, DEV)})
+
+    def teardown(self) -> None:
+        procs.stop_pidfile(self.ctx.state_dir / f"{self.ctx.prefix}-veth-iperf3.pid")
+        existing = set(pnetns.listnetns())
+        for ns in (self.guest_ns, self.peer_ns):
+            if ns in existing:
+                procs.terminate(procs.pids_in_netns(ns))
+                with contextlib.suppress(OSError):
+                    pnetns.remove(ns)  # takes the veth with it
+
+
+def _no_ipv6(ns: str) -> None:
+    """Before the veth exists, so it inherits it: no IPv6 autoconf/ND in the frame counters."""
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1"], check=False)
+
+
+def _ip(ns: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, timeout=10)
+
+
+@register("veth")
+def veth_paths(ctx: PathContext) -> list[Path]:
+    return [VethPath(ctx)]

@@ -1,0 +1,281 @@
+"""The QEMU placement: the lab's main job. Each topology guest is a QEMU VM whose netfront talks
+to a netback on the host; the bridge and the test NIC are the namespace lab's.
+
+Per guest: a sealed memfd is the grant region, handed to QEMU as an ivshmem-plain device and
+to the netback as an inherited fd; the event channel is a virtio-serial port whose host end
+is a unix socket (QEMU listens, the netback connects, so a restarted netback just connects
+again); a second port carries the frontend's control protocol, so `pvnet stats` reads the
+guest's end on the host like any other. Guests are managed over ssh on 127.0.0.1 only
+(QEMU user networking), never over the pvnet path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.control import ControlError, query
+from shared.lab import deps, procs
+from shared.lab.accel import detect_accel
+from shared.lab.image import ImageInfo, build_image, cached_image
+from shared.lab.machine import (
+    GuestSpec,
+    Machine,
+    MachineConfig,
+    MachineError,
+    SerialPort,
+    ShmDevice,
+    SyncQMP,
+    TapNic,
+)
+from shared.lab.netns import REPO_ROOT, Lab, LabError, netns_exec
+from shared.lab.topology import Guest, Topology
+from shared.transport import create_memfd
+
+EVENT_PORT = "pvnet-event"
+CTL_PORT = "pvnet-ctl"
+GUEST_TAP = "pv0"
+
+
+@dataclass(frozen=True)
+class GuestHandle:
+    """What a running guest left in the state dir for later commands (ssh, logs, down)."""
+
+    name: str
+    pid: int
+    ssh_port: int
+    run_dir: Path
+
+    @property
+    def console(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def qmp(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+
+def frontend_argv(g: Guest) -> list[str]:
+    """The netfront command line inside the guest (the guest runs the host's python3)."""
+    argv = [sys.executable, "-m", "frontend", "--name", g.name, "--domid", str(g.domid),
+            "--channel", f"/dev/virtio-ports/{EVENT_PORT}", "--region", "pci",
+            "--tap", GUEST_TAP, "--mac", g.mac, "--ip", str(g.ip),
+            "--ctl-port", f"/dev/virtio-ports/{CTL_PORT}"]
+    if not g.header_slots:
+        argv.append("--no-header-slots")
+    if g.persistent:
+        argv.append("--persistent")
+    return argv
+
+
+def backend_argv(topo: Topology, g: Guest, region_fd: int) -> list[str]:
+    argv = [*netns_exec(topo.host_netns), sys.executable, "-m", "backend", "--vif", g.vif,
+            "--domid", str(g.domid), "--bridge", topo.bridge,
+            "--connect", str(topo.event_socket(g)), "--region-fd", str(region_fd),
+            "--ctl", str(topo.backend_ctl(g)), "--tx-mode", g.tx_mode]
+    for rule in g.filters:
+        argv += ["--filter", rule]
+    return argv
+
+
+def _handles_file(topo: Topology) -> Path:
+    return topo.state_dir / "guests.json"
+
+
+def load_handles(topo: Topology) -> dict[str, GuestHandle]:
+    try:
+        raw = json.loads(_handles_file(topo).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {n: GuestHandle(n, int(h["pid"]), int(h["ssh_port"]), Path(h["run_dir"]))
+            for n, h in raw.items()}
+
+
+def _save_handle(topo: Topology, h: GuestHandle) -> None:
+    handles = {n: {"pid": x.pid, "ssh_port": x.ssh_port, "run_dir": str(x.run_dir)}
+               for n, x in load_handles(topo).items()}
+    handles[h.name] = {"pid": h.pid, "ssh_port": h.ssh_port, "run_dir": str(h.run_dir)}
+    _handles_file(topo).write_text(json.dumps(handles, indent=1) + "\n")
+
+
+class VmLab:
+    """`up`/`down` for the QEMU placement; the network side is delegated to `Lab`."""
+
+    def __init__(self, topo: Topology, say=print, virtio_nics: dict[str, TapNic] | None = None
+                 ) -> None:
+        self.topo = topo
+        self.say = say
+        self.net = Lab(topo, say=say)
+        self.virtio_nics = virtio_nics or {}
+
+    def up(self, timeout: float = 120.0) -> None:
+        deps.ensure()
+        t0 = time.monotonic()
+        image = build_image(progress=True)
+        accel = detect_accel(image)
+        self.say(f"accelerator: {accel}" + (" (KVM cannot run this guest here)"
+                                            if accel == "tcg" and os.path.exists("/dev/kvm")
+                                            else ""))
+        self.net.up(processes=False, guest_netns=False)
+        for g in self.topo.guests:
+            self._start_guest(g, image, accel)
+        self._wait_connected(timeout)
+        self.say(f"lab up in {time.monotonic() - t0:.1f} s: "
+                 + ", ".join(f"{h.name} (ssh 127.0.0.1:{h.ssh_port})"
+                             for h in load_handles(self.topo).values()))
+
+    def _start_guest(self, g: Guest, image: ImageInfo, accel: str) -> None:
+        t = self.topo
+        size = g.region_size
+        if size & (size - 1):
+            raise LabError(f"{g.name}: region_size {size} must be a power of two "
+                           "(it becomes an ivshmem PCI BAR)")
+        existing = load_handles(t).get(g.name)
+        if existing is not None and procs.proc_stat(existing.pid) is not None:
+            self.say(f"guest {g.name}: running (pid {existing.pid})")
+            return
+        fd, mem = create_memfd(size, f"pvnet-{g.name}")
+        mem.close()  # QEMU and the netback map it; we only hand the fd on
+        run_dir = t.state_dir / g.name
+        nics = (self.virtio_nics[g.name],) if g.name in self.virtio_nics else ()
+        guest = GuestSpec(hostname=g.name, cwd=str(REPO_ROOT),
+                          env={"PYTHONUNBUFFERED": "1"},
+                          run=(tuple(frontend_argv(g)), ("iperf3", "-s")))
+        cfg = MachineConfig(
+            name=g.name, run_dir=run_dir, image=image, accel=accel, memory_mib=g.memory,
+            guest=guest, shm=(ShmDevice(fd, size),),
+            serial_ports=(SerialPort(EVENT_PORT, t.event_socket(g)),
+                          SerialPort(CTL_PORT, t.frontend_ctl(g))),
+            nics=nics, die_with_parent=False)
+        machine = Machine(cfg)
+        self.say(f"guest {g.name}: starting QEMU ({accel}, {g.memory} MiB)")
+        try:
+            machine.launch()
+        except MachineError as e:
+            os.close(fd)
+            raise LabError(str(e)) from e
+        pid = machine.detach()
+        assert pid is not None
+        procs.write_pidfile(t.pidfile(f"qemu-{g.name}"), pid, machine.argv)
+        self.net.state.add("pidfiles", str(t.pidfile(f"qemu-{g.name}")))
+        for sock in (t.event_socket(g), t.frontend_ctl(g)):
+            self.net.state.add("sockets", str(sock))
+        _save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
+        self.say(f"guest {g.name}: QEMU pid {pid}, console {run_dir / 'console.log'}")
+        self.net._spawn_data("netback", g.vif, backend_argv(t, g, fd), t.backend_ctl(g),
+                             pass_fds=(fd,))
+        os.close(fd)
+
+    def _wait_connected(self, timeout: float) -> None:
+        t = self.topo
+        ends = [(g.vif, t.backend_ctl(g)) for g in t.guests] + [
+            (g.name, t.frontend_ctl(g)) for g in t.guests]
+        self.say(f"waiting for {len(ends)} ends to reach Connected (guests boot first; "
+                 f"timeout {timeout:g} s)")
+        start = time.monotonic()
+        states: dict[str, str] = {}
+        last_print = 0.0
+        while True:
+            for name, ctl in ends:
+                try:
+                    states[name] = str(query(ctl, {"cmd": "stats"}, timeout=1.0).get("state"))
+                except ControlError:
+                    states[name] = "not answering yet"
+            if all(s == "Connected" for s in states.values()):
+                self.say(f"all {len(ends)} ends Connected ({time.monotonic() - start:.1f} s)")
+                return
+            now = time.monotonic()
+            if now - start > timeout:
+                break
+            if now - last_print > 5:
+                self.say(f"  {now - start:4.0f} s: " + ", ".join(f"{n} {s}"
+                                                              for n, s in states.items()))
+                last_print = now
+            time.sleep(0.5)
+        detail = []
+        for g in t.guests:
+            h = load_handles(t).get(g.name)
+            if h and states.get(g.name) != "Connected":
+                tail = "\n".join(_tail(h.console, 30))
+                detail.append(f"--- console of {g.name} ({h.console}):\n{tail}")
+        raise LabError("not every end reached Connected: "
+                       + ", ".join(f"{n}: {s}" for n, s in states.items()) + "\n"
+                       + "\n".join(detail))
+
+    def down(self) -> None:
+        """Power guests off through QMP (kill after 10 s), then everything `Lab.down` does."""
+        for h in load_handles(self.topo).values():
+            if procs.proc_stat(h.pid) is None:
+                continue
+            self.say(f"guest {h.name}: powering off (QMP system_powerdown)")
+            qmp = SyncQMP(h.name)
+            try:
+                qmp.connect(h.qmp, timeout=3)
+                qmp.execute("system_powerdown", timeout=3)
+            except Exception as e:  # noqa: BLE001 - a dead monitor ends in a kill below
+                self.say(f"guest {h.name}: QMP failed ({e}); killing")
+            finally:
+                with contextlib.suppress(Exception):
+                    qmp.close()
+            if procs.wait_gone([h.pid], 10.0):
+                procs.terminate([h.pid], 3.0)
+                self.say(f"guest {h.name}: killed")
+            else:
+                self.say(f"guest {h.name}: powered off")
+        self.net.down()
+        with contextlib.suppress(FileNotFoundError):
+            _handles_file(self.topo).unlink()
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return ["(no console log)"]
+
+
+class SshRunner:
+    """Runs commands in guests over ssh (one kept connection per guest): the QEMU placement's
+    way into a guest, for `invoke iperf`, `invoke ssh` and the tests."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.clients: dict[str, object] = {}
+
+    def client(self, name: str):
+        from shared.lab import ssh as lab_ssh
+
+        if name not in self.clients:
+            h = load_handles(self.topo).get(name)
+            if h is None:
+                raise LabError(f"no running guest {name!r} (is the lab up with VMs?)")
+            image = cached_image()
+            self.clients[name] = lab_ssh.connect(
+                h.ssh_port, key=lab_ssh.ensure_keypair(),
+                host_key_pub=image.host_key_pub if image else None)
+        return self.clients[name]
+
+    def __call__(self, where: str | None, argv: list[str] | str,
+                 timeout: float) -> tuple[int, str, str]:
+        from shared.lab import ssh as lab_ssh
+
+        if where is None or where not in {g.name for g in self.topo.guests}:
+            raise LabError(f"{where!r} is not a guest of this topology")
+        cmd = argv if isinstance(argv, str) else shlex.join(argv)
+        return lab_ssh.exec_command(self.client(where), cmd, timeout)
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+        self.clients.clear()
+
+
+def running_vms(topo: Topology) -> bool:
+    """Is this topology's lab up in the QEMU placement?"""
+    return any(procs.proc_stat(h.pid) is not None for h in load_handles(topo).values())
