@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 from shared.lab.bench.runner import config_from, run_bench
 
 

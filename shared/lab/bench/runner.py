@@ -80,7 +80,19 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
 
 
+_MAIN_PID = os.getpid()
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM unwinds the bench like Ctrl-C, so the `finally` teardowns run.
+
+    Only in the bench process itself: pyroute2 forks helpers (netns creation, NetNS) that
+    inherit this handler and are stopped with SIGTERM; they must just die.
+    """
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -228,6 +240,8 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout) -> int:
         return 2
     results = cfg.results or default_results_dir()
     results.mkdir(parents=True, exist_ok=True)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     old_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     with open(results / "lab.log", "a") as log:
         ctx = PathContext(prefix=cfg.prefix, state_dir=cfg.state_dir, results=results,

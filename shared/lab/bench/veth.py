@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 from pyroute2 import netns as pnetns
@@ -56,6 +57,19 @@ def offload_summary(ns: str, dev: str) -> str:
     names = {"tcp-segmentation-offload": "tso", "generic-segmentation-offload": "gso",
              "generic-receive-offload": "gro"}
     return ", ".join(f"{short} {feats.get(long, '?')}" for long, short in names.items())
+
+
+def wait_listening(ns: str, port: int, timeout: float = 5.0) -> None:
+    """Wait until a TCP socket listens on `port` in `ns` (/proc/net/tcp seen from inside)."""
+    want = f":{port:04X} "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/tcp"],
+                           capture_output=True, text=True, timeout=5, check=False)
+        if any(want in line and line.split()[3] == "0A" for line in p.stdout.splitlines()[1:]):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} in netns {ns} after {timeout:g} s")
 
 
 def link_frames(ns: str, dev: str) -> int:
@@ -106,6 +120,7 @@ class VethPath:
         pidfile = self.ctx.state_dir / f"{self.ctx.prefix}-veth-iperf3.pid"
         procs.spawn(["ip", "netns", "exec", p, "iperf3", "-s", "-p", str(IPERF_PORT)],
                     log=self.ctx.state_dir / "veth-iperf3.log", pidfile=pidfile)
+        wait_listening(p, IPERF_PORT)
         self.ctx.log(f"veth: {g}:{DEV} <-> {p}:{DEV} up ({self.note}), iperf3 -s in {p}")
         return Endpoints(NetnsEndpoint(g, self.ctx.ip(11)), NetnsEndpoint(p, self.ctx.ip(1)))
 
