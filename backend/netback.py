@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+from array import array
 
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
@@ -26,6 +27,7 @@ from shared.netif import (
     MAX_SKB_FRAGS,
     MAX_SLOTS_PER_PACKET,
     PAGE_SIZE,
+    RING_SIZE,
     TX_REQUEST,
     TX_RESPONSE,
     XEN_NETIF_EXTRA_FLAG_MORE,
@@ -63,6 +65,7 @@ _unpack_gnt = GRANT_ENTRY.unpack_from
 #: a packet's fragments as columns: grefs, offsets, request ids, sizes
 Frags = tuple[list[int], list[int], list[int], list[int]]
 _HDR, _SLOT = HEADER_SIZE, TX_REQUEST.size  # entry(idx), inlined in hot loops
+_OKAYS = array("H", [XEN_NETIF_RSP_OKAY] * RING_SIZE)
 
 
 @functools.cache
@@ -102,6 +105,7 @@ class TxPath:
         self.pending = bytearray(1 << 16)  # request id (u16, opaque) -> not yet answered
         self.dealloc: list[int] = []  # ids released by skb destructors, + NULL counts
         self.vnet = bytearray(VNET_HDR.size)
+        self.r16 = self.buf.cast("H")
         self.gnt_buf = region.grants.buf
         self.gnt_count = region.grants.count
         self.frames = region.layout.payload_frames
@@ -387,21 +391,37 @@ class TxPath:
             dealloc.extend(skb.ids)
 
     def _flush_dealloc(self) -> None:
-        """Answer released slots in release order; -1 stands for an extra's NULL answer."""
+        """Answer released slots in release order; -1 stands for an extra's NULL answer.
+        Ids and statuses go onto the ring as two strided copies, not a pack per answer."""
         d = self.dealloc
         if not d:
             return
-        ring, buf, pending, mask = self.ring, self.buf, self.pending, self.ring.mask
+        ring, pending = self.ring, self.pending
         prod = ring.rsp_prod_pvt
+        n = len(d)
+        if -1 in d:  # rare (stock slots with extras): one at a time
+            buf, mask = self.buf, ring.mask
+            for i, rid in enumerate(d):
+                at = _HDR + ((prod + i) & mask) * _SLOT
+                if rid >= 0:
+                    _pack_rsp(buf, at, rid, XEN_NETIF_RSP_OKAY)
+                else:
+                    _pack_rsp(buf, at, 0, XEN_NETIF_RSP_NULL)
+        else:
+            r16 = self.r16  # response id at u16 index 32 + 6 * slot, status at 33 + 6 * slot
+            pos = prod & ring.mask
+            first = min(n, ring.size - pos)
+            ids = array("H", d)
+            r16[32 + 6 * pos:32 + 6 * (pos + first):6] = ids[:first]
+            r16[33 + 6 * pos:33 + 6 * (pos + first):6] = _OKAYS[:first]
+            if first < n:
+                r16[32:32 + 6 * (n - first):6] = ids[first:]
+                r16[33:33 + 6 * (n - first):6] = _OKAYS[:n - first]
         for rid in d:
             if rid >= 0:
-                _pack_rsp(buf, _HDR + (prod & mask) * _SLOT, rid, XEN_NETIF_RSP_OKAY)
                 pending[rid] = 0
-            else:
-                _pack_rsp(buf, _HDR + (prod & mask) * _SLOT, 0, XEN_NETIF_RSP_NULL)
-            prod += 1
-        ring.rsp_prod_pvt = prod & MASK32
-        self.stats.slots_released += len(d)
+        ring.rsp_prod_pvt = (prod + n) & MASK32
+        self.stats.slots_released += n
         d.clear()
 
     def _respond(self, rid: int, status: int, nulls: int) -> None:

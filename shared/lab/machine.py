@@ -137,6 +137,7 @@ class TapNic:
     tap: str
     mac: str
     vhost: bool = False
+    fd: int | None = None  # an open TAP fd to hand QEMU (a TAP in another namespace)
     guest_name: str | None = None
     addresses: tuple[str, ...] = ()
     mtu: int | None = None
@@ -470,14 +471,16 @@ class Machine:
                      "-device", f"virtserialport,bus=vser0.0,chardev=vport{i},name={port.name}"]
         for i, nic in enumerate(cfg.nics):
             vhost = "on" if nic.vhost else "off"
-            argv += ["-netdev", f"tap,id=tap{i},ifname={nic.tap},script=no,downscript=no,"
-                                f"vhost={vhost}",
+            where = f"fd={nic.fd}" if nic.fd is not None else \
+                f"ifname={nic.tap},script=no,downscript=no"
+            argv += ["-netdev", f"tap,id=tap{i},{where},vhost={vhost}",
                      "-device", f"virtio-net-pci,netdev=tap{i},mac={nic.mac},romfile="]
         argv += list(cfg.extra_args)
         return argv
 
     def _launch(self) -> None:
-        pass_fds = tuple(shm.fd for shm in self.config.shm)
+        pass_fds = tuple(shm.fd for shm in self.config.shm) + tuple(
+            nic.fd for nic in self.config.nics if nic.fd is not None)
         self._t_launch = time.monotonic()
         with open(self.qemu_log_path, "wb") as log:
             try:

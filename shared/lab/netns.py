@@ -171,6 +171,10 @@ class Lab:
         Without `guest_netns` only the host side is made (the QEMU placement's guests are VMs)."""
         _require_root()
         t = self.topo
+        for g in t.guests if guest_netns else ():
+            if g.nic != "pvnet":
+                raise LabError(f"guest {g.name}: nic {g.nic} needs the QEMU placement "
+                               "(invoke up without --no-vm)")
         t.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(t.state_dir, 0o755)
         (t.state_dir / "log").mkdir(exist_ok=True)

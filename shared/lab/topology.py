@@ -23,6 +23,7 @@ DEFAULT_STATE_DIR = Path("/run/pvnet")
 
 TX_MODES = ("lazy", "map", "copy")
 EVENT_KINDS = ("serial", "doorbell")
+NIC_KINDS = ("pvnet", "virtio-net")
 PAGE = 4096
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1, as in Xen
@@ -66,6 +67,8 @@ class Guest:
     persistent: bool = False
     event: str = "serial"  # QEMU placement only
     filters: tuple[str, ...] = ()
+    #: pvnet, or virtio-net: the same guest type with QEMU's own NIC instead (the baseline)
+    nic: str = "pvnet"
 
     @property
     def vif(self) -> str:
@@ -236,7 +239,7 @@ def parse_size(text: Any) -> int:
 _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
 _WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
 _GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode",
-               "header_slots", "persistent", "event", "filters")
+               "header_slots", "persistent", "event", "filters", "nic")
 
 
 def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
@@ -306,6 +309,7 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
         persistent=f.boolean("persistent", False),
         event=f.choice("event", "serial", EVENT_KINDS),
         filters=tuple(r.strip() for r in filters),
+        nic=f.choice("nic", "pvnet", NIC_KINDS),
     )
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from shared.lab.machine import (
 )
 from shared.lab.netns import REPO_ROOT, Lab, LabError, netns_exec
 from shared.lab.topology import Guest, Topology
+from shared.tap import configure, open_tap
 from shared.transport import create_memfd
 
 EVENT_PORT = "pvnet-event"
@@ -132,14 +134,17 @@ class VmLab:
 
     def _start_guest(self, g: Guest, image: ImageInfo, accel: str) -> None:
         t = self.topo
-        size = g.region_size
-        if size & (size - 1):
-            raise LabError(f"{g.name}: region_size {size} must be a power of two "
-                           "(it becomes an ivshmem PCI BAR)")
         existing = load_handles(t).get(g.name)
         if existing is not None and procs.proc_stat(existing.pid) is not None:
             self.say(f"guest {g.name}: running (pid {existing.pid})")
             return
+        if g.nic == "virtio-net":
+            self._start_virtio_guest(g, image, accel)
+            return
+        size = g.region_size
+        if size & (size - 1):
+            raise LabError(f"{g.name}: region_size {size} must be a power of two "
+                           "(it becomes an ivshmem PCI BAR)")
         fd, mem = create_memfd(size, f"pvnet-{g.name}")
         mem.close()  # QEMU and the netback map it; we only hand the fd on
         run_dir = t.state_dir / g.name
@@ -172,10 +177,51 @@ class VmLab:
                              pass_fds=(fd,))
         os.close(fd)
 
+    def _start_virtio_guest(self, g: Guest, image: ImageInfo, accel: str) -> None:
+        """The baseline: the same guest type with QEMU's virtio-net on a TAP on the bridge
+        (userspace backend: no vhost-net here) instead of pvnet."""
+        t = self.topo
+        tap = f"tap{g.domid}.0"
+        fd = open_tap_in(t.host_netns, tap, t.bridge)
+        self.net.state.add("links", [t.host_netns, tap, "tun"])
+        run_dir = t.state_dir / g.name
+        cfg = MachineConfig(
+            name=g.name, run_dir=run_dir, image=image, accel=accel, memory_mib=g.memory,
+            guest=GuestSpec(hostname=g.name, cwd=str(REPO_ROOT), run=(("iperf3", "-s"),)),
+            nics=(TapNic(tap, g.mac, fd=fd, guest_name=GUEST_TAP, addresses=(str(g.ip),)),),
+            die_with_parent=False)
+        machine = Machine(cfg)
+        self.say(f"guest {g.name}: starting QEMU ({accel}, {g.memory} MiB, virtio-net on {tap})")
+        try:
+            machine.launch()
+        except MachineError as e:
+            raise LabError(str(e)) from e
+        finally:
+            os.close(fd)
+        pid = machine.detach()
+        assert pid is not None
+        procs.write_pidfile(t.pidfile(f"qemu-{g.name}"), pid, machine.argv)
+        self.net.state.add("pidfiles", str(t.pidfile(f"qemu-{g.name}")))
+        _save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
+
+    def _wait_ssh(self, g: Guest, timeout: float) -> None:
+        from shared.lab import ssh as lab_ssh
+
+        h = load_handles(self.topo)[g.name]
+        image = cached_image()
+        self.say(f"guest {g.name}: waiting for ssh on 127.0.0.1:{h.ssh_port}")
+        client = lab_ssh.wait_ssh(h.ssh_port, timeout, key=lab_ssh.ensure_keypair(),
+                                  host_key_pub=image.host_key_pub if image else None)
+        client.close()
+
     def _wait_connected(self, timeout: float) -> None:
         t = self.topo
-        ends = [(g.vif, t.backend_ctl(g)) for g in t.guests] + [
-            (g.name, t.frontend_ctl(g)) for g in t.guests]
+        pv = [g for g in t.guests if g.nic == "pvnet"]
+        ends = [(g.vif, t.backend_ctl(g)) for g in pv] + [
+            (g.name, t.frontend_ctl(g)) for g in pv]
+        for g in t.guests:
+            if g.nic != "pvnet":
+                self._wait_ssh(g, timeout)
         self.say(f"waiting for {len(ends)} ends to reach Connected (guests boot first; "
                  f"timeout {timeout:g} s)")
         start = time.monotonic()
@@ -231,6 +277,33 @@ class VmLab:
         self.net.down()
         with contextlib.suppress(FileNotFoundError):
             _handles_file(self.topo).unlink()
+
+
+def open_tap_in(ns: str | None, name: str, bridge: str) -> int:
+    """Create TAP `name` inside namespace `ns` (on `bridge`, up) and return its fd, for QEMU
+    running in the root namespace (where its ssh forward must listen). setns changes only
+    the calling thread's namespace, so a short-lived thread does it."""
+    from pyroute2.netns import setns
+
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            if ns:
+                setns(ns, flags=0)
+            fd = open_tap(name, offload=0)
+            configure(name, master=bridge)
+            result["fd"] = fd
+        except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join()
+    if "error" in result:
+        raise LabError(f"cannot create TAP {name} in {ns or 'the root namespace'}: "
+                       f"{result['error']}")
+    return int(result["fd"])  # type: ignore[arg-type]
 
 
 def _tail(path: Path, n: int) -> list[str]:
