@@ -54,7 +54,9 @@ class RxPath:
         self.gntmap = gntmap
         self.vif_fd = vif_fd
         self.stats = stats
-        self.posted: deque[tuple[int, int]] = deque()  # (id, frame), validated
+        #: posted buffers, validated, in posting order: their ids and their pages' views
+        self.posted: deque[int] = deque()
+        self.posted_views: deque[memoryview] = deque()
         self.posted_ids: set[int] = set()
         self.pages = {f: region.page(f) for f in region.layout.payload_frames}
         self.vnet = bytearray(VNET_HDR.size)
@@ -71,7 +73,8 @@ class RxPath:
                 raise FatalRxError(f"rx buffer id {rid} posted twice")
             frame = check(gref, True)
             self.posted_ids.add(rid)
-            self.posted.append((rid, frame))
+            self.posted.append(rid)
+            self.posted_views.append(self.pages[frame])
         self.stats.grants_active = len(self.posted)
         return n
 
@@ -82,7 +85,7 @@ class RxPath:
 
     def action(self, budget: int = 64) -> bool:
         """Move up to ``budget`` frames from the vif. True if it stopped on the budget."""
-        posted, pages, st = self.posted, self.pages, self.stats
+        posted, views, st = self.posted, self.posted_views, self.stats
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         vnet = self.vnet
         for _ in range(budget):
@@ -90,8 +93,7 @@ class RxPath:
                 self.refill()
                 if len(posted) < NEED:
                     return False
-            iov = [vnet]
-            iov.extend(pages[frame] for _rid, frame in islice(posted, NEED - 1))
+            iov = [vnet, *islice(views, NEED - 1)]
             try:
                 n = os.readv(self.vif_fd, iov)
             except BlockingIOError:
@@ -108,7 +110,8 @@ class RxPath:
             xgso = VIRTIO_TO_XEN_GSO.get(vgso & 0x7F, 0) if vgso else 0
             nbufs = -(-length // PAGE_SIZE)
             prod = ring.rsp_prod_pvt
-            rid = posted.popleft()[0]
+            rid = posted.popleft()
+            views.popleft()
             first = min(length, PAGE_SIZE)
             _pack_rsp(buf, entry(prod), rid, 0,
                       flags | (NETRXF_more_data if nbufs > 1 else 0)
@@ -116,15 +119,17 @@ class RxPath:
             prod += 1
             used = [rid]
             if xgso:  # the extra slot retires the buffer after the frame's last one
-                retired = posted[nbufs - 1][0]
+                retired = posted[nbufs - 1]
                 del posted[nbufs - 1]
+                del views[nbufs - 1]
                 EXTRA_INFO.pack_into(buf, entry(prod), XEN_NETIF_EXTRA_TYPE_GSO, 0, gso_size,
                                      xgso, 0, retired)
                 prod += 1
                 used.append(retired)
             left = length - first
             while left > 0:
-                rid = posted.popleft()[0]
+                rid = posted.popleft()
+                views.popleft()
                 size = min(left, PAGE_SIZE)
                 left -= size
                 _pack_rsp(buf, entry(prod), rid, 0, NETRXF_more_data if left else 0, size)
@@ -144,5 +149,6 @@ class RxPath:
     def release_all(self) -> None:
         """Disconnect: posted buffers are simply forgotten (the frontend owns them)."""
         self.posted.clear()
+        self.posted_views.clear()
         self.posted_ids.clear()
         self.stats.grants_active = 0

@@ -30,7 +30,7 @@ def posted():
 
 def test_buffers_complete_out_of_order(posted):
     p = posted
-    ids = [rid for rid, _ in list(p.brx.posted)[:3]]
+    ids = list(p.brx.posted)[:3]
     # fill three buffers, then answer them in reverse order as one frame and one single
     for i, rid in enumerate(ids):
         p.front_region.page(p.rx.frames[rid])[:4] = bytes([i]) * 4
@@ -43,7 +43,7 @@ def test_buffers_complete_out_of_order(posted):
 
 @pytest.mark.parametrize("bad", [(300, 0, 0, 10), (0, 4000, 0, 200)])
 def test_unknown_id_or_overflow_breaks_the_device(posted, bad):
-    rid = posted.brx.posted[0][0] if bad[0] == 0 else bad[0]
+    rid = posted.brx.posted[0] if bad[0] == 0 else bad[0]
     respond(posted, (rid, *bad[1:]))
     with pytest.raises(BackendError):
         posted.rx.poll()
@@ -51,7 +51,7 @@ def test_unknown_id_or_overflow_breaks_the_device(posted, bad):
 
 
 def test_duplicate_id_breaks_the_device(posted):
-    rid = posted.brx.posted[0][0]
+    rid = posted.brx.posted[0]
     respond(posted, (rid, 0, 0, 10), (rid, 0, 0, 10))
     with pytest.raises(BackendError, match="not posted"):
         posted.rx.poll()
