@@ -22,6 +22,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "xz": ("xz-utils", "unpacking the guest kernel"),
     "zstd": ("zstd", "unpacking the guest kernel modules"),
     "pgrep": ("procps", "finding lab processes"),
+    "ethtool": ("ethtool", "offload settings in the benchmark"),
 }
 
 

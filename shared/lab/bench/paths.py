@@ -37,8 +37,9 @@ this much (the lead owns shared/lab/machine.py; names below are illustrative):
                              NetnsEndpoint(wire_ns, "10.81.0.1"))
 
         def sample(self) -> Sample:
-            return Sample(frames=link_frames(host_ns, vif_tap),   # counters of the TAP
-                          procs={"back": read_proc(self.vm.pid)})
+            return Sample(frames={"tx": veth.link_frames(wire_ns, "eth0"),
+                                  "rx": veth.link_frames(host_ns, tap, "tx_packets")},
+                          procs={"back": read_proc(self.vm.pid)})  # QEMU is the backend
 
         def teardown(self) -> None:
             if self.vm: self.vm.shutdown()

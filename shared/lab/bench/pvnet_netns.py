@@ -2,7 +2,8 @@
 
 Each mode is a one-guest topology of its own brought up with `Lab` (private names and state
 dir, so it can run beside a user's lab or the tests). The topology has no key for GSO, so the
-no-GSO session wraps the lab's command builder and appends `--no-gso` to the netfront's argv.
+no-GSO session wraps the lab's command builder and appends `--no-gso` to the netfront's argv,
+and switches TSO/GSO/GRO off on the wire peer's veth (as the veth path does on both ends).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path as FsPath
 from shared.control import query
 from shared.lab.bench.measure import Sample, read_proc
 from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext, register
+from shared.lab.bench.veth import ensure_ethtool, ethtool, offload_summary
 from shared.lab.netns import Lab, default_commands
 from shared.lab.topology import Guest, Topology, loads
 
@@ -69,7 +71,14 @@ class PvnetNetnsPath:
         self._lab.up(timeout=30)
         g = topo.guests[0]
         self._ends = {"front": topo.frontend_ctl(g), "back": topo.backend_ctl(g)}
-        self.note = "gso on" if gso else "gso off (netfront --no-gso)"
+        self.note = "gso on"
+        if not gso:
+            # Like veth's "both ends": the peer sends MTU frames too, so the RX ring sees MTU
+            # frames whatever the bridge and the vif TAP would otherwise hand the backend.
+            ensure_ethtool()
+            ethtool(topo.wire.netns, "-K", topo.wire.dev, "tso", "off", "gso", "off", "gro", "off")
+            self.note = ("gso off: netfront --no-gso; peer "
+                         + offload_summary(topo.wire.netns, topo.wire.dev))
         return Endpoints(NetnsEndpoint(g.netns, str(g.ip.ip)),
                          NetnsEndpoint(topo.wire.netns, str(topo.wire.ip.ip)))
 

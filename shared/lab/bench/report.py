@@ -64,6 +64,14 @@ def markdown_table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+LEGEND = (
+    "vs veth / vs virtio: Gbit/s for tcp*, delivered frames/s for udp64, transactions/s for rr, "
+    "each over the same workload and direction on that path. kframes/s for tcp and rr: frames "
+    "counted on the path (a GSO frame counts once; rr counts both directions). f / b: frontend "
+    "/ backend process. notif/pkt: notifications either end sent on either ring per data "
+    "packet. ± %: spread of the repetitions around the median.")
+
+
 @dataclass(frozen=True)
 class TargetResult:
     text: str

@@ -27,8 +27,8 @@ from shared.lab.bench.record import Record, add_ratios, combine
 from shared.lab.bench.workloads import WORKLOADS, Workload
 
 REPO_ROOT = FsPath(__file__).resolve().parents[3]
-SETUP_GUESS_S = 4.0  # per session, for the up-front time estimate
-STEP_OVERHEAD_S = 1.5  # per run: process start, connect, iperf3's result exchange
+SETUP_GUESS_S = 1.5  # per session (up + down), for the up-front time estimate
+STEP_OVERHEAD_S = 0.4  # per run: process start, connect, iperf3's result exchange
 
 
 @dataclass
@@ -71,13 +71,14 @@ def _sigint_ignored() -> Iterator[None]:
     """Teardown must finish even if the user presses Ctrl-C again."""
     try:
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        restore = True
     except ValueError:  # not the main thread: nothing to protect
-        yield
-        return
+        old, restore = None, False
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        if restore:
+            signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
 
 
 _MAIN_PID = os.getpid()
@@ -193,6 +194,8 @@ class Bench:
                     continue  # udp64: delivered at the receiver beats counted on the path
                 if hasattr(rec, key):
                     setattr(rec, key, value)
+            if not w.gso:
+                rec.note = _check_mtu_frames(rec)
         return rec
 
 
@@ -219,6 +222,19 @@ def config_from(quick: bool = False, seconds: float | None = None, rounds: int |
     if prefix:
         cfg.prefix = prefix
     return cfg
+
+
+MTU_PAYLOAD_MAX = 2000
+"""Average payload bytes per frame above which a no-GSO run evidently carried GSO frames."""
+
+
+def _check_mtu_frames(rec: Record) -> str:
+    """Flag a no-GSO record whose frames are bigger than an MTU: GSO was on after all."""
+    if rec.gbps and rec.fps:
+        per_frame = rec.gbps * 1e9 / 8 / rec.fps
+        if per_frame > MTU_PAYLOAD_MAX:
+            return f"{rec.note}; WARNING {per_frame:.0f} B/frame: not MTU-sized"
+    return rec.note
 
 
 def default_results_dir() -> FsPath:
@@ -261,17 +277,16 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout) -> int:
             records = bench.run()
         finally:
             signal.signal(signal.SIGTERM, old_term)
+    report.write_json(bench.raw, results / "raw.json")  # every repetition, for the curious
     return _report(records, results, cfg, bench.interrupted, out)
 
 
 def _report(records: list[Record], results: FsPath, cfg: BenchConfig, interrupted: bool,
             out: TextIO) -> int:
-    table = report.markdown_table(records)
-    goals = report.targets_text(records)
-    print(table, file=out)
-    print(file=out)
-    print(goals, file=out)
-    (results / "table.md").write_text(f"{table}\n\n{goals}\n")
+    text = "\n\n".join([report.markdown_table(records), report.LEGEND,
+                         report.targets_text(records)])
+    print(text, file=out)
+    (results / "table.md").write_text(text + "\n")
     report.write_json(records, results / "results.json")
     if cfg.json_out is not None:
         report.write_json(records, cfg.json_out)

@@ -60,23 +60,25 @@ def offload_summary(ns: str, dev: str) -> str:
 
 
 def wait_listening(ns: str, port: int, timeout: float = 5.0) -> None:
-    """Wait until a TCP socket listens on `port` in `ns` (/proc/net/tcp seen from inside)."""
+    """Wait until a TCP socket listens on `port` in `ns` (/proc/net/tcp{,6} seen from inside;
+    iperf3 listens on a dual-stack IPv6 socket)."""
     want = f":{port:04X} "
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        p = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/tcp"],
+        p = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/tcp", "/proc/net/tcp6"],
                            capture_output=True, text=True, timeout=5, check=False)
-        if any(want in line and line.split()[3] == "0A" for line in p.stdout.splitlines()[1:]):
+        if any(want in line and line.split()[3] == "0A" for line in p.stdout.splitlines()
+               if len(line.split()) > 3):
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port} in netns {ns} after {timeout:g} s")
 
 
-def link_frames(ns: str, dev: str) -> int:
-    """rx_packets of `dev` in namespace `ns` (IFLA_STATS64)."""
+def link_frames(ns: str, dev: str, counter: str = "rx_packets") -> int:
+    """A packet counter of `dev` in namespace `ns` (IFLA_STATS64); any path may use it."""
     with rtnl(ns) as h:
         link = h.get_links(h.link_lookup(ifname=dev)[0])[0]
-        return int(link.get_attr("IFLA_STATS64")["rx_packets"])
+        return int(link.get_attr("IFLA_STATS64")[counter])
 
 
 @dataclass

@@ -62,8 +62,9 @@ def _iperf(ends: Endpoints, direction: str, seconds: float, udp: bool) -> RunRes
     for attempt in range(3):
         res = ends.guest.run(argv, timeout=seconds + SLACK)
         parsed = parse_iperf(res.out, udp)
-        if parsed.error and "busy" in parsed.error and attempt < 2:
-            time.sleep(1.0)  # the server is still finishing the previous test
+        transient = ("busy", "refused")  # finishing the previous test / not listening yet
+        if parsed.error and attempt < 2 and any(t in (parsed.error + res.err) for t in transient):
+            time.sleep(1.0)
             continue
         if parsed.error and res.rc != 0 and not res.out.strip():
             parsed.error = (res.err.strip().splitlines() or [f"exit status {res.rc}"])[-1]
