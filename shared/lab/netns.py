@@ -78,6 +78,8 @@ def default_commands(topo: Topology, g: Guest) -> tuple[list[str], list[str]]:
         frontend.append("--no-header-slots")
     if g.persistent:
         frontend.append("--persistent")
+    if not g.gso:
+        frontend.append("--no-gso")
     return backend, frontend
 
 

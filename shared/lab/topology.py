@@ -69,6 +69,8 @@ class Guest:
     filters: tuple[str, ...] = ()
     #: pvnet, or virtio-net: the same guest type with QEMU's own NIC instead (the baseline)
     nic: str = "pvnet"
+    #: negotiate GSO (64 KiB segments); false: MTU-sized frames only
+    gso: bool = True
 
     @property
     def vif(self) -> str:
@@ -239,7 +241,7 @@ def parse_size(text: Any) -> int:
 _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
 _WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
 _GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode",
-               "header_slots", "persistent", "event", "filters", "nic")
+               "header_slots", "persistent", "event", "filters", "nic", "gso")
 
 
 def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
@@ -310,6 +312,7 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
         event=f.choice("event", "serial", EVENT_KINDS),
         filters=tuple(r.strip() for r in filters),
         nic=f.choice("nic", "pvnet", NIC_KINDS),
+        gso=f.boolean("gso", True),
     )
 
 

@@ -73,6 +73,8 @@ def frontend_argv(g: Guest) -> list[str]:
         argv.append("--no-header-slots")
     if g.persistent:
         argv.append("--persistent")
+    if not g.gso:
+        argv.append("--no-gso")
     return argv
 
 

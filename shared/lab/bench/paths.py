@@ -218,4 +218,4 @@ def build_paths(names: Sequence[str] | None, ctx: PathContext) -> list[Path]:
 
 def _load_builtin() -> None:
     """Import the modules whose @register calls fill the registry (late: no import cycle)."""
-    from shared.lab.bench import pvnet_netns, veth  # noqa: F401
+    from shared.lab.bench import pvnet_netns, qemu, veth  # noqa: F401

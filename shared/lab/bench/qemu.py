@@ -1,0 +1,151 @@
+"""The QEMU paths: the same guest type with virtio-net (QEMU's userspace backend; this machine
+has no vhost-net) or with pvnet (netfront in the guest on ivshmem + virtio-serial), each a
+one-guest topology brought up with the lab's own `VmLab`, traffic to the wire peer.
+
+CPU: for `virtio-net` the QEMU process is the backend (its I/O thread moves the frames); for
+`pvnet-qemu` the netfront runs inside the guest, so the QEMU process stands for the frontend
+(guest CPU) and the netback process is the backend.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from shared.control import query
+from shared.lab.bench.measure import Sample, read_proc
+from shared.lab.bench.paths import (
+    CmdResult,
+    Endpoints,
+    NetnsEndpoint,
+    Path,
+    PathContext,
+    register,
+)
+from shared.lab.bench.veth import ensure_ethtool, ethtool, link_frames
+from shared.lab.topology import Topology, loads
+from shared.lab.vms import GUEST_TAP, SshRunner, VmLab, load_handles
+
+QEMU_MODES: dict[str, dict[str, object]] = {
+    "lazy": {"tx_mode": "lazy"},
+    "lazy-persistent": {"tx_mode": "lazy", "persistent": True},
+}
+
+
+def topology_yaml(ctx: PathContext, nic: str, keys: dict[str, object], gso: bool) -> str:
+    pre = ctx.prefix
+    extra = "".join(f", {k}: {str(v).lower()}" for k, v in keys.items())
+    return (f"bridge: {pre}qbr0\nhost_netns: {pre}-qhost\n"
+            f"wire: {{netns: {pre}-qwire, ip: {ctx.ip(1)}/24, iperf_server: true, "
+            f"host_if: {pre}qbr0-wire}}\n"
+            f"guests:\n  - {{name: {pre}-q1, domid: 221, mac: \"02:00:00:00:b2:21\", "
+            f"ip: {ctx.ip(11)}/24, nic: {nic}, gso: {str(gso).lower()}{extra}}}\n")
+
+
+@dataclass
+class GuestEndpoint:
+    """A guest end reached over the lab's management ssh."""
+
+    runner: SshRunner
+    name: str
+    ip: str
+    python: str = "python3"
+
+    def run(self, argv: Sequence[str], timeout: float) -> CmdResult:
+        try:
+            rc, out, err = self.runner(self.name, list(argv), timeout)
+        except Exception as exc:  # noqa: BLE001 - an ssh failure is a failed run
+            return CmdResult(255, "", f"ssh: {exc}")
+        return CmdResult(rc, out, err)
+
+    def start(self, argv: Sequence[str]):
+        raise NotImplementedError("servers run on the peer end")
+
+
+@dataclass
+class QemuPath:
+    ctx: PathContext
+    path: str
+    mode: str
+    nic: str
+    keys: dict[str, object] = field(default_factory=dict)
+    note: str = ""
+    _lab: VmLab | None = None
+    _runner: SshRunner | None = None
+    _topo: Topology | None = None
+
+    def setup(self, gso: bool) -> Endpoints:
+        state = self.ctx.state_dir / f"{self.ctx.prefix}-q"
+        topo = self._topo = loads(topology_yaml(self.ctx, self.nic, self.keys, gso),
+                                  state_dir=state)
+        self._lab = VmLab(topo, say=self.ctx.log)
+        self._lab.down()  # sweep what a crashed earlier run left under our names
+        self._lab.up(timeout=180)
+        self._runner = SshRunner(topo)
+        g = topo.guests[0]
+        self.note = f"{self.nic}, gso {'on' if gso else 'off'}"
+        if not gso:
+            ensure_ethtool()
+            ethtool(topo.wire.netns, "-K", topo.wire.dev, "tso", "off", "gso", "off", "gro",
+                    "off")
+            if self.nic == "virtio-net":
+                self._runner(g.name, ["ethtool", "-K", GUEST_TAP, "tso", "off", "gso", "off",
+                                      "gro", "off"], 30)
+        return Endpoints(GuestEndpoint(self._runner, g.name, str(g.ip.ip)),
+                         NetnsEndpoint(topo.wire.netns, str(topo.wire.ip.ip)))
+
+    def sample(self) -> Sample:
+        topo = self._topo
+        assert topo is not None
+        g = topo.guests[0]
+        s = Sample()
+        qemu = load_handles(topo)[g.name].pid
+        if self.nic == "virtio-net":
+            tap = f"tap{g.domid}.0"
+            s.frames = {"tx": link_frames(topo.host_netns, tap, "rx_packets"),
+                        "rx": link_frames(topo.host_netns, tap, "tx_packets")}
+            s.procs["back"] = read_proc(qemu)
+            return s
+        for end, ctl in (("front", topo.frontend_ctl(g)), ("back", topo.backend_ctl(g))):
+            reply = query(str(ctl), {"cmd": "stats"}, timeout=5.0)
+            s.rings[end] = reply["rings"]
+            if end == "back":
+                s.procs[end] = read_proc(int(reply["pid"]))
+        s.procs["front"] = read_proc(qemu)  # the netfront runs inside the guest
+        back = s.rings["back"]
+        s.frames = {"tx": int(back["tx"]["tx_packets"]), "rx": int(back["rx"]["rx_packets"])}
+        return s
+
+    def teardown(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        if self._lab is None:
+            return
+        lab, self._lab = self._lab, None
+        try:
+            self._keep_logs(lab.topo)
+        finally:
+            lab.down()
+
+    def _keep_logs(self, topo: Topology) -> None:
+        if self.ctx.results is None:
+            return
+        dst = self.ctx.results / "logs" / f"{self.path}-{self.mode}"
+        for src in (topo.state_dir / "log", *(topo.state_dir / g.name for g in topo.guests)):
+            if src.is_dir():
+                shutil.copytree(src, dst / src.name, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("*.sock", "guest.json"))
+
+
+@register("virtio-net")
+def virtio_paths(ctx: PathContext) -> list[Path]:
+    return [QemuPath(ctx, "virtio-net", "-", "virtio-net")]
+
+
+@register("pvnet-qemu")
+def pvnet_qemu_paths(ctx: PathContext) -> list[Path]:
+    modes = [m for m in QEMU_MODES if ctx.modes is None or m in ctx.modes]
+    return [QemuPath(ctx, "pvnet-qemu", m, "pvnet", QEMU_MODES[m]) for m in modes]
+
