@@ -263,13 +263,27 @@ def start_runs(run, env, cwd):
         say(f"run[{i}] pid {proc.pid}: {shlex.join(argv)}")
 
 
+#: directories that are fresh tmpfs in the guest: host files below them are only in /host
+SHADOWED = ("/tmp/", "/run/")
+
+
+def host_view(path):
+    """Where the guest sees host file `path`: the host's /tmp and /run are hidden by the
+    guest's own tmpfs, so a repo or image cache there (a CI clone in /tmp) is read via /host."""
+    if path and path.startswith(SHADOWED):
+        return HOST_VIEW + path
+    return path
+
+
 def main():
     os.makedirs(STATE, exist_ok=True)
     conf_path = sys.argv[1] if len(sys.argv) > 1 else ""
     say("guest_init.py started")
     conf = load_config(conf_path)
     env = {k: str(v) for k, v in conf.get("env", {}).items()}
-    cwd = conf.get("cwd")
+    cwd = host_view(conf.get("cwd"))
+    if conf.get("ssh"):
+        conf["ssh"]["sshd_dir"] = host_view(conf["ssh"]["sshd_dir"])
     if conf.get("hostname"):
         set_hostname(conf["hostname"])
     setup_interfaces(conf.get("interfaces", []))
