@@ -208,3 +208,53 @@ def accel(c: Context):
     code = main()
     if code:
         raise Exit(code=code)
+
+
+@task(help={
+    "quick": "one round of 3 s runs over every path and workload (under 5 minutes)",
+    "seconds": "seconds per run (default 10; quick 3)",
+    "rounds": "repetitions, interleaved over paths; the median is reported (default 3; quick 1)",
+    "paths": "comma list of paths (default: all registered: veth,pvnet-netns,...)",
+    "modes": "comma list of pvnet modes (lazy,map,copy,lazy-noslots,lazy-persistent)",
+    "workloads": "comma list of workloads (tcp,tcp-nogso,udp64,rr)",
+    "json": "also write the records as a JSON list to this file",
+    "results": "results directory (default results/bench-<timestamp>/)",
+    "no_plot": "skip the PNG plot",
+})
+def bench(c: Context, quick: bool = False, seconds: float | None = None,
+          rounds: int | None = None, paths: str | None = None, modes: str | None = None,
+          workloads: str | None = None, json: str | None = None, results: str | None = None,
+          no_plot: bool = False):
+    """Benchmark every path (veth, pvnet-netns modes, ...): table, targets, JSON, plot."""
+    from shared.lab.bench.runner import config_from, run_bench
+
+    code = run_bench(config_from(quick=quick, seconds=seconds, rounds=rounds, paths=paths,
+                                 modes=modes, workloads=workloads, json=json, results=results,
+                                 no_plot=no_plot))
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={
+    "minutes": "how long to soak (default 10)",
+    "json": "also write the report as JSON to this file",
+    "restart_every": "seconds between two SIGKILL+respawn steps (default 20)",
+})
+def soak(c: Context, minutes: float = 10.0, json: str | None = None,
+         restart_every: float = 20.0):
+    """Verified traffic while frontends and backends are SIGKILLed and respawned; leak report.
+
+    Runs on its own private lab (pvs-*, 10.86.0.0/24) beside any other; prints a progress
+    line per minute and the JSON report (connections_lost, bytes_verified, leaks per kind).
+    """
+    from dataclasses import asdict
+
+    from shared.lab import deps
+    from shared.lab.soak import Soak, SoakConfig
+
+    deps.ensure(["iperf3", "iproute2", "procps"])
+    report = Soak(SoakConfig(minutes=minutes, json_path=json, restart_every=restart_every),
+                  say=lambda line: print(line, flush=True)).run()
+    print(jsonlib.dumps(asdict(report), indent=1))
+    if not report.ok:
+        raise Exit("soak: leaks, failed transfers or errors (see the report)", code=1)

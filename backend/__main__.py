@@ -7,7 +7,7 @@ import logging
 import sys
 
 from backend.filter import Filter, FilterError
-from backend.interface import Netback, NetbackConfig
+from backend.interface import RX_STALL_TIMEOUT, Netback, NetbackConfig
 from backend.netback import TX_MODES
 
 
@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                        help="QEMU placement: the guest's virtio-serial port socket")
     p.add_argument("--region-fd", type=int, metavar="N",
                    help="QEMU placement: inherited memfd of the guest's grant region")
+    p.add_argument("--doorbell", metavar="SOCKET",
+                   help="QEMU placement: kicks over ivshmem-doorbell; the lab's ivshmem server "
+                        "backend socket (messages stay on --connect)")
     p.add_argument("--ctl", metavar="PATH", help="control socket for stats")
     p.add_argument("--tx-mode", choices=TX_MODES, default="lazy",
                    help="lazy: map payload only on touch; map: map every fragment; "
@@ -32,10 +35,15 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
     p.add_argument("--filter", action="append", default=[], metavar="RULE",
                    help="e.g. 'drop ip_proto=17', 'drop payload=hex:deadbeef' (repeatable)")
     p.add_argument("--budget", type=int, default=64, help="packets per ring per wake-up")
+    p.add_argument("--rx-stall-timeout", type=float, default=RX_STALL_TIMEOUT, metavar="S",
+                   help="seconds without posted RX buffers before the vif's carrier goes off "
+                        f"(Linux rx_stall_timeout; 0: never; default {RX_STALL_TIMEOUT:g})")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     if a.connect and a.region_fd is None:
         p.error("--connect needs --region-fd (the region is shared through QEMU)")
+    if a.doorbell and not a.connect:
+        p.error("--doorbell needs --connect (the QEMU placement)")
     try:
         Filter.parse(a.filter)
     except FilterError as e:
@@ -44,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                         format="%(asctime)s netback %(levelname)s %(message)s", stream=sys.stderr)
     return NetbackConfig(vif=a.vif, domid=a.domid, bridge=a.bridge, listen=a.listen,
                          connect=a.connect, region_fd=a.region_fd, ctl=a.ctl,
-                         tx_mode=a.tx_mode, filters=a.filter, budget=a.budget)
+                         doorbell=a.doorbell,
+                         tx_mode=a.tx_mode, filters=a.filter, budget=a.budget,
+                         rx_stall_timeout=a.rx_stall_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

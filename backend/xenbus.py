@@ -8,15 +8,20 @@ import mmap
 import os
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.channel import EventChannel
+from shared.channel import ChannelClosed, EventChannel, Received
 from shared.netif import FEATURES
 from shared.region import Region
-from shared.transport import map_memfd
+from shared.transport import TransportError, map_memfd
 from shared.xenbus import NegotiationError, XenbusState, check_request
 
 HANDSHAKE_TIMEOUT = 10.0
+
+
+class HandshakeAbandoned(Exception):
+    """The caller gave up waiting (a newer frontend is knocking, or the backend is stopping)."""
 
 
 @dataclass
@@ -44,46 +49,67 @@ class Handshake:
         self.shared_region = shared_region  # QEMU placement: the region is already ours
         self.offered = offered_features()
         self.state = XenbusState.InitWait
+        self.said_initwait = False
 
-    def run(self, keep_going=lambda: True) -> Negotiated:
+    def run(self, keep_going: Callable[[], bool] = lambda: True,
+            first: dict | None = None) -> Negotiated:
         """Blocking; waits indefinitely for the first hello (a guest may still be booting),
-        then at most HANDSHAKE_TIMEOUT for each further step."""
+        then at most HANDSHAKE_TIMEOUT for each further step. ``first`` is a hello already
+        read by the caller (a frontend that restarted on the same stream, QEMU placement).
+        ``keep_going`` is asked every 250 ms; False ends the wait with HandshakeAbandoned."""
         deadline = None
         poller = select.poll()
         poller.register(self.chan.fileno(), select.POLLIN)
-        while keep_going():
-            if deadline is not None and time.monotonic() > deadline:
-                raise NegotiationError("frontend did not finish the handshake in time")
-            if not poller.poll(250):
-                continue
-            got = self.chan.recv()
-            for fd in got.fds[1:]:
-                os.close(fd)
-            fd = got.fds[0] if got.fds else None
+        pending = [first] if first is not None else []
+        while True:
+            if pending:
+                got = Received(messages=pending)
+                pending = []
+            else:
+                if not keep_going():
+                    raise HandshakeAbandoned("handshake abandoned")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise NegotiationError("frontend did not finish the handshake in time")
+                if not poller.poll(250):
+                    continue
+                got = self.chan.recv()
+            result = self._handle(got)
+            if result is not None:
+                return result
+            if deadline is None and self.said_initwait:
+                deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+
+    def _handle(self, got: Received) -> Negotiated | None:
+        """One batch of messages; the passed descriptor (at most one is used) is always closed
+        here, whatever happens: the mapping, if any, holds the region."""
+        fds = list(got.fds)
+        try:
             for msg in got.messages:
                 state = msg.get("state")
                 if state == "Initialising":
                     self._send_initwait()
-                    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
                 elif state == "Initialised":
+                    if not self.said_initwait:
+                        raise NegotiationError("Initialised before Initialising")
                     try:
-                        result = self._accept(msg, fd)
-                    except (NegotiationError, ValueError, OSError) as e:
-                        self.chan.send({"state": "Closing", "error": str(e)})
+                        result = self._accept(msg, fds[0] if fds else None)
+                    except (NegotiationError, ValueError, OSError, TransportError) as e:
+                        try:
+                            self.chan.send({"state": "Closing", "error": str(e)})
+                        except (ChannelClosed, OSError):
+                            pass
                         raise NegotiationError(str(e)) from e
-                    finally:
-                        if fd is not None:
-                            os.close(fd)
-                            fd = None
                     self.chan.send({"state": "Connected"})
                     return result
                 elif state in ("Closing", "Closed"):
-                    raise NegotiationError("frontend closed during the handshake")
-            if fd is not None:
+                    raise ChannelClosed("frontend closed during the handshake")
+            return None
+        finally:
+            for fd in fds:
                 os.close(fd)
-        raise NegotiationError("backend stopping")
 
     def _send_initwait(self) -> None:
+        self.said_initwait = True
         self.chan.send({"state": "InitWait", "name": self.vif, "domid": 0,
                         "features": self.offered})
 
@@ -104,5 +130,11 @@ class Handshake:
             if fd is None:
                 raise NegotiationError("no region memfd passed with Initialised")
             mem = map_memfd(fd, region_msg["size"])
+        try:
+            region = Region.attach(mem)
+        except BaseException:
+            if mem is not self.shared_region:
+                mem.close()  # unmapped now, not whenever the traceback is collected
+            raise
         name = msg.get("name")
-        return Negotiated(str(name) if name else "?", self.domid, features, Region.attach(mem))
+        return Negotiated(str(name)[:64] if name else "?", self.domid, features, region)

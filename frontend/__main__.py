@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                             "/dev/virtio-ports/pvnet-event")
     p.add_argument("--region", default=None,
                    help="memfd (namespace placement, default) or pci[:SYSFS-DIR] (QEMU)")
+    p.add_argument("--doorbell", action="store_true",
+                   help="QEMU placement: kicks over the ivshmem-doorbell device through VFIO, "
+                        "whose BAR2 is then the region (messages stay on --channel)")
     p.add_argument("--region-size", type=size, default=8 << 20,
                    help="grant region size for a memfd region (default 8M)")
     p.add_argument("--ctl", metavar="PATH", help="control socket for stats")
@@ -53,12 +56,14 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
     region = a.region or ("memfd" if a.connect else "pci")
     if a.connect and region != "memfd":
         p.error("--connect (namespace placement) needs a memfd region")
+    if a.doorbell and not a.channel:
+        p.error("--doorbell needs --channel (the QEMU placement)")
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s netfront %(levelname)s %(message)s",
                         stream=sys.stderr)
     return NetfrontConfig(name=a.name, domid=a.domid, tap=a.tap, mac=a.mac, ip=a.ip, mtu=a.mtu,
                           ctl=a.ctl, ctl_port=a.ctl_port, connect=a.connect,
-                          channel=a.channel, region=region,
+                          channel=a.channel, region=region, doorbell=a.doorbell,
                           region_size=a.region_size, header_slots=not a.no_header_slots,
                           persistent=a.persistent, gso=not a.no_gso, budget=a.budget)
 

@@ -11,7 +11,8 @@ import mmap
 import os
 import select
 import signal
-import time
+import threading
+import weakref
 from dataclasses import dataclass
 
 from frontend.rx import RX_BUFFERS, RxQueue
@@ -19,6 +20,7 @@ from frontend.tx import BackendError, TxQueue
 from frontend.xenbus import Handshake
 from shared.channel import ChannelClosed, ChannelError, EventChannel
 from shared.control import ControlServer, PortControl
+from shared.doorbell import KickChannel, guest_doorbell
 from shared.netif import FEATURES
 from shared.region import Region
 from shared.ring import FrontRing, RingError
@@ -46,8 +48,18 @@ log = logging.getLogger("netfront")
 GSO_MAX_SIZE = 0xFFFF - 320
 
 
-class Shutdown(Exception):
-    pass
+class Shutdown(BaseException):
+    """SIGTERM/SIGINT or stop(). A BaseException so that no handler meant for a broken
+    backend can swallow it."""
+
+
+#: what marks the device broken: the backend (or the path to it) misbehaved
+BACKEND_FAULTS = (NegotiationError, ChannelError, TransportError, RingError, BackendError,
+                  OSError)
+#: poll timeout when idle (ms): also the period of the lost-wake-up check
+IDLE_MS = 1000
+#: pause before reconnecting after a fault, so a broken backend cannot make us spin
+BROKEN_BACKOFF = 0.5
 
 
 @dataclass
@@ -63,11 +75,14 @@ class NetfrontConfig:
     connect: str | None = None  # namespace placement: the backend's event socket
     channel: str | None = None  # QEMU placement: the virtio-serial port device
     region: str = "memfd"  # "memfd" (namespace placement) or "pci[:sysfs-dir]" (QEMU)
+    doorbell: bool = False  # QEMU placement: kicks and region via ivshmem-doorbell + VFIO
     region_size: int = 8 << 20
     header_slots: bool = True
     persistent: bool = False
     gso: bool = True
     budget: int = 64
+    #: tests only: an already open stand-in for the TAP (a datagram socket); no device is made
+    tap_fd: int | None = None
 
 
 class Netfront:
@@ -77,7 +92,8 @@ class Netfront:
         self.cfg = cfg
         self.tx_stats = RingStats()
         self.rx_stats = RingStats()
-        self.counters = {"connects": 0, "disconnects": 0, "broken": 0}
+        self.counters = {"connects": 0, "disconnects": 0, "broken": 0, "internal_errors": 0,
+                         "lost_wakeups": 0}
         self.last_error = ""
         self.state = XenbusState.Initialising
         self.peer = ""
@@ -85,9 +101,15 @@ class Netfront:
         self.tx: TxQueue | None = None
         self.rx: RxQueue | None = None
         self.bar: mmap.mmap | None = None
-        self.tap_fd = open_tap(cfg.tap)
-        # netfront: netif_set_tso_max_size(XEN_NETIF_MAX_TX_SIZE - MAX_TCP_HEADER)
-        configure(cfg.tap, mac=cfg.mac, ip=cfg.ip, mtu=cfg.mtu, gso_max_size=GSO_MAX_SIZE)
+        self._mapped: list[weakref.ref] = []  # memfd regions, to prove old ones are unmapped
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if cfg.tap_fd is not None:
+            self.tap_fd = cfg.tap_fd
+        else:
+            self.tap_fd = open_tap(cfg.tap)
+            # netfront: netif_set_tso_max_size(XEN_NETIF_MAX_TX_SIZE - MAX_TCP_HEADER)
+            configure(cfg.tap, mac=cfg.mac, ip=cfg.ip, mtu=cfg.mtu, gso_max_size=GSO_MAX_SIZE)
         self.ctl = ControlServer(cfg.ctl, self.control) if cfg.ctl else None
         self.ctl_port = PortControl(cfg.ctl_port, self.control) if cfg.ctl_port else None
 
@@ -118,80 +140,125 @@ class Netfront:
         return {"role": "netfront", "name": self.cfg.name, "peer": self.peer,
                 "pid": os.getpid(), "domid": self.cfg.domid, "state": self.state.name,
                 "features": self.features, "rings": rings,
+                "regions_mapped": self.regions_mapped(),
                 "counters": dict(self.counters, last_error=self.last_error)}
+
+    def regions_mapped(self) -> int:
+        """Grant regions this process maps: 1 while connected (0 between memfd regions)."""
+        self._mapped = [r for r in self._mapped if r() is not None and not r().closed]
+        return len(self._mapped) + (self.bar is not None)
 
     # --- lifecycle ----------------------------------------------------------------------
     def _open_channel(self) -> EventChannel:
         if self.cfg.connect:
-            return connect_unix(self.cfg.connect)
-        return open_port(self.cfg.channel)
+            return connect_unix(self.cfg.connect, stop=self._stop.is_set)
+        chan = open_port(self.cfg.channel)
+        if self.cfg.doorbell:  # doorbell: kicks over ivshmem-doorbell (shared/doorbell.py)
+            chan = KickChannel.around(chan, guest_doorbell, own_doorbell=False)
+        return chan
 
     def _make_region(self, chosen: dict[str, bool], backend_domid: int):
         """Lay out a fresh region: a sealed memfd (namespaces) or the ivshmem BAR (QEMU)."""
         if self.cfg.region == "memfd":
             fd, mem = create_memfd(self.cfg.region_size, f"pvnet-{self.cfg.name}")
+            self._mapped.append(weakref.ref(mem))
             region = Region.create(mem)
             return region, {"size": len(mem)}, (fd,)
-        if self.bar is None:
-            self.bar = map_pci_bar(self.cfg.region)
+        if self.bar is None:  # doorbell: BAR2 through VFIO, as vfio-pci owns the device
+            self.bar = (guest_doorbell().region() if self.cfg.doorbell
+                        else map_pci_bar(self.cfg.region))
         return Region.create(self.bar), {"size": len(self.bar)}, ()
 
     def run(self) -> None:
-        def stop(signum, _frame):
-            raise Shutdown(signal.Signals(signum).name)
+        if threading.current_thread() is threading.main_thread():
+            def stop(signum, _frame):
+                raise Shutdown(signal.Signals(signum).name)
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
         if self.ctl:
             self.ctl.start()
         if self.ctl_port:
             self.ctl_port.start()
-        chan = None
         try:
             while True:
-                try:
-                    chan = self._open_channel()
-                    self.state = XenbusState.Initialising
-                    hs = Handshake(chan, self.cfg.name, self.cfg.domid, self.wanted())
-                    offer, chosen, region = hs.run(self._make_region)
-                    self._serve(chan, offer, chosen, region)
-                except ChannelClosed as e:
-                    log.info("%s: backend gone (%s); reconnecting", self.cfg.name, e)
-                except (NegotiationError, ChannelError, TransportError, RingError,
-                        BackendError, OSError) as e:
-                    self.counters["broken"] += 1
-                    self.last_error = f"{type(e).__name__}: {e}"
-                    log.error("%s: device broken: %s; reconnecting", self.cfg.name,
-                              self.last_error)
-                    time.sleep(0.5)
-                finally:
-                    if self.state == XenbusState.Connected:
-                        self.counters["disconnects"] += 1
-                    self.state = XenbusState.Closed
-                    self.tx = self.rx = None
-                    if chan is not None:
-                        chan.close()
-                        chan = None
-                    time.sleep(0.1)
+                self._connection()
+                if self._stop.wait(0.1):
+                    raise Shutdown("stop requested")
         except Shutdown as e:
             log.info("%s: %s, shutting down", self.cfg.name, e)
-            if chan is not None:
-                try:
-                    chan.send({"state": "Closing"})
-                except (ChannelClosed, OSError):
-                    pass
         finally:
             if self.ctl:
                 self.ctl.close()
-            os.close(self.tap_fd)
+            if self.ctl_port:
+                self.ctl_port.close()
+            if self.cfg.tap_fd is None:
+                os.close(self.tap_fd)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+
+    def stop(self) -> None:
+        """Ask ``run`` (in another thread) to return; used by in-process tests."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _connection(self) -> None:
+        """One connection, from opening the channel to its end. The device (the TAP, so the
+        guest's addresses and sockets) survives it; a broken backend is told why."""
+        chan = None
+        try:
+            chan = self._open_channel()
+            self.state = XenbusState.Initialising
+            hs = Handshake(chan, self.cfg.name, self.cfg.domid, self.wanted(),
+                           stop=self._stop.is_set)
+            offer, chosen, region = hs.run(self._make_region)
+            self._serve(chan, offer, chosen, region)
+        except ChannelClosed as e:
+            log.info("%s: backend gone (%s); reconnecting", self.cfg.name, e)
+        except Shutdown:
+            if chan is not None:
+                _send_quietly(chan, {"state": "Closing"})
+            raise
+        except BACKEND_FAULTS as e:
+            if self._stop.is_set():
+                raise Shutdown("stop requested") from None
+            self._broken(chan, f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - a bug of ours must not take the device down
+            self.counters["internal_errors"] += 1
+            log.exception("%s: internal error", self.cfg.name)
+            self._broken(chan, f"internal {type(e).__name__}: {e}")
+        finally:
+            if self.state == XenbusState.Connected:
+                self.counters["disconnects"] += 1
+            self.state = XenbusState.Closed
+            if self.tx is not None:  # unanswered requests go with the ring (the backend's)
+                self.tx_stats.slots_released += self.tx.in_flight()
+            self.tx = self.rx = None  # the region's last views: the memfd mapping goes now
+            if chan is not None:
+                chan.close()
+
+    def _broken(self, chan: EventChannel | None, why: str) -> None:
+        """xennet: the backend answered nonsense. Say so, drop the connection, and come back
+        after a pause (the backend may be restarting, or hostile)."""
+        self.counters["broken"] += 1
+        self.last_error = why
+        log.error("%s: device broken: %s; reconnecting", self.cfg.name, why)
+        if chan is not None:
+            _send_quietly(chan, {"state": "Closing", "error": why})
+        if self._stop.wait(BROKEN_BACKOFF):
+            raise Shutdown("stop requested")
 
     def _serve(self, chan: EventChannel, offer, chosen: dict[str, bool],
                region: Region) -> None:
         cfg = self.cfg
         persistent = chosen["feature-persistent"]
         gso = chosen["feature-gso-tcpv4"] or chosen["feature-gso-tcpv6"]
-        set_offload(self.tap_fd, TUN_F_CSUM | ((TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
-                                               if gso else 0))
+        if cfg.tap_fd is None:  # a test's stand-in socket has no offloads to set
+            set_offload(self.tap_fd, TUN_F_CSUM | ((TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+                                                   if gso else 0))
         self.rx = rx = RxQueue(region, self.tap_fd, self.rx_stats, persistent,
                                offer.backend_domid)
         self.tx = tx = TxQueue(region, self.tap_fd, self.tx_stats, RX_BUFFERS,
@@ -209,18 +276,25 @@ class Netfront:
 
     def _loop(self, chan: EventChannel, tx: TxQueue, rx: RxQueue) -> None:
         poller = select.poll()
-        cfd, tfd = chan.fileno(), self.tap_fd
+        cfd, tfd, wfd = chan.fileno(), self.tap_fd, self._wake_r
         poller.register(cfd, select.POLLIN)
+        poller.register(wfd, select.POLLIN)
         tap_polled = False
         budget = self.cfg.budget
         txs, rxs = self.tx_stats, self.rx_stats
         timeout = 0
         while True:
-            for fd, _ev in poller.poll(timeout):
-                if fd == cfd:
-                    for msg in chan.recv().messages:
-                        if msg.get("state") in ("Closing", "Closed"):
-                            raise ChannelClosed(msg.get("error", "backend is closing"))
+            events = poller.poll(timeout)
+            if events:
+                for fd, _ev in events:
+                    if fd == cfd:
+                        for msg in chan.recv(keep_fds=False).messages:
+                            if msg.get("state") in ("Closing", "Closed"):
+                                raise ChannelClosed(msg.get("error", "backend is closing"))
+                    elif fd == wfd:
+                        raise Shutdown("stop requested")
+            elif timeout:  # the timer, not the backend, woke us
+                self._lost_wakeup(cfd, tx, rx)
             tx.reap()
             sent = tx.pump(budget)
             if sent:
@@ -239,7 +313,27 @@ class Netfront:
                 else:
                     poller.unregister(tfd)
                 tap_polled = want_tap
-            timeout = 0 if busy else 1000
+            timeout = 0 if busy else IDLE_MS
+
+    def _lost_wakeup(self, cfd: int, tx: TxQueue, rx: RxQueue) -> None:
+        """Responses that no notification announced (rsp_event was armed) mean a lost
+        wake-up; the timer saved us, the counter says it had to."""
+        if tx.ring.unconsumed_responses() or rx.ring.unconsumed_responses():
+            quick = select.poll()
+            quick.register(cfd, select.POLLIN)
+            if not quick.poll(0):  # not merely a kick still on its way
+                self.counters["lost_wakeups"] += 1
+                log.warning("%s: found responses no notification announced (lost wake-up)",
+                            self.cfg.name)
+
+
+def _send_quietly(chan: EventChannel, msg: dict) -> None:
+    """Best effort, bounded: the backend may be gone or not reading."""
+    chan.send_timeout = 1.0
+    try:
+        chan.send(msg)
+    except (ChannelClosed, ChannelError, OSError):
+        pass
 
 
 def _push(ring: FrontRing, chan: EventChannel, stats: RingStats) -> None:

@@ -47,7 +47,7 @@ from shared.offload import (
     VNET_HDR,
 )
 from shared.region import Region
-from shared.ring import HEADER_SIZE, MASK32, FrontRing
+from shared.ring import HEADER_SIZE, MASK32, RSP_EVENT, FrontRing
 from shared.slots import HeaderSlots
 from shared.stats import RingStats
 
@@ -55,6 +55,8 @@ from shared.stats import RingStats
 MAX_PACKET = 0xFFFF
 #: pages per payload chunk: the largest frame (64 KiB + headers) without a header slot
 CHUNK_PAGES = 17
+#: seconds between reaps of TX completions while the queue runs without completion kicks
+REAP_INTERVAL = 0.005
 #: ids at and above this belong to header slots; below, id = chunk * CHUNK_PAGES + page
 SLOT_ID_BASE = 0x8000
 _pack_req = TX_REQUEST.pack_into
@@ -285,6 +287,21 @@ class TxQueue:
                 raise BackendError(f"backend still holds a grant of chunk {c}")
             self.grants.buf[r0 * 8:(r0 + used) * 8] = _ZEROS[:used * 8]
         self.free_chunks.append(c)
+
+    def arm_completions(self) -> bool:
+        """Before sleeping: ask for a TX-completion kick only when the queue is stopped.
+
+        Like virtio-net's TX (no completion interrupts; old buffers are freed on the next
+        transmit), a running queue reaps completions whenever it wakes anyway; a wake-up per
+        completion batch is what costs most in a guest. So rsp_event is parked half the index
+        space away unless the queue is stopped, when it is armed as RING_FINAL_CHECK does.
+        The loop's idle timeout (``REAP_INTERVAL``) reaps what is left, so at rest nothing
+        stays in flight. True if responses are waiting now."""
+        ring = self.ring
+        if self.stopped:
+            return ring.final_check_for_responses()
+        ring.idx[RSP_EVENT] = (ring.rsp_cons + 0x80000000) & MASK32
+        return ring.unconsumed_responses() > 0
 
     def in_flight(self) -> int:
         return (self.ring.req_prod_pvt - self.ring.rsp_cons) & MASK32

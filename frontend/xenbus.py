@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel
 from shared.region import Region
+from shared.transport import TransportError
 from shared.xenbus import NegotiationError, XenbusState, choose
 
 HELLO_INTERVAL = 1.0
+#: DOMID_FIRST_RESERVED - 1
+MAX_DOMID = 0x7FEF
 
 
 @dataclass
@@ -26,11 +29,12 @@ class Offer:
 
 class Handshake:
     def __init__(self, chan: EventChannel, name: str, domid: int,
-                 wanted: dict[str, bool]) -> None:
+                 wanted: dict[str, bool], stop: Callable[[], bool] | None = None) -> None:
         self.chan = chan
         self.name = name
         self.domid = domid
         self.wanted = wanted
+        self.stop = stop  # asked every poll round (200 ms); True gives up with TransportError
         self.state = XenbusState.Initialising
 
     def _wait(self, want: str, timeout: float | None, hello: bool) -> dict:
@@ -39,6 +43,8 @@ class Handshake:
         deadline = None if timeout is None else time.monotonic() + timeout
         next_hello = 0.0
         while True:
+            if self.stop is not None and self.stop():
+                raise TransportError("stopped during the handshake")
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 raise NegotiationError(f"backend did not answer {want} in time")
@@ -48,22 +54,20 @@ class Handshake:
                 next_hello = now + HELLO_INTERVAL
             if not poller.poll(200):
                 continue
-            for msg in self.chan.recv().messages:
+            got = self.chan.recv(keep_fds=False)  # a backend has no descriptor to give us
+            for msg in got.messages:
                 state = msg.get("state")
                 if state == want:
                     return msg
                 if state in ("Closing", "Closed"):
                     raise ChannelClosed(f"backend closed: {msg.get('error', 'no reason')}")
 
-    def run(self, make_region: Callable[[], tuple[Region, dict, tuple[int, ...]]],
+    def run(self, make_region: Callable[[dict[str, bool], int],
+                                        tuple[Region, dict, tuple[int, ...]]],
             timeout: float | None = None) -> tuple[Offer, dict[str, bool], Region]:
         """``make_region`` lays out a fresh region and says how to describe/pass it."""
-        offer_msg = self._wait("InitWait", timeout, hello=True)
-        offered = offer_msg.get("features")
-        if not isinstance(offered, dict):
-            raise NegotiationError("backend offered no features")
-        offer = Offer(str(offer_msg.get("name", "?")), int(offer_msg.get("domid", 0)), offered)
-        chosen = choose(offered, self.wanted)
+        offer = parse_offer(self._wait("InitWait", timeout, hello=True))
+        chosen = choose(offer.features, self.wanted)
         region, desc, fds = make_region(chosen, offer.backend_domid)
         try:
             self.chan.send({"state": "Initialised", "name": self.name, "domid": self.domid,
@@ -76,3 +80,16 @@ class Handshake:
         self.chan.send({"state": "Connected"})
         self.state = XenbusState.Connected
         return offer, chosen, region
+
+
+def parse_offer(msg: dict) -> Offer:
+    """The backend's InitWait, checked: it is a peer like any other, and a malformed offer
+    must break the handshake (NegotiationError), not the frontend."""
+    offered = msg.get("features")
+    if not isinstance(offered, dict):
+        raise NegotiationError("backend offered no features")
+    domid = msg.get("domid", 0)
+    if not isinstance(domid, int) or isinstance(domid, bool) or not 0 <= domid <= MAX_DOMID:
+        raise NegotiationError(f"backend domid {domid!r} is not a domain id")
+    name = msg.get("name", "?")
+    return Offer(str(name)[:64], domid, {str(k): v is True for k, v in offered.items()})

@@ -13,12 +13,20 @@ import array
 import errno
 import json
 import os
+import select
 import socket
+import time
 from dataclasses import dataclass, field
 
 NOTIFY = b"!"
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
+#: reads per ``recv``: a peer that writes faster than we read (a notification storm) must not
+#: keep one call draining forever; what is left is read on the next wake-up.
+MAX_READS = 16
+#: control messages per ``recv``: a correct peer sends a handful per connection, so more is a
+#: flood that would otherwise cost us a dict per line.
+MAX_MESSAGES = 256
 
 
 class ChannelClosed(Exception):
@@ -48,6 +56,8 @@ class EventChannel:
         self.fd = sock.fileno() if sock is not None else fd
         os.set_blocking(self.fd, False)
         self._buf = bytearray()
+        #: seconds a control message may wait for the peer to read (None: forever)
+        self.send_timeout: float | None = None
         self.kicks_sent = 0
         self.kicks_received = 0
 
@@ -66,45 +76,87 @@ class EventChannel:
         self.kicks_sent += 1
 
     def send(self, message: dict, fds: tuple[int, ...] = ()) -> None:
-        """Send one control message (blocking until written: messages are rare and small)."""
+        """Send one control message. Messages are rare and small, so by default this blocks
+        until written (a guest's port to a host end that is not connected yet waits for it);
+        with ``send_timeout`` set, a peer that does not read for that long is a ChannelError
+        instead of a hang (the backend sets it: its peers are not trusted)."""
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-        os.set_blocking(self.fd, True)
+        if fds and self.sock is None:
+            raise ChannelError("this transport cannot pass file descriptors")
+        if self.send_timeout is None:
+            os.set_blocking(self.fd, True)
         try:
-            if fds:
-                if self.sock is None:
-                    raise ChannelError("this transport cannot pass file descriptors")
-                socket.send_fds(self.sock, [data], list(fds))
+            if self.send_timeout is None:
+                self._send_all(data, fds)
             else:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view):]
+                self._send_before(data, fds, time.monotonic() + self.send_timeout)
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ChannelClosed(str(e)) from e
         finally:
-            os.set_blocking(self.fd, False)
+            if self.send_timeout is None:
+                os.set_blocking(self.fd, False)
+
+    def _send_all(self, data: bytes, fds: tuple[int, ...]) -> None:
+        view = memoryview(data)
+        if fds:
+            view = view[socket.send_fds(self.sock, [view], list(fds)):]
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def _send_before(self, data: bytes, fds: tuple[int, ...], deadline: float) -> None:
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelError("peer does not read its control messages")
+            if not poller.poll(int(left * 1000) + 1):
+                continue
+            try:
+                if fds:
+                    n = socket.send_fds(self.sock, [view], list(fds))
+                    fds = ()
+                else:
+                    n = os.write(self.fd, view)
+            except BlockingIOError:
+                continue
+            view = view[n:]
 
     # --- receiving ----------------------------------------------------------------------
-    def recv(self) -> Received:
-        """Drain what is readable now: kicks, complete messages and passed descriptors."""
+    def recv(self, keep_fds: bool = True) -> Received:
+        """Drain what is readable now (at most MAX_READS reads): kicks, complete messages and
+        passed descriptors. With ``keep_fds`` False, descriptors are closed on arrival: once
+        connected nobody expects one, and a peer must not be able to make us hoard them."""
         got = Received()
-        while True:
+        try:
+            self._drain(got)
+        except BaseException:
+            _close_all(got.fds)  # a bad message must not strand descriptors that came with it
+            raise
+        self.kicks_received += got.kicks
+        if got.fds and not keep_fds:
+            _close_all(got.fds)
+            got.fds = []
+        return got
+
+    def _drain(self, got: Received) -> None:
+        for _ in range(MAX_READS):
             try:
                 chunk = self._read(got)
             except BlockingIOError:
-                break
+                return
             except OSError as e:
                 if e.errno in (errno.ECONNRESET, errno.EPIPE):
                     raise ChannelClosed(str(e)) from e
                 raise
             if not chunk:
                 if got.kicks or got.messages or got.fds:
-                    break  # report what came before the EOF; the next call raises
+                    return  # report what came before the EOF; the next call raises
                 raise ChannelClosed("peer closed the event channel")
             self._parse(chunk, got)
             if len(chunk) < 4096:
-                break
-        self.kicks_received += got.kicks
-        return got
+                return
 
     def _read(self, got: Received) -> bytes:
         if self.sock is None:
@@ -142,6 +194,8 @@ class EventChannel:
                 raise ChannelError(f"bad control message {line[:80]!r}") from e
             if not isinstance(message, dict):
                 raise ChannelError(f"control message is not an object: {line[:80]!r}")
+            if len(got.messages) >= MAX_MESSAGES:
+                raise ChannelError(f"more than {MAX_MESSAGES} control messages at once")
             got.messages.append(message)
 
     def close(self) -> None:
@@ -149,3 +203,11 @@ class EventChannel:
             self.sock.close()
         else:
             os.close(self.fd)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

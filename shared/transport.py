@@ -14,6 +14,7 @@ import mmap
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.channel import EventChannel
@@ -95,8 +96,10 @@ def listen_unix(path: str) -> socket.socket:
     return sock
 
 
-def connect_unix(path: str, timeout: float | None = None) -> EventChannel:
-    """Connect to a listening unix socket, retrying until ``timeout`` (None: forever)."""
+def connect_unix(path: str, timeout: float | None = None,
+                 stop: Callable[[], bool] | None = None) -> EventChannel:
+    """Connect to a listening unix socket, retrying until ``timeout`` (None: forever) or until
+    ``stop()`` says to give up (then TransportError): a restarting peer is retried, not fatal."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -107,7 +110,12 @@ def connect_unix(path: str, timeout: float | None = None) -> EventChannel:
             sock.close()
             if deadline is not None and time.monotonic() > deadline:
                 raise TransportError(f"cannot connect to {path}: {e}") from e
+            if stop is not None and stop():
+                raise TransportError(f"stopped while connecting to {path}") from e
             time.sleep(0.1)
+        except BaseException:
+            sock.close()
+            raise
 
 
 def open_port(path: str) -> EventChannel:

@@ -177,6 +177,9 @@ class Lab:
             if g.nic != "pvnet":
                 raise LabError(f"guest {g.name}: nic {g.nic} needs the QEMU placement "
                                "(invoke up without --no-vm)")
+            if g.event == "doorbell":  # an ivshmem device: there is none without QEMU
+                raise LabError(f"guest {g.name}: event doorbell needs the QEMU placement "
+                               "(invoke up without --no-vm)")
         t.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(t.state_dir, 0o755)
         (t.state_dir / "log").mkdir(exist_ok=True)

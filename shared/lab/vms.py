@@ -7,6 +7,12 @@ is a unix socket (QEMU listens, the netback connects, so a restarted netback jus
 again); a second port carries the frontend's control protocol, so `pvnet stats` reads the
 guest's end on the host like any other. Guests are managed over ssh on 127.0.0.1 only
 (QEMU user networking), never over the pvnet path.
+
+A guest with ``event: doorbell`` moves only the kicks to ivshmem-doorbell (shared/doorbell.py):
+the lab first starts our ivshmem server for it (shared/lab/ivshmem_server.py, which must
+listen before QEMU starts) on the same memfd; QEMU gets ivshmem-doorbell (chardev to the
+server, MSI-X) instead of ivshmem-plain, plus q35's intel-iommu so that the netfront can drive
+the device through VFIO; both programs get --doorbell. Messages stay on the serial port.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from shared.tap import configure, open_tap
 from shared.transport import create_memfd
 
 EVENT_PORT = "pvnet-event"
+DOORBELL_VECTORS = 1  # MSI-X vectors per peer: one event channel needs one
 CTL_PORT = "pvnet-ctl"
 GUEST_TAP = "pv0"
 
@@ -75,6 +82,8 @@ def frontend_argv(g: Guest) -> list[str]:
         argv.append("--persistent")
     if not g.gso:
         argv.append("--no-gso")
+    if g.event == "doorbell":
+        argv.append("--doorbell")
     return argv
 
 
@@ -85,7 +94,20 @@ def backend_argv(topo: Topology, g: Guest, region_fd: int) -> list[str]:
             "--ctl", str(topo.backend_ctl(g)), "--tx-mode", g.tx_mode]
     for rule in g.filters:
         argv += ["--filter", rule]
+    if g.event == "doorbell":
+        argv += ["--doorbell", str(doorbell_sockets(topo, g)[1])]
     return argv
+
+
+def doorbell_sockets(topo: Topology, g: Guest) -> tuple[Path, Path]:
+    """The ivshmem server's two sockets for a doorbell guest: QEMU's and the netback's."""
+    return (topo.state_dir / f"{g.vif}.ivshmem", topo.state_dir / f"{g.vif}.ivshmem-be")
+
+
+def ivshmem_doorbell_args(topo: Topology, g: Guest) -> tuple[str, ...]:
+    """QEMU: ivshmem-doorbell on the server (which hands QEMU the memfd) instead of -plain."""
+    return ("-chardev", f"socket,id=ivshmem0,path={doorbell_sockets(topo, g)[0]}",
+            "-device", f"ivshmem-doorbell,id=bell0,chardev=ivshmem0,vectors={DOORBELL_VECTORS}")
 
 
 def _handles_file(topo: Topology) -> Path:
@@ -149,6 +171,13 @@ class VmLab:
                            "(it becomes an ivshmem PCI BAR)")
         fd, mem = create_memfd(size, f"pvnet-{g.name}")
         mem.close()  # QEMU and the netback map it; we only hand the fd on
+        doorbell = g.event == "doorbell"
+        if doorbell:
+            try:
+                self._start_ivshmem_server(g, fd)
+            except BaseException:
+                os.close(fd)
+                raise
         run_dir = t.state_dir / g.name
         nics = (self.virtio_nics[g.name],) if g.name in self.virtio_nics else ()
         guest = GuestSpec(hostname=g.name, cwd=str(REPO_ROOT),
@@ -156,12 +185,14 @@ class VmLab:
                           run=(tuple(frontend_argv(g)), ("iperf3", "-s")))
         cfg = MachineConfig(
             name=g.name, run_dir=run_dir, image=image, accel=accel, memory_mib=g.memory,
-            guest=guest, shm=(ShmDevice(fd, size),),
+            guest=guest, shm=() if doorbell else (ShmDevice(fd, size),),
             serial_ports=(SerialPort(EVENT_PORT, t.event_socket(g)),
                           SerialPort(CTL_PORT, t.frontend_ctl(g))),
-            nics=nics, die_with_parent=False)
+            nics=nics, die_with_parent=False, machine_type="q35", iommu=doorbell,
+            extra_args=ivshmem_doorbell_args(t, g) if doorbell else ())
         machine = Machine(cfg)
-        self.say(f"guest {g.name}: starting QEMU ({accel}, {g.memory} MiB)")
+        self.say(f"guest {g.name}: starting QEMU ({accel}, {g.memory} MiB"
+                 + (", kicks over ivshmem-doorbell)" if doorbell else ")"))
         try:
             machine.launch()
         except MachineError as e:
@@ -178,6 +209,38 @@ class VmLab:
         self.net._spawn_data("netback", g.vif, backend_argv(t, g, fd), t.backend_ctl(g),
                              pass_fds=(fd,))
         os.close(fd)
+
+    def _start_ivshmem_server(self, g: Guest, region_fd: int, timeout: float = 10.0) -> None:
+        """Start the guest's ivshmem server on its region memfd and wait until it listens
+        (QEMU reads the server's first messages at start-up and fails without them).
+
+        A server still running from an earlier QEMU of this guest serves a stale memfd: it is
+        replaced, since the QEMU about to start gets a fresh region."""
+        t = self.topo
+        name = f"ivshmem-{g.name}"
+        pidfile = t.pidfile(name)
+        qemu_sock, backend_sock = doorbell_sockets(t, g)
+        self.net.state.add("pidfiles", str(pidfile))
+        for sock in (qemu_sock, backend_sock):
+            self.net.state.add("sockets", str(sock))
+        if procs.stop_pidfile(pidfile):
+            self.say(f"guest {g.name}: stopped a stale ivshmem server")
+        qemu_sock.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "shared.lab.ivshmem_server", "--socket", str(qemu_sock),
+                "--backend-socket", str(backend_sock), "--shm-fd", str(region_fd),
+                "--vectors", str(DOORBELL_VECTORS)]
+        log = t.log_path(name)
+        proc = procs.spawn(argv, log=log, pidfile=pidfile, cwd=REPO_ROOT,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, pass_fds=(region_fd,))
+        deadline = time.monotonic() + timeout
+        while not qemu_sock.exists():  # the server renames it into place once listening
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited ({proc.returncode})" if proc.poll() is not None
+                       else f"not listening after {timeout:g} s")
+                raise LabError(f"ivshmem server for {g.name} {why}:\n"
+                               + "\n".join(_tail(log, 20)))
+            time.sleep(0.02)
+        self.say(f"guest {g.name}: ivshmem server pid {proc.pid} on {qemu_sock}")
 
     def _start_virtio_guest(self, g: Guest, image: ImageInfo, accel: str) -> None:
         """The baseline: the same guest type with QEMU's virtio-net on a TAP on the bridge
