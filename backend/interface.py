@@ -37,7 +37,15 @@ from shared.grant import GrantError
 from shared.region import LayoutError, Region
 from shared.ring import RSP_PROD, BackRing, RingError
 from shared.stats import RingStats
-from shared.tap import configure, open_tap
+from shared.tap import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_TSO_ECN,
+    configure,
+    open_tap,
+    set_offload,
+)
 from shared.transport import TransportError, connect_unix, listen_unix
 from shared.xenbus import NegotiationError, XenbusState
 
@@ -341,10 +349,23 @@ class Netback:
         self.features = neg.features
         self.state = XenbusState.Connected
         self.counters["connects"] += 1
+        self._set_offload(neg.features)
         self._set_carrier(True)
         log.info("%s: frontend %s connected, features %s", self.cfg.vif, neg.name,
                  ",".join(k for k, v in neg.features.items() if v))
         return conn
+
+    def _set_offload(self, features: dict[str, bool]) -> None:
+        """What the vif may hand us follows what the frontend negotiated (Linux netback's
+        xenvif_fix_features): without feature-gso-tcpv4/6 the bridge must segment first."""
+        v4, v6 = features.get("feature-gso-tcpv4"), features.get("feature-gso-tcpv6")
+        flags = TUN_F_CSUM | (TUN_F_TSO4 if v4 else 0) | (TUN_F_TSO6 if v6 else 0)
+        if v4 or v6:
+            flags |= TUN_F_TSO_ECN
+        try:
+            set_offload(self.vif_fd, flags)
+        except OSError:  # a test stand-in for the vif, not a TAP
+            pass
 
     def _release(self, conn: Connection) -> None:
         """Disconnect (xenvif_disconnect_data): answer what is queued, drop every mapping and

@@ -16,7 +16,7 @@ import weakref
 from dataclasses import dataclass
 
 from frontend.rx import RX_BUFFERS, RxQueue
-from frontend.tx import BackendError, TxQueue
+from frontend.tx import REAP_INTERVAL, BackendError, TxQueue
 from frontend.xenbus import Handshake
 from shared.channel import ChannelClosed, ChannelError, EventChannel
 from shared.control import ControlServer, PortControl
@@ -58,6 +58,8 @@ BACKEND_FAULTS = (NegotiationError, ChannelError, TransportError, RingError, Bac
                   OSError)
 #: poll timeout when idle (ms): also the period of the lost-wake-up check
 IDLE_MS = 1000
+#: poll timeout (ms) while TX requests are in flight without completion kicks
+REAP_MS = max(1, int(REAP_INTERVAL * 1000))
 #: pause before reconnecting after a fault, so a broken backend cannot make us spin
 BROKEN_BACKOFF = 0.5
 
@@ -293,7 +295,7 @@ class Netfront:
                                 raise ChannelClosed(msg.get("error", "backend is closing"))
                     elif fd == wfd:
                         raise Shutdown("stop requested")
-            elif timeout:  # the timer, not the backend, woke us
+            elif timeout == IDLE_MS:  # the idle timer, not the backend, woke us
                 self._lost_wakeup(cfd, tx, rx)
             tx.reap()
             sent = tx.pump(budget)
@@ -304,8 +306,7 @@ class Netfront:
                 _push(rx.ring, chan, rxs)
             busy = sent == budget or got == budget
             if not busy:
-                busy = tx.ring.final_check_for_responses() or \
-                    rx.ring.final_check_for_responses()
+                busy = tx.arm_completions() or rx.ring.final_check_for_responses()
             want_tap = not tx.stopped
             if want_tap != tap_polled:
                 if want_tap:
@@ -313,12 +314,16 @@ class Netfront:
                 else:
                     poller.unregister(tfd)
                 tap_polled = want_tap
-            timeout = 0 if busy else IDLE_MS
+            # TX completions come without kicks while the queue runs: reap them soon anyway
+            timeout = 0 if busy else (REAP_MS if tx.in_flight() else IDLE_MS)
 
     def _lost_wakeup(self, cfd: int, tx: TxQueue, rx: RxQueue) -> None:
         """Responses that no notification announced (rsp_event was armed) mean a lost
         wake-up; the timer saved us, the counter says it had to."""
-        if tx.ring.unconsumed_responses() or rx.ring.unconsumed_responses():
+        waiting = rx.ring.unconsumed_responses()
+        if tx.stopped:  # only a stopped queue asked for TX-completion kicks
+            waiting += tx.ring.unconsumed_responses()
+        if waiting:
             quick = select.poll()
             quick.register(cfd, select.POLLIN)
             if not quick.poll(0):  # not merely a kick still on its way
