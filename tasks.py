@@ -148,11 +148,13 @@ def lint(c: Context):
             "topology": TOPOLOGY_HELP})
 @_lab_errors
 def ssh(c: Context, name: str, cmd: str = "", topology: str | None = None):
-    """Run a command in a QEMU guest over its management ssh (127.0.0.1 only)."""
+    """Run a command in a QEMU guest over its management ssh (127.0.0.1 only):
+    `invoke ssh g1 -- ip addr` (or --cmd 'ip addr')."""
     from shared.lab.netns import resolve_topology
     from shared.lab.vms import SshRunner, load_handles
 
     topo = resolve_topology(topology)
+    cmd = cmd or getattr(c, "remainder", "") or ""
     if not cmd:
         h = load_handles(topo).get(name)
         port = h.ssh_port if h else "?"
