@@ -70,6 +70,17 @@ class GuestHandle:
         return self.run_dir / "qmp.sock"
 
 
+#: host directories a guest does not see as they are (its own tmpfs): read through /host
+SHADOWED = ("/tmp/", "/run/")
+
+
+def guest_view(path: str | Path) -> str:
+    """Where a guest finds host path `path` (vm-images/guest/guest_init.py does the same for
+    its cwd and sshd): a checkout under /tmp, as CI's may be, is /host/tmp/... in the guest."""
+    text = str(path)
+    return "/host" + text if text.startswith(SHADOWED) else text
+
+
 def frontend_argv(g: Guest) -> list[str]:
     """The netfront command line inside the guest (the guest runs the host's python3)."""
     argv = [sys.executable, "-m", "frontend", "--name", g.name, "--domid", str(g.domid),

@@ -31,7 +31,14 @@ from shared.doorbell import HostDoorbell, KickChannel, RoundTrips, lead
 from shared.lab import procs
 from shared.lab.netns import IperfPath, run_iperf
 from shared.lab.topology import load
-from shared.lab.vms import SshRunner, backend_argv, doorbell_sockets, frontend_argv, load_handles
+from shared.lab.vms import (
+    SshRunner,
+    backend_argv,
+    doorbell_sockets,
+    frontend_argv,
+    guest_view,
+    load_handles,
+)
 from shared.transport import connect_unix
 
 pytestmark = [
@@ -207,7 +214,7 @@ def test_netfront_restart_reopens_the_vfio_device(vmlab):
     topo, runner = vmlab
     g = topo.guests[0]
     stop_netfront(topo, runner)
-    cmd = (f"cd {shlex.quote(str(REPO))} && (setsid {shlex.join(frontend_argv(g))} "
+    cmd = (f"cd {shlex.quote(guest_view(REPO))} && (setsid {shlex.join(frontend_argv(g))} "
            f"> /run/pvd-front2.log 2>&1 < /dev/null &)")
     rc, _out, err = runner(g.name, cmd, 30)
     assert rc == 0, err
@@ -219,7 +226,7 @@ def _round_trips(topo, runner, transport: str) -> RoundTrips:
     """Follower in the guest (over ssh), leader here; the leader's clock times each round."""
     g = topo.guests[0]
     session = runner.client(g.name).get_transport().open_session()
-    session.exec_command(f"cd {shlex.quote(str(REPO))} && {shlex.quote(sys.executable)} "
+    session.exec_command(f"cd {shlex.quote(guest_view(REPO))} && {shlex.quote(sys.executable)} "
                          f"-m shared.doorbell follow --transport {transport} --timeout 120")
     chan = connect_unix(str(topo.event_socket(g)), 10)
     if transport == "doorbell":
