@@ -213,8 +213,8 @@ def accel(c: Context):
 
 
 @task(help={
-    "quick": "one round of 3 s runs over every path and workload (under 5 minutes)",
-    "seconds": "seconds per run (default 10; quick 3)",
+    "quick": "one round of 2 s runs over every path and workload (under 5 minutes)",
+    "seconds": "seconds per run (default 5; quick 2)",
     "rounds": "repetitions, interleaved over paths; the median is reported (default 3; quick 1)",
     "paths": "comma list of paths (default: all registered: veth,pvnet-netns,...)",
     "modes": "comma list of pvnet modes (lazy,map,copy,lazy-noslots,lazy-persistent)",
