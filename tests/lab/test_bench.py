@@ -344,10 +344,10 @@ def test_options_map_to_the_config():
     q = runner.config_from(quick=True, paths="veth, pvnet-netns", modes="lazy",
                            workloads="tcp,rr", json="/tmp/x.json")
     assert (q.seconds, q.rounds, q.paths, q.modes, q.workloads) == (
-        3.0, 1, ["veth", "pvnet-netns"], ["lazy"], ["tcp", "rr"])
+        2.0, 1, ["veth", "pvnet-netns"], ["lazy"], ["tcp", "rr"])
     assert q.json_out == Path("/tmp/x.json")
-    full = runner.config_from(seconds="5")
-    assert (full.seconds, full.rounds, full.workloads) == (5.0, 3, list(rec_mod.PRIMARY))
+    full = runner.config_from(seconds="7")
+    assert (full.seconds, full.rounds, full.workloads) == (7.0, 3, list(rec_mod.PRIMARY))
 
 
 # -- full tier: a tiny real bench --------------------------------------------------------------
