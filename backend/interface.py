@@ -18,9 +18,7 @@ import logging
 import mmap
 import os
 import select
-import signal
 import struct
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field, fields
@@ -34,6 +32,7 @@ from shared.channel import ChannelClosed, ChannelError, EventChannel
 from shared.control import ControlServer
 from shared.doorbell import HostDoorbell, KickChannel
 from shared.grant import GrantError
+from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
 from shared.region import LayoutError, Region
 from shared.ring import RSP_PROD, BackRing, RingError
 from shared.stats import RingStats
@@ -74,11 +73,6 @@ CTL_BURST = 100
 CTL_PIPELINE = 16
 _CTL_TOO_MANY = b'{"ok":false,"error":"too many requests at once on one connection"}\n'
 _STATS_FIELDS = tuple(f.name for f in fields(RingStats))
-
-
-class Shutdown(BaseException):
-    """SIGTERM/SIGINT or stop(): close the connection politely and exit. A BaseException so
-    that no handler meant for a peer's faults can swallow it."""
 
 
 class FrontendRestarted(Exception):
@@ -223,12 +217,7 @@ class Netback:
 
     # --- lifecycle ----------------------------------------------------------------------
     def run(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            def stop(signum, _frame):
-                raise Shutdown(signal.Signals(signum).name)
-
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)
+        stop_on_signals()
         if self.ctl:
             self.ctl.start()
         log.info("%s: serving domid %d (tx-mode %s, rx-stall-timeout %gs)", self.cfg.vif,
@@ -315,7 +304,7 @@ class Netback:
             self.counters["malformed"] += 1
             self._fault(chan, f"{type(e).__name__}: {e}", str(e))
         except Shutdown:
-            _send_quietly(chan, {"state": "Closing"})
+            send_quietly(chan, {"state": "Closing"})
             raise
         except Exception as e:  # noqa: BLE001 - a bug of ours must not take the vif down
             self.counters["internal_errors"] += 1
@@ -331,7 +320,7 @@ class Netback:
     def _fault(self, chan: EventChannel, why: str, tell: str) -> None:
         self.last_error = why
         log.error("%s: disconnecting frontend %s: %s", self.cfg.vif, self.peer or "?", why)
-        _send_quietly(chan, {"state": "Closing", "error": tell})
+        send_quietly(chan, {"state": "Closing", "error": tell})
 
     def _connect(self, chan: EventChannel, neg: Negotiated) -> Connection:
         # grants name the domain allowed to use them: ours (the driver domain, 0)
@@ -547,13 +536,6 @@ def _frontend_says(messages: list[dict]) -> None:
             raise FrontendRestarted(msg)
 
 
-def _send_quietly(chan: EventChannel, msg: dict) -> None:
-    """Best effort: the peer may be gone, or not reading."""
-    chan.send_timeout = min(chan.send_timeout or 1.0, 1.0)
-    try:
-        chan.send(msg)
-    except (ChannelClosed, ChannelError, OSError):
-        pass
 
 
 def _publish(ring: BackRing, chan: EventChannel, stats: RingStats) -> None:

@@ -10,7 +10,6 @@ import logging
 import mmap
 import os
 import select
-import signal
 import threading
 import weakref
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from frontend.xenbus import Handshake
 from shared.channel import ChannelClosed, ChannelError, EventChannel
 from shared.control import ControlServer, PortControl
 from shared.doorbell import KickChannel, guest_doorbell
+from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
 from shared.netif import FEATURES
 from shared.region import Region
 from shared.ring import FrontRing, RingError
@@ -46,11 +46,6 @@ from shared.xenbus import NegotiationError, XenbusState
 log = logging.getLogger("netfront")
 #: largest GSO packet the guest stack may hand us: tx_request.size is 16 bits
 GSO_MAX_SIZE = 0xFFFF - 320
-
-
-class Shutdown(BaseException):
-    """SIGTERM/SIGINT or stop(). A BaseException so that no handler meant for a broken
-    backend can swallow it."""
 
 
 #: what marks the device broken: the backend (or the path to it) misbehaved
@@ -172,12 +167,7 @@ class Netfront:
         return Region.create(self.bar), {"size": len(self.bar)}, ()
 
     def run(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            def stop(signum, _frame):
-                raise Shutdown(signal.Signals(signum).name)
-
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)
+        stop_on_signals()
         if self.ctl:
             self.ctl.start()
         if self.ctl_port:
@@ -222,7 +212,7 @@ class Netfront:
             log.info("%s: backend gone (%s); reconnecting", self.cfg.name, e)
         except Shutdown:
             if chan is not None:
-                _send_quietly(chan, {"state": "Closing"})
+                send_quietly(chan, {"state": "Closing"})
             raise
         except BACKEND_FAULTS as e:
             if self._stop.is_set():
@@ -249,7 +239,7 @@ class Netfront:
         self.last_error = why
         log.error("%s: device broken: %s; reconnecting", self.cfg.name, why)
         if chan is not None:
-            _send_quietly(chan, {"state": "Closing", "error": why})
+            send_quietly(chan, {"state": "Closing", "error": why})
         if self._stop.wait(BROKEN_BACKOFF):
             raise Shutdown("stop requested")
 
@@ -332,13 +322,6 @@ class Netfront:
                             self.cfg.name)
 
 
-def _send_quietly(chan: EventChannel, msg: dict) -> None:
-    """Best effort, bounded: the backend may be gone or not reading."""
-    chan.send_timeout = 1.0
-    try:
-        chan.send(msg)
-    except (ChannelClosed, ChannelError, OSError):
-        pass
 
 
 def _push(ring: FrontRing, chan: EventChannel, stats: RingStats) -> None:
