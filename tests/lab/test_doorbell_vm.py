@@ -40,15 +40,9 @@ from shared.lab.vms import (
     load_handles,
 )
 from shared.transport import connect_unix
+from tests.lab.marks import REPO, needs_qemu
 
-pytestmark = [
-    pytest.mark.full,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None
-                       or shutil.which("iperf3") is None,
-                       reason="the QEMU placement needs root, qemu-system-x86 and iperf3"),
-]
-
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.full, needs_qemu]
 TOPOLOGY = """\
 bridge: pvdbr0
 host_netns: pvd-host

@@ -27,15 +27,9 @@ from shared.lab import procs
 from shared.lab.soak import Chaos, memfd_maps
 from shared.lab.topology import loads
 from shared.lab.vms import SshRunner, VmLab, backend_argv, frontend_argv, guest_view, load_handles
+from tests.lab.marks import REPO, needs_qemu
 
-pytestmark = [
-    pytest.mark.full,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None
-                       or shutil.which("iperf3") is None,
-                       reason="the QEMU placement needs root, qemu-system-x86 and iperf3"),
-]
-
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.full, needs_qemu]
 TOPOLOGY = """\
 bridge: pvkbr0
 host_netns: pvk-host

@@ -24,16 +24,10 @@ from shared.lab.image import cached_image
 from shared.lab.netns import IperfPath, run_iperf
 from shared.lab.topology import load
 from shared.lab.vms import SshRunner, load_handles
+from tests.lab.marks import REPO, needs_qemu
 from tests.lab.test_pair import RECEIVER, SENDER
 
-pytestmark = [
-    pytest.mark.full,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None
-                       or shutil.which("iperf3") is None,
-                       reason="the QEMU placement needs root, qemu-system-x86 and iperf3"),
-]
-
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.full, needs_qemu]
 TOPOLOGY = """\
 bridge: pvqbr0
 host_netns: pvq-host
