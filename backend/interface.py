@@ -28,7 +28,7 @@ from backend.gntmap import GntMap
 from backend.netback import FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated
-from shared.channel import ChannelClosed, ChannelError, EventChannel
+from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
 from shared.control import ControlServer
 from shared.doorbell import HostDoorbell, KickChannel
 from shared.grant import GrantError
@@ -540,11 +540,6 @@ def _frontend_says(messages: list[dict]) -> None:
 
 def _publish(ring: BackRing, chan: EventChannel, stats: RingStats) -> None:
     """Push new responses; kick the frontend only if its rsp_event asks for it."""
-    if ring.rsp_prod_pvt == ring.idx[RSP_PROD]:
-        return
-    if ring.push_responses():
-        chan.notify()
-        stats.notify_sent += 1
-    else:
-        stats.notify_suppressed += 1
+    if ring.rsp_prod_pvt != ring.idx[RSP_PROD]:
+        kick_if(ring.push_responses(), chan, stats)
 

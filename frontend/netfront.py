@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import REAP_INTERVAL, BackendError, TxQueue
 from frontend.xenbus import Handshake
-from shared.channel import ChannelClosed, ChannelError, EventChannel
+from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
 from shared.control import ControlServer, PortControl
 from shared.doorbell import KickChannel, guest_doorbell
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
@@ -325,8 +325,4 @@ class Netfront:
 
 
 def _push(ring: FrontRing, chan: EventChannel, stats: RingStats) -> None:
-    if ring.push_requests():
-        chan.notify()
-        stats.notify_sent += 1
-    else:
-        stats.notify_suppressed += 1
+    kick_if(ring.push_requests(), chan, stats)

@@ -211,3 +211,13 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def kick_if(wanted: bool, chan: EventChannel, stats) -> None:
+    """After a push: kick the peer if its event index asked for it (the push's answer), and
+    count the kick as sent or suppressed in `stats` (a RingStats)."""
+    if wanted:
+        chan.notify()
+        stats.notify_sent += 1
+    else:
+        stats.notify_suppressed += 1
