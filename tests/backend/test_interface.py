@@ -12,7 +12,7 @@ import time
 
 import backend.xenbus as backend_xenbus
 from backend.interface import CTL_PIPELINE
-from shared.control import query
+from shared.control import ControlError, query
 from shared.offload import VNET_HDR
 from shared.transport import create_memfd
 from tests.conftest import frame
@@ -104,6 +104,15 @@ def test_a_pipelined_flood_on_the_control_socket_does_not_starve_other_readers(t
     ctl = str(tmp_path / "b.ctl")
     flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        deadline = time.monotonic() + 5
+        while True:  # the control socket is bound before it listens: wait for a pong
+            try:
+                query(ctl, {"cmd": "ping"}, timeout=1.0)
+                break
+            except ControlError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         flood.connect(ctl)
         flood.sendall(b'{"cmd":"stats"}\n' * 2000)
         t0 = time.monotonic()
