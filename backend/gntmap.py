@@ -25,8 +25,10 @@ import mmap
 import os
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 
 from backend.cpuview import CpuView
 from backend.dmaview import DmaView
@@ -37,11 +39,10 @@ from shared.grant import (
     GTF_in_use,
     GTF_permit_access,
     GTF_reading,
-    GTF_readonly,
     GTF_writing,
     entries,
 )
-from shared.netif import GREF_MASK, GREF_PERSISTENT
+from shared.netif import GREF_MASK, GREF_PERSISTENT, PAGE_SIZE
 from shared.region import Region
 from shared.stats import RingStats
 
@@ -49,6 +50,10 @@ _unpack_gnt = GRANT_ENTRY.unpack_from
 _now = time.perf_counter_ns
 #: access points at which tests may act (revoke a grant) just before the backend's access
 HOOK_POINTS = ("tx_hold", "tx_map", "tx_submit", "rx_write")
+#: RX: small frames in a row after which only one buffer is marked per frame
+RX_SHRINK_AFTER = 8
+#: RX: the private spill area for a frame longer than predicted (17 pages: a 64 KiB frame)
+RX_BOUNCE = 17 * PAGE_SIZE
 
 
 class Views:
@@ -78,7 +83,8 @@ class Views:
 
 @dataclass
 class RxWrite:
-    """What ``rx_write`` did: bytes read (incl. the vnet header) or the posted indexes revoked."""
+    """What ``rx_write`` did: bytes read (incl. the vnet header; 0: nothing read) and the
+    positions of posted buffers found revoked (with n > 0: the frame was read and dropped)."""
 
     n: int
     revoked: list[int]
@@ -106,6 +112,11 @@ class GntMap:
         self.mapped: dict[tuple[int, int], int] = {}
         #: tests: called as hook(point, gref) just before the backend accesses a grant
         self.hook: Callable[[str, int], None] | None = None
+        self._q = self.table.buf.cast("Q")  # whole entries, to compare one value per grant
+        #: RX: how many posted buffers the next frame may need (see ``rx_write``)
+        self.rx_window = 1 << 16
+        self._rx_small = 0
+        self._bounce = memoryview(bytearray(RX_BOUNCE))
 
     # --- validation and the in-use bits ---------------------------------------------------
     def check(self, gref: int, write: bool = False) -> int:
@@ -124,23 +135,27 @@ class GntMap:
             return frame
         return self.table.check(gref, self.domid, write, self.frames)
 
-    def hold(self, grefs: list[int], frames: list[int], flags0: int = -1) -> None:
+    def hold(self, grefs: list[int], frames: list[int], flags0: int = -1) -> int:
         """Set GTF_reading on a packet's transient TX grants, then check that each entry still
         grants the frame resolved at attach (a revoke that raced the marking is caught here,
         not after the bytes left). ``flags0``: every entry's flags, if the caller read them
-        all equal (consecutive grefs: one strided store)."""
+        all equal (consecutive grefs: one strided store). Returns what to pass to
+        ``release``."""
         if self.hook is not None:
             for g in grefs:
                 self.hook("tx_hold", g)
         flags = self.flags
         n = len(grefs)
         g0 = grefs[0]
-        if flags0 >= 0:
+        if flags0 >= 0 and flags[4 * g0:4 * (g0 + n):4].tolist().count(flags0) == n:
+            # unchanged since attach: one strided store, then re-read to catch a revoke that
+            # landed after it (one that lands between the read and the store is the window
+            # documented in the README: no compare-and-swap from Python)
             flags[4 * g0:4 * (g0 + n):4] = array("H", (flags0 | GTF_reading,)) * n
             now = entries(n).unpack_from(self.table.buf, g0 << 3)
             if now[0::3].count(flags0 | GTF_reading) == n and list(now[2::3]) == frames:
                 self.stats.grants_in_use += n
-                return
+                return flags0
             self._unhold(grefs)
             raise GrantError(f"a grant of grefs {g0}..{g0 + n - 1} was revoked or changed "
                              "while the backend took it")
@@ -158,7 +173,7 @@ class GntMap:
             self._unhold(held)
             raise
         self.stats.grants_in_use += len(held)
-
+        return -1  # released one by one
     def _unhold(self, grefs: list[int]) -> None:
         flags = self.flags
         for g in grefs:
@@ -231,41 +246,88 @@ class GntMap:
                 self.hook("tx_submit", g)
         self._dma.iovecs(frames, offs, sizes, out)
 
-    def rx_target(self, frame: int) -> memoryview:
-        return self._dma.rx_target(frame)
+    def rx_post(self, gref: int) -> tuple[int, int, memoryview]:
+        """A posted RX buffer, validated now: (table index, the entry as one u64 - what it
+        must still be at write time -, the page as a DMA target)."""
+        frame = self.check(gref, True)
+        gi = gref & GREF_MASK
+        return gi, self._q[gi], self._dma.rx_target(frame)
 
-    def rx_write(self, fd: int, iov: list, grefs: list[int], frames: list[int]) -> RxWrite:
-        """The RX grant copy: validate each posted buffer *now* (still granted, writable, the
-        frame it granted when posted) and set GTF_writing on it while the frame is read into
-        it; a revoked buffer is not written (its index is returned, its iovec left out)."""
-        flags, buf, hook = self.flags, self.table.buf, self.hook
-        dom, write = self.domid, GTF_writing
-        revoked: list[int] = []
-        marked: list[int] = []
-        for i, g in enumerate(grefs):
-            if g & GREF_PERSISTENT:
-                continue
-            if hook is not None:
-                hook("rx_write", g)
-            fl, gdom, frame = _unpack_gnt(buf, g << 3)
-            if fl & (GTF_permit_access | GTF_readonly) != GTF_permit_access or gdom != dom \
-                    or frame != frames[i]:
-                revoked.append(i)
-                continue
-            flags[4 * g] = fl | write
-            marked.append(g)
+    def rx_write(self, fd: int, vnet: bytearray, views: deque, grefs: deque, exps: deque,
+                 maxbufs: int) -> RxWrite:
+        """The RX grant copy of one frame from ``fd`` into the first posted buffers.
+
+        Each buffer that may be written is validated *now* (its entry is still exactly what
+        was validated at posting: granted, writable, same frame) and has GTF_writing set while
+        the frame is read into it. A revoked buffer is not written: its position is returned
+        (``revoked``), for an XEN_NETIF_RSP_ERROR answer. How many buffers may be written is
+        predicted (``rx_window``): all ``maxbufs`` while frames span pages, one after a run of
+        small frames; a frame longer than predicted spills into a private bounce buffer and is
+        grant-copied on into the following buffers (validated the same way) - so a stream of
+        small frames does not pay for checking 17 buffers each."""
+        k = min(self.rx_window, maxbufs)
+        gs, ex = list(islice(grefs, k)), list(islice(exps, k))
+        if self.hook is not None:
+            for g in gs:
+                self.hook("rx_write", g)
+        if list(map(self._q.__getitem__, gs)) != ex:
+            return RxWrite(0, self._stale(gs, ex, 0))
+        self._writing(gs, ex, GTF_writing)
         try:
-            if revoked:
-                return RxWrite(0, revoked)
+            iov = [vnet, *islice(views, k)]
+            if k < maxbufs:
+                iov.append(self._bounce[:(maxbufs - k) * PAGE_SIZE])
             t = _now()
             n = self._dma.readv(fd, iov)
             st = self.stats
             st.grant_copy_ns += _now() - t
-            st.grant_copy_bytes += n
-            return RxWrite(n, revoked)
         finally:
-            for g in marked:
-                flags[4 * g] &= ~GTF_in_use & 0xFFFF
+            self._writing(gs, ex, 0)
+        st.grant_copy_bytes += n
+        nbufs = -(-(n - len(vnet)) // PAGE_SIZE)
+        if nbufs > 1:
+            self.rx_window, self._rx_small = maxbufs, 0
+        else:
+            self._rx_small += 1
+            if self._rx_small >= RX_SHRINK_AFTER:
+                self.rx_window = 1
+        if nbufs <= k:
+            return RxWrite(n, [])
+        return self._rx_spill(n, k, nbufs, views, grefs, exps)
+
+    def _rx_spill(self, n: int, k: int, nbufs: int, views: deque, grefs: deque,
+                  exps: deque) -> RxWrite:
+        """The frame ran past the predicted buffers into the bounce buffer: validate and mark
+        the rest, copy on (a grant copy), unmark. A revoked one drops the frame."""
+        gs = list(islice(grefs, k, nbufs))
+        ex = list(islice(exps, k, nbufs))
+        if self.hook is not None:
+            for g in gs:
+                self.hook("rx_write", g)
+        bad = self._stale(gs, ex, k)
+        if bad:
+            return RxWrite(n, bad)
+        t = _now()
+        self._writing(gs, ex, GTF_writing)
+        try:
+            for i, view in enumerate(islice(views, k, nbufs)):
+                view[:] = self._bounce[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        finally:
+            self._writing(gs, ex, 0)
+        self.stats.grant_copy_ns += _now() - t
+        self.stats.rx_spills += 1
+        return RxWrite(n, [])
+
+    def _stale(self, gs: list[int], ex: list[int], base: int) -> list[int]:
+        """Positions (from ``base``) of buffers whose entry changed since they were posted."""
+        q = self._q
+        return [base + i for i, (g, e) in enumerate(zip(gs, ex, strict=True)) if q[g] != e]
+
+    def _writing(self, gs: list[int], ex: list[int], bit: int) -> None:
+        """Set (bit = GTF_writing) or clear (0) the write mark: the flags as validated | bit."""
+        flags = self.flags
+        for g, e in zip(gs, ex, strict=True):
+            flags[4 * g] = (e & 0xFFFF) | bit
 
     # --- disconnect ---------------------------------------------------------------------
     def unmap_all(self) -> None:

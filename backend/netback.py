@@ -306,9 +306,8 @@ class TxPath:
             self.dealloc.extend(ids[1:])
             skb.extras = 0
             return
-        gntmap.hold(grefs, frames, flags0)  # GTF_reading until the skb is freed
+        skb.hold_flags = gntmap.hold(grefs, frames, flags0)  # GTF_reading until freed
         skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = grefs, frames, offs, sizes, ids
-        skb.hold_flags = flags0
         if self.mode == "map":
             for gref, frame in zip(grefs, frames, strict=True):
                 gntmap.map(gref, frame)

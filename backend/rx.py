@@ -14,7 +14,6 @@ it in gso.features so the frontend can post it again.
 from __future__ import annotations
 
 from collections import deque
-from itertools import islice
 
 from backend.gntmap import GntMap
 from shared.netif import (
@@ -57,10 +56,11 @@ class RxPath:
         self.gntmap = gntmap
         self.vif_fd = vif_fd
         self.stats = stats
-        #: posted buffers, validated, in posting order: their ids, grefs, frames, DMA targets
+        #: posted buffers, validated, in posting order: ids, grant indexes, the grant entries
+        #: as validated (a u64 each), DMA targets
         self.posted: deque[int] = deque()
         self.posted_grefs: deque[int] = deque()
-        self.posted_frames: deque[int] = deque()
+        self.posted_exps: deque[int] = deque()
         self.posted_views: deque[memoryview] = deque()
         self.posted_ids: set[int] = set()
         self.vnet = bytearray(VNET_HDR.size)
@@ -69,18 +69,18 @@ class RxPath:
         """Take newly posted requests off the ring, validating each once."""
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         n = ring.unconsumed_requests()
-        check = self.gntmap.check
+        post = self.gntmap.rx_post
         for _ in range(n):
             rid, _pad, gref = _unpack_req(buf, entry(ring.req_cons))
             ring.req_cons = (ring.req_cons + 1) & MASK32
             if rid in self.posted_ids:
                 raise FatalRxError(f"rx buffer id {rid} posted twice")
-            frame = check(gref, True)
+            gi, entry_now, view = post(gref)
             self.posted_ids.add(rid)
             self.posted.append(rid)
-            self.posted_grefs.append(gref)
-            self.posted_frames.append(frame)
-            self.posted_views.append(self.gntmap.rx_target(frame))
+            self.posted_grefs.append(gi)
+            self.posted_exps.append(entry_now)
+            self.posted_views.append(view)
         self.stats.grants_active = len(self.posted)
         return n
 
@@ -92,7 +92,7 @@ class RxPath:
     def action(self, budget: int = 64) -> bool:
         """Move up to ``budget`` frames from the vif. True if it stopped on the budget."""
         posted, views, st = self.posted, self.posted_views, self.stats
-        pgrefs, pframes = self.posted_grefs, self.posted_frames
+        pgrefs, pexps = self.posted_grefs, self.posted_exps
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         vnet, write, vif_fd = self.vnet, self.gntmap.rx_write, self.vif_fd
         for _ in range(budget):
@@ -100,14 +100,15 @@ class RxPath:
                 self.refill()
                 if len(posted) < NEED:
                     return False
-            iov = [vnet, *islice(views, NEED - 1)]
             try:
-                w = write(vif_fd, iov, list(islice(pgrefs, NEED - 1)),
-                          list(islice(pframes, NEED - 1)))
+                w = write(vif_fd, vnet, views, pgrefs, pexps, NEED - 1)
             except BlockingIOError:
                 return False
             if w.revoked:
                 self._retire(w.revoked)
+                if w.n:  # read, but a buffer it needed was revoked: dropped
+                    st.drops += 1
+                    st.drops_error += 1
                 continue
             n = w.n
             length = n - VNET_HDR.size
@@ -125,7 +126,7 @@ class RxPath:
             rid = posted.popleft()
             views.popleft()
             pgrefs.popleft()
-            pframes.popleft()
+            pexps.popleft()
             first = min(length, PAGE_SIZE)
             _pack_rsp(buf, entry(prod), rid, 0,
                       flags | (NETRXF_more_data if nbufs > 1 else 0)
@@ -137,7 +138,7 @@ class RxPath:
                 del posted[nbufs - 1]
                 del views[nbufs - 1]
                 del pgrefs[nbufs - 1]
-                del pframes[nbufs - 1]
+                del pexps[nbufs - 1]
                 EXTRA_INFO.pack_into(buf, entry(prod), XEN_NETIF_EXTRA_TYPE_GSO, 0, gso_size,
                                      xgso, 0, retired)
                 prod += 1
@@ -147,7 +148,7 @@ class RxPath:
                 rid = posted.popleft()
                 views.popleft()
                 pgrefs.popleft()
-                pframes.popleft()
+                pexps.popleft()
                 size = min(left, PAGE_SIZE)
                 left -= size
                 _pack_rsp(buf, entry(prod), rid, 0, NETRXF_more_data if left else 0, size)
@@ -168,7 +169,7 @@ class RxPath:
         prod = ring.rsp_prod_pvt
         for i in reversed(revoked):
             rid = self.posted[i]
-            for q in (self.posted, self.posted_grefs, self.posted_frames, self.posted_views):
+            for q in (self.posted, self.posted_grefs, self.posted_exps, self.posted_views):
                 del q[i]
             self.posted_ids.discard(rid)
             _pack_rsp(buf, entry(prod), rid, 0, 0, XEN_NETIF_RSP_ERROR)
@@ -183,7 +184,7 @@ class RxPath:
         """Disconnect: posted buffers are simply forgotten (the frontend owns them)."""
         self.posted.clear()
         self.posted_grefs.clear()
-        self.posted_frames.clear()
+        self.posted_exps.clear()
         self.posted_views.clear()
         self.posted_ids.clear()
         self.stats.grants_active = 0

@@ -53,6 +53,8 @@ class RingStats:
     notify_ns: int = 0
     #: RX buffers found revoked when the backend was about to write into them
     rx_grant_revoked: int = 0
+    #: RX frames longer than the buffers marked for them, grant-copied on from a bounce buffer
+    rx_spills: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
