@@ -13,8 +13,10 @@ action loop turns them into responses (``xenvif_idx_release`` -> ``make_tx_respo
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import struct
+import time
 from array import array
 
 from backend.gntmap import GntMap
@@ -55,7 +57,10 @@ from shared.ring import HEADER_SIZE, MASK32, BackRing
 from shared.slots import HeaderSlots, SlotError
 from shared.stats import RingStats
 
+log = logging.getLogger("netback")
 TX_MODES = ("lazy", "map", "copy")
+#: drop log lines per second per connection
+LOG_PER_SECOND = 10
 #: XEN_NETBACK_TX_COPY_LEN: what a grant copy pulls into the linear area without header slots
 TX_COPY_LEN = 128
 _unpack_req = TX_REQUEST.unpack_from
@@ -80,8 +85,22 @@ def _gnts(n: int) -> struct.Struct:
     return struct.Struct("<" + "HHI" * n)
 
 
+#: why a TX packet was dropped (RingStats counter drops_<reason>); Linux drops these without
+#: disconnecting: 19 or 20 follow-on slots, a size outside the frame limits, headers that cannot
+#: be pulled within HEADER_PULL_MAX, a csum_blank frame whose checksum cannot be set up
+DROP_REASONS = ("slots", "size", "headers", "csum")
+#: why a frontend was disconnected (Netback counter fatal_<reason>)
+FATAL_REASONS = ("slots_unpublished", "too_many_slots", "page_boundary", "id_reused",
+                 "extra_info", "size", "header_slot", "grant", "tx_malformed")
+
+
 class FatalTxError(Exception):
-    """xenvif_fatal_tx_err: this frontend is broken or hostile; disconnect it."""
+    """xenvif_fatal_tx_err: this frontend is broken or hostile; disconnect it. ``reason`` is
+    one of FATAL_REASONS (the counter), the message names the ring index and the field."""
+
+    def __init__(self, message: str, reason: str = "tx_malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class TxPath:
@@ -109,6 +128,7 @@ class TxPath:
         self.gnt_buf = region.grants.buf
         self.gnt_count = region.grants.count
         self.frames = region.layout.payload_frames
+        self._log_t, self._logged = 0.0, 0
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64) -> bool:
@@ -129,9 +149,10 @@ class TxPath:
         return self.ring.push_responses()
 
     # --- building an skb from the ring ------------------------------------------------------
-    def _take_id(self, rid: int) -> None:
+    def _take_id(self, rid: int, idx: int = -1) -> None:
         if self.pending[rid]:
-            raise FatalTxError(f"request id {rid} reused while pending")
+            raise FatalTxError(f"ring[{idx & MASK32}].id: request id {rid} reused while "
+                               f"pending", "id_reused")
         self.pending[rid] = 1
 
     def _fast_frags(self, idx: int, limit: int) -> Frags | None:
@@ -140,7 +161,7 @@ class TxPath:
         fresh ids); None sends the packet to ``_slow_frags``, which checks one by one."""
         ring = self.ring
         pos = idx & ring.mask
-        k = min(limit, ring.size - pos, FATAL_SKB_SLOTS - 1)
+        k = min(limit, ring.size - pos, MAX_SLOTS_PER_PACKET)  # longer: the slow path
         if k <= 0:
             return None
         t = _reqs(k).unpack_from(self.buf, _HDR + pos * _SLOT)
@@ -170,15 +191,20 @@ class TxPath:
         sizes: list[int] = []
         fflags = NETTXF_more_data
         while fflags & NETTXF_more_data:
+            # xenvif_count_requests, in its order: `slots` is the follow-ons already read
             if idx - cons >= avail:
-                raise FatalTxError("packet asks for more slots than were published")
-            if len(grefs) + 2 >= FATAL_SKB_SLOTS:
-                raise FatalTxError(f"packet uses {FATAL_SKB_SLOTS} or more slots")
+                raise FatalTxError(f"ring[{idx & MASK32}]: packet asks for more slots than "
+                                   f"were published", "slots_unpublished")
+            if len(grefs) >= FATAL_SKB_SLOTS:
+                raise FatalTxError(f"ring[{idx & MASK32}]: packet has more than "
+                                   f"{FATAL_SKB_SLOTS} follow-on slots (fatal_skb_slots)",
+                                   "too_many_slots")
             fgref, foff, fflags, fid, fsize = _unpack_req(buf, ring.entry(idx))
-            idx += 1
             if foff + fsize > PAGE_SIZE:
-                raise FatalTxError(f"fragment crosses a page boundary ({foff}+{fsize})")
-            self._take_id(fid)
+                raise FatalTxError(f"ring[{idx & MASK32}].offset+size: fragment crosses a "
+                                   f"page boundary ({foff}+{fsize})", "page_boundary")
+            idx += 1
+            self._take_id(fid, idx - 1)
             grefs.append(fgref)
             offs.append(foff)
             ids.append(fid)
@@ -195,18 +221,21 @@ class TxPath:
             more = True
             while more:
                 if idx - cons >= avail:
-                    raise FatalTxError("missing extra info")
+                    raise FatalTxError(f"ring[{idx & MASK32}]: missing extra info",
+                                       "slots_unpublished")
                 etype, eflags, gsize, gtype, _pad, _feat = _unpack_extra(buf, entry(idx))
                 idx += 1
                 extras += 1
                 if etype != XEN_NETIF_EXTRA_TYPE_GSO or extras > 1:
-                    raise FatalTxError(f"bad extra info type {etype}")
+                    raise FatalTxError(f"ring[{(idx - 1) & MASK32}].type: bad extra info "
+                                       f"type {etype}", "extra_info")
                 if gtype not in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6) \
                         or not gsize:
-                    raise FatalTxError(f"bad GSO type {gtype} size {gsize}")
+                    raise FatalTxError(f"ring[{(idx - 1) & MASK32}].gso: bad GSO type "
+                                       f"{gtype} size {gsize}", "extra_info")
                 gso_type, gso_size = gtype, gsize
                 more = eflags & XEN_NETIF_EXTRA_FLAG_MORE
-        self._take_id(rid)
+        self._take_id(rid, cons)
         if flags & NETTXF_more_data:
             frags = self._fast_frags(idx, avail - (idx - cons))
             if frags is None:
@@ -222,27 +251,35 @@ class TxPath:
         st.slots_consumed += (idx - cons) & MASK32
         first_len = size - total_frags
         if first_len <= 0:
-            raise FatalTxError(f"fragments ({total_frags} B) bigger than the packet ({size} B)")
-        if nfrags + 1 > MAX_SLOTS_PER_PACKET or size > MAX_FRAME or size < 14:
-            # Linux drops such packets (not fatal below fatal_skb_slots)
-            self._drop(rid, ids, extras)
+            raise FatalTxError(f"ring[{cons & MASK32}].size: fragments ({total_frags} B) "
+                               f"bigger than the packet ({size} B)", "size")
+        if nfrags > MAX_SLOTS_PER_PACKET:  # 19 or 20 follow-ons: Linux drops, not fatal
+            self._drop(rid, ids, extras, "slots",
+                       f"ring[{cons & MASK32}]: {nfrags} follow-on slots "
+                       f"(> {MAX_SLOTS_PER_PACKET})")
+            return None
+        if size > MAX_FRAME or size < 14:
+            self._drop(rid, ids, extras, "size",
+                       f"ring[{cons & MASK32}].size: {size} outside 14..{MAX_FRAME}")
             return None
         skb = SkBuff(b"", self._destructor)
         skb.size = size
         if flags & NETTXF_header_slot:
             if not self.header_slots:
-                raise FatalTxError("header-slot request without feature-header-slots")
+                raise FatalTxError(f"ring[{cons & MASK32}].flags: header-slot request "
+                                   f"without feature-header-slots", "header_slot")
             try:
                 start = self.slots.check(gref, off, first_len)
             except SlotError as e:
-                raise FatalTxError(str(e)) from e
+                raise FatalTxError(f"ring[{cons & MASK32}].gref: {e}", "header_slot") from e
             skb.head = bytes(self.hdr[start:start + first_len])
             st.copy_bytes += first_len
             st.tx_header_slot_packets += 1
             self._respond(rid, XEN_NETIF_RSP_OKAY, extras)  # header slot released at once
         else:
             if off + first_len > PAGE_SIZE:
-                raise FatalTxError(f"first slot crosses a page boundary ({off}+{first_len})")
+                raise FatalTxError(f"ring[{cons & MASK32}].offset+size: first slot crosses a "
+                                   f"page boundary ({off}+{first_len})", "page_boundary")
             copy = min(first_len, TX_COPY_LEN)
             skb.head = self.gntmap.copy_from(gref, off, copy)
             if copy == first_len:
@@ -435,13 +472,27 @@ class TxPath:
         self.pending[rid] = 0
         self.stats.slots_released += 1 + nulls
 
-    def _drop(self, rid: int, fids: list[int], extras: int) -> None:
+    def _drop(self, rid: int, fids: list[int], extras: int, reason: str, why: str) -> None:
+        """Linux's xenvif_tx_err: answer every slot of the packet with an error; the
+        connection lives on. Counted as drops, drops_error and drops_<reason>."""
         st = self.stats
         st.drops += 1
         st.drops_error += 1
+        setattr(st, f"drops_{reason}", getattr(st, f"drops_{reason}") + 1)
+        self.log_drop(reason, why)
         self._respond(rid, XEN_NETIF_RSP_ERROR, extras)
         for fid in fids:
             self._respond(fid, XEN_NETIF_RSP_ERROR, 0)
+
+    def log_drop(self, reason: str, why: str) -> None:
+        """A log line per drop, at most LOG_PER_SECOND a second (net_ratelimit): a frontend
+        must not be able to turn drops into a disk-filling log."""
+        now = time.monotonic()
+        if now - self._log_t >= 1.0:
+            self._log_t, self._logged = now, 0
+        self._logged += 1
+        if self._logged <= LOG_PER_SECOND:
+            log.warning("tx drop (%s): %s", reason, why)
 
     def release_all(self) -> None:
         """Disconnect: nothing is left in flight (transmission is synchronous)."""

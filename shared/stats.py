@@ -41,6 +41,12 @@ class RingStats:
     drops_filtered: int = 0
     drops_error: int = 0
     drops_no_buffer: int = 0
+    #: TX drops by reason (each also counts in drops and drops_error): 19-20 follow-on slots,
+    #: a size outside 14..MAX_FRAME, headers not pullable, a checksum that cannot be set up
+    drops_slots: int = 0
+    drops_size: int = 0
+    drops_headers: int = 0
+    drops_csum: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
