@@ -275,7 +275,9 @@ class Netback:
                     continue
                 except OSError as e:  # EMFILE/ENFILE: rest instead of spinning or dying
                     self._accept_failed(e)
-                    poller.poll(int(ACCEPT_BACKOFF * 1000))
+                    rest = select.poll()  # the listener stays readable: wait on stop only
+                    rest.register(self._wake_r, select.POLLIN)
+                    rest.poll(int(ACCEPT_BACKOFF * 1000))
                     continue
                 return EventChannel(sock=sock)
 

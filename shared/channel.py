@@ -193,7 +193,7 @@ class EventChannel:
             try:
                 message = jsonline.loads(line)
             except ValueError as e:
-                raise ChannelError(f"bad control message {line[:80]!r}") from e
+                raise ChannelError(f"bad control message ({e}): {line[:80]!r}") from e
             if not isinstance(message, dict):
                 raise ChannelError(f"control message is not an object: {line[:80]!r}")
             if len(got.messages) >= MAX_MESSAGES:
