@@ -82,11 +82,12 @@ class Filter:
         for i, rule in enumerate(self.rules):
             if rule.field == "payload":
                 if data is None:
-                    data = skb.payload(gntmap)
+                    data = skb.linearize(gntmap)  # judged and sent: the same bytes
                 hit = rule.value in data
             else:
-                if fields is None:
-                    fields = header_fields(skb.head)
+                if fields is None:  # the walk of the pulled private head
+                    fields = (skb.hdrs.fields() if skb.hdrs is not None
+                              else header_fields(skb.head))
                 hit = fields.get(rule.field) == rule.value
             if hit:
                 self.hits[i] += 1

@@ -22,6 +22,7 @@ from array import array
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
 from shared.grant import GRANT_ENTRY, GTF_in_use, GTF_permit_access, entries
+from shared.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
 from shared.netif import (
     EXTRA_INFO,
     FATAL_SKB_SLOTS,
@@ -50,7 +51,6 @@ from shared.offload import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VNET_HDR,
     XEN_TO_VIRTIO_GSO,
-    checksum_setup,
 )
 from shared.region import Region
 from shared.ring import HEADER_SIZE, MASK32, BackRing
@@ -61,8 +61,12 @@ log = logging.getLogger("netback")
 TX_MODES = ("lazy", "map", "copy")
 #: drop log lines per second per connection
 LOG_PER_SECOND = 10
-#: XEN_NETBACK_TX_COPY_LEN: what a grant copy pulls into the linear area without header slots
+#: XEN_NETBACK_TX_COPY_LEN: the least a header pull copies into the private head
 TX_COPY_LEN = 128
+#: SkBuff.hold_flags of fragments attached but not held (copy mode, before the copy)
+NOT_HELD = -2
+#: the most the header pull copies: a frame whose headers end later is dropped (drops_headers)
+HEADER_PULL_MAX = 512
 _unpack_req = TX_REQUEST.unpack_from
 _pack_rsp = TX_RESPONSE.pack_into
 _unpack_extra = EXTRA_INFO.unpack_from
@@ -273,16 +277,13 @@ class TxPath:
             if off + first_len > PAGE_SIZE:
                 raise FatalTxError(f"ring[{cons & MASK32}].offset+size: first slot crosses a "
                                    f"page boundary ({off}+{first_len})", "page_boundary")
-            copy = min(first_len, TX_COPY_LEN)
-            skb.head = self.gntmap.copy_from(gref, off, copy)
-            if copy == first_len:
-                self._respond(rid, XEN_NETIF_RSP_OKAY, extras)
-            else:  # the rest of the first slot is the first fragment
-                grefs.insert(0, gref)
-                offs.insert(0, off + copy)
-                ids.insert(0, rid)
-                sizes.insert(0, first_len - copy)
-                skb.extras = extras  # its NULL answers follow it when it is released
+            # the first slot is the first fragment: its grant is resolved with the others
+            # (once), and the header pull copies its head out of it
+            grefs.insert(0, gref)
+            offs.insert(0, off)
+            ids.insert(0, rid)
+            sizes.insert(0, first_len)
+            skb.extras = extras  # its NULL answers follow it when it is released
         if flags & NETTXF_csum_blank:
             skb.csum_blank = True
         if flags & NETTXF_data_validated:
@@ -290,7 +291,86 @@ class TxPath:
         skb.gso_type, skb.gso_size = gso_type, gso_size
         if grefs:
             self._attach(skb, grefs, offs, ids, sizes)
+        if not self._pull(skb):
+            self._drop_skb(skb, "headers", f"ring[{cons & MASK32}]: headers run past "
+                                           f"{HEADER_PULL_MAX} bytes")
+            return None
+        if self.mode == "copy" and skb.grefs:
+            self._copy_rest(skb)
         return skb
+
+    def _copy_rest(self, skb: SkBuff) -> None:
+        """Copy mode: the CPU copies what the header pull left (map, copy through the CPU
+        view, unmap) and the slots are released at once; the skb keeps no fragment."""
+        gntmap = self.gntmap
+        parts = [skb.head]
+        for gref, frame, off, size in zip(skb.grefs, skb.frames, skb.offs, skb.sizes,
+                                          strict=True):
+            gntmap.map(gref, frame)
+            parts.append(bytes(gntmap.page(frame)[off:off + size]))
+            gntmap.unmap(gref, frame)
+        self.stats.copy_bytes += sum(skb.sizes)
+        skb.head = b"".join(parts)
+        ids = skb.ids
+        self.dealloc.append(ids[0])
+        self.dealloc.extend([-1] * skb.extras)
+        self.dealloc.extend(ids[1:])
+        skb.extras = 0
+        skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = [], [], [], [], []
+
+    # --- the header pull ------------------------------------------------------------------
+    def _pull(self, skb: SkBuff) -> bool:
+        """Copy the headers into the skb's private head before anything inspects them: at
+        least TX_COPY_LEN bytes (or the whole frame) and on to the end of the L4 header, across
+        fragments, as far as ``shared.headers.walk`` says (VLAN tags, IPv6 extension headers,
+        IP and TCP options). The pull is a grant copy (counted in copy_bytes) out of the
+        frames resolved at attach; the bytes pulled leave the fragments, so the frame sent is
+        exactly that head followed by what remains. False: the headers do not end within
+        HEADER_PULL_MAX bytes. ``skb.hdrs`` is the walk (None: not IP, or malformed)."""
+        head, size = skb.head, skb.size
+        want = min(size, TX_COPY_LEN)
+        while True:
+            if len(head) < want:
+                if want > HEADER_PULL_MAX:
+                    return False
+                head += self._take(skb, want - len(head))
+            try:
+                skb.hdrs = walk(head)
+                break
+            except NeedMore as e:
+                if len(head) >= size:  # a frame shorter than its own headers
+                    break
+                want = min(e.need, size)
+            except HeaderError:
+                break
+        skb.head = head
+        return True
+
+    def _take(self, skb: SkBuff, n: int) -> bytes:
+        """``n`` bytes off the front of the fragments (each keeps its slot, maybe empty)."""
+        parts = []
+        grefs, frames, offs, sizes = skb.grefs, skb.frames, skb.offs, skb.sizes
+        pull = self.gntmap.pull
+        for i in range(len(sizes)):
+            if not n:
+                break
+            k = min(n, sizes[i])
+            if k:
+                parts.append(pull(grefs[i], frames[i], offs[i], k))
+                offs[i] += k
+                sizes[i] -= k
+                n -= k
+        return b"".join(parts)
+
+    def _drop_skb(self, skb: SkBuff, reason: str, why: str) -> None:
+        """Drop a built packet (its slots are released by its destructor, as Linux's
+        kfree_skb after a failed checksum_setup): counted, logged, the connection lives on."""
+        st = self.stats
+        st.drops += 1
+        st.drops_error += 1
+        setattr(st, f"drops_{reason}", getattr(st, f"drops_{reason}") + 1)
+        self.log_drop(reason, why)
+        skb.free()
 
     def _frames(self, grefs: list[int]) -> tuple[list[int], int]:
         """Check every fragment's grant; the frames they grant, and the entries' common flags
@@ -330,18 +410,10 @@ class TxPath:
         if n > MAX_SKB_FRAGS:
             st.tx_frag_overflow += 1
         frames, flags0 = self._frames(grefs)
-        if self.mode == "copy":  # the CPU copies: map, copy through the CPU view, unmap
-            parts = [skb.head]
-            for gref, frame, off, size in zip(grefs, frames, offs, sizes, strict=True):
-                gntmap.map(gref, frame)
-                parts.append(bytes(gntmap.page(frame)[off:off + size]))
-                gntmap.unmap(gref, frame)
-            st.copy_bytes += sum(sizes)
-            skb.head = b"".join(parts)
-            self.dealloc.append(ids[0])
-            self.dealloc.extend([-1] * skb.extras)
-            self.dealloc.extend(ids[1:])
-            skb.extras = 0
+        if self.mode == "copy":  # copied by ``_copy_rest`` once the header pull is done
+            skb.grefs, skb.frames, skb.offs, skb.sizes = grefs, frames, offs, sizes
+            skb.ids = ids
+            skb.hold_flags = NOT_HELD
             return
         skb.hold_flags = gntmap.hold(grefs, frames, flags0)  # GTF_reading until freed
         skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = grefs, frames, offs, sizes, ids
@@ -358,26 +430,31 @@ class TxPath:
         st.tx_bytes += size
         if skb.grefs:
             st.tx_zerocopy_sent += 1
+        vflags = 0
+        cstart = coff = 0
+        if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
+            h = skb.hdrs
+            if h is None or h.l4 is None or h.fragment:
+                self._drop_skb(skb, "csum", "csum_blank frame without a TCP/UDP header "
+                               f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
+                return
+            vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
+            cstart, coff = h.l4, CSUM_OFFSET[h.ip_proto]
+        elif skb.data_validated:
+            vflags = VIRTIO_NET_HDR_F_DATA_VALID
+        VNET_HDR.pack_into(self.vnet, 0, vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0,
+                           skb.gso_size, cstart, coff, 0)
         if self.filter is not None and self.filter.drops(skb, self.gntmap):
             st.drops += 1
             st.drops_filtered += 1
             skb.free()
             return
-        head = skb.head
-        vflags = 0
-        cstart = coff = 0
-        if skb.csum_blank:
-            setup = checksum_setup(head)
-            if setup is not None:
-                vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
-                cstart, coff = setup
-        elif skb.data_validated:
-            vflags = VIRTIO_NET_HDR_F_DATA_VALID
-        VNET_HDR.pack_into(self.vnet, 0, vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0,
-                           skb.gso_size, cstart, coff, 0)
-        iov = [self.vnet, head]
-        if skb.frames:
-            self.gntmap.tx_iovecs(skb.grefs, skb.frames, skb.offs, skb.sizes, iov)
+        if skb.linear is not None:  # a payload rule judged this copy: it is what is sent
+            iov = [self.vnet, skb.linear]
+        else:
+            iov = [self.vnet, skb.head]
+            if skb.frames:
+                self.gntmap.tx_iovecs(skb.grefs, skb.frames, skb.offs, skb.sizes, iov)
         try:
             os.writev(self.vif_fd, iov)
             skb.transmitted = True
@@ -392,7 +469,7 @@ class TxPath:
         bits (nothing reads them any more), queue fragment slots."""
         st = self.stats
         n = len(skb.grefs)
-        if n:
+        if n and skb.hold_flags != NOT_HELD:
             gntmap = self.gntmap
             if skb.mapped:
                 grefs, frames = skb.grefs, skb.frames
@@ -402,10 +479,8 @@ class TxPath:
             touched = len(skb.mapped)
             if self.mode == "lazy":
                 st.grant_maps_avoided += n - touched
-                if touched:
-                    st.tx_zerocopy_fail += 1
-                else:
-                    st.tx_zerocopy_success += 1
+            if skb.linear is not None or (touched and self.mode == "lazy"):
+                st.tx_zerocopy_fail += 1  # the payload was read (and its copy sent)
             else:
                 st.tx_zerocopy_success += 1
         dealloc = self.dealloc
