@@ -21,6 +21,13 @@ class Slot:
     ref: int | None = None
     off: int = 0
     slot: int = 0
+    #: > 0: a fragment of this many bytes whose content and grant entry the test owns
+    #: (a concurrent writer): put_packet writes neither
+    live: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.live or len(self.data)
 
 
 def page(p, ref: int) -> memoryview:
@@ -34,7 +41,7 @@ def put_packet(p, slots: list[Slot], flags: int = 0) -> int:
     """Write the slots' bytes and their requests (first one carries ``flags`` and the total
     size); publish them. Returns the first request's id."""
     ring = p.tx.ring
-    size = sum(len(s.data) for s in slots)
+    size = sum(s.size for s in slots)
     first_id = 0
     for i, s in enumerate(slots):
         more = NETTXF_more_data if i < len(slots) - 1 else 0
@@ -44,13 +51,14 @@ def put_packet(p, slots: list[Slot], flags: int = 0) -> int:
             p.front_region.hdr[s.slot * ss:s.slot * ss + len(s.data)] = s.data
             gref, off, fl = s.slot * ss, 0, NETTXF_header_slot
         else:
-            page(p, s.ref)[s.off:s.off + len(s.data)] = s.data
+            if not s.live:
+                page(p, s.ref)[s.off:s.off + len(s.data)] = s.data
             gref, off, fl = s.ref, s.off, 0
         if i == 0:
             fl |= flags
             first_id = rid
         TX_REQUEST.pack_into(ring.buf, ring.entry(ring.req_prod_pvt), gref, off, fl | more, rid,
-                             size if i == 0 else len(s.data))
+                             size if i == 0 else s.size)
         ring.req_prod_pvt = (ring.req_prod_pvt + 1) & MASK32
     ring.push_requests()
     return first_id
