@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import mmap
 import os
 import select
 import struct
@@ -45,7 +44,7 @@ from shared.tap import (
     open_tap,
     set_offload,
 )
-from shared.transport import TransportError, connect_unix, listen_unix
+from shared.transport import TransportError, connect_unix, listen_unix, map_memfd
 from shared.xenbus import NegotiationError, XenbusState
 
 log = logging.getLogger("netback")
@@ -178,8 +177,9 @@ class Netback:
         self._mapped: list[weakref.ref] = []  # region mmaps, to prove they really go away
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.shared_region = (mmap.mmap(cfg.region_fd, os.fstat(cfg.region_fd).st_size)
-                              if cfg.region_fd is not None else None)
+        # the same seal and size checks as a memfd passed in a handshake (the layout is
+        # checked at every handshake): an unsealed fd could be truncated under us (SIGBUS)
+        self.shared_region = (map_memfd(cfg.region_fd) if cfg.region_fd is not None else None)
         if cfg.vif_fd is not None:
             self.vif_fd = cfg.vif_fd
         else:
@@ -350,7 +350,8 @@ class Netback:
         tx = TxPath(neg.region, gntmap, self.vif_fd, self.tx_stats, self.cfg.tx_mode,
                     neg.features["feature-header-slots"], self.filter)
         rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats)
-        if neg.dma_mem is not self.shared_region:
+        if neg.dma_mem is not self.shared_region:  # bounded: only live mappings are kept
+            self.regions_mapped()
             self._mapped.append(weakref.ref(neg.dma_mem))
         conn = Connection(chan, neg.region, tx, rx, (gntmap, rx_gntmap), views, neg.name,
                           neg.features)

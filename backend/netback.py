@@ -111,7 +111,8 @@ class TxPath:
         self.ring = BackRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
         self.hdr = region.hdr
-        self.slots = HeaderSlots(region.hdr, region.layout.hdr_slot_size, region.layout.hdr_slots)
+        self.slots = HeaderSlots(region.hdr, region.layout.hdr_slot_size,
+                                 region.layout.hdr_slots, allocator=False)
         self.gntmap = gntmap
         self.vif_fd = vif_fd
         self.stats = stats

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.control import ControlError, query
+from shared.text import printable
 
 DEFAULT_DIR = "/run/pvnet"
 
@@ -41,21 +42,9 @@ def find_sockets(sockets: Sequence[str] | None, directory: str) -> list[str]:
     return list(sockets) if sockets else sorted(glob.glob(os.path.join(directory, "*.ctl")))
 
 
-#: longest string from a reply that is printed (a guest could send megabytes of name)
-MAX_TEXT = 200
 #: sections that must be objects (rings: an object of objects); anything else is dropped
 _OBJECTS = ("features", "counters")
-
-
-def escape(text: str) -> str:
-    """``text`` safe for a terminal: every non-printable character (ESC, CSI, newlines, bidi
-    overrides) as its backslash escape, and at most MAX_TEXT characters."""
-    if len(text) > MAX_TEXT:
-        text = text[:MAX_TEXT] + "..."
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+escape = printable
 
 
 def _clean(value: Any) -> Any:
