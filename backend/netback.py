@@ -21,7 +21,7 @@ from array import array
 
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
-from shared.grant import GRANT_ENTRY, GTF_in_use, GTF_permit_access, entries
+from shared.grant import GRANT_ENTRY, GrantError, GTF_in_use, GTF_permit_access, entries
 from shared.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
 from shared.netif import (
     EXTRA_INFO,
@@ -86,7 +86,7 @@ def _reqs(n: int) -> struct.Struct:
 #: why a TX packet was dropped (RingStats counter drops_<reason>); Linux drops these without
 #: disconnecting: 19 or 20 follow-on slots, a size outside the frame limits, headers that cannot
 #: be pulled within HEADER_PULL_MAX, a csum_blank frame whose checksum cannot be set up
-DROP_REASONS = ("slots", "size", "headers", "csum")
+DROP_REASONS = ("slots", "size", "headers", "csum", "vif")
 #: why a frontend was disconnected (Netback counter fatal_<reason>)
 FATAL_REASONS = ("slots_unpublished", "too_many_slots", "page_boundary", "id_reused",
                  "extra_info", "size", "header_slot", "grant", "tx_malformed")
@@ -262,6 +262,7 @@ class TxPath:
             return None
         skb = SkBuff(b"", self._destructor)
         skb.size = size
+        skb.idx = cons & MASK32
         if flags & NETTXF_header_slot:
             if not self.header_slots:
                 raise FatalTxError(f"ring[{cons & MASK32}].flags: header-slot request "
@@ -291,7 +292,11 @@ class TxPath:
             skb.data_validated = True
         skb.gso_type, skb.gso_size = gso_type, gso_size
         if grefs:
-            self._attach(skb, grefs, offs, ids, sizes)
+            try:
+                self._attach(skb, grefs, offs, ids, sizes)
+            except GrantError as e:  # fatal (fatal_grant): say which packet
+                raise GrantError(f"ring[{cons & MASK32}..{(idx - 1) & MASK32}].gref: {e}") \
+                    from e
         if not self._pull(skb):
             self._drop_skb(skb, "headers", f"ring[{cons & MASK32}]: headers run past "
                                            f"{HEADER_PULL_MAX} bytes")
@@ -436,7 +441,8 @@ class TxPath:
         if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
             h = skb.hdrs
             if h is None or h.l4 is None or h.fragment:
-                self._drop_skb(skb, "csum", "csum_blank frame without a TCP/UDP header "
+                self._drop_skb(skb, "csum", f"ring[{skb.idx}].flags: csum_blank frame "
+                               "without a TCP/UDP header "
                                f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
                 return
             vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
@@ -448,6 +454,7 @@ class TxPath:
         if self.filter is not None and self.filter.drops(skb, self.gntmap):
             st.drops += 1
             st.drops_filtered += 1
+            self.log_drop("filtered", f"ring[{skb.idx}]: a filter rule matched")
             skb.free()
             return
         if skb.linear is not None:  # a payload rule judged this copy: it is what is sent
@@ -459,9 +466,11 @@ class TxPath:
         try:
             os.writev(self.vif_fd, iov)
             skb.transmitted = True
-        except OSError:  # vif down or queue full: the packet is dropped, slots still released
+        except OSError as e:  # vif down or queue full: dropped, slots still released
             st.drops += 1
             st.drops_error += 1
+            st.drops_vif += 1
+            self.log_drop("vif", f"ring[{skb.idx}]: vif write failed: {e}")
         skb.free()
 
     # --- releasing slots ----------------------------------------------------------------

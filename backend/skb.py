@@ -19,7 +19,7 @@ class SkBuff:
 
     __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras",
                  "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "destructor",
-                 "transmitted", "hold_flags", "hdrs", "linear")
+                 "transmitted", "hold_flags", "hdrs", "linear", "idx")
 
     def __init__(self, head: bytes, destructor: Callable[[SkBuff], None]) -> None:
         self.head = head
@@ -46,6 +46,8 @@ class SkBuff:
         self.hdrs = None
         #: the whole frame as a payload rule read it: then this copy is what is sent
         self.linear: bytes | None = None
+        #: the ring index of its first request (for the log line of a drop)
+        self.idx = -1
 
     def payload(self, gntmap) -> bytes:
         """The whole packet's bytes, read through the CPU view; maps every fragment not

@@ -47,6 +47,8 @@ class RingStats:
     drops_size: int = 0
     drops_headers: int = 0
     drops_csum: int = 0
+    #: TX frames the vif refused (queue full, device down)
+    drops_vif: int = 0
     #: grant operations, counted and timed (ns totals) for the bench's op_us
     grant_maps_on_touch: int = 0
     grant_unmaps: int = 0
