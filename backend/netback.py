@@ -20,9 +20,10 @@ import time
 from array import array
 
 from backend.gntmap import GntMap
+from backend.pull import HEADER_PULL_MAX, pull_headers
 from backend.skb import SkBuff
 from shared.grant import GRANT_ENTRY, GrantError, GTF_in_use, GTF_permit_access, entries
-from shared.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
+from shared.headers import CSUM_OFFSET
 from shared.netif import (
     EXTRA_INFO,
     FATAL_SKB_SLOTS,
@@ -61,12 +62,8 @@ log = logging.getLogger("netback")
 TX_MODES = ("lazy", "map", "copy")
 #: drop log lines per second per connection
 LOG_PER_SECOND = 10
-#: XEN_NETBACK_TX_COPY_LEN: the least a header pull copies into the private head
-TX_COPY_LEN = 128
 #: SkBuff.hold_flags of fragments attached but not held (copy mode, before the copy)
 NOT_HELD = -2
-#: the most the header pull copies: a frame whose headers end later is dropped (drops_headers)
-HEADER_PULL_MAX = 512
 _unpack_req = TX_REQUEST.unpack_from
 _pack_rsp = TX_RESPONSE.pack_into
 _unpack_extra = EXTRA_INFO.unpack_from
@@ -297,7 +294,7 @@ class TxPath:
             except GrantError as e:  # fatal (fatal_grant): say which packet
                 raise GrantError(f"ring[{cons & MASK32}..{(idx - 1) & MASK32}].gref: {e}") \
                     from e
-        if not self._pull(skb):
+        if not pull_headers(skb, self.gntmap.pull):
             self._drop_skb(skb, "headers", f"ring[{cons & MASK32}]: headers run past "
                                            f"{HEADER_PULL_MAX} bytes")
             return None
@@ -323,50 +320,6 @@ class TxPath:
         self.dealloc.extend(ids[1:])
         skb.extras = 0
         skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = [], [], [], [], []
-
-    # --- the header pull ------------------------------------------------------------------
-    def _pull(self, skb: SkBuff) -> bool:
-        """Copy the headers into the skb's private head before anything inspects them: at
-        least TX_COPY_LEN bytes (or the whole frame) and on to the end of the L4 header, across
-        fragments, as far as ``shared.headers.walk`` says (VLAN tags, IPv6 extension headers,
-        IP and TCP options). The pull is a grant copy (counted in copy_bytes) out of the
-        frames resolved at attach; the bytes pulled leave the fragments, so the frame sent is
-        exactly that head followed by what remains. False: the headers do not end within
-        HEADER_PULL_MAX bytes. ``skb.hdrs`` is the walk (None: not IP, or malformed)."""
-        head, size = skb.head, skb.size
-        want = min(size, TX_COPY_LEN)
-        while True:
-            if len(head) < want:
-                if want > HEADER_PULL_MAX:
-                    return False
-                head += self._take(skb, want - len(head))
-            try:
-                skb.hdrs = walk(head)
-                break
-            except NeedMore as e:
-                if len(head) >= size:  # a frame shorter than its own headers
-                    break
-                want = min(e.need, size)
-            except HeaderError:
-                break
-        skb.head = head
-        return True
-
-    def _take(self, skb: SkBuff, n: int) -> bytes:
-        """``n`` bytes off the front of the fragments (each keeps its slot, maybe empty)."""
-        parts = []
-        grefs, frames, offs, sizes = skb.grefs, skb.frames, skb.offs, skb.sizes
-        pull = self.gntmap.pull
-        for i in range(len(sizes)):
-            if not n:
-                break
-            k = min(n, sizes[i])
-            if k:
-                parts.append(pull(grefs[i], frames[i], offs[i], k))
-                offs[i] += k
-                sizes[i] -= k
-                n -= k
-        return b"".join(parts)
 
     def _drop_skb(self, skb: SkBuff, reason: str, why: str) -> None:
         """Drop a built packet (its slots are released by its destructor, as Linux's

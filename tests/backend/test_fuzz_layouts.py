@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend.filter import Filter, header_fields
-from backend.netback import HEADER_PULL_MAX, TX_COPY_LEN
+from backend.pull import HEADER_PULL_MAX, TX_COPY_LEN
 from shared.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
 from shared.netif import PAGE_SIZE, NETTXF_csum_blank
 from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM
