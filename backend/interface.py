@@ -214,7 +214,9 @@ class Netback:
                "regions_mapped": self.regions_mapped(),
                "counters": dict(self.counters, last_error=self.last_error,
                                 ctl_paced=self.ctl.paced if self.ctl else 0,
-                                ctl_refused=self.ctl.refused if self.ctl else 0)}
+                                ctl_refused=self.ctl.refused if self.ctl else 0,
+                                ctl_accept_errors=self.ctl.accept_errors if self.ctl else 0,
+                                ctl_clients_capped=self.ctl.clients_capped if self.ctl else 0)}
         if self.filter is not None:
             out["filter"] = [{"rule": f"{r.action} {r.field}", "hits": h}
                              for r, h in zip(self.filter.rules, self.filter.hits, strict=True)]
