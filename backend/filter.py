@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from backend.skb import SkBuff
+from shared.headers import HeaderError, NeedMore, walk
 
 HEADER_FIELDS = ("ethertype", "ip_proto", "src_ip", "dst_ip", "src_port", "dst_port")
 
@@ -54,29 +55,14 @@ class Rule:
 
 
 def header_fields(head: bytes) -> dict[str, object]:
-    """Parse Ethernet/IP/L4 fields from the header copy (never from the payload)."""
-    out: dict[str, object] = {}
-    if len(head) < 14:
-        return out
-    etype = int.from_bytes(head[12:14], "big")
-    off = 14
-    if etype == 0x8100 and len(head) >= 18:
-        etype, off = int.from_bytes(head[16:18], "big"), 18
-    out["ethertype"] = etype
-    if etype == 0x0800 and len(head) >= off + 20:
-        out["ip_proto"] = proto = head[off + 9]
-        out["src_ip"], out["dst_ip"] = head[off + 12:off + 16], head[off + 16:off + 20]
-        off += (head[off] & 0x0F) * 4
-    elif etype == 0x86DD and len(head) >= off + 40:
-        out["ip_proto"] = proto = head[off + 6]
-        out["src_ip"], out["dst_ip"] = head[off + 8:off + 24], head[off + 24:off + 40]
-        off += 40
-    else:
-        return out
-    if proto in (6, 17) and len(head) >= off + 4:
-        out["src_port"] = int.from_bytes(head[off:off + 2], "big")
-        out["dst_port"] = int.from_bytes(head[off + 2:off + 4], "big")
-    return out
+    """Ethernet/IP/L4 fields of the pulled header copy (never of the live payload), walked
+    by ``shared.headers.walk`` - VLAN/QinQ tags and IPv6 extension headers included, the same
+    walk as the checksum code's. A later IP fragment has ``ip_proto`` but no ports. Headers
+    that are impossible or cut short yield only what was walked before the problem."""
+    try:
+        return walk(head).fields()
+    except (NeedMore, HeaderError):
+        return {"ethertype": int.from_bytes(head[12:14], "big")} if len(head) >= 14 else {}
 
 
 class Filter:
@@ -96,11 +82,12 @@ class Filter:
         for i, rule in enumerate(self.rules):
             if rule.field == "payload":
                 if data is None:
-                    data = skb.payload(gntmap)
+                    data = skb.linearize(gntmap)  # judged and sent: the same bytes
                 hit = rule.value in data
             else:
-                if fields is None:
-                    fields = header_fields(skb.head)
+                if fields is None:  # the walk of the pulled private head
+                    fields = (skb.hdrs.fields() if skb.hdrs is not None
+                              else header_fields(skb.head))
                 hit = fields.get(rule.field) == rule.value
             if hit:
                 self.hits[i] += 1

@@ -49,7 +49,7 @@ from shared.stats import RingStats
 _unpack_gnt = GRANT_ENTRY.unpack_from
 _now = time.perf_counter_ns
 #: access points at which tests may act (revoke a grant) just before the backend's access
-HOOK_POINTS = ("tx_hold", "tx_map", "tx_submit", "rx_write")
+HOOK_POINTS = ("tx_hold", "tx_map", "tx_pull", "tx_submit", "rx_write")
 #: RX: small frames in a row after which only one buffer is marked per frame
 RX_SHRINK_AFTER = 8
 #: RX: the private spill area for a frame longer than predicted (17 pages: a 64 KiB frame)
@@ -239,6 +239,20 @@ class GntMap:
         self.stats.grant_copies += 1
         self.stats.grant_copy_bytes += size
         self.stats.copy_bytes += size
+        return data
+
+    def pull(self, gref: int, frame: int, offset: int, size: int) -> bytes:
+        """The header pull: a grant copy out of a TX fragment, by the frame resolved at
+        attach (the grant is held), into the skb's private head; counted as bytes copied."""
+        if self.hook is not None:
+            self.hook("tx_pull", gref)
+        t = _now()
+        data = self._dma.copy(frame, offset, size)
+        st = self.stats
+        st.grant_copy_ns += _now() - t
+        st.grant_copies += 1
+        st.grant_copy_bytes += size
+        st.copy_bytes += size
         return data
 
     def tx_iovecs(self, grefs: list[int], frames: list[int], offs: list[int],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import mmap
 import os
 import select
 import struct
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field, fields
 
 from backend.filter import Filter
 from backend.gntmap import GntMap, Views
-from backend.netback import FatalTxError, TxPath
+from backend.netback import FATAL_REASONS, FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
@@ -45,7 +44,7 @@ from shared.tap import (
     open_tap,
     set_offload,
 )
-from shared.transport import TransportError, connect_unix, listen_unix
+from shared.transport import TransportError, connect_unix, listen_unix, map_memfd
 from shared.xenbus import NegotiationError, XenbusState
 
 log = logging.getLogger("netback")
@@ -54,6 +53,10 @@ BACKEND_DOMID = 0
 #: what disconnects a frontend (its fault), as opposed to a crash of ours
 FRONTEND_ERRORS = (RingError, GrantError, FatalTxError, FatalRxError, ChannelError,
                    NegotiationError, LayoutError, TransportError)
+#: the fatal_<reason> counter of a frontend error that carries no reason of its own
+_ERROR_REASON = {RingError: "ring", GrantError: "grant", FatalRxError: "rx",
+                 ChannelError: "channel", NegotiationError: "negotiation", LayoutError: "layout",
+                 TransportError: "transport"}
 #: _IOW('T', 226, int): netif_carrier_on/off on a TAP (Linux >= 5.0)
 TUNSETCARRIER = 0x400454E2
 #: Linux xen-netback's rx_stall_timeout default (seconds)
@@ -66,6 +69,8 @@ MAX_EVENT_DELAY = 0.1
 IDLE_MS = 1000
 #: how long a control message to a frontend may wait for it to read (it is not trusted)
 SEND_TIMEOUT = 5.0
+#: seconds the event listener rests after accept() fails (EMFILE) instead of spinning
+ACCEPT_BACKOFF = 0.1
 #: control requests per second (and burst) the control socket serves, whoever asks
 CTL_RATE = 1000.0
 CTL_BURST = 100
@@ -157,7 +162,10 @@ class Netback:
         self.rx_stats = RingStats()
         self.counters = {"connects": 0, "disconnects": 0, "malformed": 0, "internal_errors": 0,
                          "frontend_restarts": 0, "spurious_events": 0, "events_deferred": 0,
-                         "rx_stalls": 0, "lost_wakeups": 0, "slots_abandoned": 0}
+                         "rx_stalls": 0, "lost_wakeups": 0, "slots_abandoned": 0,
+                         "accept_errors": 0}
+        for reason in (*FATAL_REASONS, *_ERROR_REASON.values()):
+            self.counters[f"fatal_{reason}"] = 0
         self.last_error = ""
         self.state = XenbusState.Initialising
         self.peer = ""
@@ -169,8 +177,9 @@ class Netback:
         self._mapped: list[weakref.ref] = []  # region mmaps, to prove they really go away
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.shared_region = (mmap.mmap(cfg.region_fd, os.fstat(cfg.region_fd).st_size)
-                              if cfg.region_fd is not None else None)
+        # the same seal and size checks as a memfd passed in a handshake (the layout is
+        # checked at every handshake): an unsealed fd could be truncated under us (SIGBUS)
+        self.shared_region = (map_memfd(cfg.region_fd) if cfg.region_fd is not None else None)
         if cfg.vif_fd is not None:
             self.vif_fd = cfg.vif_fd
         else:
@@ -205,7 +214,9 @@ class Netback:
                "regions_mapped": self.regions_mapped(),
                "counters": dict(self.counters, last_error=self.last_error,
                                 ctl_paced=self.ctl.paced if self.ctl else 0,
-                                ctl_refused=self.ctl.refused if self.ctl else 0)}
+                                ctl_refused=self.ctl.refused if self.ctl else 0,
+                                ctl_accept_errors=self.ctl.accept_errors if self.ctl else 0,
+                                ctl_clients_capped=self.ctl.clients_capped if self.ctl else 0)}
         if self.filter is not None:
             out["filter"] = [{"rule": f"{r.action} {r.field}", "hits": h}
                              for r, h in zip(self.filter.rules, self.filter.hits, strict=True)]
@@ -265,6 +276,12 @@ class Netback:
                     sock, _ = self.listener.accept()
                 except (BlockingIOError, InterruptedError):
                     continue
+                except OSError as e:  # EMFILE/ENFILE: rest instead of spinning or dying
+                    self._accept_failed(e)
+                    rest = select.poll()  # the listener stays readable: wait on stop only
+                    rest.register(self._wake_r, select.POLLIN)
+                    rest.poll(int(ACCEPT_BACKOFF * 1000))
+                    continue
                 return EventChannel(sock=sock)
 
     def _newer_frontend(self) -> bool:
@@ -304,6 +321,7 @@ class Netback:
             log.info("%s: a newer frontend is waiting; dropping the silent one", self.cfg.vif)
         except FRONTEND_ERRORS as e:
             self.counters["malformed"] += 1
+            self.counters[f"fatal_{fatal_reason(e)}"] += 1
             self._fault(chan, f"{type(e).__name__}: {e}", str(e))
         except Shutdown:
             send_quietly(chan, {"state": "Closing"})
@@ -334,7 +352,8 @@ class Netback:
         tx = TxPath(neg.region, gntmap, self.vif_fd, self.tx_stats, self.cfg.tx_mode,
                     neg.features["feature-header-slots"], self.filter)
         rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats)
-        if neg.dma_mem is not self.shared_region:
+        if neg.dma_mem is not self.shared_region:  # bounded: only live mappings are kept
+            self.regions_mapped()
             self._mapped.append(weakref.ref(neg.dma_mem))
         conn = Connection(chan, neg.region, tx, rx, (gntmap, rx_gntmap), views, neg.name,
                           neg.features)
@@ -416,6 +435,7 @@ class Netback:
         counters = self.counters
         spurious = 0  # consecutive notified wake-ups that found no work
         resume_at = 0.0  # deferred events: when to listen to the channel again
+        listen_at = 0.0  # accept() failed: when to poll the event listener again
         stall_timeout = self.cfg.rx_stall_timeout
         stall_at = time.monotonic() + stall_timeout  # RX has no buffers yet
         t0 = r0 = 0
@@ -430,13 +450,18 @@ class Netback:
                             _frontend_says(got.messages)
                         kicked = True
                     elif fd == lfd:
-                        self._refuse_second_frontend()
+                        if not self._refuse_second_frontend():
+                            poller.unregister(lfd)
+                            listen_at = time.monotonic() + ACCEPT_BACKOFF
                     elif fd == wfd:
                         raise Shutdown("stop requested")
                 if kicked:
                     t0, r0 = txr.req_cons, rxr.req_cons
             elif timeout and chan_polled:  # the timer, not the peer, woke us
                 self._lost_wakeup(cfd, txr, rxr, vif_polled)
+            if listen_at and time.monotonic() >= listen_at:
+                poller.register(lfd, select.POLLIN)
+                listen_at = 0.0
             if not chan_polled and time.monotonic() >= resume_at:  # deferral over
                 poller.register(cfd, select.POLLIN)
                 chan_polled = True
@@ -480,6 +505,8 @@ class Netback:
                         counters["events_deferred"] += 1
             if not chan_polled:
                 timeout = min(timeout, max(1, int((resume_at - time.monotonic()) * 1000) + 1))
+            if listen_at:
+                timeout = min(timeout, max(1, int((listen_at - time.monotonic()) * 1000) + 1))
             if not vif_polled and stall_at and stall_timeout > 0:
                 left = stall_at - time.monotonic()
                 if left <= 0:
@@ -504,11 +531,23 @@ class Netback:
                 log.warning("%s: found requests no notification announced (lost wake-up)",
                             self.cfg.vif)
 
-    def _refuse_second_frontend(self) -> None:
+    def _accept_failed(self, e: OSError) -> None:
+        self.counters["accept_errors"] += 1
+        if self.counters["accept_errors"] == 1 or e.errno != getattr(self, "_last_errno", 0):
+            log.warning("%s: accept() on the event socket failed: %s; retrying in %gs",
+                        self.cfg.vif, e, ACCEPT_BACKOFF)
+        self._last_errno = e.errno
+
+    def _refuse_second_frontend(self) -> bool:
+        """Tell a second frontend this vif is taken. False if accept() failed (no fd left):
+        the caller then stops polling the listener for ACCEPT_BACKOFF."""
         try:
             sock, _ = self.listener.accept()
-        except OSError:
-            return
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as e:
+            self._accept_failed(e)
+            return False
         with sock:
             sock.setblocking(False)
             msg = b'{"state":"Closing","error":"this vif already has a frontend"}\n'
@@ -516,6 +555,7 @@ class Netback:
                 sock.send(msg)
             except OSError:
                 pass
+        return True
 
     def close(self) -> None:
         if self.ctl:
@@ -530,6 +570,17 @@ class Netback:
             os.close(self.vif_fd)
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+
+
+def fatal_reason(e: BaseException) -> str:
+    """The fatal_<reason> counter a frontend error is booked under."""
+    reason = getattr(e, "reason", None)
+    if reason in FATAL_REASONS:
+        return reason
+    for cls, name in _ERROR_REASON.items():
+        if isinstance(e, cls):
+            return name
+    return "tx_malformed"
 
 
 def _frontend_says(messages: list[dict]) -> None:

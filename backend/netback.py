@@ -13,13 +13,17 @@ action loop turns them into responses (``xenvif_idx_release`` -> ``make_tx_respo
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import struct
+import time
 from array import array
 
 from backend.gntmap import GntMap
+from backend.pull import HEADER_PULL_MAX, pull_headers
 from backend.skb import SkBuff
-from shared.grant import GRANT_ENTRY, GTF_in_use, GTF_permit_access, entries
+from shared.grant import GRANT_ENTRY, GrantError, GTF_in_use, GTF_permit_access, entries
+from shared.headers import CSUM_OFFSET
 from shared.netif import (
     EXTRA_INFO,
     FATAL_SKB_SLOTS,
@@ -48,16 +52,18 @@ from shared.offload import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VNET_HDR,
     XEN_TO_VIRTIO_GSO,
-    checksum_setup,
 )
 from shared.region import Region
 from shared.ring import HEADER_SIZE, MASK32, BackRing
 from shared.slots import HeaderSlots, SlotError
 from shared.stats import RingStats
 
+log = logging.getLogger("netback")
 TX_MODES = ("lazy", "map", "copy")
-#: XEN_NETBACK_TX_COPY_LEN: what a grant copy pulls into the linear area without header slots
-TX_COPY_LEN = 128
+#: drop log lines per second per connection
+LOG_PER_SECOND = 10
+#: SkBuff.hold_flags of fragments attached but not held (copy mode, before the copy)
+NOT_HELD = -2
 _unpack_req = TX_REQUEST.unpack_from
 _pack_rsp = TX_RESPONSE.pack_into
 _unpack_extra = EXTRA_INFO.unpack_from
@@ -74,8 +80,22 @@ def _reqs(n: int) -> struct.Struct:
     return struct.Struct("<" + "IHHHH" * n)
 
 
+#: why a TX packet was dropped (RingStats counter drops_<reason>); Linux drops these without
+#: disconnecting: 19 or 20 follow-on slots, a size outside the frame limits, headers that cannot
+#: be pulled within HEADER_PULL_MAX, a csum_blank frame whose checksum cannot be set up
+DROP_REASONS = ("slots", "size", "headers", "csum", "vif")
+#: why a frontend was disconnected (Netback counter fatal_<reason>)
+FATAL_REASONS = ("slots_unpublished", "too_many_slots", "page_boundary", "id_reused",
+                 "extra_info", "size", "header_slot", "grant", "tx_malformed")
+
+
 class FatalTxError(Exception):
-    """xenvif_fatal_tx_err: this frontend is broken or hostile; disconnect it."""
+    """xenvif_fatal_tx_err: this frontend is broken or hostile; disconnect it. ``reason`` is
+    one of FATAL_REASONS (the counter), the message names the ring index and the field."""
+
+    def __init__(self, message: str, reason: str = "tx_malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class TxPath:
@@ -88,7 +108,8 @@ class TxPath:
         self.ring = BackRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
         self.hdr = region.hdr
-        self.slots = HeaderSlots(region.hdr, region.layout.hdr_slot_size, region.layout.hdr_slots)
+        self.slots = HeaderSlots(region.hdr, region.layout.hdr_slot_size,
+                                 region.layout.hdr_slots, allocator=False)
         self.gntmap = gntmap
         self.vif_fd = vif_fd
         self.stats = stats
@@ -102,6 +123,7 @@ class TxPath:
         self.gnt_buf = region.grants.buf
         self.gnt_count = region.grants.count
         self.frames = region.layout.payload_frames
+        self._log_t, self._logged = 0.0, 0
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64) -> bool:
@@ -122,9 +144,10 @@ class TxPath:
         return self.ring.push_responses()
 
     # --- building an skb from the ring ------------------------------------------------------
-    def _take_id(self, rid: int) -> None:
+    def _take_id(self, rid: int, idx: int = -1) -> None:
         if self.pending[rid]:
-            raise FatalTxError(f"request id {rid} reused while pending")
+            raise FatalTxError(f"ring[{idx & MASK32}].id: request id {rid} reused while "
+                               f"pending", "id_reused")
         self.pending[rid] = 1
 
     def _fast_frags(self, idx: int, limit: int) -> Frags | None:
@@ -133,7 +156,7 @@ class TxPath:
         fresh ids); None sends the packet to ``_slow_frags``, which checks one by one."""
         ring = self.ring
         pos = idx & ring.mask
-        k = min(limit, ring.size - pos, FATAL_SKB_SLOTS - 1)
+        k = min(limit, ring.size - pos, MAX_SLOTS_PER_PACKET)  # longer: the slow path
         if k <= 0:
             return None
         t = _reqs(k).unpack_from(self.buf, _HDR + pos * _SLOT)
@@ -163,15 +186,20 @@ class TxPath:
         sizes: list[int] = []
         fflags = NETTXF_more_data
         while fflags & NETTXF_more_data:
+            # xenvif_count_requests, in its order: `slots` is the follow-ons already read
             if idx - cons >= avail:
-                raise FatalTxError("packet asks for more slots than were published")
-            if len(grefs) + 2 >= FATAL_SKB_SLOTS:
-                raise FatalTxError(f"packet uses {FATAL_SKB_SLOTS} or more slots")
+                raise FatalTxError(f"ring[{idx & MASK32}]: packet asks for more slots than "
+                                   f"were published", "slots_unpublished")
+            if len(grefs) >= FATAL_SKB_SLOTS:
+                raise FatalTxError(f"ring[{idx & MASK32}]: packet has more than "
+                                   f"{FATAL_SKB_SLOTS} follow-on slots (fatal_skb_slots)",
+                                   "too_many_slots")
             fgref, foff, fflags, fid, fsize = _unpack_req(buf, ring.entry(idx))
-            idx += 1
             if foff + fsize > PAGE_SIZE:
-                raise FatalTxError(f"fragment crosses a page boundary ({foff}+{fsize})")
-            self._take_id(fid)
+                raise FatalTxError(f"ring[{idx & MASK32}].offset+size: fragment crosses a "
+                                   f"page boundary ({foff}+{fsize})", "page_boundary")
+            idx += 1
+            self._take_id(fid, idx - 1)
             grefs.append(fgref)
             offs.append(foff)
             ids.append(fid)
@@ -188,18 +216,21 @@ class TxPath:
             more = True
             while more:
                 if idx - cons >= avail:
-                    raise FatalTxError("missing extra info")
+                    raise FatalTxError(f"ring[{idx & MASK32}]: missing extra info",
+                                       "slots_unpublished")
                 etype, eflags, gsize, gtype, _pad, _feat = _unpack_extra(buf, entry(idx))
                 idx += 1
                 extras += 1
                 if etype != XEN_NETIF_EXTRA_TYPE_GSO or extras > 1:
-                    raise FatalTxError(f"bad extra info type {etype}")
+                    raise FatalTxError(f"ring[{(idx - 1) & MASK32}].type: bad extra info "
+                                       f"type {etype}", "extra_info")
                 if gtype not in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6) \
                         or not gsize:
-                    raise FatalTxError(f"bad GSO type {gtype} size {gsize}")
+                    raise FatalTxError(f"ring[{(idx - 1) & MASK32}].gso: bad GSO type "
+                                       f"{gtype} size {gsize}", "extra_info")
                 gso_type, gso_size = gtype, gsize
                 more = eflags & XEN_NETIF_EXTRA_FLAG_MORE
-        self._take_id(rid)
+        self._take_id(rid, cons)
         if flags & NETTXF_more_data:
             frags = self._fast_frags(idx, avail - (idx - cons))
             if frags is None:
@@ -215,45 +246,90 @@ class TxPath:
         st.slots_consumed += (idx - cons) & MASK32
         first_len = size - total_frags
         if first_len <= 0:
-            raise FatalTxError(f"fragments ({total_frags} B) bigger than the packet ({size} B)")
-        if nfrags + 1 > MAX_SLOTS_PER_PACKET or size > MAX_FRAME or size < 14:
-            # Linux drops such packets (not fatal below fatal_skb_slots)
-            self._drop(rid, ids, extras)
+            raise FatalTxError(f"ring[{cons & MASK32}].size: fragments ({total_frags} B) "
+                               f"bigger than the packet ({size} B)", "size")
+        if nfrags > MAX_SLOTS_PER_PACKET:  # 19 or 20 follow-ons: Linux drops, not fatal
+            self._drop(rid, ids, extras, "slots",
+                       f"ring[{cons & MASK32}]: {nfrags} follow-on slots "
+                       f"(> {MAX_SLOTS_PER_PACKET})")
+            return None
+        if size > MAX_FRAME or size < 14:
+            self._drop(rid, ids, extras, "size",
+                       f"ring[{cons & MASK32}].size: {size} outside 14..{MAX_FRAME}")
             return None
         skb = SkBuff(b"", self._destructor)
         skb.size = size
+        skb.idx = cons & MASK32
         if flags & NETTXF_header_slot:
             if not self.header_slots:
-                raise FatalTxError("header-slot request without feature-header-slots")
+                raise FatalTxError(f"ring[{cons & MASK32}].flags: header-slot request "
+                                   f"without feature-header-slots", "header_slot")
             try:
                 start = self.slots.check(gref, off, first_len)
             except SlotError as e:
-                raise FatalTxError(str(e)) from e
+                raise FatalTxError(f"ring[{cons & MASK32}].gref: {e}", "header_slot") from e
             skb.head = bytes(self.hdr[start:start + first_len])
             st.copy_bytes += first_len
             st.tx_header_slot_packets += 1
             self._respond(rid, XEN_NETIF_RSP_OKAY, extras)  # header slot released at once
         else:
             if off + first_len > PAGE_SIZE:
-                raise FatalTxError(f"first slot crosses a page boundary ({off}+{first_len})")
-            copy = min(first_len, TX_COPY_LEN)
-            skb.head = self.gntmap.copy_from(gref, off, copy)
-            if copy == first_len:
-                self._respond(rid, XEN_NETIF_RSP_OKAY, extras)
-            else:  # the rest of the first slot is the first fragment
-                grefs.insert(0, gref)
-                offs.insert(0, off + copy)
-                ids.insert(0, rid)
-                sizes.insert(0, first_len - copy)
-                skb.extras = extras  # its NULL answers follow it when it is released
+                raise FatalTxError(f"ring[{cons & MASK32}].offset+size: first slot crosses a "
+                                   f"page boundary ({off}+{first_len})", "page_boundary")
+            # the first slot is the first fragment: its grant is resolved with the others
+            # (once), and the header pull copies its head out of it
+            grefs.insert(0, gref)
+            offs.insert(0, off)
+            ids.insert(0, rid)
+            sizes.insert(0, first_len)
+            skb.extras = extras  # its NULL answers follow it when it is released
         if flags & NETTXF_csum_blank:
             skb.csum_blank = True
         if flags & NETTXF_data_validated:
             skb.data_validated = True
         skb.gso_type, skb.gso_size = gso_type, gso_size
         if grefs:
-            self._attach(skb, grefs, offs, ids, sizes)
+            try:
+                self._attach(skb, grefs, offs, ids, sizes)
+            except GrantError as e:  # fatal (fatal_grant): say which packet
+                raise GrantError(f"ring[{cons & MASK32}..{(idx - 1) & MASK32}].gref: {e}") \
+                    from e
+        if not pull_headers(skb, self.gntmap.pull):
+            self._drop_skb(skb, "headers", f"ring[{cons & MASK32}]: headers run past "
+                                           f"{HEADER_PULL_MAX} bytes")
+            return None
+        if self.mode == "copy" and skb.grefs:
+            self._copy_rest(skb)
         return skb
+
+    def _copy_rest(self, skb: SkBuff) -> None:
+        """Copy mode: the CPU copies what the header pull left (map, copy through the CPU
+        view, unmap) and the slots are released at once; the skb keeps no fragment."""
+        gntmap = self.gntmap
+        parts = [skb.head]
+        for gref, frame, off, size in zip(skb.grefs, skb.frames, skb.offs, skb.sizes,
+                                          strict=True):
+            gntmap.map(gref, frame)
+            parts.append(bytes(gntmap.page(frame)[off:off + size]))
+            gntmap.unmap(gref, frame)
+        self.stats.copy_bytes += sum(skb.sizes)
+        skb.head = b"".join(parts)
+        ids = skb.ids
+        self.dealloc.append(ids[0])
+        self.dealloc.extend([-1] * skb.extras)
+        self.dealloc.extend(ids[1:])
+        skb.extras = 0
+        skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = [], [], [], [], []
+
+    def _drop_skb(self, skb: SkBuff, reason: str, why: str) -> None:
+        """Drop a built packet (its slots are released by its destructor, as Linux's
+        kfree_skb after a failed checksum_setup): counted, logged, the connection lives on."""
+        st = self.stats
+        st.drops += 1
+        st.drops_error += 1
+        setattr(st, f"drops_{reason}", getattr(st, f"drops_{reason}") + 1)
+        self.log_drop(reason, why)
+        skb.free()
 
     def _frames(self, grefs: list[int]) -> tuple[list[int], int]:
         """Check every fragment's grant; the frames they grant, and the entries' common flags
@@ -293,18 +369,10 @@ class TxPath:
         if n > MAX_SKB_FRAGS:
             st.tx_frag_overflow += 1
         frames, flags0 = self._frames(grefs)
-        if self.mode == "copy":  # the CPU copies: map, copy through the CPU view, unmap
-            parts = [skb.head]
-            for gref, frame, off, size in zip(grefs, frames, offs, sizes, strict=True):
-                gntmap.map(gref, frame)
-                parts.append(bytes(gntmap.page(frame)[off:off + size]))
-                gntmap.unmap(gref, frame)
-            st.copy_bytes += sum(sizes)
-            skb.head = b"".join(parts)
-            self.dealloc.append(ids[0])
-            self.dealloc.extend([-1] * skb.extras)
-            self.dealloc.extend(ids[1:])
-            skb.extras = 0
+        if self.mode == "copy":  # copied by ``_copy_rest`` once the header pull is done
+            skb.grefs, skb.frames, skb.offs, skb.sizes = grefs, frames, offs, sizes
+            skb.ids = ids
+            skb.hold_flags = NOT_HELD
             return
         skb.hold_flags = gntmap.hold(grefs, frames, flags0)  # GTF_reading until freed
         skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = grefs, frames, offs, sizes, ids
@@ -321,32 +389,41 @@ class TxPath:
         st.tx_bytes += size
         if skb.grefs:
             st.tx_zerocopy_sent += 1
-        if self.filter is not None and self.filter.drops(skb, self.gntmap):
-            st.drops += 1
-            st.drops_filtered += 1
-            skb.free()
-            return
-        head = skb.head
         vflags = 0
         cstart = coff = 0
-        if skb.csum_blank:
-            setup = checksum_setup(head)
-            if setup is not None:
-                vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
-                cstart, coff = setup
+        if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
+            h = skb.hdrs
+            if h is None or h.l4 is None or h.fragment:
+                self._drop_skb(skb, "csum", f"ring[{skb.idx}].flags: csum_blank frame "
+                               "without a TCP/UDP header "
+                               f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
+                return
+            vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
+            cstart, coff = h.l4, CSUM_OFFSET[h.ip_proto]
         elif skb.data_validated:
             vflags = VIRTIO_NET_HDR_F_DATA_VALID
         VNET_HDR.pack_into(self.vnet, 0, vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0,
                            skb.gso_size, cstart, coff, 0)
-        iov = [self.vnet, head]
-        if skb.frames:
-            self.gntmap.tx_iovecs(skb.grefs, skb.frames, skb.offs, skb.sizes, iov)
+        if self.filter is not None and self.filter.drops(skb, self.gntmap):
+            st.drops += 1
+            st.drops_filtered += 1
+            self.log_drop("filtered", f"ring[{skb.idx}]: a filter rule matched")
+            skb.free()
+            return
+        if skb.linear is not None:  # a payload rule judged this copy: it is what is sent
+            iov = [self.vnet, skb.linear]
+        else:
+            iov = [self.vnet, skb.head]
+            if skb.frames:
+                self.gntmap.tx_iovecs(skb.grefs, skb.frames, skb.offs, skb.sizes, iov)
         try:
             os.writev(self.vif_fd, iov)
             skb.transmitted = True
-        except OSError:  # vif down or queue full: the packet is dropped, slots still released
+        except OSError as e:  # vif down or queue full: dropped, slots still released
             st.drops += 1
             st.drops_error += 1
+            st.drops_vif += 1
+            self.log_drop("vif", f"ring[{skb.idx}]: vif write failed: {e}")
         skb.free()
 
     # --- releasing slots ----------------------------------------------------------------
@@ -355,7 +432,7 @@ class TxPath:
         bits (nothing reads them any more), queue fragment slots."""
         st = self.stats
         n = len(skb.grefs)
-        if n:
+        if n and skb.hold_flags != NOT_HELD:
             gntmap = self.gntmap
             if skb.mapped:
                 grefs, frames = skb.grefs, skb.frames
@@ -365,10 +442,8 @@ class TxPath:
             touched = len(skb.mapped)
             if self.mode == "lazy":
                 st.grant_maps_avoided += n - touched
-                if touched:
-                    st.tx_zerocopy_fail += 1
-                else:
-                    st.tx_zerocopy_success += 1
+            if skb.linear is not None or (touched and self.mode == "lazy"):
+                st.tx_zerocopy_fail += 1  # the payload was read (and its copy sent)
             else:
                 st.tx_zerocopy_success += 1
         dealloc = self.dealloc
@@ -424,13 +499,27 @@ class TxPath:
         self.pending[rid] = 0
         self.stats.slots_released += 1 + nulls
 
-    def _drop(self, rid: int, fids: list[int], extras: int) -> None:
+    def _drop(self, rid: int, fids: list[int], extras: int, reason: str, why: str) -> None:
+        """Linux's xenvif_tx_err: answer every slot of the packet with an error; the
+        connection lives on. Counted as drops, drops_error and drops_<reason>."""
         st = self.stats
         st.drops += 1
         st.drops_error += 1
+        setattr(st, f"drops_{reason}", getattr(st, f"drops_{reason}") + 1)
+        self.log_drop(reason, why)
         self._respond(rid, XEN_NETIF_RSP_ERROR, extras)
         for fid in fids:
             self._respond(fid, XEN_NETIF_RSP_ERROR, 0)
+
+    def log_drop(self, reason: str, why: str) -> None:
+        """A log line per drop, at most LOG_PER_SECOND a second (net_ratelimit): a frontend
+        must not be able to turn drops into a disk-filling log."""
+        now = time.monotonic()
+        if now - self._log_t >= 1.0:
+            self._log_t, self._logged = now, 0
+        self._logged += 1
+        if self._logged <= LOG_PER_SECOND:
+            log.warning("tx drop (%s): %s", reason, why)
 
     def release_all(self) -> None:
         """Disconnect: nothing is left in flight (transmission is synchronous)."""

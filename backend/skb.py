@@ -19,7 +19,7 @@ class SkBuff:
 
     __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras",
                  "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "destructor",
-                 "transmitted", "hold_flags")
+                 "transmitted", "hold_flags", "hdrs", "linear", "idx")
 
     def __init__(self, head: bytes, destructor: Callable[[SkBuff], None]) -> None:
         self.head = head
@@ -42,6 +42,12 @@ class SkBuff:
         self.transmitted = False
         #: the grants' common flags when held with one strided store (-1: held one by one)
         self.hold_flags = -1
+        #: the header walk of the pulled head (shared.headers.Headers; None: not IP/malformed)
+        self.hdrs = None
+        #: the whole frame as a payload rule read it: then this copy is what is sent
+        self.linear: bytes | None = None
+        #: the ring index of its first request (for the log line of a drop)
+        self.idx = -1
 
     def payload(self, gntmap) -> bytes:
         """The whole packet's bytes, read through the CPU view; maps every fragment not
@@ -55,6 +61,13 @@ class SkBuff:
                 mapped.append(i)
             parts.append(bytes(gntmap.page(frame)[off:off + size]))
         return b"".join(parts)
+
+    def linearize(self, gntmap) -> bytes:
+        """The frame's bytes for a rule to judge, read once; the skb then sends exactly this
+        copy, never the live shared pages a concurrent writer could change after the check."""
+        if self.linear is None:
+            self.linear = self.payload(gntmap)
+        return self.linear
 
     def free(self) -> None:
         """kfree_skb: run the destructor exactly once."""

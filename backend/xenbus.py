@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from shared.channel import ChannelClosed, EventChannel, Received
 from shared.netif import FEATURES, PAGE_SIZE
 from shared.region import Layout, Region
+from shared.text import printable
 from shared.transport import TransportError, map_memfd
 from shared.xenbus import NegotiationError, XenbusState, check_request
 
@@ -156,5 +157,6 @@ class Handshake:
                 mem.close()  # unmapped now, not whenever the traceback is collected
             raise
         name = msg.get("name")
-        return Negotiated(str(name)[:64] if name else "?", self.domid, features, region, mem,
-                          own_fd)
+        # the name is the frontend's to choose: escaped once here, for every log line
+        return Negotiated(printable(str(name), 64) if name else "?", self.domid, features,
+                          region, mem, own_fd)

@@ -18,6 +18,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from shared import jsonline
+
 NOTIFY = b"!"
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
@@ -189,9 +191,9 @@ class EventChannel:
             line = bytes(self._buf[:end])
             del self._buf[: end + 1]
             try:
-                message = json.loads(line)
+                message = jsonline.loads(line)
             except ValueError as e:
-                raise ChannelError(f"bad control message {line[:80]!r}") from e
+                raise ChannelError(f"bad control message ({e}): {line[:80]!r}") from e
             if not isinstance(message, dict):
                 raise ChannelError(f"control message is not an object: {line[:80]!r}")
             if len(got.messages) >= MAX_MESSAGES:

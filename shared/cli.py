@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.control import ControlError, query
+from shared.text import printable
 
 DEFAULT_DIR = "/run/pvnet"
 
@@ -41,27 +42,72 @@ def find_sockets(sockets: Sequence[str] | None, directory: str) -> list[str]:
     return list(sockets) if sockets else sorted(glob.glob(os.path.join(directory, "*.ctl")))
 
 
-def collect(paths: Sequence[str], timeout: float = 2.0) -> list[dict[str, Any]]:
-    """Stats from each socket; an unreachable one becomes {"socket", "error"}, never a raise."""
-    out = []
-    for path in paths:
-        try:
-            out.append({**query(path, {"cmd": "stats"}, timeout=timeout), "socket": path})
-        except ControlError as exc:
-            out.append({"socket": path, "error": str(exc)})
+#: sections that must be objects (rings: an object of objects); anything else is dropped
+_OBJECTS = ("features", "counters")
+escape = printable
+
+
+def _clean(value: Any) -> Any:
+    """A reply value with every string (keys too) escaped; nesting is already bounded by
+    the control client's depth cap."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {escape(str(k)): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def untrusted(reply: dict[str, Any], path: str) -> dict[str, Any]:
+    """A control reply as data to print, never to obey: a guest's netfront (and a netback
+    speaking for a guest) writes what it likes. Strings are escaped, sections of the wrong
+    shape are dropped (so rendering cannot trip over them), and ``socket`` is ours."""
+    out = _clean(reply)
+    for key in _OBJECTS:
+        if key in out and not isinstance(out[key], dict):
+            out.pop(key)
+    rings = out.get("rings")
+    if rings is not None:
+        out["rings"] = ({k: v for k, v in rings.items() if isinstance(v, dict)}
+                        if isinstance(rings, dict) else {})
+    out["socket"] = path
     return out
 
 
+def collect(paths: Sequence[str], timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Stats from each socket; an unreachable one becomes {"socket", "error"}, never a raise.
+    Every reply goes through ``untrusted``."""
+    out = []
+    for path in paths:
+        try:
+            out.append(untrusted(query(path, {"cmd": "stats"}, timeout=timeout), path))
+        except ControlError as exc:
+            out.append({"socket": path, "error": escape(str(exc))})
+    return out
+
+
+def _named_as_socket(e: dict[str, Any]) -> bool:
+    """Does the name an end reports match its socket's file name (``<name>.ctl``, which the
+    lab chose)? A reply claiming another end's name does not."""
+    sock = e.get("socket")
+    return sock is None or os.path.basename(str(sock)) == f"{e.get('name')}.ctl"
+
+
 def pair(entries: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, Any] | None]]:
-    """Group reachable entries into {"netfront": e|None, "netback": e|None} by name/peer."""
+    """Group reachable entries into {"netfront": e|None, "netback": e|None}. A pair needs the
+    netback's ``peer`` (the name its own frontend gave) to be the netfront's name, both names
+    to match their sockets, the netfront's ``peer`` (if any) to be that netback, and only one
+    such netback: a reply cannot pair itself with another guest's end by what it claims."""
     ok = [e for e in entries if "error" not in e]
     fronts = [e for e in ok if e.get("role") == "netfront"]
     backs = [e for e in ok if e.get("role") == "netback"]
     others = [e for e in ok if e.get("role") not in ENDS]
     groups: list[dict[str, dict[str, Any] | None]] = []
     for f in fronts:
-        match = next((b for b in backs if b.get("name") == f.get("peer")
-                      or b.get("peer") == f.get("name")), None)
+        cands = [b for b in backs if b.get("peer") == f.get("name") and _named_as_socket(b)
+                 and f.get("peer") in (None, "", b.get("name"))]
+        match = cands[0] if len(cands) == 1 and _named_as_socket(f) else None
         if match is not None:
             backs.remove(match)
         groups.append({"netfront": f, "netback": match})
@@ -83,8 +129,8 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, dict | list) or value == "":
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
+        return escape(json.dumps(value, separators=(",", ":")))
+    return escape(str(value))
 
 
 def _rate(name: str, per_s: float) -> str:
@@ -103,8 +149,10 @@ def _order(keys: set[str]) -> list[str]:
 def _title(end: str, e: dict[str, Any] | None) -> str:
     if e is None:
         return f"{end}: (no control socket)"
-    mode = f", tx_mode {e['tx_mode']}" if e.get("tx_mode") else ""
-    return f"{e.get('name', '?')} ({end}, pid {e.get('pid', '?')}, {e.get('state', '?')}{mode})"
+    mode = f", tx_mode {_fmt(e['tx_mode'])}" if e.get("tx_mode") else ""
+    odd = "" if _named_as_socket(e) else f" [socket {escape(os.path.basename(str(e['socket'])))}]"
+    return (f"{_fmt(e.get('name', '?'))}{odd} ({end}, pid {_fmt(e.get('pid', '?'))}, "
+            f"{_fmt(e.get('state', '?'))}{mode})")
 
 
 def render_group(group: dict[str, dict[str, Any] | None], rates: Rates | None = None) -> str:
@@ -116,7 +164,7 @@ def render_group(group: dict[str, dict[str, Any] | None], rates: Rates | None = 
         def mark(e: dict[str, Any] | None, k: str) -> str:
             return _fmt((e.get("features") or {}).get(k)) if e else "-"
         lines.append("   features: " + ", ".join(
-            f"{k} {mark(front, k)}/{mark(back, k)}" for k in feats))
+            f"{escape(k)} {mark(front, k)}/{mark(back, k)}" for k in feats))
     sections: list[tuple[str, str]] = []
     for e in (front, back):
         for ring in (e or {}).get("rings") or {}:
@@ -150,6 +198,7 @@ def _cell(name: str, col: dict[str, Any], e: dict[str, Any] | None, section: str
 
 def _layout(rows: list[tuple[str, str, str] | str]) -> list[str]:
     """Align all tables of one guest on shared column widths, so the eye can run down them."""
+    rows = [r if isinstance(r, str) else (escape(r[0]), r[1], r[2]) for r in rows]
     cells = [r for r in rows if isinstance(r, tuple)]
     if not cells:
         return []
@@ -159,7 +208,7 @@ def _layout(rows: list[tuple[str, str, str] | str]) -> list[str]:
     out = []
     for r in rows:
         if isinstance(r, str):
-            out.append(f"   {r:<{w0 + 2}}{ENDS[0]:>{w1}}   {ENDS[1]:>{w2}}")
+            out.append(f"   {escape(r):<{w0 + 2}}{ENDS[0]:>{w1}}   {ENDS[1]:>{w2}}")
         else:
             out.append(f"     {r[0]:<{w0}}{r[1]:>{w1}}   {r[2]:>{w2}}")
     return out
@@ -168,7 +217,7 @@ def _layout(rows: list[tuple[str, str, str] | str]) -> list[str]:
 def render(entries: Sequence[dict[str, Any]], rates: Rates | None = None) -> str:
     """The whole `pvnet stats` screen: one block per guest, then unreachable sockets."""
     blocks = [render_group(g, rates) for g in pair(entries)]
-    blocks += [f"!! {e['error']}" for e in entries if "error" in e]
+    blocks += [f"!! {escape(str(e['error']))}" for e in entries if "error" in e]
     return "\n\n".join(blocks) if blocks else "no control sockets found"
 
 

@@ -25,11 +25,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import jsonline
+
 MAX_LINE = 64 * 1024
 """Longest request line accepted; longer ones are answered with an error and skipped."""
 
 MAX_OUTBUF = 4 * 1024 * 1024
 """A client that lets this many reply bytes pile up without reading is dropped."""
+
+MAX_CLIENTS = 32
+"""Clients served at once; more wait in the listen backlog (the socket stops being polled)."""
+
+ACCEPT_BACKOFF = 0.1
+"""Seconds the listener rests after accept() fails (EMFILE: no fd left) instead of spinning."""
 
 MAX_REPLY = 16 * 1024 * 1024
 """Longest reply line the client accepts (stats replies are a few KiB)."""
@@ -101,6 +109,10 @@ class ControlServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = threading.Event()
         self._conns: dict[int, _Conn] = {}
+        self._listening = False
+        self._resume_at = 0.0  # after an accept() failure: when to poll the listener again
+        #: accept() failures (EMFILE, ENFILE, ENOBUFS), and times the client cap was reached
+        self.accept_errors = self.clients_capped = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> ControlServer:
@@ -124,8 +136,8 @@ class ControlServer:
             raise ControlError(f"{self.path}: cannot listen: {exc}") from exc
         self._listener = sock
         self._wake_r.setblocking(False)
-        self._sel.register(sock, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._listen(True)
         self._thread = threading.Thread(
             target=self._serve, name=f"control:{os.path.basename(self.path)}", daemon=True
         )
@@ -178,9 +190,25 @@ class ControlServer:
         raise ControlError(f"{self.path}: another process is serving this control socket")
 
     # -- event loop ------------------------------------------------------------------------
+    def _listen(self, on: bool) -> None:
+        """Poll the listener or stop polling it (client cap reached, or no fd left)."""
+        if on == self._listening or self._listener is None:
+            return
+        if on:
+            self._sel.register(self._listener, selectors.EVENT_READ, None)
+        else:
+            self._sel.unregister(self._listener)
+        self._listening = on
+
     def _serve(self) -> None:
         while not self._stop.is_set():
-            for key, events in self._sel.select(timeout=1.0):
+            timeout = 1.0
+            if not self._listening and len(self._conns) < MAX_CLIENTS:
+                timeout = self._resume_at - time.monotonic()
+                if timeout <= 0:
+                    self._listen(True)
+                    timeout = 1.0
+            for key, events in self._sel.select(timeout=timeout):
                 if key.fileobj is self._listener:
                     self._accept()
                 elif key.fileobj is self._wake_r:
@@ -198,16 +226,25 @@ class ControlServer:
                             self._write(conn)
                     except OSError:
                         self._drop(conn)
+                    except Exception:  # noqa: BLE001 - one client must not end the thread
+                        self._drop(conn)
 
     def _accept(self) -> None:
         assert self._listener is not None
         while True:
+            if len(self._conns) >= MAX_CLIENTS:
+                self.clients_capped += 1
+                self._listen(False)  # the next one waits in the backlog until one goes
+                return
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # e.g. EMFILE: keep serving the clients we have
+            except OSError:  # e.g. EMFILE: rest, keep serving the clients we have
+                self.accept_errors += 1
+                self._resume_at = time.monotonic() + ACCEPT_BACKOFF
+                self._listen(False)
+                return
             sock.setblocking(False)
             conn = _Conn(sock)
             self._conns[sock.fileno()] = conn
@@ -277,8 +314,8 @@ class ControlServer:
 def answer(handler: Handler, line: bytes) -> bytes:
     """Decode one request and produce its reply line; never raises."""
     try:
-        request = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        request = jsonline.loads(line)
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, TooDeep
         return _error(f"malformed JSON: {exc}")
     if not isinstance(request, dict):
         return _error(f"request must be a JSON object, got {type(request).__name__}")
@@ -350,8 +387,8 @@ def query(path: str | os.PathLike[str], request: dict, timeout: float = 2.0) -> 
     finally:
         sock.close()
     try:
-        reply = json.loads(buf[: buf.index(b"\n")])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reply = jsonline.loads(buf[: buf.index(b"\n")])
+    except ValueError as exc:  # the replying process is not trusted either
         raise ControlError(f"{path}: malformed reply: {exc}") from None
     if not isinstance(reply, dict) or "ok" not in reply:
         raise ControlError(f"{path}: reply is not a control response: {reply!r:.200}")

@@ -57,9 +57,11 @@ XEN_NETIF_RSP_OKAY = 0
 XEN_NETIF_RSP_NULL = 1  # the response slot of an extra-info request
 
 # --- limits (Linux xen-netback) ------------------------------------------------------------
-#: XEN_NETBK_LEGACY_SLOTS_MAX: the most slots a packet may use (not counting extras).
+#: XEN_NETBK_LEGACY_SLOTS_MAX: the most *follow-on* slots (after the first request, not
+#: counting extras) a packet may use and still be sent; 19 or 20 follow-ons are dropped.
 MAX_SLOTS_PER_PACKET = 18
-#: fatal_skb_slots: a frontend asking for this many slots is malicious; disconnect it.
+#: fatal_skb_slots: a frontend whose packet has this many follow-on slots *and more_data on the
+#: last of them* (i.e. a 21st follow-on) is malicious; disconnect it (xenvif_count_requests).
 FATAL_SKB_SLOTS = 20
 #: MAX_SKB_FRAGS: frags beyond this count as tx_frag_overflow (Linux uses a frag_list).
 MAX_SKB_FRAGS = 17

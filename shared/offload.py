@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 
+from shared.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
 from shared.netif import (
     XEN_NETIF_GSO_TYPE_NONE,
     XEN_NETIF_GSO_TYPE_TCPV4,
@@ -33,32 +34,16 @@ VIRTIO_TO_XEN_GSO = {
 }
 XEN_TO_VIRTIO_GSO = {v: k for k, v in VIRTIO_TO_XEN_GSO.items()}
 
-_ETH_P_IP, _ETH_P_IPV6, _ETH_P_8021Q = 0x0800, 0x86DD, 0x8100
-_IPPROTO_TCP, _IPPROTO_UDP = 6, 17
-_CSUM_OFFSET = {_IPPROTO_TCP: 16, _IPPROTO_UDP: 6}
-_IPV6_EXT = {0, 43, 60}  # hop-by-hop, routing, destination options
-
 
 def checksum_setup(hdr: bytes | memoryview) -> tuple[int, int] | None:
-    """(csum_start, csum_offset) for a TCP/UDP packet whose headers begin ``hdr``, else None."""
+    """(csum_start, csum_offset) for a TCP/UDP packet whose headers begin ``hdr``, else None
+    (not TCP/UDP, a fragment - Linux's skb_checksum_setup refuses those too -, or headers that
+    run past ``hdr``). The headers are walked by ``shared.headers.walk``, the same walker the
+    backend's filter and header pull use, so all three agree on where the L4 header is."""
     try:
-        off = 12
-        ethertype = (hdr[off] << 8) | hdr[off + 1]
-        if ethertype == _ETH_P_8021Q:
-            off += 4
-            ethertype = (hdr[off] << 8) | hdr[off + 1]
-        off += 2
-        if ethertype == _ETH_P_IP:
-            proto = hdr[off + 9]
-            off += (hdr[off] & 0x0F) * 4
-        elif ethertype == _ETH_P_IPV6:
-            proto = hdr[off + 6]
-            off += 40
-            while proto in _IPV6_EXT:
-                proto, off = hdr[off], off + (hdr[off + 1] + 1) * 8
-        else:
-            return None
-    except IndexError:
+        h = walk(hdr)
+    except (NeedMore, HeaderError):
         return None
-    csum = _CSUM_OFFSET.get(proto)
-    return None if csum is None else (off, csum)
+    if h.l4 is None or h.fragment:
+        return None
+    return h.l4, CSUM_OFFSET[h.ip_proto]

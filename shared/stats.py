@@ -41,6 +41,14 @@ class RingStats:
     drops_filtered: int = 0
     drops_error: int = 0
     drops_no_buffer: int = 0
+    #: TX drops by reason (each also counts in drops and drops_error): 19-20 follow-on slots,
+    #: a size outside 14..MAX_FRAME, headers not pullable, a checksum that cannot be set up
+    drops_slots: int = 0
+    drops_size: int = 0
+    drops_headers: int = 0
+    drops_csum: int = 0
+    #: TX frames the vif refused (queue full, device down)
+    drops_vif: int = 0
     #: grant operations, counted and timed (ns totals) for the bench's op_us
     grant_maps_on_touch: int = 0
     grant_unmaps: int = 0

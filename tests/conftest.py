@@ -125,3 +125,49 @@ def frame(payload: bytes, proto: int = 17, dport: int = 5201) -> bytes:
     ip = (bytes([0x45, 0]) + ip_len.to_bytes(2, "big") + bytes(4) + bytes([64, proto])
           + bytes(2) + bytes([10, 0, 0, 1, 10, 0, 0, 2]))
     return bytes(6) + bytes.fromhex("00163e000001") + b"\x08\x00" + ip + l4 + payload
+
+
+def l4_header(proto: int, dport: int, payload: bytes, tcp_options: bytes = b"") -> bytes:
+    """A UDP header, or a TCP header with ``tcp_options`` (a multiple of 4 bytes)."""
+    if proto == 17:
+        return dport.to_bytes(2, "big") * 2 + (8 + len(payload)).to_bytes(2, "big") + b"\0\0"
+    doff = (20 + len(tcp_options)) // 4
+    return (dport.to_bytes(2, "big") * 2 + bytes(8) + bytes([doff << 4, 0x18]) + bytes(6)
+            + tcp_options)
+
+
+def ipv6_ext(kind: int, nxt: int, body_len: int = 6, frag_offset: int = 0) -> bytes:
+    """One IPv6 extension header: Fragment (44) with an offset in 8-byte units, else a
+    Hop-by-Hop/Routing/Destination Options header of 2 + ``body_len`` bytes (padded)."""
+    if kind == 44:
+        return bytes([nxt, 0]) + ((frag_offset << 3) | 1).to_bytes(2, "big") + bytes(4)
+    n = -(-(2 + body_len) // 8)
+    return bytes([nxt, n - 1]) + bytes(n * 8 - 2)
+
+
+def frame6(payload: bytes, proto: int = 17, dport: int = 5201, exts: tuple = (),
+           frag_offset: int = 0, tcp_options: bytes = b"") -> bytes:
+    """An Ethernet/IPv6 frame with the extension headers ``exts`` (kinds, in order) before
+    the UDP/TCP header (absent when a Fragment header has a nonzero ``frag_offset``)."""
+    kinds = list(exts)
+    chain = b""
+    for i, kind in enumerate(kinds):
+        nxt = kinds[i + 1] if i + 1 < len(kinds) else proto
+        chain += ipv6_ext(kind, nxt, frag_offset=frag_offset)
+    l4 = b"" if frag_offset else l4_header(proto, dport, payload, tcp_options)
+    body = chain + l4 + payload
+    ip = (bytes([0x60, 0, 0, 0]) + len(body).to_bytes(2, "big")
+          + bytes([kinds[0] if kinds else proto, 64]) + bytes(15) + b"\x01" + bytes(15) + b"\x02")
+    return bytes(6) + bytes.fromhex("00163e000001") + b"\x86\xdd" + ip + body
+
+
+def vlan(f: bytes, *tags: tuple[int, int]) -> bytes:
+    """``f`` with (TPID, VID) tags inserted after the MAC addresses, outermost first."""
+    return f[:12] + b"".join(t.to_bytes(2, "big") + v.to_bytes(2, "big") for t, v in tags) + f[12:]
+
+
+def ipv4_options(f: bytes, options: bytes) -> bytes:
+    """An IPv4 ``frame`` with ``options`` (a multiple of 4 bytes) added to its IP header."""
+    ihl = 5 + len(options) // 4
+    ip = bytes([0x40 | ihl]) + f[15:34] + options
+    return f[:14] + ip + f[34:]

@@ -57,9 +57,11 @@ BASIC = {"feature-sg": True, "feature-header-slots": True, "feature-rx-copy": Tr
 class HostileFrontend:
     """A frontend that negotiates like netfront and then lies on the ring."""
 
-    def __init__(self, event_path: str, name: str, domid: int, size: int = 2 << 20) -> None:
+    def __init__(self, event_path: str, name: str, domid: int, size: int = 2 << 20,
+                 **layout: int) -> None:
         self.chan = connect_unix(event_path, timeout=10)
         self.name, self.domid, self.size = name, domid, size
+        self.layout = layout  # Region.create keywords (hdr_slots, ...)
         self.region: Region | None = None
         self.chosen: dict[str, bool] = {}
         self.next_id = 0
@@ -67,7 +69,7 @@ class HostileFrontend:
     def connect(self, wanted: dict[str, bool] | None = None) -> dict[str, bool]:
         def make_region(chosen, backend_domid):
             fd, mem = create_memfd(self.size)
-            self.region = Region.create(mem)
+            self.region = Region.create(mem, **self.layout)
             return self.region, {"size": self.size}, (fd,)
 
         hs = Handshake(self.chan, self.name, self.domid, wanted or BASIC)

@@ -120,21 +120,6 @@ def test_malformed_requests_are_fatal(reqs, err, match):
     close(p)
 
 
-def test_twenty_slots_is_fatal_eighteen_is_fine():
-    p = make_pair()
-    for ref in range(8, 40):
-        grant(p, ref)
-    put(p, (0, 0, HS | MD, 1, 100 + 17 * 10),
-        *[(8 + i, 0, MD if i < 16 else 0, 2 + i, 10) for i in range(17)])
-    p.btx.action()  # 18 slots: accepted
-    assert p.bstats[0].tx_packets == 1
-    put(p, (0, 0, HS | MD, 100, 100 + 19 * 10),
-        *[(8 + i, 0, MD, 101 + i, 10) for i in range(19)])
-    with pytest.raises(FatalTxError, match="20 or more"):
-        p.btx.action()
-    close(p)
-
-
 def test_producer_index_running_ahead_is_fatal():
     p = make_pair()
     p.tx.ring.idx[0] = 1000
