@@ -17,6 +17,7 @@ import os
 import struct
 from array import array
 
+from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
 from shared.grant import GRANT_ENTRY, GTF_permit_access
@@ -109,6 +110,7 @@ class TxPath:
         self.gnt_buf = region.grants.buf
         self.gnt_count = region.grants.count
         self.frames = region.layout.payload_frames
+        self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64) -> bool:
@@ -361,6 +363,8 @@ class TxPath:
         except OSError:  # vif down or queue full: the packet is dropped, slots still released
             st.drops += 1
             st.drops_error += 1
+        if self.capture.on and skb.transmitted:
+            self.capture.out(skb, self.gntmap)
         skb.free()
 
     # --- releasing slots ----------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 from collections import deque
 from itertools import islice
 
+from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
 from shared.netif import (
     EXTRA_INFO,
@@ -60,6 +61,7 @@ class RxPath:
         self.posted_ids: set[int] = set()
         self.pages = {f: region.page(f) for f in region.layout.payload_frames}
         self.vnet = bytearray(VNET_HDR.size)
+        self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
 
     def refill(self) -> int:
         """Take newly posted requests off the ring, validating each once."""
@@ -101,6 +103,8 @@ class RxPath:
             length = n - VNET_HDR.size
             if length <= 0:
                 continue
+            if self.capture.on:
+                self.capture.into(iov[1:], length)
             vflags, vgso, _hl, gso_size, _cs, _co, _nb = VNET_HDR.unpack_from(vnet)
             flags = 0
             if vflags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
