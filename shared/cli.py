@@ -250,9 +250,12 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_capture(args: argparse.Namespace) -> int:
     from shared.capture import run_capture  # the capture client only when capturing
 
-    path = args.socket or (args.vif if "/" in args.vif
-                           else os.path.join(args.dir, f"{args.vif}.ctl"))
-    vif = os.path.basename(args.vif).removesuffix(".ctl")
+    if not (args.vif or args.socket):
+        print("pvnet capture: name a VIF (or --socket PATH)", file=sys.stderr)
+        return 2
+    named = args.vif or args.socket
+    path = args.socket or (named if "/" in named else os.path.join(args.dir, f"{named}.ctl"))
+    vif = os.path.basename(named).removesuffix(".ctl")
     request = {"snaplen": args.snaplen, "buffer_kb": args.buffer_kb,
                "direction": args.direction}
     if args.write is None:
@@ -272,8 +275,8 @@ def _add_capture(sub) -> None:
                     "Ctrl-C or SIGTERM flushes and exits 0; at the end it prints how many "
                     "frames were captured and how many the producer dropped.",
         epilog="example: pvnet capture vif1.0 -w - | tcpdump -n -r -")
-    c.add_argument("vif", metavar="VIF", help="vif name (its socket is DIR/VIF.ctl) or a "
-                                              "control socket path")
+    c.add_argument("vif", metavar="VIF", nargs="?",
+                   help="vif name (its socket is DIR/VIF.ctl) or a control socket path")
     c.add_argument("-w", dest="write", metavar="FILE|-",
                    help="write frames to FILE (- for standard output) instead of one line "
                         "per frame")
