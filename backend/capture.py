@@ -14,9 +14,11 @@ counted (``capture_drops``). A watcher thread per capture rotates on a timeout (
 arrives), answers flush requests and notices the reader going away.
 
 Payload: the header copy (``skb.head``) is the backend's own memory; anything beyond it is
-guest payload and is read through ``_payload`` -- the one place capture touches it -- which
-maps each fragment it needs (in lazy mode those maps show up in ``grant_maps`` and turn the
-packet into a ``tx_zerocopy_fail``). A snaplen within the header copy maps nothing.
+guest payload and is read through ``_payload`` -- the one place capture touches it -- in the
+CPU view (backend/cpuview.py), mapping each page it needs: in lazy mode those maps show up
+(``grant_maps_on_touch``, and the packet becomes a ``tx_zerocopy_fail``). A snaplen within
+the header copy maps nothing. An RX frame has no header copy (netback reads it from the vif
+straight into the guest's buffers, a grant copy), so capturing RX maps its first page(s).
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
 from shared.control import Handoff
+from shared.netif import PAGE_SIZE
 from shared.transport import create_memfd
 from shared.zbuf import HEADER, IN, MAX_BUFFER, MIN_BUFFER, OUT, RECORD, Buffer, Producer
 
@@ -57,38 +62,51 @@ class Totals:
     capture_detaches: int = 0
 
 
-def _payload(skb: SkBuff, gntmap: GntMap, caplen: int) -> list[Buffer]:
-    """The first ``caplen`` bytes of a TX frame: the header copy, then fragments read through
-    a CPU mapping of their grant (mapped once per skb, unmapped by its destructor)."""
-    head = skb.head
+def _payload(gntmap: GntMap, head: Buffer, grefs: Sequence[int], frames: Sequence[int],
+             offs: Sequence[int], sizes: Sequence[int], caplen: int,
+             mapped: list[int] | None) -> list[Buffer]:
+    """The first ``caplen`` bytes of a frame: ``head`` (the header copy, backend memory), then
+    guest payload -- the one place capture reads it, always through the CPU view. Each
+    fragment needed is mapped (a real mmap; in lazy mode a map on touch) by the frame resolved
+    when it was attached or posted. TX: ``mapped`` is the skb's list of mapped fragment
+    indexes, so the skb's destructor unmaps them after the copy into the buffer; RX (None):
+    each page is copied out and unmapped at once."""
     if caplen <= len(head):
-        return [head[:caplen]]
-    parts: list[Buffer] = [head]
+        return [head[:caplen]]  # within the header copy: no payload page is touched
+    parts: list[Buffer] = [head] if head else []
     left = caplen - len(head)
-    for gref, frame, off, size in zip(skb.grefs, skb.frames, skb.offs, skb.sizes, strict=True):
-        if gref in skb.mapped:
-            page = gntmap.region.page(frame)
-        else:
-            page = gntmap.map(gref)
-            skb.mapped.append(gref)
+    for i, (gref, frame, off, size) in enumerate(zip(grefs, frames, offs, sizes, strict=True)):
         n = min(size, left)
-        parts.append(page[off:off + n])
+        if mapped is None:
+            gntmap.map(gref, frame, touch=True)
+            try:
+                parts.append(bytes(gntmap.page(frame)[off:off + n]))
+            finally:
+                gntmap.unmap(gref, frame)
+        else:
+            if i not in mapped:
+                gntmap.map(gref, frame, touch=True)
+                mapped.append(i)
+            parts.append(gntmap.page(frame)[off:off + n])
         left -= n
         if left <= 0:
             break
     return parts
 
 
-def _rx_frame(views: list[memoryview], caplen: int) -> list[Buffer]:
-    """The first ``caplen`` bytes of an RX frame, from the pages netback just read it into."""
-    parts: list[Buffer] = []
-    for v in views:
-        if caplen <= 0:
-            break
-        n = min(len(v), caplen)
-        parts.append(v[:n])
-        caplen -= n
-    return parts
+def _tx_frame(skb: SkBuff, gntmap: GntMap, caplen: int) -> list[Buffer]:
+    return _payload(gntmap, skb.head, skb.grefs, skb.frames, skb.offs, skb.sizes, caplen,
+                    skb.mapped)
+
+
+def _rx_frame(gntmap: GntMap, grefs: Sequence[int], exps: Sequence[int], length: int,
+              caplen: int) -> list[Buffer]:
+    """An RX frame lies in the first posted buffers, whole pages from offset 0; each one's
+    frame is the one validated at posting (the entry as a u64: frame in the top 32 bits)."""
+    n = -(-length // PAGE_SIZE)
+    gs, ex = list(islice(grefs, n)), list(islice(exps, n))
+    sizes = [PAGE_SIZE] * (n - 1) + [length - (n - 1) * PAGE_SIZE]
+    return _payload(gntmap, b"", gs, [e >> 32 for e in ex], [0] * n, sizes, caplen, None)
 
 
 class Capture:
@@ -218,13 +236,14 @@ class CaptureTap:
         """A frame netback wrote to the vif (from the guest)."""
         c = self.capture
         if c is not None and c.want_out:
-            c.frame(OUT, skb.size, _payload, skb, gntmap)
+            c.frame(OUT, skb.size, _tx_frame, skb, gntmap)
 
-    def into(self, views: list[memoryview], length: int) -> None:
-        """A frame netback read from the vif (to the guest)."""
+    def into(self, gntmap: GntMap, grefs: Sequence[int], exps: Sequence[int],
+             length: int) -> None:
+        """A frame netback read from the vif (to the guest) into the first posted buffers."""
         c = self.capture
         if c is not None and c.want_in:
-            c.frame(IN, length, _rx_frame, views)
+            c.frame(IN, length, _rx_frame, gntmap, grefs, exps, length)
 
     # --- control thread ------------------------------------------------------------------
     def attach(self, request: dict) -> Handoff:

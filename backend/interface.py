@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 
 from backend.capture import CaptureTap
 from backend.filter import Filter
-from backend.gntmap import GntMap
+from backend.gntmap import GntMap, Views
 from backend.netback import FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated
@@ -144,6 +144,7 @@ class Connection:
     tx: TxPath
     rx: RxPath
     gntmaps: tuple[GntMap, GntMap]
+    views: Views
     name: str
     features: dict[str, bool]
 
@@ -287,7 +288,8 @@ class Netback:
         try:
             while True:
                 self.state = XenbusState.InitWait
-                hs = Handshake(chan, self.cfg.vif, self.cfg.domid, self.shared_region)
+                hs = Handshake(chan, self.cfg.vif, self.cfg.domid, self.shared_region,
+                               self.cfg.region_fd)
                 # a frontend that has not even said hello gives way to a newer one
                 conn = self._connect(chan, hs.run(
                     lambda h=hs: not self._check_stop()
@@ -330,15 +332,18 @@ class Netback:
     def _connect(self, chan: EventChannel, neg: Negotiated) -> Connection:
         # grants name the domain allowed to use them: ours (the driver domain, 0)
         persistent = neg.features["feature-persistent"]
-        gntmap = GntMap(neg.region, BACKEND_DOMID, self.tx_stats, persistent)
-        rx_gntmap = GntMap(neg.region, BACKEND_DOMID, self.rx_stats, persistent)
+        views = Views(neg.fd, neg.dma_mem, neg.region, self.tx_stats,
+                      shared=neg.dma_mem is self.shared_region)
+        gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.tx_stats, persistent)
+        rx_gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.rx_stats, persistent)
         tx = TxPath(neg.region, gntmap, self.vif_fd, self.tx_stats, self.cfg.tx_mode,
                     neg.features["feature-header-slots"], self.filter)
         rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats)
         tx.capture = rx.capture = self.capture
-        if neg.region.mem is not self.shared_region:
-            self._mapped.append(weakref.ref(neg.region.mem))
-        conn = Connection(chan, neg.region, tx, rx, (gntmap, rx_gntmap), neg.name, neg.features)
+        if neg.dma_mem is not self.shared_region:
+            self._mapped.append(weakref.ref(neg.dma_mem))
+        conn = Connection(chan, neg.region, tx, rx, (gntmap, rx_gntmap), views, neg.name,
+                          neg.features)
         self.tx, self.rx = tx, rx
         self.peer = neg.name
         self.features = neg.features
@@ -378,10 +383,11 @@ class Netback:
             self.counters["slots_abandoned"] += abandoned
             for g in conn.gntmaps:
                 g.unmap_all()
-            region = conn.region
+            region, views = conn.region, conn.views
             conn.tx = conn.rx = conn.gntmaps = conn.region = None  # type: ignore[assignment]
-            if region.mem is not self.shared_region:
-                region.close()  # the mmap goes when the last view does, i.e. now
+            conn.views = None  # type: ignore[assignment]
+            views.close()
+            region.close()  # the mmaps go when their last views do, i.e. now
             if self.state == XenbusState.Connected:
                 self.counters["disconnects"] += 1
             self.state = XenbusState.Closed

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.netif import FEATURES
-from shared.region import Region
+from shared.netif import FEATURES, PAGE_SIZE
+from shared.region import Layout, Region
 from shared.transport import TransportError, map_memfd
 from shared.xenbus import NegotiationError, XenbusState, check_request
 
@@ -31,7 +31,24 @@ class Negotiated:
     name: str
     domid: int
     features: dict[str, bool]
+    #: the persistent areas (page 0, grant table, rings, header slots), mapped for the CPU
     region: Region
+    #: the whole region (the DMA view's mapping), and a descriptor of the memfd (ours to close)
+    dma_mem: mmap.mmap
+    fd: int
+
+
+def attach_region(fd: int, mem: mmap.mmap) -> tuple[Region, int]:
+    """Validate a region's header (read from ``mem``, the whole region: the DMA view's
+    mapping) and map its persistent areas for the CPU - everything before the payload pages,
+    which the CPU view maps one grant at a time. Returns that Region and a dup of ``fd``."""
+    layout = Layout.unpack(memoryview(mem), len(mem))
+    cpu = mmap.mmap(fd, layout.payload_page * PAGE_SIZE)
+    try:
+        return Region(cpu, layout), os.dup(fd)
+    except BaseException:
+        cpu.close()
+        raise
 
 
 def offered_features() -> dict[str, bool]:
@@ -42,11 +59,12 @@ class Handshake:
     """Drive one frontend from Initialising to Connected."""
 
     def __init__(self, chan: EventChannel, vif: str, domid: int,
-                 shared_region: mmap.mmap | None = None) -> None:
+                 shared_region: mmap.mmap | None = None, shared_fd: int | None = None) -> None:
         self.chan = chan
         self.vif = vif
         self.domid = domid
         self.shared_region = shared_region  # QEMU placement: the region is already ours
+        self.shared_fd = shared_fd  # ... and its memfd
         self.offered = offered_features()
         self.state = XenbusState.InitWait
         self.said_initwait = False
@@ -126,15 +144,17 @@ class Handshake:
                 raise NegotiationError(f"region size {region_msg['size']} does not match the "
                                        f"shared region ({len(self.shared_region)})")
             mem = self.shared_region
+            fd = self.shared_fd
         else:
             if fd is None:
                 raise NegotiationError("no region memfd passed with Initialised")
             mem = map_memfd(fd, region_msg["size"])
         try:
-            region = Region.attach(mem)
+            region, own_fd = attach_region(fd, mem)
         except BaseException:
             if mem is not self.shared_region:
                 mem.close()  # unmapped now, not whenever the traceback is collected
             raise
         name = msg.get("name")
-        return Negotiated(str(name)[:64] if name else "?", self.domid, features, region)
+        return Negotiated(str(name)[:64] if name else "?", self.domid, features, region, mem,
+                          own_fd)

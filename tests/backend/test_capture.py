@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from backend import dmaview
 from shared.capture import Attached, Session, attach
 from shared.control import ControlError, query
 from shared.offload import VNET_HDR
@@ -79,9 +80,50 @@ def test_frames_of_every_size_both_ways_exactly_once(pair) -> None:
     wait_for(lambda: counters(b)["capture_readers"] == 0, 3, "detach")
 
 
+def _cpu_pages(cpu) -> int:
+    """Payload pages the kernel maps in the CPU view's reserved range now (/proc/self/maps):
+    the real mapping state, not a counter."""
+    lo_r, hi_r = cpu.base, cpu.base + cpu.size
+    n = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split(" ", 1)[0].split("-"))
+            if lo >= lo_r and hi <= hi_r and "/memfd:" in line:
+                n += (hi - lo) // 4096
+    return n
+
+
+@pytest.fixture
+def no_dma_for_capture(monkeypatch):
+    """The DMA view refuses any call made from capture's payload reader."""
+    for name in ("iovecs", "copy", "readv", "rx_target"):
+        real = getattr(dmaview.DmaView, name)
+
+        def fenced(self, *a, _real=real, **kw):
+            f = sys._getframe(1)
+            while f is not None:
+                assert f.f_code.co_name != "_payload", "capture reached the DMA view"
+                f = f.f_back
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(dmaview.DmaView, name, fenced)
+
+
 @pytest.mark.parametrize("snaplen, maps", [(64, False), (128, False), (0, True)])
-def test_snaplen_within_the_header_copy_maps_no_payload(pair, snaplen, maps) -> None:
+def test_snaplen_within_the_header_copy_maps_no_payload(pair, snaplen, maps, monkeypatch,
+                                                        no_dma_for_capture) -> None:
+    """Lazy mode. Right after capture copied a TX frame (before the skb is freed) the CPU
+    view's pages are looked up in the kernel's own maps: none with a snaplen inside the
+    128-byte header copy, every fragment with full frames -- and those maps show up."""
     b, f = pair
+    tap = b.nb.capture
+    seen: list[tuple[int, int, int]] = []
+    real = tap.out
+
+    def spy(skb, gntmap) -> None:
+        real(skb, gntmap)
+        seen.append((_cpu_pages(gntmap.cpu), gntmap.cpu.outstanding, len(skb.grefs)))
+
+    monkeypatch.setattr(tap, "out", spy)
     att = attach(ctl(b), {"snaplen": snaplen, "direction": "out"})
     try:
         x = frame(b"p" * 6000)
@@ -89,10 +131,33 @@ def test_snaplen_within_the_header_copy_maps_no_payload(pair, snaplen, maps) -> 
         (rec,) = collect(att, 1)
         want = x if not snaplen else x[:snaplen]
         assert rec.data == want and rec.wirelen == len(x)
+        ((pages, outstanding, nfrags),) = seen
+        assert nfrags >= 2
         st = b.nb.tx_stats
-        assert (st.grant_maps > 0) is maps
-        assert (st.tx_zerocopy_fail == 1) is maps  # lazy mode: touching payload costs the map
-        wait_for(lambda: st.maps_outstanding == 0, 3, "maps released by the destructor")
+        if maps:
+            assert pages == outstanding == nfrags
+            assert st.grant_maps_on_touch == nfrags and st.tx_zerocopy_fail == 1
+        else:
+            assert pages == outstanding == 0
+            assert st.grant_maps == 0 and st.tx_zerocopy_success == 1
+        wait_for(lambda: st.maps_outstanding == 0 and _cpu_pages(b.nb.tx.gntmap.cpu) == 0, 3,
+                 "maps released by the destructor")
+    finally:
+        att.close()
+
+
+def test_rx_capture_maps_the_frame_pages_and_unmaps_them(pair, no_dma_for_capture) -> None:
+    b, _f = pair
+    att = attach(ctl(b), {"direction": "in"})
+    try:
+        x = frame(b"q" * 9000, dport=80)
+        b.wire.send(VNET + x)
+        (rec,) = collect(att, 1)
+        assert rec.data == x
+        st = b.nb.rx_stats
+        assert st.grant_maps_on_touch == 3  # 9042 bytes: three pages, each mapped to read
+        cpu = b.nb.rx.gntmap.cpu  # one CPU view per connection (its mmaps count in tx_stats)
+        assert st.maps_outstanding == 0 and cpu.outstanding == 0 and _cpu_pages(cpu) == 0
     finally:
         att.close()
 
