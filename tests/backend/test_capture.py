@@ -8,7 +8,6 @@ import fcntl
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from shared.offload import VNET_HDR
 from shared.zbuf import IN, OUT
 from tests.conftest import frame
 from tests.inproc import BackendThread, FrontendThread, fd_count, memfd_maps, wait_for
+from tests.pcapread import read_frames
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VNET = bytes(VNET_HDR.size)
@@ -299,7 +299,7 @@ def test_cli_writes_pcap_tcpdump_reads_and_sigterm_flushes(pair, tmp_path) -> No
     read = subprocess.run(["tcpdump", "-r", str(out), "-nn", "-x"], capture_output=True,
                           text=True, check=True)
     assert read.stdout.count("length") >= 20 and read.stdout.count("\n") > 20
-    got = _pcapng_frames(out.read_bytes())
+    got = read_frames(out)
     assert got == [(x, True) for x in frames]
 
 
@@ -314,21 +314,6 @@ def test_cli_pipes_to_tcpdump_with_count(pair) -> None:
     out, err = p.communicate(timeout=15)
     assert p.returncode == 0, err
     assert out.count("UDP") == 5 and "5 captured, 0 dropped by producer" in err
-
-
-def _pcapng_frames(data: bytes) -> list[tuple[bytes, bool]]:
-    """(frame, outbound) of each EPB: an independent reading of what tcpdump reads."""
-    out, at = [], 0
-    while at < len(data):
-        btype, blen = struct.unpack_from("<II", data, at)
-        if btype == 6:
-            caplen = struct.unpack_from("<I", data, at + 20)[0]
-            body = data[at + 28:at + 28 + caplen]
-            opts = at + 28 + ((caplen + 3) & ~3)
-            code, _l, flags = struct.unpack_from("<HHI", data, opts)
-            out.append((body, code == 2 and flags & 3 == 2))
-        at += blen
-    return out
 
 
 def test_query_capture_reply_is_json_even_without_fds(pair) -> None:
