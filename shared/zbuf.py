@@ -76,6 +76,7 @@ class Producer:
         self.held: int | None = None  # the buffer the reader holds, if any
         self.fill = HEADER.size  # next record's offset in the store buffer
         self.started = 0.0  # monotonic time of the store buffer's first record
+        self.last = 0.0  # monotonic time of the latest record
         self.frames = self.drops = self.rotations = self.bad_acks = 0
         self._bad_seen = False
         for i in (0, 1):
@@ -148,8 +149,9 @@ class Producer:
             n = len(p)
             mem[at:at + n] = p
             at += n
+        self.last = time.monotonic()
         if self.fill == HEADER.size:
-            self.started = time.monotonic()
+            self.started = self.last
         self.fill += align8(RECORD.size + caplen)
         self.frames += 1
 
