@@ -326,3 +326,25 @@ def test_query_capture_reply_is_json_even_without_fds(pair) -> None:
         reply = json.loads(s.recv(65536).split(b"\n")[0])
     assert reply["ok"] and reply["buffer_size"] == 4096
     wait_for(lambda: counters(b)["capture_readers"] == 0, 3, "detach once it closed")
+
+
+def test_netback_shutdown_hands_over_what_is_buffered_then_eof(tmp_path) -> None:
+    b = BackendThread(tmp_path)
+    f = FrontendThread(b.ev, tmp_path / "f.ctl", domid=b.domid)
+    f.connected()
+    att = attach(ctl(b), {})
+    got: list = []
+    s = Session(att, got.append)
+    t = threading.Thread(target=s.run)
+    try:
+        x = frame(b"last words" * 50)
+        f.guest.send(VNET + x)
+        wait_for(lambda: b.nb.tx_stats.tx_packets == 1, 3, "TX")
+        f.stop()
+        b.stop()  # the final rotation, then the socket closes
+        t.start()
+        t.join(10)
+        assert not t.is_alive() and s.eof
+        assert [r.data for r in got] == [x]
+    finally:
+        att.close()
