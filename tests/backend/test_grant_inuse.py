@@ -5,7 +5,7 @@ into it, with GTF_writing set, and one revoked after posting is never written.""
 
 import pytest
 
-from shared.grant import GTF_reading, GTF_writing, GrantError
+from shared.grant import GrantError, GTF_reading, GTF_writing
 from shared.netif import XEN_NETIF_RSP_ERROR
 from shared.offload import VNET_HDR
 from tests.conftest import frame, make_pair
