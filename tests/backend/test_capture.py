@@ -348,3 +348,19 @@ def test_netback_shutdown_hands_over_what_is_buffered_then_eof(tmp_path) -> None
         assert [r.data for r in got] == [x]
     finally:
         att.close()
+
+
+def test_cli_without_w_prints_one_line_per_frame(pair) -> None:
+    b, f = pair
+    p = subprocess.Popen([sys.executable, "-m", "shared.cli", "capture", "--socket", ctl(b),
+                          "-c", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    wait_for(lambda: counters(b)["capture_readers"] == 1, 10, "the CLI attached")
+    for n in (100, 2000):
+        f.guest.send(VNET + frame(b"t" * n))
+    out, err = p.communicate(timeout=10)
+    assert p.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(" out " in x and "ethertype 0x0800" in x for x in lines)
+    assert lines[1].endswith(f"length {len(frame(b't' * 2000))}")
+    assert "2 captured, 0 dropped by producer" in err
