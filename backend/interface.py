@@ -22,13 +22,14 @@ import time
 import weakref
 from dataclasses import dataclass, field, fields
 
+from backend.capture import CaptureTap
 from backend.filter import Filter
 from backend.gntmap import GntMap, Views
 from backend.netback import FATAL_REASONS, FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
-from shared.control import ControlServer
+from shared.control import ControlServer, Handoff
 from shared.doorbell import HostDoorbell, KickChannel
 from shared.grant import GrantError
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
@@ -187,10 +188,13 @@ class Netback:
             configure(cfg.vif, mac=VIF_MAC, master=cfg.bridge)
         self._set_carrier(False)  # Linux: carrier off until a frontend connects
         self.listener = listen_unix(cfg.listen) if cfg.listen else None
+        self.capture = CaptureTap(cfg.vif)
         self.ctl = PacedControlServer(cfg.ctl, self.control) if cfg.ctl else None
 
     # --- control socket (runs in the control thread) ----------------------------------------
-    def control(self, request: dict) -> dict:
+    def control(self, request: dict) -> dict | Handoff:
+        if request.get("cmd") == "capture":
+            return self.capture.attach(request)
         if request.get("cmd") != "stats":
             raise KeyError(request.get("cmd"))
         rings = {}
@@ -216,7 +220,8 @@ class Netback:
                                 ctl_paced=self.ctl.paced if self.ctl else 0,
                                 ctl_refused=self.ctl.refused if self.ctl else 0,
                                 ctl_accept_errors=self.ctl.accept_errors if self.ctl else 0,
-                                ctl_clients_capped=self.ctl.clients_capped if self.ctl else 0)}
+                                ctl_clients_capped=self.ctl.clients_capped if self.ctl else 0,
+                                **self.capture.counters())}
         if self.filter is not None:
             out["filter"] = [{"rule": f"{r.action} {r.field}", "hits": h}
                              for r, h in zip(self.filter.rules, self.filter.hits, strict=True)]
@@ -352,6 +357,7 @@ class Netback:
         tx = TxPath(neg.region, gntmap, self.vif_fd, self.tx_stats, self.cfg.tx_mode,
                     neg.features["feature-header-slots"], self.filter)
         rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats)
+        tx.capture = rx.capture = self.capture
         if neg.dma_mem is not self.shared_region:  # bounded: only live mappings are kept
             self.regions_mapped()
             self._mapped.append(weakref.ref(neg.dma_mem))
@@ -560,6 +566,7 @@ class Netback:
     def close(self) -> None:
         if self.ctl:
             self.ctl.close()
+        self.capture.close()
         if self.listener is not None:
             self.listener.close()
             try:

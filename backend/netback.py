@@ -19,6 +19,7 @@ import struct
 import time
 from array import array
 
+from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
 from backend.pull import HEADER_PULL_MAX, pull_headers
 from backend.skb import SkBuff
@@ -124,6 +125,7 @@ class TxPath:
         self.gnt_count = region.grants.count
         self.frames = region.layout.payload_frames
         self._log_t, self._logged = 0.0, 0
+        self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64) -> bool:
@@ -424,6 +426,8 @@ class TxPath:
             st.drops_error += 1
             st.drops_vif += 1
             self.log_drop("vif", f"ring[{skb.idx}]: vif write failed: {e}")
+        if self.capture.on and skb.transmitted:
+            self.capture.out(skb, self.gntmap)
         skb.free()
 
     # --- releasing slots ----------------------------------------------------------------

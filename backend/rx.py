@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
 from shared.netif import (
     EXTRA_INFO,
@@ -64,6 +65,7 @@ class RxPath:
         self.posted_views: deque[memoryview] = deque()
         self.posted_ids: set[int] = set()
         self.vnet = bytearray(VNET_HDR.size)
+        self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
 
     def refill(self) -> int:
         """Take newly posted requests off the ring, validating each once."""
@@ -114,6 +116,8 @@ class RxPath:
             length = n - VNET_HDR.size
             if length <= 0:
                 continue
+            if self.capture.on:
+                self.capture.into(self.gntmap, pgrefs, pexps, length)
             vflags, vgso, _hl, gso_size, _cs, _co, _nb = VNET_HDR.unpack_from(vnet)
             flags = 0
             if vflags & VIRTIO_NET_HDR_F_NEEDS_CSUM:

@@ -1,4 +1,4 @@
-"""`pvnet`: the operator's command line. Today: `pvnet stats` and `pvnet query`.
+"""`pvnet`: the operator's command line: `pvnet stats`, `pvnet query`, `pvnet capture`.
 
 `stats` asks every control socket for its counters, pairs each netfront with its netback and
 prints one table per guest and ring with the two ends side by side -- the view in which the
@@ -296,6 +296,55 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    from shared.capture import run_capture  # the capture client only when capturing
+
+    if not (args.vif or args.socket):
+        print("pvnet capture: name a VIF (or --socket PATH)", file=sys.stderr)
+        return 2
+    named = args.vif or args.socket
+    path = args.socket or (named if "/" in named else os.path.join(args.dir, f"{named}.ctl"))
+    vif = os.path.basename(named).removesuffix(".ctl")
+    request = {"snaplen": args.snaplen, "buffer_kb": args.buffer_kb,
+               "direction": args.direction}
+    if args.write is None:
+        return run_capture(path, vif, request, None, args.count, args.format)
+    if args.write == "-":
+        return run_capture(path, vif, request, sys.stdout.buffer, args.count, args.format)
+    with open(args.write, "wb") as out:
+        return run_capture(path, vif, request, out, args.count, args.format)
+
+
+def _add_capture(sub) -> None:
+    c = sub.add_parser(
+        "capture", help="capture the frames crossing a netback's vif (pcapng/pcap)",
+        description="Attach to the netback serving VIF through its control socket and "
+                    "capture the frames it writes to (out: from the guest) and reads from "
+                    "(in: to the guest) the vif, through two shared zero-copy buffers. "
+                    "Ctrl-C or SIGTERM flushes and exits 0; at the end it prints how many "
+                    "frames were captured and how many the producer dropped.",
+        epilog="example: pvnet capture vif1.0 -w - | tcpdump -n -r -")
+    c.add_argument("vif", metavar="VIF", nargs="?",
+                   help="vif name (its socket is DIR/VIF.ctl) or a control socket path")
+    c.add_argument("-w", dest="write", metavar="FILE|-",
+                   help="write frames to FILE (- for standard output) instead of one line "
+                        "per frame")
+    c.add_argument("-c", dest="count", type=int, default=0, metavar="COUNT",
+                   help="exit after COUNT frames")
+    c.add_argument("-s", dest="snaplen", type=int, default=0, metavar="SNAPLEN",
+                   help="bytes kept per frame (default 0: whole frames)")
+    c.add_argument("--buffer-kb", type=int, default=1024, metavar="N",
+                   help="size of each of the two buffers in KiB (default %(default)s)")
+    c.add_argument("--direction", choices=("in", "out", "both"), default="both",
+                   help="out: frames netback writes to the vif (from the guest); in: frames "
+                        "it reads from the vif (to the guest); default %(default)s")
+    c.add_argument("--format", choices=("pcapng", "pcap"), default="pcapng",
+                   help="pcapng carries the direction per frame (default %(default)s)")
+    c.add_argument("--dir", default=DEFAULT_DIR, help="state directory (default %(default)s)")
+    c.add_argument("--socket", metavar="PATH", help="control socket (overrides VIF's)")
+    c.set_defaults(func=cmd_capture)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvnet", description="Inspect running pvnet processes.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -316,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON request object (default {"cmd": "ping"}); a bare word is a cmd')
     q.add_argument("--timeout", type=float, default=2.0, help="seconds (default %(default)s)")
     q.set_defaults(func=cmd_query)
+    _add_capture(sub)
     return p
 
 
@@ -323,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "watch", None) is not None and args.watch <= 0:
         build_parser().error("--watch needs a positive number of seconds")
+    if args.command == "capture" and (args.count < 0 or args.snaplen < 0):
+        build_parser().error("-c and -s take non-negative numbers")
     return args.func(args)
 
 

@@ -42,7 +42,7 @@ ACCEPT_BACKOFF = 0.1
 MAX_REPLY = 16 * 1024 * 1024
 """Longest reply line the client accepts (stats replies are a few KiB)."""
 
-Handler = Callable[[dict], dict]
+Handler = Callable[[dict], "dict | Handoff"]
 
 
 class ControlError(Exception):
@@ -57,13 +57,27 @@ class ControlError(Exception):
         self.reply = reply
 
 
+@dataclass
+class Handoff:
+    """A handler's answer that takes the connection over (``pvnet capture``): the server sends
+    ``reply`` with ``fds`` attached (SCM_RIGHTS), stops serving that socket and gives it to
+    ``adopt``, whose it is from then on. If the reply cannot be sent, ``abandon`` runs instead
+    so the handler can release what it made. Bytes the client sent after the request are
+    dropped. Only a unix socket can carry descriptors: elsewhere this is an error reply."""
+
+    reply: dict
+    fds: list[int]
+    adopt: Callable[[socket.socket], None]
+    abandon: Callable[[], None]
+
+
 def dispatch(commands: dict[str, Callable[[dict], dict]]) -> Handler:
     """Build a handler from a table ``{"stats": fn, ...}``; unknown commands become errors.
 
     Saves every data process from writing the same if/elif ladder and error wording.
     """
 
-    def handler(request: dict) -> dict:
+    def handler(request: dict) -> dict | Handoff:
         cmd = request["cmd"]
         if cmd not in commands:
             raise KeyError(f"{cmd!r} (known: {', '.join(sorted(['ping', *commands]))})")
@@ -276,7 +290,11 @@ class ControlServer:
                 conn.outbuf += _error(f"request line longer than {MAX_LINE} bytes")
                 continue
             if line.strip():
-                conn.outbuf += self._dispatch(line)
+                reply = self._dispatch(line)
+                if isinstance(reply, Handoff):
+                    self._hand_off(conn, reply)
+                    return
+                conn.outbuf += reply
         if len(conn.inbuf) > MAX_LINE:
             if not conn.discarding:
                 conn.outbuf += _error(f"request line longer than {MAX_LINE} bytes")
@@ -307,11 +325,30 @@ class ControlServer:
             self._sel.unregister(conn.sock)
         conn.sock.close()
 
-    def _dispatch(self, line: bytes) -> bytes:
+    def _hand_off(self, conn: _Conn, h: Handoff) -> None:
+        """Send the reply with its descriptors and give the socket away (see Handoff). The
+        send may block for at most a second, on this thread only, never the data path's."""
+        self._conns.pop(conn.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.unregister(conn.sock)
+        sock = conn.sock
+        try:
+            sock.settimeout(1.0)
+            if conn.outbuf:
+                sock.sendall(conn.outbuf)
+            socket.send_fds(sock, [_encode({"ok": True, **h.reply})], h.fds)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            h.abandon()
+            return
+        h.adopt(sock)
+
+    def _dispatch(self, line: bytes) -> bytes | Handoff:
         return answer(self.handler, line)
 
 
-def answer(handler: Handler, line: bytes) -> bytes:
+def answer(handler: Handler, line: bytes) -> bytes | Handoff:
     """Decode one request and produce its reply line; never raises."""
     try:
         request = jsonline.loads(line)
@@ -333,6 +370,8 @@ def answer(handler: Handler, line: bytes) -> bytes:
         return _error(f"bad request: {exc}")
     except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the server
         return _error(f"internal error in {cmd!r}: {type(exc).__name__}: {exc}")
+    if isinstance(result, Handoff):
+        return result
     if not isinstance(result, dict):
         return _error(f"internal error: handler returned {type(result).__name__}, not a dict")
     try:
@@ -442,6 +481,9 @@ class PortControl:
                     del buf[:nl + 1]
                     reply = (answer(self.handler, line) if len(line) <= MAX_LINE
                              else _error(f"request line longer than {MAX_LINE} bytes"))
+                    if isinstance(reply, Handoff):  # no descriptors over a serial port
+                        reply.abandon()
+                        reply = _error("this control channel cannot pass descriptors")
                     if line.strip():
                         self._write(fd, reply)
                 if len(buf) > MAX_LINE:

@@ -405,3 +405,16 @@ def test_tiny_bench_yields_complete_plausible_records(tmp_path: Path):
     assert (tmp_path / "res" / "results.json").exists()
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "pvbt-" not in left  # every namespace of the bench is gone
+
+
+def test_capture_cost_is_reported_as_a_ratio_to_lazy_in_the_same_run():
+    Record = rec_mod.Record
+    recs = [Record("pvnet-netns", "lazy", "tcp", "tx", gbps=10.0),
+            Record("pvnet-netns", "lazy+capture", "tcp", "tx", gbps=4.0),
+            Record("pvnet-netns", "lazy+capture-s128", "tcp", "tx", gbps=8.0),
+            Record("pvnet-netns", "lazy+capture", "udp64", "rx", fps=5.0)]  # no lazy udp64
+    lines = report.capture_lines(recs)
+    assert lines == ["Capture (same run):",
+                     "- capture cost: lazy+capture tcp tx: 0.40x lazy without a capture",
+                     "- capture cost: lazy+capture-s128 tcp tx: 0.80x lazy without a capture"]
+    assert lines[1] in report.targets_text(recs)

@@ -8,7 +8,12 @@ and switches TSO/GSO/GRO off on the wire peer's veth (as the veth path does on b
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
@@ -26,7 +31,12 @@ MODES: dict[str, dict[str, object]] = {
     "lazy-noslots": {"tx_mode": "lazy", "header_slots": False},
     "lazy-persistent": {"tx_mode": "lazy", "persistent": True},
     "map-persistent": {"tx_mode": "map", "persistent": True},
+    "lazy+capture": {"tx_mode": "lazy"},
+    "lazy+capture-s128": {"tx_mode": "lazy"},
 }
+#: modes that run `pvnet capture` on the vif for the whole session (-s: 0 = whole frames), to
+#: set the cost of a capture beside the same mode without one
+CAPTURE_SNAPLEN = {"lazy+capture": 0, "lazy+capture-s128": 128}
 
 
 def topology_yaml(ctx: PathContext, mode: str) -> str:
@@ -56,6 +66,7 @@ class PvnetNetnsPath:
     _ends: dict[str, FsPath] = field(default_factory=dict)
     _session: int = 0
     _gso: bool = True
+    _capture: subprocess.Popen | None = None
 
     def _topology(self) -> Topology:
         state = self.ctx.state_dir / f"{self.ctx.prefix}-pvnet"
@@ -80,8 +91,37 @@ class PvnetNetnsPath:
             ethtool(topo.wire.netns, "-K", topo.wire.dev, "tso", "off", "gso", "off", "gro", "off")
             self.note = ("gso off: netfront --no-gso; peer "
                          + offload_summary(topo.wire.netns, topo.wire.dev))
+        if self.mode in CAPTURE_SNAPLEN:
+            self._start_capture(topo, g)
         return Endpoints(NetnsEndpoint(g.netns, str(g.ip.ip)),
                          NetnsEndpoint(topo.wire.netns, str(topo.wire.ip.ip)))
+
+    def _start_capture(self, topo: Topology, g: Guest) -> None:
+        """A real reader on the vif, writing pcapng to /dev/null, attached before traffic."""
+        self._capture = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "capture", g.vif, "--dir", str(topo.state_dir),
+             "-s", str(CAPTURE_SNAPLEN[self.mode]), "--buffer-kb", "8192", "-w", os.devnull],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while query(str(topo.backend_ctl(g)), {"cmd": "stats"})["counters"].get(
+                "capture_readers") != 1:
+            if time.monotonic() > deadline or self._capture.poll() is not None:
+                raise RuntimeError("pvnet capture did not attach")
+            time.sleep(0.05)
+        self.note += f"; capture -s {CAPTURE_SNAPLEN[self.mode]}"
+
+    def _stop_capture(self) -> None:
+        cap, self._capture = self._capture, None
+        if cap is None:
+            return
+        cap.send_signal(signal.SIGINT)
+        try:
+            _, err = cap.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            cap.kill()
+            _, err = cap.communicate()
+        lines = err.strip().splitlines()
+        self.ctx.log(f"{self.mode}: pvnet capture: {lines[-1] if lines else '(no summary)'}")
 
     def sample(self) -> Sample:
         s = Sample()
@@ -98,6 +138,7 @@ class PvnetNetnsPath:
             return
         lab, self._lab = self._lab, None
         try:
+            self._stop_capture()
             self._keep_logs(lab.topo)
         finally:
             lab.down()

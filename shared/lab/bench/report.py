@@ -153,7 +153,23 @@ def targets_text(records: list[Record]) -> str:
     res = targets(records)
     met = sum(1 for t in res if t.met)
     known = sum(1 for t in res if t.met is not None)
-    return "\n".join([f"Targets: {met} of {known} measured met", *[t.line() for t in res]])
+    return "\n".join([f"Targets: {met} of {known} measured met", *[t.line() for t in res],
+                      *capture_lines(records)])
+
+
+def capture_lines(records: list[Record]) -> list[str]:
+    """The cost of `pvnet capture`: each capture mode's primary figure over plain lazy's,
+    same workload and direction, same run."""
+    out = []
+    for r in records:
+        if r.path != "pvnet-netns" or not r.mode.startswith("lazy+capture"):
+            continue
+        base = _find(records, r.path, "lazy", r.workload, r.direction)
+        if base is None or r.primary is None or not base.primary:
+            continue
+        out.append(f"- capture cost: {r.mode} {r.workload} {r.direction}: "
+                   f"{r.primary / base.primary:.2f}x lazy without a capture")
+    return (["Capture (same run):", *out]) if out else []
 
 
 def write_json(records: list[Record], path: FsPath) -> None:
