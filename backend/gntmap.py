@@ -8,10 +8,11 @@ as Pratt's mail proposes; ``unmap_all`` releases them.
 
 from __future__ import annotations
 
-from shared.grant import GrantError, GrantTable
+from shared.grant import GrantTable
 from shared.netif import GREF_MASK, GREF_PERSISTENT
 from shared.region import Region
 from shared.stats import RingStats
+from shared.xenbus import NotNegotiated
 
 
 class GntMap:
@@ -39,7 +40,8 @@ class GntMap:
                 self.stats.persistent_hits += 1
                 return frame
             if not self.persistent_ok:
-                raise GrantError(f"gref {gref:#x} marked persistent without feature-persistent")
+                raise NotNegotiated(f"gref {gref:#x} marked persistent without "
+                                    "feature-persistent")
             frame = self.table.check(gref & GREF_MASK, self.domid, write, self.frames)
             self.table.mark(gref & GREF_MASK, write)  # held until disconnect
             self.persistent[gref] = frame

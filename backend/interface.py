@@ -27,7 +27,7 @@ from backend.filter import Filter
 from backend.gntmap import GntMap
 from backend.netback import FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
-from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated
+from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
 from shared.control import ControlServer
 from shared.doorbell import HostDoorbell, KickChannel
@@ -46,7 +46,7 @@ from shared.tap import (
     set_offload,
 )
 from shared.transport import TransportError, connect_unix, listen_unix
-from shared.xenbus import NegotiationError, XenbusState
+from shared.xenbus import NegotiationError, NotNegotiated, XenbusState
 
 log = logging.getLogger("netback")
 VIF_MAC = "fe:ff:ff:ff:ff:ff"
@@ -130,6 +130,8 @@ class NetbackConfig:
     budget: int = 64
     #: seconds without posted RX buffers before the vif's carrier goes off (0: never)
     rx_stall_timeout: float = RX_STALL_TIMEOUT
+    #: implemented features not to offer (--no-offer), e.g. to test a frontend against less
+    no_offer: tuple[str, ...] = ()
     #: tests only: an already open stand-in for the vif (a datagram socket); no TAP is made
     vif_fd: int | None = None
 
@@ -156,12 +158,14 @@ class Netback:
         self.rx_stats = RingStats()
         self.counters = {"connects": 0, "disconnects": 0, "malformed": 0, "internal_errors": 0,
                          "frontend_restarts": 0, "spurious_events": 0, "events_deferred": 0,
-                         "rx_stalls": 0, "lost_wakeups": 0, "slots_abandoned": 0}
+                         "rx_stalls": 0, "lost_wakeups": 0, "slots_abandoned": 0,
+                         "not_negotiated": 0}
         self.last_error = ""
         self.state = XenbusState.Initialising
         self.peer = ""
         self.features: dict[str, bool] = {}
         self.filter = Filter.parse(cfg.filters) if cfg.filters else None
+        self.offered = offered_features(tuple(cfg.no_offer))
         self.tx: TxPath | None = None
         self.rx: RxPath | None = None
         self.carrier = True
@@ -199,7 +203,8 @@ class Netback:
             rings[name] = d
         out = {"role": "netback", "name": self.cfg.vif, "peer": self.peer, "pid": os.getpid(),
                "domid": self.cfg.domid, "state": self.state.name, "tx_mode": self.cfg.tx_mode,
-               "features": self.features, "rings": rings, "carrier": self.carrier,
+               "features": self.features, "offered": self.offered, "rings": rings,
+               "carrier": self.carrier,
                "rx_stall_timeout": self.cfg.rx_stall_timeout,
                "regions_mapped": self.regions_mapped(),
                "counters": dict(self.counters, last_error=self.last_error,
@@ -282,7 +287,8 @@ class Netback:
         try:
             while True:
                 self.state = XenbusState.InitWait
-                hs = Handshake(chan, self.cfg.vif, self.cfg.domid, self.shared_region)
+                hs = Handshake(chan, self.cfg.vif, self.cfg.domid, self.shared_region,
+                               self.offered)
                 # a frontend that has not even said hello gives way to a newer one
                 conn = self._connect(chan, hs.run(
                     lambda h=hs: not self._check_stop()
@@ -302,6 +308,8 @@ class Netback:
             log.info("%s: a newer frontend is waiting; dropping the silent one", self.cfg.vif)
         except FRONTEND_ERRORS as e:
             self.counters["malformed"] += 1
+            if isinstance(e, NotNegotiated):
+                self.counters["not_negotiated"] += 1
             self._fault(chan, f"{type(e).__name__}: {e}", str(e))
         except Shutdown:
             send_quietly(chan, {"state": "Closing"})
@@ -324,12 +332,12 @@ class Netback:
 
     def _connect(self, chan: EventChannel, neg: Negotiated) -> Connection:
         # grants name the domain allowed to use them: ours (the driver domain, 0)
-        persistent = neg.features["feature-persistent"]
-        gntmap = GntMap(neg.region, BACKEND_DOMID, self.tx_stats, persistent)
-        rx_gntmap = GntMap(neg.region, BACKEND_DOMID, self.rx_stats, persistent)
+        ag = neg.agreement
+        gntmap = GntMap(neg.region, BACKEND_DOMID, self.tx_stats, ag.persistent)
+        rx_gntmap = GntMap(neg.region, BACKEND_DOMID, self.rx_stats, ag.persistent)
         tx = TxPath(neg.region, gntmap, self.vif_fd, self.tx_stats, self.cfg.tx_mode,
-                    neg.features["feature-header-slots"], self.filter)
-        rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats)
+                    ag.header_slots, self.filter, ag)
+        rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats, ag)
         if neg.region.mem is not self.shared_region:
             self._mapped.append(weakref.ref(neg.region.mem))
         conn = Connection(chan, neg.region, tx, rx, (gntmap, rx_gntmap), neg.name, neg.features)

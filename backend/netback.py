@@ -54,6 +54,7 @@ from shared.region import Region
 from shared.ring import HEADER_SIZE, MASK32, BackRing
 from shared.slots import HeaderSlots, SlotError
 from shared.stats import RingStats
+from shared.xenbus import Agreement, NotNegotiated, gso_accepted
 
 TX_MODES = ("lazy", "map", "copy")
 #: XEN_NETBACK_TX_COPY_LEN: what a grant copy pulls into the linear area without header slots
@@ -88,7 +89,8 @@ class TxPath:
     """The TX ring of one connection and the vif it feeds."""
 
     def __init__(self, region: Region, gntmap: GntMap, vif_fd: int, stats: RingStats,
-                 mode: str, header_slots: bool, pkt_filter=None) -> None:
+                 mode: str, header_slots: bool, pkt_filter=None,
+                 agreement: Agreement | None = None) -> None:
         if mode not in TX_MODES:
             raise ValueError(f"tx mode {mode!r}: must be one of {', '.join(TX_MODES)}")
         self.ring = BackRing(region.tx_ring, TX_REQUEST.size)
@@ -109,6 +111,9 @@ class TxPath:
         self.gnt_buf = region.grants.buf
         self.gnt_count = region.grants.count
         self.frames = region.layout.payload_frames
+        # what this backend offered (its netif.h keys): a request beyond it is fatal
+        self.sg = agreement is None or agreement.tx_sg
+        self.gso_ok = gso_accepted(agreement, rx=False)
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64) -> bool:
@@ -201,8 +206,10 @@ class TxPath:
                 extras += 1
                 if etype != XEN_NETIF_EXTRA_TYPE_GSO or extras > 1:
                     raise FatalTxError(f"bad extra info type {etype}")
-                if gtype not in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6) \
-                        or not gsize:
+                if gtype not in self.gso_ok or not gsize:
+                    if gtype in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6) and gsize:
+                        raise NotNegotiated(f"GSO type {gtype} not negotiated (this backend "
+                                            "did not offer its feature-gso key)")
                     raise FatalTxError(f"bad GSO type {gtype} size {gsize}")
                 gso_type, gso_size = gtype, gsize
                 more = eflags & XEN_NETIF_EXTRA_FLAG_MORE
@@ -215,6 +222,8 @@ class TxPath:
             frags = ([], [], [], [])
         grefs, offs, ids, sizes = frags
         nfrags = len(grefs)
+        if nfrags > (1 if flags & NETTXF_header_slot else 0) and not self.sg:
+            raise NotNegotiated(f"packet of {nfrags + 1} slots without feature-sg")
         idx += nfrags
         total_frags = sum(sizes)
         ring.req_cons = idx & MASK32
@@ -231,7 +240,7 @@ class TxPath:
         skb.size = size
         if flags & NETTXF_header_slot:
             if not self.header_slots:
-                raise FatalTxError("header-slot request without feature-header-slots")
+                raise NotNegotiated("header-slot request without feature-header-slots")
             try:
                 start = self.slots.check(gref, off, first_len)
             except SlotError as e:

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.netif import FEATURES
+from shared.netif import BACKEND_KEYS, EXTENSIONS
 from shared.region import Region
 from shared.transport import TransportError, map_memfd
-from shared.xenbus import NegotiationError, XenbusState, check_request
+from shared.xenbus import Agreement, NegotiationError, XenbusState, check_request
 
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -30,24 +30,37 @@ class Negotiated:
 
     name: str
     domid: int
-    features: dict[str, bool]
+    features: dict[str, bool]  # the frontend's keys, as checked
     region: Region
+    offered: dict[str, bool]
+    agreement: Agreement
 
 
-def offered_features() -> dict[str, bool]:
-    return dict.fromkeys(FEATURES, True)
+#: everything this netback implements, and so may offer
+IMPLEMENTED = (*BACKEND_KEYS, *EXTENSIONS)
+
+
+def offered_features(without: tuple[str, ...] = ()) -> dict[str, bool]:
+    """The offer: every key this backend implements, minus those switched off (--no-offer).
+    feature-rx-copy cannot be switched off: copying is the only RX mode."""
+    bad = set(without) - set(IMPLEMENTED)
+    if bad or "feature-rx-copy" in without:
+        raise ValueError(f"cannot withhold {sorted(bad or {'feature-rx-copy'})}: not an "
+                         f"optional feature of this backend ({', '.join(IMPLEMENTED)})")
+    return {k: k not in without for k in IMPLEMENTED}
 
 
 class Handshake:
     """Drive one frontend from Initialising to Connected."""
 
     def __init__(self, chan: EventChannel, vif: str, domid: int,
-                 shared_region: mmap.mmap | None = None) -> None:
+                 shared_region: mmap.mmap | None = None,
+                 offered: dict[str, bool] | None = None) -> None:
         self.chan = chan
         self.vif = vif
         self.domid = domid
         self.shared_region = shared_region  # QEMU placement: the region is already ours
-        self.offered = offered_features()
+        self.offered = offered if offered is not None else offered_features()
         self.state = XenbusState.InitWait
         self.said_initwait = False
 
@@ -137,4 +150,5 @@ class Handshake:
                 mem.close()  # unmapped now, not whenever the traceback is collected
             raise
         name = msg.get("name")
-        return Negotiated(str(name)[:64] if name else "?", self.domid, features, region)
+        return Negotiated(str(name)[:64] if name else "?", self.domid, features, region,
+                          self.offered, Agreement.of(self.offered, features))

@@ -41,6 +41,9 @@ class RingStats:
     drops_filtered: int = 0
     drops_error: int = 0
     drops_no_buffer: int = 0
+    #: frames the other end did not negotiate (too many slots without feature-sg, a GSO kind
+    #: it does not accept): dropped here instead of being sent
+    drops_not_negotiated: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
