@@ -34,7 +34,7 @@ from shared.doorbell import HostDoorbell, KickChannel
 from shared.grant import GrantError
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
 from shared.region import LayoutError, Region
-from shared.ring import RSP_PROD, BackRing, RingError
+from shared.ring import RSP_PROD, BackRing, RingError, require_tso
 from shared.stats import RingStats
 from shared.tap import (
     TUN_F_CSUM,
@@ -153,6 +153,7 @@ class Netback:
     def __init__(self, cfg: NetbackConfig) -> None:
         if (cfg.listen is None) == (cfg.connect is None):
             raise ValueError("give exactly one of --listen and --connect")
+        require_tso()  # the shared-memory code relies on x86's ordering
         self.cfg = cfg
         self.tx_stats = RingStats()
         self.rx_stats = RingStats()

@@ -111,6 +111,8 @@ class Handshake:
                             self.chan.send({"state": "Closing", "error": str(e)})
                         except (ChannelClosed, OSError):
                             pass
+                        if isinstance(e, NegotiationError):
+                            raise  # keeps its kind (NotNegotiated is counted apart)
                         raise NegotiationError(str(e)) from e
                     self.chan.send({"state": "Connected"})
                     return result

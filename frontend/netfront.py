@@ -23,7 +23,7 @@ from shared.doorbell import KickChannel, guest_doorbell
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
 from shared.netif import EXTENSIONS, FRONTEND_KEYS
 from shared.region import Region
-from shared.ring import FrontRing, RingError
+from shared.ring import FrontRing, RingError, require_tso
 from shared.stats import RingStats
 from shared.tap import (
     TUN_F_CSUM,
@@ -87,6 +87,7 @@ class Netfront:
     def __init__(self, cfg: NetfrontConfig) -> None:
         if (cfg.connect is None) == (cfg.channel is None):
             raise ValueError("give exactly one of --connect and --channel")
+        require_tso()  # the shared-memory code relies on x86's ordering
         self.cfg = cfg
         self.tx_stats = RingStats()
         self.rx_stats = RingStats()
