@@ -24,7 +24,7 @@ import weakref
 from dataclasses import dataclass, field, fields
 
 from backend.filter import Filter
-from backend.gntmap import GntMap
+from backend.gntmap import GntMap, Views
 from backend.netback import FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
@@ -145,6 +145,7 @@ class Connection:
     tx: TxPath
     rx: RxPath
     gntmaps: tuple[GntMap, GntMap]
+    views: Views
     name: str
     features: dict[str, bool]
 
@@ -289,7 +290,7 @@ class Netback:
             while True:
                 self.state = XenbusState.InitWait
                 hs = Handshake(chan, self.cfg.vif, self.cfg.domid, self.shared_region,
-                               self.offered)
+                               self.cfg.region_fd, offered=self.offered)
                 # a frontend that has not even said hello gives way to a newer one
                 conn = self._connect(chan, hs.run(
                     lambda h=hs: not self._check_stop()
@@ -334,14 +335,17 @@ class Netback:
     def _connect(self, chan: EventChannel, neg: Negotiated) -> Connection:
         # grants name the domain allowed to use them: ours (the driver domain, 0)
         ag = neg.agreement
-        gntmap = GntMap(neg.region, BACKEND_DOMID, self.tx_stats, ag.persistent)
-        rx_gntmap = GntMap(neg.region, BACKEND_DOMID, self.rx_stats, ag.persistent)
+        views = Views(neg.fd, neg.dma_mem, neg.region, self.tx_stats,
+                      shared=neg.dma_mem is self.shared_region)
+        gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.tx_stats, ag.persistent)
+        rx_gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.rx_stats, ag.persistent)
         tx = TxPath(neg.region, gntmap, self.vif_fd, self.tx_stats, self.cfg.tx_mode,
                     ag.header_slots, self.filter, ag)
         rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats, ag)
-        if neg.region.mem is not self.shared_region:
-            self._mapped.append(weakref.ref(neg.region.mem))
-        conn = Connection(chan, neg.region, tx, rx, (gntmap, rx_gntmap), neg.name, neg.features)
+        if neg.dma_mem is not self.shared_region:
+            self._mapped.append(weakref.ref(neg.dma_mem))
+        conn = Connection(chan, neg.region, tx, rx, (gntmap, rx_gntmap), views, neg.name,
+                          neg.features)
         self.tx, self.rx = tx, rx
         self.peer = neg.name
         self.features = neg.features
@@ -381,10 +385,11 @@ class Netback:
             self.counters["slots_abandoned"] += abandoned
             for g in conn.gntmaps:
                 g.unmap_all()
-            region = conn.region
+            region, views = conn.region, conn.views
             conn.tx = conn.rx = conn.gntmaps = conn.region = None  # type: ignore[assignment]
-            if region.mem is not self.shared_region:
-                region.close()  # the mmap goes when the last view does, i.e. now
+            conn.views = None  # type: ignore[assignment]
+            views.close()
+            region.close()  # the mmaps go when their last views do, i.e. now
             if self.state == XenbusState.Connected:
                 self.counters["disconnects"] += 1
             self.state = XenbusState.Closed

@@ -19,7 +19,7 @@ from array import array
 
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
-from shared.grant import GRANT_ENTRY, GTF_permit_access
+from shared.grant import GRANT_ENTRY, GTF_in_use, GTF_permit_access, entries
 from shared.netif import (
     EXTRA_INFO,
     FATAL_SKB_SLOTS,
@@ -75,12 +75,6 @@ def _reqs(n: int) -> struct.Struct:
     return struct.Struct("<" + "IHHHH" * n)
 
 
-@functools.cache
-def _gnts(n: int) -> struct.Struct:
-    """n consecutive grant entries, unpacked in one call."""
-    return struct.Struct("<" + "HHI" * n)
-
-
 class FatalTxError(Exception):
     """xenvif_fatal_tx_err: this frontend is broken or hostile; disconnect it."""
 
@@ -95,7 +89,6 @@ class TxPath:
             raise ValueError(f"tx mode {mode!r}: must be one of {', '.join(TX_MODES)}")
         self.ring = BackRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
-        self.mem = region.buf
         self.hdr = region.hdr
         self.slots = HeaderSlots(region.hdr, region.layout.hdr_slot_size, region.layout.hdr_slots)
         self.gntmap = gntmap
@@ -271,21 +264,22 @@ class TxPath:
             self._attach(skb, grefs, offs, ids, sizes)
         return skb
 
-    def _frames(self, grefs: list[int]) -> list[int]:
-        """Check every fragment's grant; the frames they grant. Consecutive grefs (how
-        netfront grants a chunk) are read with one unpack; anything unusual takes the full
-        per-grant check, which also says precisely what is wrong."""
+    def _frames(self, grefs: list[int]) -> tuple[list[int], int]:
+        """Check every fragment's grant; the frames they grant, and the entries' common flags
+        when they are consecutive and alike (else -1). Consecutive grefs (how netfront grants
+        a chunk) are read with one unpack; anything unusual takes the full per-grant check,
+        which also says precisely what is wrong."""
         n = len(grefs)
         g0 = grefs[0]
         gntmap = self.gntmap
         if n > 1 and g0 + n <= self.gnt_count and grefs[-1] == g0 + n - 1 \
                 and grefs == list(range(g0, g0 + n)):
-            e = _gnts(n).unpack_from(self.gnt_buf, g0 << 3)
+            e = entries(n).unpack_from(self.gnt_buf, g0 << 3)
             fl, doms, frames = e[0::3], e[1::3], list(e[2::3])
-            if fl[0] & GTF_permit_access and fl.count(fl[0]) == n \
+            if fl[0] & GTF_permit_access and not fl[0] & GTF_in_use and fl.count(fl[0]) == n \
                     and doms.count(gntmap.domid) == n and min(frames) >= self.frames.start \
                     and max(frames) < self.frames.stop:
-                return frames
+                return frames, fl[0]
         check = gntmap.check
         table, count, dom = self.gnt_buf, self.gnt_count, gntmap.domid
         lo, hi = self.frames.start, self.frames.stop
@@ -298,7 +292,7 @@ class TxPath:
             else:
                 frame = check(gref)
             out.append(frame)
-        return out
+        return out, -1
 
     def _attach(self, skb: SkBuff, grefs: list[int], offs: list[int], ids: list[int],
                 sizes: list[int]) -> None:
@@ -307,23 +301,26 @@ class TxPath:
         st.tx_frags += n
         if n > MAX_SKB_FRAGS:
             st.tx_frag_overflow += 1
-        if self.mode == "copy":
+        frames, flags0 = self._frames(grefs)
+        if self.mode == "copy":  # the CPU copies: map, copy through the CPU view, unmap
             parts = [skb.head]
-            copy_from = gntmap.copy_from
-            for gref, off, size in zip(grefs, offs, sizes, strict=True):
-                parts.append(copy_from(gref, off, size))
+            for gref, frame, off, size in zip(grefs, frames, offs, sizes, strict=True):
+                gntmap.map(gref, frame)
+                parts.append(bytes(gntmap.page(frame)[off:off + size]))
+                gntmap.unmap(gref, frame)
+            st.copy_bytes += sum(sizes)
             skb.head = b"".join(parts)
             self.dealloc.append(ids[0])
             self.dealloc.extend([-1] * skb.extras)
             self.dealloc.extend(ids[1:])
             skb.extras = 0
             return
-        skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = (
-            grefs, self._frames(grefs), offs, sizes, ids)
+        skb.hold_flags = gntmap.hold(grefs, frames, flags0)  # GTF_reading until freed
+        skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = grefs, frames, offs, sizes, ids
         if self.mode == "map":
-            for gref in grefs:
-                gntmap.map(gref)
-            skb.mapped.extend(grefs)
+            for gref, frame in zip(grefs, frames, strict=True):
+                gntmap.map(gref, frame)
+            skb.mapped.extend(range(n))
 
     # --- handing to the vif -------------------------------------------------------------
     def _submit(self, skb: SkBuff) -> None:
@@ -351,19 +348,8 @@ class TxPath:
         VNET_HDR.pack_into(self.vnet, 0, vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0,
                            skb.gso_size, cstart, coff, 0)
         iov = [self.vnet, head]
-        frames = skb.frames
-        if frames:
-            mem = self.mem
-            f0, n = frames[0], len(frames)
-            if frames[-1] == f0 + n - 1 and skb.offs[0] == 0 \
-                    and skb.sizes.count(PAGE_SIZE) >= n - 1 and frames == list(range(f0, f0 + n)):
-                # whole pages, physically contiguous: one iovec (sizes[-1] may be short)
-                start = f0 * PAGE_SIZE
-                iov.append(mem[start:start + (n - 1) * PAGE_SIZE + skb.sizes[-1]])
-            else:
-                for frame, off, fsize in zip(frames, skb.offs, skb.sizes, strict=True):
-                    a = frame * PAGE_SIZE + off
-                    iov.append(mem[a:a + fsize])
+        if skb.frames:
+            self.gntmap.tx_iovecs(skb.grefs, skb.frames, skb.offs, skb.sizes, iov)
         try:
             os.writev(self.vif_fd, iov)
             skb.transmitted = True
@@ -374,14 +360,17 @@ class TxPath:
 
     # --- releasing slots ----------------------------------------------------------------
     def _destructor(self, skb: SkBuff) -> None:
-        """Runs when the skb is freed: unmap what was touched, queue fragment slots."""
+        """Runs when the skb is freed: unmap what was touched, release the grants' in-use
+        bits (nothing reads them any more), queue fragment slots."""
         st = self.stats
         n = len(skb.grefs)
-        if skb.mapped:
-            gntmap = self.gntmap
-            for gref in skb.mapped:
-                gntmap.unmap(gref)
         if n:
+            gntmap = self.gntmap
+            if skb.mapped:
+                grefs, frames = skb.grefs, skb.frames
+                for i in skb.mapped:
+                    gntmap.unmap(grefs[i], frames[i])
+            gntmap.release(skb.grefs, skb.hold_flags)
             touched = len(skb.mapped)
             if self.mode == "lazy":
                 st.grant_maps_avoided += n - touched

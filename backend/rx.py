@@ -1,19 +1,25 @@
 """Netback RX: frames from the vif copied into buffers the frontend posted (Linux ``rx.c``).
 
-Each posted request is validated once, when it is taken off the ring (its id unique among
-posted buffers, its grant writable by this domain). Stock netif (the default): requests are
-used in ring order and the response at each ring position answers the request at that
-position; a GSO frame's extra-info slot follows its first response and consumes a request of
-its own (whose buffer stays empty, ``gso.features`` 0), as Linux ``xenvif_rx_extra_slot``.
-With ``feature-rx-by-id`` (ours) responses may skip a buffer and the extra slot names the
-buffer it retires in ``gso.features``.
+Each posted request is validated when it is taken off the ring (its id unique among posted
+buffers, its grant writable by this domain) and again when the backend writes into it, with
+GTF_writing set during the copy (``GntMap.rx_write``/``rx_copy_in``): a buffer the frontend
+revoked meanwhile is not written but answered with XEN_NETIF_RSP_ERROR and counted
+(``rx_grant_revoked``) - in stock order, with every buffer before it.
 
-A frame is read from the vif straight into the posted pages - the kernel's copy is our grant
-copy - when enough buffers for the largest frame are posted: the first page into the first
-buffer, the rest from the third on (the second is the extra slot's, if the frame turns out to
-be GSO). With fewer posted, the frame is read into a private buffer and held until as many
-buffers as *it* needs are posted, then copied (Linux queues the skb the same way), so a
-frontend that posts few buffers still receives the frames that fit.
+Stock netif (the default): requests are used in ring order and the response at each ring
+position answers the request at that position; a GSO frame's extra-info slot follows its
+first response and consumes a request of its own (whose buffer stays empty, ``gso.features``
+0), as Linux ``xenvif_rx_extra_slot``. With ``feature-rx-by-id`` (ours) responses may skip a
+buffer and the extra slot names the buffer it retires in ``gso.features``.
+
+A frame is read from the vif straight into the posted pages through the DMA view - the
+kernel's copy is our grant copy - when enough buffers for the largest frame are posted: the
+first page into the first buffer, the rest from the third on (the second is the extra slot's,
+if the frame turns out to be GSO; a jumbo frame without GSO is then moved down one buffer,
+stock netif having no way to skip one). With fewer posted, the frame is read into a private
+buffer and held until as many buffers as *it* needs are posted, then grant-copied (Linux
+queues the skb the same way), so a frontend that posts few buffers still receives the frames
+that fit.
 """
 
 from __future__ import annotations
@@ -25,11 +31,11 @@ from itertools import islice
 from backend.gntmap import GntMap
 from shared.netif import (
     EXTRA_INFO,
-    MAX_FRAME,
     PAGE_SIZE,
     RX_REQUEST,
     RX_RESPONSE,
     XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_RSP_ERROR,
     NETRXF_csum_blank,
     NETRXF_data_validated,
     NETRXF_extra_info,
@@ -70,14 +76,16 @@ class RxPath:
         self.by_id = ag is not None and ag.rx_by_id
         self.sg = ag is None or ag.rx_sg
         self.gso_ok = gso_accepted(ag, rx=True)
-        #: posted buffers, validated, in posting order: their ids and their pages' views
+        #: posted buffers, validated, in posting order: ids, grant indexes, the grant entries
+        #: as validated (a u64 each), DMA targets
         self.posted: deque[int] = deque()
+        self.posted_grefs: deque[int] = deque()
+        self.posted_exps: deque[int] = deque()
         self.posted_views: deque[memoryview] = deque()
         self.posted_ids: set[int] = set()
-        self.pages = {f: region.page(f) for f in region.layout.payload_frames}
         self.vnet = bytearray(VNET_HDR.size)
-        #: a frame read while fewer than NEED buffers were posted, waiting for its own need
-        self.bounce = bytearray(MAX_FRAME)
+        #: a frame read (into the grant module's bounce area) while fewer than NEED buffers
+        #: were posted, waiting until as many as it needs are
         self.held = 0  # its length (0: none)
         self.held_need = 0
         self._gso = 0  # the netif GSO type of the frame being answered
@@ -86,16 +94,18 @@ class RxPath:
         """Take newly posted requests off the ring, validating each once."""
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         n = ring.unconsumed_requests()
-        check = self.gntmap.check
+        post = self.gntmap.rx_post
         for _ in range(n):
             rid, _pad, gref = _unpack_req(buf, entry(ring.req_cons))
             ring.req_cons = (ring.req_cons + 1) & MASK32
             if rid in self.posted_ids:
                 raise FatalRxError(f"rx buffer id {rid} posted twice")
-            frame = check(gref, True)
+            gi, entry_now, view = post(gref)
             self.posted_ids.add(rid)
             self.posted.append(rid)
-            self.posted_views.append(self.pages[frame])
+            self.posted_grefs.append(gi)
+            self.posted_exps.append(entry_now)
+            self.posted_views.append(view)
         self.stats.grants_active = len(self.posted)
         return n
 
@@ -106,10 +116,16 @@ class RxPath:
             self.refill()
         return len(self.posted) >= want
 
+    def _pick(self, at: list[int]) -> tuple[list, list, list]:
+        """Views, grant indexes and validated entries of the posted buffers ``at``."""
+        return ([self.posted_views[i] for i in at], [self.posted_grefs[i] for i in at],
+                [self.posted_exps[i] for i in at])
+
     def action(self, budget: int = 64) -> bool:
         """Move up to ``budget`` frames from the vif. True if it stopped on the budget."""
-        posted, views = self.posted, self.posted_views
-        vnet = self.vnet
+        posted, st, gntmap = self.posted, self.stats, self.gntmap
+        vnet, write, vif_fd = self.vnet, gntmap.rx_write, self.vif_fd
+        direct = [0, *range(2, NEED)]  # the second buffer is kept for a GSO extra slot
         for _ in range(budget):
             if self.held:
                 if not self._place_held():
@@ -119,33 +135,47 @@ class RxPath:
                 self.refill()
                 if not posted:
                     return False
-            if len(posted) >= NEED:  # straight into the posted pages (the second is skipped)
-                iov = [vnet, views[0], *islice(views, 2, NEED)]
-            else:
-                iov = [vnet, self.bounce]
+            if len(posted) < NEED:  # into the bounce area, held until it fits
+                try:
+                    n = os.readv(vif_fd, [vnet, gntmap.rx_bounce()])
+                except BlockingIOError:
+                    return False
+                if n > VNET_HDR.size:
+                    self.held = n - VNET_HDR.size
+                    self.held_need = self._need(self.held)
+                continue
             try:
-                n = os.readv(self.vif_fd, iov)
+                w = write(vif_fd, vnet, *self._pick(direct), NEED - 1)
             except BlockingIOError:
                 return False
-            length = n - VNET_HDR.size
-            if length <= 0:
+            if w.revoked:
+                self._retire([direct[i] for i in w.revoked])
+                if w.n:  # read, but a buffer it needed was revoked: dropped
+                    st.drops += 1
+                    st.drops_error += 1
                 continue
-            if len(iov) == 2:
-                self.held = length
-                self.held_need = self._need(length)
-                if self.held_need and not self._place_held():
-                    return False
+            length = w.n - VNET_HDR.size
+            if length <= 0:
                 continue
             need = self._need(length)
             if not need:
                 continue
             if need > 1 and not self._gso and not self.by_id:
-                for k in range(1, need):  # stock order: no slot may be skipped without a GSO
-                    views[k][:PAGE_SIZE] = views[k + 1]
+                # stock order cannot skip the second buffer: move pages 2.. down by one
+                bounce = gntmap.rx_bounce()
+                for k in range(1, need):
+                    bounce[(k - 1) * PAGE_SIZE:k * PAGE_SIZE] = self.posted_views[k + 1]
+                bad = gntmap.rx_copy_in(1, need, self.posted_views, self.posted_grefs,
+                                        self.posted_exps)
+                if bad:
+                    self._retire(bad)
+                    st.drops += 1
+                    st.drops_error += 1
+                    continue
                 self._respond(length, range(need))
             else:
                 self._respond(length, [0, *range(2, need + (not self._gso))])
-        self.stats.grants_active = len(posted)
+        st.grants_active = len(posted)
         return True
 
     def _need(self, length: int) -> int:
@@ -163,25 +193,28 @@ class RxPath:
         return nbufs + (1 if xgso else 0)
 
     def _place_held(self) -> bool:
-        """Copy the held frame into posted buffers once as many as it needs are there."""
+        """Grant-copy the held frame into posted buffers once as many as it needs are."""
         need = self.held_need
         if len(self.posted) < need:
             self.refill()
             if len(self.posted) < need:
                 return False
-        length, views, src = self.held, self.posted_views, self.bounce
-        data = [0, *range(2 if self._gso else 1, need)]
-        for k, at in enumerate(data):
-            size = min(PAGE_SIZE, length - k * PAGE_SIZE)
-            views[at][:size] = src[k * PAGE_SIZE:k * PAGE_SIZE + size]
+        length = self.held
         self.held = self.held_need = 0
+        data = [0, *range(2 if self._gso else 1, need)]
+        bad = self.gntmap.rx_copy_in(0, len(data), *self._pick(data))
+        if bad:
+            self._retire([data[i] for i in bad])
+            self.stats.drops += 1
+            self.stats.drops_error += 1
+            return True
         self._respond(length, data)
         return True
 
     def _respond(self, length: int, data: list[int] | range) -> None:
         """Answer one frame whose pages are in posted buffers ``data`` (indices into the
         posted queue, in frame order); with a GSO extra, buffer 1 is its slot's."""
-        posted, views, st = self.posted, self.posted_views, self.stats
+        posted, st = self.posted, self.stats
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         vflags, _vgso, _hl, gso_size, _cs, _co, _nb = VNET_HDR.unpack_from(self.vnet)
         xgso = self._gso
@@ -192,40 +225,59 @@ class RxPath:
             flags = NETRXF_data_validated
         ids = [posted[i] for i in data]
         prod = ring.rsp_prod_pvt
-        nbufs = len(ids)
         first = min(length, PAGE_SIZE)
         _pack_rsp(buf, entry(prod), ids[0], 0,
-                  flags | (NETRXF_more_data if nbufs > 1 else 0)
+                  flags | (NETRXF_more_data if len(ids) > 1 else 0)
                   | (NETRXF_extra_info if xgso else 0), first)
         prod += 1
-        used = list(ids)
+        used = set(ids)
         if xgso:  # the extra slot consumes buffer 1 (stock: its own ring position)
             retired = posted[1]
             EXTRA_INFO.pack_into(buf, entry(prod), XEN_NETIF_EXTRA_TYPE_GSO, 0, gso_size,
                                  xgso, 0, retired if self.by_id else 0)
             prod += 1
-            used.append(retired)
+            used.add(retired)
         left = length - first
-        for rid in ids[1:]:
+        for rid in islice(ids, 1, None):
             size = min(left, PAGE_SIZE)
             left -= size
             _pack_rsp(buf, entry(prod), rid, 0, NETRXF_more_data if left else 0, size)
             prod += 1
         ring.rsp_prod_pvt = prod & MASK32
         # retire the buffers used; any skipped (by-id only) stay posted, in order
-        top = max(data) + 1 if not xgso else max(max(data), 1) + 1
-        keep = [(posted[i], views[i]) for i in range(top) if posted[i] not in used]
-        for _ in range(top):
-            posted.popleft()
-            views.popleft()
-        for rid, view in reversed(keep):
-            posted.appendleft(rid)
-            views.appendleft(view)
+        self._drop_posted(range(max(data[-1], 1 if xgso else 0) + 1), used)
         self.posted_ids.difference_update(used)
         st.rx_packets += 1
         st.rx_bytes += length
         st.copy_bytes += length
         self._gso = 0
+
+    def _drop_posted(self, span: range, gone: set[int]) -> None:
+        """Take the buffers in ``span`` whose ids are in ``gone`` off the posted queues."""
+        queues = (self.posted, self.posted_grefs, self.posted_exps, self.posted_views)
+        kept = [tuple(q[i] for q in queues) for i in span if self.posted[i] not in gone]
+        for q in queues:
+            for _ in span:
+                q.popleft()
+        for entry in reversed(kept):
+            for q, v in zip(queues, entry, strict=True):
+                q.appendleft(v)
+
+    def _retire(self, revoked: list[int]) -> None:
+        """Buffers revoked under us: answered with XEN_NETIF_RSP_ERROR (never written), so
+        the frontend gets its ids back. Stock netif answers in ring order, so every buffer
+        before the last revoked one is answered the same way."""
+        ring, buf, entry = self.ring, self.buf, self.ring.entry
+        span = range(max(revoked) + 1)
+        gone = [self.posted[i] for i in (span if not self.by_id else sorted(revoked))]
+        prod = ring.rsp_prod_pvt
+        for rid in gone:
+            _pack_rsp(buf, entry(prod), rid, 0, 0, XEN_NETIF_RSP_ERROR)
+            prod += 1
+        ring.rsp_prod_pvt = prod & MASK32
+        self._drop_posted(span, set(gone))
+        self.posted_ids.difference_update(gone)
+        self.stats.rx_grant_revoked += len(revoked)
 
     def push(self) -> bool:
         return self.ring.push_responses()
@@ -237,6 +289,8 @@ class RxPath:
             self.stats.drops += 1
             self.held = self.held_need = 0
         self.posted.clear()
+        self.posted_grefs.clear()
+        self.posted_exps.clear()
         self.posted_views.clear()
         self.posted_ids.clear()
         self.stats.grants_active = 0

@@ -1,11 +1,12 @@
 """The sk_buff-equivalent: a header copy plus payload fragments attached *unmapped*.
 
 Building one costs a copy of the header bytes and nothing per fragment: a fragment is a
-(gref, frame, offset, size) reference into the frontend's pages. Handing it to the vif passes
-those references as iovecs (the device's DMA, not a CPU map). Only ``payload()`` - something
-reading the bytes - maps the fragments, which is lazy mapping. ``free()`` runs the destructor
-that releases the fragment slots back to the frontend, whether the packet was sent, dropped or
-filtered: that release is the flow control of the TX ring.
+(gref, frame, offset, size) reference into the frontend's pages, its frame resolved once when
+it was attached. Handing it to the vif passes those references as iovecs (the device's DMA,
+not a CPU map). Only ``payload()`` - something reading the bytes - maps the fragments into the
+CPU view (by the attached frame, never the grant entry again), which is lazy mapping.
+``free()`` runs the destructor that releases the fragment slots back to the frontend, whether
+the packet was sent, dropped or filtered: that release is the flow control of the TX ring.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class SkBuff:
 
     __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras",
                  "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "destructor",
-                 "transmitted")
+                 "transmitted", "hold_flags")
 
     def __init__(self, head: bytes, destructor: Callable[[SkBuff], None]) -> None:
         self.head = head
@@ -35,22 +36,24 @@ class SkBuff:
         self.gso_size = 0
         self.csum_blank = False
         self.data_validated = False
-        #: grefs mapped because something touched the payload (unmapped on free)
+        #: indexes of fragments mapped into the CPU view (unmapped on free)
         self.mapped: list[int] = []
         self.destructor = destructor
         self.transmitted = False
+        #: the grants' common flags when held with one strided store (-1: held one by one)
+        self.hold_flags = -1
 
     def payload(self, gntmap) -> bytes:
-        """The whole packet's bytes; maps every fragment (lazily, once) to read them."""
+        """The whole packet's bytes, read through the CPU view; maps every fragment not
+        mapped yet (lazily, once: it stays mapped until the skb is freed)."""
         parts = [self.head]
-        for gref, frame, off, size in zip(self.grefs, self.frames, self.offs, self.sizes,
-                                          strict=True):
-            if gref not in self.mapped:
-                self.mapped.append(gref)
-                page = gntmap.map(gref)
-            else:
-                page = gntmap.region.page(frame)
-            parts.append(bytes(page[off:off + size]))
+        mapped = self.mapped
+        for i, (gref, frame, off, size) in enumerate(zip(self.grefs, self.frames, self.offs,
+                                                         self.sizes, strict=True)):
+            if i not in mapped:
+                gntmap.map(gref, frame, touch=True)
+                mapped.append(i)
+            parts.append(bytes(gntmap.page(frame)[off:off + size]))
         return b"".join(parts)
 
     def free(self) -> None:

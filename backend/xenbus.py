@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.netif import BACKEND_KEYS, EXTENSIONS
-from shared.region import Region
+from shared.netif import BACKEND_KEYS, EXTENSIONS, PAGE_SIZE
+from shared.region import Layout, Region
 from shared.transport import TransportError, map_memfd
 from shared.xenbus import Agreement, NegotiationError, XenbusState, check_request
 
@@ -31,9 +31,26 @@ class Negotiated:
     name: str
     domid: int
     features: dict[str, bool]  # the frontend's keys, as checked
+    #: the persistent areas (page 0, grant table, rings, header slots), mapped for the CPU
     region: Region
+    #: the whole region (the DMA view's mapping), and a descriptor of the memfd (ours to close)
+    dma_mem: mmap.mmap
+    fd: int
     offered: dict[str, bool]
     agreement: Agreement
+
+
+def attach_region(fd: int, mem: mmap.mmap) -> tuple[Region, int]:
+    """Validate a region's header (read from ``mem``, the whole region: the DMA view's
+    mapping) and map its persistent areas for the CPU - everything before the payload pages,
+    which the CPU view maps one grant at a time. Returns that Region and a dup of ``fd``."""
+    layout = Layout.unpack(memoryview(mem), len(mem))
+    cpu = mmap.mmap(fd, layout.payload_page * PAGE_SIZE)
+    try:
+        return Region(cpu, layout), os.dup(fd)
+    except BaseException:
+        cpu.close()
+        raise
 
 
 #: everything this netback implements, and so may offer
@@ -54,12 +71,13 @@ class Handshake:
     """Drive one frontend from Initialising to Connected."""
 
     def __init__(self, chan: EventChannel, vif: str, domid: int,
-                 shared_region: mmap.mmap | None = None,
+                 shared_region: mmap.mmap | None = None, shared_fd: int | None = None,
                  offered: dict[str, bool] | None = None) -> None:
         self.chan = chan
         self.vif = vif
         self.domid = domid
         self.shared_region = shared_region  # QEMU placement: the region is already ours
+        self.shared_fd = shared_fd  # ... and its memfd
         self.offered = offered if offered is not None else offered_features()
         self.state = XenbusState.InitWait
         self.said_initwait = False
@@ -141,16 +159,17 @@ class Handshake:
                 raise NegotiationError(f"region size {region_msg['size']} does not match the "
                                        f"shared region ({len(self.shared_region)})")
             mem = self.shared_region
+            fd = self.shared_fd
         else:
             if fd is None:
                 raise NegotiationError("no region memfd passed with Initialised")
             mem = map_memfd(fd, region_msg["size"])
         try:
-            region = Region.attach(mem)
+            region, own_fd = attach_region(fd, mem)
         except BaseException:
             if mem is not self.shared_region:
                 mem.close()  # unmapped now, not whenever the traceback is collected
             raise
         name = msg.get("name")
-        return Negotiated(str(name)[:64] if name else "?", self.domid, features, region,
-                          self.offered, Agreement.of(self.offered, features))
+        return Negotiated(str(name)[:64] if name else "?", self.domid, features, region, mem,
+                          own_fd, self.offered, Agreement.of(self.offered, features))

@@ -44,6 +44,20 @@ class RingStats:
     #: frames the other end did not negotiate (too many slots without feature-sg, a GSO kind
     #: it does not accept): dropped here instead of being sent
     drops_not_negotiated: int = 0
+    #: grant operations, counted and timed (ns totals) for the bench's op_us
+    grant_maps_on_touch: int = 0
+    grant_unmaps: int = 0
+    map_ns: int = 0
+    unmap_ns: int = 0
+    faults: int = 0
+    fault_ns: int = 0
+    grant_copy_bytes: int = 0
+    grant_copy_ns: int = 0
+    notify_ns: int = 0
+    #: RX buffers found revoked when the backend was about to write into them
+    rx_grant_revoked: int = 0
+    #: RX frames longer than the buffers marked for them, grant-copied on from a bounce buffer
+    rx_spills: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -1,27 +1,30 @@
 """Shared fixtures: an in-process netfront/netback pair for the fast tier.
 
-Both ends run on one anonymous shared mapping with their real code paths; the TAP and the vif
+Both ends run on one sealed memfd with their real code paths (the backend with its CPU view
+and DMA view over it, as in the namespace placement); the TAP and the vif
 are datagram socketpairs (one datagram per frame, readv/writev like a TAP), so every byte of
 TX and RX crosses the real rings, grants and header slots without root.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 import socket
 from dataclasses import dataclass
 
 import pytest
 
 from backend.filter import Filter
-from backend.gntmap import GntMap
+from backend.gntmap import GntMap, Views
 from backend.netback import TxPath
 from backend.rx import RxPath
+from backend.xenbus import attach_region
 from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import TxQueue
 from shared.offload import VNET_HDR
 from shared.region import Region
 from shared.stats import RingStats
+from shared.transport import create_memfd
 from shared.xenbus import Agreement
 
 
@@ -100,9 +103,10 @@ def agreement(header_slots: bool = True, persistent: bool = False, rx_by_id: boo
 def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = False,
               filters: list[str] | None = None, size: int = 4 << 20,
               rx_by_id: bool = False, **stock: bool) -> Pair:
-    mem = mmap.mmap(-1, size, mmap.MAP_SHARED)
+    fd, mem = create_memfd(size)
     front_region = Region.create(mem)
-    region = Region.attach(mem)
+    region, own_fd = attach_region(fd, mem)
+    os.close(fd)
     guest, tap = dgram_pair()
     vif, wire = dgram_pair()
     fst, bst = (RingStats(), RingStats()), (RingStats(), RingStats())
@@ -110,9 +114,10 @@ def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = 
     rx = RxQueue(front_region, tap.fileno(), fst[1], persistent, 0, ag)
     tx = TxQueue(front_region, tap.fileno(), fst[0], RX_BUFFERS, header_slots, persistent, 0, ag)
     pf = Filter.parse(filters) if filters else None
-    btx = TxPath(region, GntMap(region, 0, bst[0], persistent), vif.fileno(), bst[0], mode,
-                 header_slots, pf, ag)
-    brx = RxPath(region, GntMap(region, 0, bst[1], persistent), vif.fileno(), bst[1], ag)
+    views = Views(own_fd, mem, region, bst[0], shared=True)
+    btx = TxPath(region, GntMap(region, views, 0, bst[0], persistent), vif.fileno(), bst[0],
+                 mode, header_slots, pf, ag)
+    brx = RxPath(region, GntMap(region, views, 0, bst[1], persistent), vif.fileno(), bst[1], ag)
     pair = Pair(region, front_region, tx, rx, btx, brx, guest, wire, fst, bst)
     pair._keep = (tap, vif)  # type: ignore[attr-defined]
     return pair

@@ -473,6 +473,8 @@ class HostileBackend:
         if self.chan is not None:
             self.chan.close()
             self.chan = None
+        if self.neg is not None:
+            os.close(self.neg.fd)  # the memfd the handshake kept for a CPU view
         self.neg = None
         self.tx = self.rx = self.region = None  # type: ignore[assignment]
 
