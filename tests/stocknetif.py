@@ -112,8 +112,10 @@ class Peer:
     def wait(self, state: str, timeout: float = 10.0) -> dict:
         """The next handshake message in ``state``, within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        poller = select.poll()  # not select(): the test process may hold fds past 1024
+        poller.register(self.chan.fileno(), select.POLLIN)
         while time.monotonic() < deadline:
-            if not select.select([self.chan.fileno()], [], [], 0.05)[0]:
+            if not poller.poll(50):
                 continue
             got = self.chan.recv()
             for msg in got.messages:
