@@ -217,7 +217,8 @@ def accel(c: Context):
     "seconds": "seconds per run (default 5; quick 2)",
     "rounds": "repetitions, interleaved over paths; the median is reported (default 3; quick 1)",
     "paths": "comma list of paths (default: all registered: veth,pvnet-netns,...)",
-    "modes": "comma list of pvnet modes (lazy,map,copy,lazy-noslots,lazy-persistent)",
+    "modes": ("comma list of pvnet modes (lazy,map,copy,lazy-noslots,lazy-persistent,"
+              "map-persistent)"),
     "workloads": "comma list of workloads (tcp,tcp-nogso,udp64,rr)",
     "json": "also write the records as a JSON list to this file",
     "results": "results directory (default results/bench-<timestamp>/)",

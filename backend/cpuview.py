@@ -3,11 +3,15 @@
 Why: in Xen a backend can read a guest page only after a grant-map hypercall has put it in its
 page tables, and it loses it at the unmap (a TLB flush). This module gives netback the same
 machine-enforced rule. At connect it reserves an address range the size of the payload area
-with ``PROT_NONE`` (nothing is readable there); a *map* is ``mmap(MAP_SHARED|MAP_FIXED)`` of
-that one page of the region memfd at its place in the range, an *unmap* is
-``mmap(PROT_NONE, MAP_FIXED|MAP_ANONYMOUS|MAP_NORESERVE)`` back over it: each is a real
-page-table change, the unmap a real TLB invalidation. A raw read of an unmapped page faults
-(SIGSEGV, see ``tests/backend/test_cpuview.py``); the accessor below refuses first.
+with ``PROT_NONE`` (nothing is readable there); a *map* is ``mmap(MAP_SHARED)`` of that one
+page of the region memfd at its place in the range, an *unmap* is ``munmap`` of it: each is a
+real page-table change, the unmap a real TLB invalidation. An unmapped page that was mapped
+before is a hole (absent), one never mapped is still ``PROT_NONE``; a map into a hole uses
+``MAP_FIXED_NOREPLACE``, so it can never clobber a mapping that is not ours (it fails instead).
+Why holes rather than ``mmap(PROT_NONE, MAP_FIXED)`` back over the page: on this machine that
+doubles the cost of both operations (each FIXED mapping over another is an unmap plus a map),
+measured by ``python -m backend.cpuview``. A raw read of an unmapped page faults (SIGSEGV, see
+``tests/backend/test_cpuview.py``); the accessor below refuses first.
 
 The persistent areas (grant table, rings, header slots) are not here: the backend maps them
 once at connect (``Region`` over a prefix mapping of the memfd). The DMA view (the vif write and
@@ -49,6 +53,7 @@ _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 PROT_NONE = 0
 MAP_FIXED = 0x10
+MAP_FIXED_NOREPLACE = 0x100000  # Linux >= 4.17
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MAP_FAILED = ctypes.c_void_p(-1).value
 _NONE_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
@@ -82,6 +87,7 @@ class CpuView:
         self._raw = memoryview((ctypes.c_char * self.size).from_address(self.base)).cast("B")
         self._refs = bytearray(self.count)  # nested maps per page (u8: at most 255 deep)
         self._write = bytearray(self.count)
+        self._holes = bytearray(self.count)  # unmapped after a map: absent, not PROT_NONE
         self.outstanding = 0
 
     def _index(self, frame: int) -> int:
@@ -100,12 +106,19 @@ class CpuView:
             if not write or self._write[i]:
                 return
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
+        # over the reservation (never mapped yet, or a remap for writing), else into our hole
+        how = MAP_FIXED if refs or not self._holes[i] else MAP_FIXED_NOREPLACE
+        addr = self.base + i * PAGE_SIZE
         t = _now()
-        _check(_mmap(self.base + i * PAGE_SIZE, PAGE_SIZE, prot, mmap.MAP_SHARED | MAP_FIXED,
-                     self.fd, frame * PAGE_SIZE), f"mapping frame {frame}")
+        got = _check(_mmap(addr, PAGE_SIZE, prot, mmap.MAP_SHARED | how, self.fd,
+                           frame * PAGE_SIZE), f"mapping frame {frame}")
         st = self.stats
         st.map_ns += _now() - t
         st.grant_maps += 1
+        if got != addr:  # an old kernel ignoring NOREPLACE: never use a page elsewhere
+            _munmap(got, PAGE_SIZE)
+            raise OSError(f"payload frame {frame}: its place in the CPU view is taken")
+        self._holes[i] = 0
         if not refs:
             self._refs[i] = 1
             self.outstanding += 1
@@ -122,11 +135,12 @@ class CpuView:
 
     def _unmap(self, i: int) -> None:
         t = _now()
-        _check(_mmap(self.base + i * PAGE_SIZE, PAGE_SIZE, PROT_NONE,
-                     _NONE_FLAGS | MAP_FIXED, -1, 0), "unmapping a payload page")
+        if _munmap(self.base + i * PAGE_SIZE, PAGE_SIZE):
+            _check(None, "unmapping a payload page")
         st = self.stats
         st.unmap_ns += _now() - t
         st.grant_unmaps += 1
+        self._holes[i] = 1
         self._write[i] = 0
         self.outstanding -= 1
 
@@ -150,3 +164,45 @@ class CpuView:
         self.base = None
         self.outstanding = 0
         self._refs = bytearray(self.count)
+
+
+def _microbench(rounds: int = 20000) -> dict[str, float]:
+    """Bare mmap/munmap of one memfd page (ctypes, no bookkeeping) against CpuView.map/unmap:
+    how much of op_us.map/unmap is the kernel's page-table work. ``python -m backend.cpuview``."""
+    from shared.region import Region
+    from shared.transport import create_memfd
+
+    fd, mem = create_memfd(4 << 20)
+    layout = Region.create(mem).layout
+    st = RingStats()
+    view = CpuView(fd, layout, st)
+    frames = [layout.payload_page + i % 64 for i in range(rounds)]
+    t_map = t_unmap = 0
+    for f in frames:  # bare: a fresh address each time, then munmap (no touch)
+        t = _now()
+        a = _check(_mmap(None, PAGE_SIZE, mmap.PROT_READ, mmap.MAP_SHARED, fd, f * PAGE_SIZE),
+                   "bare mmap")
+        t_map += _now() - t
+        t = _now()
+        _munmap(a, PAGE_SIZE)
+        t_unmap += _now() - t
+    touch_ns = 0
+    for f in frames:  # the CPU view: into the reservation (or its hole), then munmap
+        view.map(f)
+        t = _now()
+        view.page(f)[0]  # first touch: the page fault that fills the PTE
+        touch_ns += _now() - t
+        view.unmap(f)
+    view.close()
+    mem.close()
+    os.close(fd)
+    return {"bare_mmap_us": t_map / rounds / 1e3, "bare_munmap_us": t_unmap / rounds / 1e3,
+            "cpuview_map_us": st.map_ns / st.grant_maps / 1e3,
+            "cpuview_unmap_us": st.unmap_ns / st.grant_unmaps / 1e3,
+            "first_touch_us": touch_ns / rounds / 1e3}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps({k: round(v, 3) for k, v in _microbench().items()}))

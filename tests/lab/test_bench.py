@@ -19,7 +19,7 @@ import pytest
 
 from shared.lab.bench import record as rec_mod
 from shared.lab.bench import report, runner
-from shared.lab.bench.measure import ProcSample, Sample, derive
+from shared.lab.bench.measure import ProcSample, Sample, derive, op_us
 from shared.lab.bench.paths import REGISTRY, CmdResult, Endpoints, PathContext, build_paths
 from shared.lab.bench.pvnet_netns import MODES, no_gso_commands, topology_yaml
 from shared.lab.bench.record import Record, add_ratios, combine, median_of
@@ -172,6 +172,24 @@ def test_derive_turns_two_samples_into_per_packet_and_per_gb_figures():
     assert out["notify_per_pkt"] == pytest.approx(0.3)  # (100+100+50+50) / 1000
     assert out["maps_per_pkt"] == 0.25 and out["copy_bytes_per_pkt"] == 128.0
     assert out["rss_front_mb"] == 2.0 and out["rss_back_mb"] == 4.0
+
+
+def test_op_us_is_mean_microseconds_per_operation_and_null_where_none_happened():
+    def ends(maps: int, ns: int) -> dict:
+        ring = {"grant_maps": maps, "map_ns": ns, "grant_unmaps": maps, "unmap_ns": ns // 2,
+                "faults": 0, "fault_ns": 0, "grant_copy_bytes": 4096 * maps,
+                "grant_copy_ns": ns // 4, "notify_sent": maps, "notify_ns": ns}
+        return {"front": {"tx": dict(ring, grant_maps=0, map_ns=0, grant_unmaps=0, unmap_ns=0,
+                                     grant_copy_bytes=0, grant_copy_ns=0), "rx": {}},
+                "back": {"tx": ring, "rx": {}}}
+    before = Sample(t=0.0, rings=ends(0, 0))
+    after = Sample(t=1.0, rings=ends(100, 400_000))
+    ops = op_us(before, after)
+    assert ops == {"map": 4.0, "unmap": 2.0, "fault": None, "grant_copy_kb": 0.25,
+                   "notify": 4.0}  # notify: 800 µs over 200 kicks from both ends
+    r = Record("pvnet-netns", "map", "tcp", "tx", gbps=1.0, op_us=ops)
+    assert "4.00 / 2.00 / - / 0.25 / 4.00" in report.markdown_table([r])
+    assert Record.from_dict(json.loads(json.dumps(r.as_dict()))).op_us == ops
 
 
 def test_derive_without_processes_or_rings_leaves_those_fields_null():

@@ -110,4 +110,24 @@ def derive(before: Sample, after: Sample, direction: str, payload_bytes: float,
         out.update(ring_packets=packets, notify_per_pkt=_per(notify, packets),
                    maps_per_pkt=_per(maps, packets), copies_per_pkt=_per(copies, packets),
                    copy_bytes_per_pkt=_per(copied, packets, 1))
+        out["op_us"] = op_us(before, after)
+    return out
+
+
+OP_US = {"map": ("map_ns", "grant_maps", 1), "unmap": ("unmap_ns", "grant_unmaps", 1),
+         "fault": ("fault_ns", "faults", 1),
+         "grant_copy_kb": ("grant_copy_ns", "grant_copy_bytes", 1024),
+         "notify": ("notify_ns", "notify_sent", 1)}
+"""op_us key -> (ns total counter, count counter, count unit): mean µs per operation."""
+
+
+def op_us(before: Sample, after: Sample) -> dict[str, float | None]:
+    """Mean microseconds per grant operation in the run, over both rings of every end (the
+    backend maps and copies; both ends notify): null where none happened."""
+    out: dict[str, float | None] = {}
+    ends = tuple(after.rings)
+    for key, (ns, count, unit) in OP_US.items():
+        total = sum(_ring_delta(before, after, e, r, ns) for e in ends for r in ("tx", "rx"))
+        n = sum(_ring_delta(before, after, e, r, count) for e in ends for r in ("tx", "rx"))
+        out[key] = round(total / 1000 / (n / unit), 3) if n > 0 else None
     return out

@@ -25,6 +25,7 @@ MODES: dict[str, dict[str, object]] = {
     "copy": {"tx_mode": "copy"},
     "lazy-noslots": {"tx_mode": "lazy", "header_slots": False},
     "lazy-persistent": {"tx_mode": "lazy", "persistent": True},
+    "map-persistent": {"tx_mode": "map", "persistent": True},
 }
 
 

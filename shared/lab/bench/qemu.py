@@ -30,6 +30,7 @@ from shared.lab.vms import GUEST_TAP, SshRunner, VmLab, load_handles
 QEMU_MODES: dict[str, dict[str, object]] = {
     "lazy": {"tx_mode": "lazy"},
     "lazy-persistent": {"tx_mode": "lazy", "persistent": True},
+    "map-persistent": {"tx_mode": "map", "persistent": True},
     # kicks through ivshmem-doorbell (MSI-X via VFIO) instead of the virtio-serial port
     "lazy-doorbell": {"tx_mode": "lazy", "event": "doorbell"},
 }

@@ -22,8 +22,11 @@ class Record:
     direction: "tx" guest->peer, "rx" peer->guest, "both" for rr.
     Per-packet figures count data frames of the measured direction on the backend's ring;
     notify_per_pkt counts every notification either end sent on either ring (ACK traffic
-    included: it is the whole cost of moving those packets). cpu_*_s_per_gb divides process CPU
-    time by payload delivered; null where there is no such process (veth) or too little payload.
+    included: it is the whole cost of moving those packets). op_us (pvnet only) is the mean
+    time of each grant operation in the run: map/unmap (a real mmap into the CPU view and its
+    undo), fault (a first-touch round trip), grant_copy_kb (per KiB grant-copied), notify.
+    cpu_*_s_per_gb divides process CPU time by payload delivered; null where there is no such
+    process (veth) or too little payload.
     """
 
     path: str
@@ -50,6 +53,8 @@ class Record:
     copy_bytes_per_pkt: float | None = None
     rss_front_mb: float | None = None
     rss_back_mb: float | None = None
+    #: mean µs per operation (map, unmap, fault, grant_copy_kb, notify; null: none done)
+    op_us: dict[str, float | None] | None = None
     spread_pct: float | None = None  # (max - min) / median of the primary figure over reps
     note: str = ""
     error: str | None = None
