@@ -9,6 +9,7 @@ import sys
 from backend.filter import Filter, FilterError
 from backend.interface import RX_STALL_TIMEOUT, Netback, NetbackConfig
 from backend.netback import TX_MODES
+from backend.xenbus import offered_features
 
 
 def parse_args(argv: list[str] | None = None) -> NetbackConfig:
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                         "copy: copy whole packets (default: lazy)")
     p.add_argument("--filter", action="append", default=[], metavar="RULE",
                    help="e.g. 'drop ip_proto=17', 'drop payload=hex:deadbeef' (repeatable)")
+    p.add_argument("--no-offer", action="append", default=[], metavar="KEY",
+                   help="do not offer this implemented feature (e.g. feature-gso-tcpv6; "
+                        "repeatable)")
     p.add_argument("--budget", type=int, default=64, help="packets per ring per wake-up")
     p.add_argument("--rx-stall-timeout", type=float, default=RX_STALL_TIMEOUT, metavar="S",
                    help="seconds without posted RX buffers before the vif's carrier goes off "
@@ -46,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
         p.error("--doorbell needs --connect (the QEMU placement)")
     try:
         Filter.parse(a.filter)
-    except FilterError as e:
+        offered_features(tuple(a.no_offer))
+    except (FilterError, ValueError) as e:
         p.error(str(e))
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s netback %(levelname)s %(message)s", stream=sys.stderr)
@@ -54,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                          connect=a.connect, region_fd=a.region_fd, ctl=a.ctl,
                          doorbell=a.doorbell,
                          tx_mode=a.tx_mode, filters=a.filter, budget=a.budget,
-                         rx_stall_timeout=a.rx_stall_timeout)
+                         rx_stall_timeout=a.rx_stall_timeout, no_offer=tuple(a.no_offer))
 
 
 def main(argv: list[str] | None = None) -> int:

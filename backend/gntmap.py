@@ -45,6 +45,7 @@ from shared.grant import (
 from shared.netif import GREF_MASK, GREF_PERSISTENT, PAGE_SIZE
 from shared.region import Region
 from shared.stats import RingStats
+from shared.xenbus import NotNegotiated
 
 _unpack_gnt = GRANT_ENTRY.unpack_from
 _now = time.perf_counter_ns
@@ -128,7 +129,8 @@ class GntMap:
                 self.stats.persistent_hits += 1
                 return frame
             if not self.persistent_ok:
-                raise GrantError(f"gref {gref:#x} marked persistent without feature-persistent")
+                raise NotNegotiated(f"gref {gref:#x} marked persistent without "
+                                    "feature-persistent")
             frame = self.table.check(gref & GREF_MASK, self.domid, write, self.frames)
             self.table.mark(gref & GREF_MASK, write)  # held until disconnect
             self.persistent[gref] = frame
@@ -331,8 +333,19 @@ class GntMap:
             return RxWrite(n, [])
         return self._rx_spill(n, k, nbufs, views, grefs, exps)
 
+    def rx_bounce(self) -> memoryview:
+        """The private area a frame is read into when it cannot go straight into posted
+        buffers (RX with few buffers posted); ``rx_copy_in`` grant-copies it on."""
+        return self._bounce
+
+    def rx_copy_in(self, first: int, nbufs: int, views, grefs, exps) -> list[int]:
+        """Grant-copy bounce pages 0.. into posted buffers ``first``..``nbufs - 1`` of the
+        given sequences, each validated now and marked GTF_writing while copied (as
+        ``_rx_spill``). Returns the positions found revoked (then nothing was copied)."""
+        return self._rx_spill(0, first, nbufs, views, grefs, exps, spill=False).revoked
+
     def _rx_spill(self, n: int, k: int, nbufs: int, views: deque, grefs: deque,
-                  exps: deque) -> RxWrite:
+                  exps: deque, spill: bool = True) -> RxWrite:
         """The frame ran past the predicted buffers into the bounce buffer: validate and mark
         the rest, copy on (a grant copy), unmark. A revoked one drops the frame."""
         gs = list(islice(grefs, k, nbufs))
@@ -351,7 +364,7 @@ class GntMap:
         finally:
             self._writing(gs, ex, 0)
         self.stats.grant_copy_ns += _now() - t
-        self.stats.rx_spills += 1
+        self.stats.rx_spills += spill
         return RxWrite(n, [])
 
     def _stale(self, gs: list[int], ex: list[int], base: int) -> list[int]:

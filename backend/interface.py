@@ -27,14 +27,14 @@ from backend.filter import Filter
 from backend.gntmap import GntMap, Views
 from backend.netback import FATAL_REASONS, FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
-from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated
+from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
 from shared.control import ControlServer, Handoff
 from shared.doorbell import HostDoorbell, KickChannel
 from shared.grant import GrantError
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
 from shared.region import LayoutError, Region
-from shared.ring import RSP_PROD, BackRing, RingError
+from shared.ring import RSP_PROD, BackRing, RingError, require_tso
 from shared.stats import RingStats
 from shared.tap import (
     TUN_F_CSUM,
@@ -46,7 +46,7 @@ from shared.tap import (
     set_offload,
 )
 from shared.transport import TransportError, connect_unix, listen_unix, map_memfd
-from shared.xenbus import NegotiationError, XenbusState
+from shared.xenbus import NegotiationError, NotNegotiated, XenbusState
 
 log = logging.getLogger("netback")
 VIF_MAC = "fe:ff:ff:ff:ff:ff"
@@ -55,9 +55,9 @@ BACKEND_DOMID = 0
 FRONTEND_ERRORS = (RingError, GrantError, FatalTxError, FatalRxError, ChannelError,
                    NegotiationError, LayoutError, TransportError)
 #: the fatal_<reason> counter of a frontend error that carries no reason of its own
-_ERROR_REASON = {RingError: "ring", GrantError: "grant", FatalRxError: "rx",
-                 ChannelError: "channel", NegotiationError: "negotiation", LayoutError: "layout",
-                 TransportError: "transport"}
+_ERROR_REASON = {NotNegotiated: "not_negotiated", RingError: "ring", GrantError: "grant",
+                 FatalRxError: "rx", ChannelError: "channel", NegotiationError: "negotiation",
+                 LayoutError: "layout", TransportError: "transport"}
 #: _IOW('T', 226, int): netif_carrier_on/off on a TAP (Linux >= 5.0)
 TUNSETCARRIER = 0x400454E2
 #: Linux xen-netback's rx_stall_timeout default (seconds)
@@ -136,6 +136,8 @@ class NetbackConfig:
     budget: int = 64
     #: seconds without posted RX buffers before the vif's carrier goes off (0: never)
     rx_stall_timeout: float = RX_STALL_TIMEOUT
+    #: implemented features not to offer (--no-offer), e.g. to test a frontend against less
+    no_offer: tuple[str, ...] = ()
     #: tests only: an already open stand-in for the vif (a datagram socket); no TAP is made
     vif_fd: int | None = None
 
@@ -158,13 +160,14 @@ class Netback:
     def __init__(self, cfg: NetbackConfig) -> None:
         if (cfg.listen is None) == (cfg.connect is None):
             raise ValueError("give exactly one of --listen and --connect")
+        require_tso()  # the shared-memory code relies on x86's ordering
         self.cfg = cfg
         self.tx_stats = RingStats()
         self.rx_stats = RingStats()
         self.counters = {"connects": 0, "disconnects": 0, "malformed": 0, "internal_errors": 0,
                          "frontend_restarts": 0, "spurious_events": 0, "events_deferred": 0,
                          "rx_stalls": 0, "lost_wakeups": 0, "slots_abandoned": 0,
-                         "accept_errors": 0}
+                         "accept_errors": 0, "not_negotiated": 0}
         for reason in (*FATAL_REASONS, *_ERROR_REASON.values()):
             self.counters[f"fatal_{reason}"] = 0
         self.last_error = ""
@@ -172,6 +175,7 @@ class Netback:
         self.peer = ""
         self.features: dict[str, bool] = {}
         self.filter = Filter.parse(cfg.filters) if cfg.filters else None
+        self.offered = offered_features(tuple(cfg.no_offer))
         self.tx: TxPath | None = None
         self.rx: RxPath | None = None
         self.carrier = True
@@ -213,7 +217,8 @@ class Netback:
             rings[name] = d
         out = {"role": "netback", "name": self.cfg.vif, "peer": self.peer, "pid": os.getpid(),
                "domid": self.cfg.domid, "state": self.state.name, "tx_mode": self.cfg.tx_mode,
-               "features": self.features, "rings": rings, "carrier": self.carrier,
+               "features": self.features, "offered": self.offered, "rings": rings,
+               "carrier": self.carrier,
                "rx_stall_timeout": self.cfg.rx_stall_timeout,
                "regions_mapped": self.regions_mapped(),
                "counters": dict(self.counters, last_error=self.last_error,
@@ -306,7 +311,7 @@ class Netback:
             while True:
                 self.state = XenbusState.InitWait
                 hs = Handshake(chan, self.cfg.vif, self.cfg.domid, self.shared_region,
-                               self.cfg.region_fd)
+                               self.cfg.region_fd, offered=self.offered)
                 # a frontend that has not even said hello gives way to a newer one
                 conn = self._connect(chan, hs.run(
                     lambda h=hs: not self._check_stop()
@@ -327,6 +332,8 @@ class Netback:
         except FRONTEND_ERRORS as e:
             self.counters["malformed"] += 1
             self.counters[f"fatal_{fatal_reason(e)}"] += 1
+            if isinstance(e, NotNegotiated):
+                self.counters["not_negotiated"] += 1
             self._fault(chan, f"{type(e).__name__}: {e}", str(e))
         except Shutdown:
             send_quietly(chan, {"state": "Closing"})
@@ -349,14 +356,14 @@ class Netback:
 
     def _connect(self, chan: EventChannel, neg: Negotiated) -> Connection:
         # grants name the domain allowed to use them: ours (the driver domain, 0)
-        persistent = neg.features["feature-persistent"]
+        ag = neg.agreement
         views = Views(neg.fd, neg.dma_mem, neg.region, self.tx_stats,
                       shared=neg.dma_mem is self.shared_region)
-        gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.tx_stats, persistent)
-        rx_gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.rx_stats, persistent)
+        gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.tx_stats, ag.persistent)
+        rx_gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.rx_stats, ag.persistent)
         tx = TxPath(neg.region, gntmap, self.vif_fd, self.tx_stats, self.cfg.tx_mode,
-                    neg.features["feature-header-slots"], self.filter)
-        rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats)
+                    ag.header_slots, self.filter, ag)
+        rx = RxPath(neg.region, rx_gntmap, self.vif_fd, self.rx_stats, ag)
         tx.capture = rx.capture = self.capture
         if neg.dma_mem is not self.shared_region:  # bounded: only live mappings are kept
             self.regions_mapped()

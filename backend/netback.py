@@ -58,6 +58,7 @@ from shared.region import Region
 from shared.ring import HEADER_SIZE, MASK32, BackRing
 from shared.slots import HeaderSlots, SlotError
 from shared.stats import RingStats
+from shared.xenbus import Agreement, NotNegotiated, gso_accepted
 
 log = logging.getLogger("netback")
 TX_MODES = ("lazy", "map", "copy")
@@ -103,7 +104,8 @@ class TxPath:
     """The TX ring of one connection and the vif it feeds."""
 
     def __init__(self, region: Region, gntmap: GntMap, vif_fd: int, stats: RingStats,
-                 mode: str, header_slots: bool, pkt_filter=None) -> None:
+                 mode: str, header_slots: bool, pkt_filter=None,
+                 agreement: Agreement | None = None) -> None:
         if mode not in TX_MODES:
             raise ValueError(f"tx mode {mode!r}: must be one of {', '.join(TX_MODES)}")
         self.ring = BackRing(region.tx_ring, TX_REQUEST.size)
@@ -126,6 +128,9 @@ class TxPath:
         self.frames = region.layout.payload_frames
         self._log_t, self._logged = 0.0, 0
         self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
+        # what this backend offered (its netif.h keys): a request beyond it is fatal
+        self.sg = agreement is None or agreement.tx_sg
+        self.gso_ok = gso_accepted(agreement, rx=False)
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64) -> bool:
@@ -226,8 +231,11 @@ class TxPath:
                 if etype != XEN_NETIF_EXTRA_TYPE_GSO or extras > 1:
                     raise FatalTxError(f"ring[{(idx - 1) & MASK32}].type: bad extra info "
                                        f"type {etype}", "extra_info")
-                if gtype not in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6) \
-                        or not gsize:
+                if gtype not in self.gso_ok or not gsize:
+                    if gtype in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6) and gsize:
+                        raise NotNegotiated(f"ring[{(idx - 1) & MASK32}].gso: GSO type {gtype} "
+                                            "not negotiated (this backend did not offer its "
+                                            "feature-gso key)")
                     raise FatalTxError(f"ring[{(idx - 1) & MASK32}].gso: bad GSO type "
                                        f"{gtype} size {gsize}", "extra_info")
                 gso_type, gso_size = gtype, gsize
@@ -241,6 +249,8 @@ class TxPath:
             frags = ([], [], [], [])
         grefs, offs, ids, sizes = frags
         nfrags = len(grefs)
+        if nfrags > (1 if flags & NETTXF_header_slot else 0) and not self.sg:
+            raise NotNegotiated(f"packet of {nfrags + 1} slots without feature-sg")
         idx += nfrags
         total_frags = sum(sizes)
         ring.req_cons = idx & MASK32
@@ -264,8 +274,8 @@ class TxPath:
         skb.idx = cons & MASK32
         if flags & NETTXF_header_slot:
             if not self.header_slots:
-                raise FatalTxError(f"ring[{cons & MASK32}].flags: header-slot request "
-                                   f"without feature-header-slots", "header_slot")
+                raise NotNegotiated(f"ring[{cons & MASK32}].flags: header-slot request "
+                                    "without feature-header-slots")
             try:
                 start = self.slots.check(gref, off, first_len)
             except SlotError as e:
@@ -389,7 +399,8 @@ class TxPath:
         size = skb.size
         st.tx_packets += 1
         st.tx_bytes += size
-        if skb.grefs:
+        if size > len(skb.head):  # payload left in the fragments (Linux: the skb has frags)
+            skb.zc = True
             st.tx_zerocopy_sent += 1
         vflags = 0
         cstart = coff = 0
@@ -446,7 +457,9 @@ class TxPath:
             touched = len(skb.mapped)
             if self.mode == "lazy":
                 st.grant_maps_avoided += n - touched
-            if skb.linear is not None or (touched and self.mode == "lazy"):
+            if not skb.zc:
+                pass  # never handed over by reference (dropped first, or all in the head)
+            elif skb.linear is not None or (touched and self.mode == "lazy"):
                 st.tx_zerocopy_fail += 1  # the payload was read (and its copy sent)
             else:
                 st.tx_zerocopy_success += 1

@@ -19,7 +19,7 @@ class SkBuff:
 
     __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras",
                  "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "destructor",
-                 "transmitted", "hold_flags", "hdrs", "linear", "idx")
+                 "transmitted", "hold_flags", "hdrs", "linear", "idx", "zc")
 
     def __init__(self, head: bytes, destructor: Callable[[SkBuff], None]) -> None:
         self.head = head
@@ -40,6 +40,8 @@ class SkBuff:
         self.mapped: list[int] = []
         self.destructor = destructor
         self.transmitted = False
+        #: counted in tx_zerocopy_sent: payload bytes were left in the fragments (by reference)
+        self.zc = False
         #: the grants' common flags when held with one strided store (-1: held one by one)
         self.hold_flags = -1
         #: the header walk of the pulled head (shared.headers.Headers; None: not IP/malformed)

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.netif import FEATURES, PAGE_SIZE
+from shared.netif import BACKEND_KEYS, EXTENSIONS, PAGE_SIZE
 from shared.region import Layout, Region
 from shared.text import printable
 from shared.transport import TransportError, map_memfd
-from shared.xenbus import NegotiationError, XenbusState, check_request
+from shared.xenbus import Agreement, NegotiationError, XenbusState, check_request
 
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -31,12 +31,14 @@ class Negotiated:
 
     name: str
     domid: int
-    features: dict[str, bool]
+    features: dict[str, bool]  # the frontend's keys, as checked
     #: the persistent areas (page 0, grant table, rings, header slots), mapped for the CPU
     region: Region
     #: the whole region (the DMA view's mapping), and a descriptor of the memfd (ours to close)
     dma_mem: mmap.mmap
     fd: int
+    offered: dict[str, bool]
+    agreement: Agreement
 
 
 def attach_region(fd: int, mem: mmap.mmap) -> tuple[Region, int]:
@@ -52,21 +54,32 @@ def attach_region(fd: int, mem: mmap.mmap) -> tuple[Region, int]:
         raise
 
 
-def offered_features() -> dict[str, bool]:
-    return dict.fromkeys(FEATURES, True)
+#: everything this netback implements, and so may offer
+IMPLEMENTED = (*BACKEND_KEYS, *EXTENSIONS)
+
+
+def offered_features(without: tuple[str, ...] = ()) -> dict[str, bool]:
+    """The offer: every key this backend implements, minus those switched off (--no-offer).
+    feature-rx-copy cannot be switched off: copying is the only RX mode."""
+    bad = set(without) - set(IMPLEMENTED)
+    if bad or "feature-rx-copy" in without:
+        raise ValueError(f"cannot withhold {sorted(bad or {'feature-rx-copy'})}: not an "
+                         f"optional feature of this backend ({', '.join(IMPLEMENTED)})")
+    return {k: k not in without for k in IMPLEMENTED}
 
 
 class Handshake:
     """Drive one frontend from Initialising to Connected."""
 
     def __init__(self, chan: EventChannel, vif: str, domid: int,
-                 shared_region: mmap.mmap | None = None, shared_fd: int | None = None) -> None:
+                 shared_region: mmap.mmap | None = None, shared_fd: int | None = None,
+                 offered: dict[str, bool] | None = None) -> None:
         self.chan = chan
         self.vif = vif
         self.domid = domid
         self.shared_region = shared_region  # QEMU placement: the region is already ours
         self.shared_fd = shared_fd  # ... and its memfd
-        self.offered = offered_features()
+        self.offered = offered if offered is not None else offered_features()
         self.state = XenbusState.InitWait
         self.said_initwait = False
 
@@ -117,6 +130,8 @@ class Handshake:
                             self.chan.send({"state": "Closing", "error": str(e)})
                         except (ChannelClosed, OSError):
                             pass
+                        if isinstance(e, NegotiationError):
+                            raise  # keeps its kind (NotNegotiated is counted apart)
                         raise NegotiationError(str(e)) from e
                     self.chan.send({"state": "Connected"})
                     return result
@@ -159,4 +174,4 @@ class Handshake:
         name = msg.get("name")
         # the name is the frontend's to choose: escaped once here, for every log line
         return Negotiated(printable(str(name), 64) if name else "?", self.domid, features,
-                          region, mem, own_fd)
+                          region, mem, own_fd, self.offered, Agreement.of(self.offered, features))

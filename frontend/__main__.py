@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
     p.add_argument("--no-header-slots", action="store_true",
                    help="do not ask for feature-header-slots (headers ride in payload grants)")
     p.add_argument("--persistent", action="store_true", help="ask for feature-persistent")
+    p.add_argument("--rx-by-id", action="store_true",
+                   help="ask for feature-rx-by-id (RX buffers completed in any order)")
     p.add_argument("--no-gso", action="store_true",
                    help="do not negotiate GSO: MTU-sized frames only")
     p.add_argument("--budget", type=int, default=64, help="frames per ring per wake-up")
@@ -65,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                           ctl=a.ctl, ctl_port=a.ctl_port, connect=a.connect,
                           channel=a.channel, region=region, doorbell=a.doorbell,
                           region_size=a.region_size, header_slots=not a.no_header_slots,
-                          persistent=a.persistent, gso=not a.no_gso, budget=a.budget)
+                          persistent=a.persistent, gso=not a.no_gso, rx_by_id=a.rx_by_id,
+                          budget=a.budget)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,9 @@ from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
 from shared.control import ControlServer, PortControl
 from shared.doorbell import KickChannel, guest_doorbell
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
-from shared.netif import FEATURES
+from shared.netif import EXTENSIONS, FRONTEND_KEYS
 from shared.region import Region
-from shared.ring import FrontRing, RingError
+from shared.ring import FrontRing, RingError, require_tso
 from shared.stats import RingStats
 from shared.tap import (
     TUN_F_CSUM,
@@ -41,7 +41,7 @@ from shared.transport import (
     map_pci_bar,
     open_port,
 )
-from shared.xenbus import NegotiationError, XenbusState
+from shared.xenbus import Agreement, NegotiationError, XenbusState
 
 log = logging.getLogger("netfront")
 #: largest GSO packet the guest stack may hand us: tx_request.size is 16 bits
@@ -77,6 +77,7 @@ class NetfrontConfig:
     header_slots: bool = True
     persistent: bool = False
     gso: bool = True
+    rx_by_id: bool = False  # pvnet extension feature-rx-by-id (out-of-order RX completion)
     budget: int = 64
     #: tests only: an already open stand-in for the TAP (a datagram socket); no device is made
     tap_fd: int | None = None
@@ -86,6 +87,7 @@ class Netfront:
     def __init__(self, cfg: NetfrontConfig) -> None:
         if (cfg.connect is None) == (cfg.channel is None):
             raise ValueError("give exactly one of --connect and --channel")
+        require_tso()  # the shared-memory code relies on x86's ordering
         self.cfg = cfg
         self.tx_stats = RingStats()
         self.rx_stats = RingStats()
@@ -112,9 +114,10 @@ class Netfront:
 
     def wanted(self) -> dict[str, bool]:
         c = self.cfg
-        w = dict.fromkeys(FEATURES, True)
+        w = dict.fromkeys((*FRONTEND_KEYS, *EXTENSIONS), True)
         w["feature-header-slots"] = c.header_slots
         w["feature-persistent"] = c.persistent
+        w["feature-rx-by-id"] = c.rx_by_id
         w["feature-gso-tcpv4"] = w["feature-gso-tcpv6"] = c.gso
         return w
 
@@ -246,16 +249,13 @@ class Netfront:
     def _serve(self, chan: EventChannel, offer, chosen: dict[str, bool],
                region: Region) -> None:
         cfg = self.cfg
-        persistent = chosen["feature-persistent"]
-        gso = chosen["feature-gso-tcpv4"] or chosen["feature-gso-tcpv6"]
+        ag = Agreement.of(offer.features, chosen)
         if cfg.tap_fd is None:  # a test's stand-in socket has no offloads to set
-            set_offload(self.tap_fd, TUN_F_CSUM | ((TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
-                                                   if gso else 0))
-        self.rx = rx = RxQueue(region, self.tap_fd, self.rx_stats, persistent,
-                               offer.backend_domid)
+            set_offload(self.tap_fd, tap_offloads(ag))
+        self.rx = rx = RxQueue(region, self.tap_fd, self.rx_stats, ag.persistent,
+                               offer.backend_domid, ag)
         self.tx = tx = TxQueue(region, self.tap_fd, self.tx_stats, RX_BUFFERS,
-                               chosen["feature-header-slots"], persistent,
-                               offer.backend_domid)
+                               ag.header_slots, ag.persistent, offer.backend_domid, ag)
         self.peer = offer.backend
         self.features = chosen
         self.state = XenbusState.Connected
@@ -322,6 +322,14 @@ class Netfront:
                             self.cfg.name)
 
 
+
+
+def tap_offloads(ag: Agreement) -> int:
+    """What the guest stack may hand us follows what the backend offered (netfront's
+    xennet_fix_features): no TSO kind the backend's feature-gso-* keys do not accept."""
+    flags = TUN_F_CSUM | (TUN_F_TSO4 if ag.tx_gso_tcpv4 else 0) \
+        | (TUN_F_TSO6 if ag.tx_gso_tcpv6 else 0)
+    return flags | (TUN_F_TSO_ECN if ag.tx_gso_tcpv4 or ag.tx_gso_tcpv6 else 0)
 
 
 def _push(ring: FrontRing, chan: EventChannel, stats: RingStats) -> None:

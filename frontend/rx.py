@@ -1,7 +1,10 @@
 """Netfront RX: keep the RX ring stocked with granted pages; write received frames to the TAP.
 
-Buffers are found by the response's id, never by ring slot, so the backend may complete them
-in any order ("ring v2"). A frame spanning several buffers (``NETRXF_more_data``) is written
+Stock netif (the default): the response at each ring position answers the request posted at
+that position, and must carry its id; a GSO extra-info slot consumes its position's buffer,
+which is simply posted again. With ``feature-rx-by-id`` (ours) buffers are found by the
+response's id and may complete in any order; the extra slot names its buffer in
+``gso.features``. A frame spanning several buffers (``NETRXF_more_data``) is written
 with one ``writev`` straight out of the shared pages. Every response is checked first: an
 unknown or duplicate id, or a size past the buffer, marks the device broken instead of
 writing anywhere it should not.
@@ -10,6 +13,7 @@ writing anywhere it should not.
 from __future__ import annotations
 
 import os
+from collections import deque
 
 from frontend.tx import BackendError
 from shared.grant import RESERVED_REFS
@@ -36,6 +40,7 @@ from shared.offload import (
 from shared.region import Region
 from shared.ring import MASK32, FrontRing
 from shared.stats import RingStats
+from shared.xenbus import Agreement, gso_accepted
 
 #: RX buffers: one page per RX ring slot, at the start of the payload area
 RX_BUFFERS = RING_SIZE
@@ -48,8 +53,15 @@ _VNET_VALID = VNET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0)
 
 class RxQueue:
     def __init__(self, region: Region, tap_fd: int, stats: RingStats, persistent: bool,
-                 backend_domid: int = 0) -> None:
+                 backend_domid: int = 0, agreement: Agreement | None = None) -> None:
         lay = region.layout
+        ag = agreement
+        #: what this frontend said it accepts (its own keys), and the by-id extension
+        self.by_id = ag is not None and ag.rx_by_id
+        self.sg = ag is None or ag.rx_sg
+        self.gso_ok = gso_accepted(ag, rx=True)
+        #: stock order: ids in the order they were posted on the ring
+        self.order: deque[int] = deque()
         self.ring = FrontRing(region.rx_ring, RX_REQUEST.size)
         self.buf = self.ring.buf
         self.tap_fd = tap_fd
@@ -76,17 +88,18 @@ class RxQueue:
         self.gso = (0, 0)
         self.bad = False
 
-    def refill(self) -> int:
-        """Post every free buffer (not yet pushed)."""
+    def refill(self, limit: int = RX_BUFFERS) -> int:
+        """Post free buffers (not yet pushed) until ``limit`` are posted."""
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         free, refs, posted = self.free, self.refs, self.posted
-        n = min(len(free), ring.free_requests())
+        n = min(len(free), ring.free_requests(), limit - (RX_BUFFERS - len(free)))
         prod = ring.req_prod_pvt
         for _ in range(n):
             i = free.pop()
             if not self.persistent:
                 self.grants.grant(refs[i], self.domid, self.frames[i])
             posted[i] = 1
+            self.order.append(i)
             _pack_req(buf, entry(prod), i, 0, refs[i])
             prod += 1
         ring.req_prod_pvt = prod & MASK32
@@ -101,12 +114,17 @@ class RxQueue:
     def _take(self, rid: int) -> None:
         if rid >= RX_BUFFERS or not self.posted[rid]:
             raise BackendError(f"rx response for buffer {rid} that is not posted")
+        if not self.by_id:
+            want = self.order.popleft() if self.order else None
+            if rid != want:
+                raise BackendError(f"rx response for buffer {rid} where buffer {want} was "
+                                   "posted (stock netif answers in ring order)")
         self.posted[rid] = 0
 
     def poll(self, budget: int = 64) -> int:
         """Consume responses, writing each complete frame to the TAP. Returns frames done."""
         ring, buf, entry, views = self.ring, self.buf, self.ring.entry, self.views
-        posted = self.posted
+        posted, order, by_id = self.posted, self.order, self.by_id
         frames = 0
         while frames < budget:
             n = ring.unconsumed_responses()
@@ -118,8 +136,11 @@ class RxQueue:
                 rid, off, flags, status = _unpack_rsp(buf, entry(cons))
                 cons += 1
                 if not (flags & _MULTI or self.ids) and 0 < status <= PAGE_SIZE - off \
-                        and rid < RX_BUFFERS and posted[rid]:
+                        and rid < RX_BUFFERS and posted[rid] \
+                        and (by_id or (order and rid == order[0])):
                     posted[rid] = 0  # the common case: a frame in one buffer
+                    if not by_id:
+                        order.popleft()
                     self._deliver_one(rid, views[rid][off:off + status], flags)
                     frames += 1
                     continue
@@ -139,12 +160,18 @@ class RxQueue:
                     etype, _ef, gsize, gtype, _pad, retired = EXTRA_INFO.unpack_from(
                         buf, entry(cons))
                     cons += 1
-                    if etype != XEN_NETIF_EXTRA_TYPE_GSO or gtype not in XEN_TO_VIRTIO_GSO:
-                        raise BackendError(f"rx extra info type {etype}/{gtype}")
+                    if etype != XEN_NETIF_EXTRA_TYPE_GSO or gtype not in self.gso_ok:
+                        raise BackendError(f"rx extra info type {etype}/{gtype} (GSO kinds "
+                                           f"this frontend accepts: {sorted(self.gso_ok)})")
+                    if not by_id:  # stock: the slot's own position's buffer, posted again
+                        retired = order[0] if order else RX_BUFFERS
                     self._take(retired)
                     self.ids.append(retired)
                     self.gso = (XEN_TO_VIRTIO_GSO[gtype], gsize)
                 if flags & NETRXF_more_data:
+                    if not self.sg:
+                        raise BackendError("multi-slot rx frame without this frontend's "
+                                           "feature-sg")
                     if len(self.ids) > 20:
                         raise BackendError("rx frame spans more than 20 buffers")
                     continue

@@ -34,6 +34,7 @@ from shared.netif import (
     PAGE_SIZE,
     TX_REQUEST,
     XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_GSO_TYPE_NONE,
     XEN_NETIF_RSP_NULL,
     XEN_NETIF_RSP_OKAY,
     NETTXF_csum_blank,
@@ -50,6 +51,7 @@ from shared.region import Region
 from shared.ring import HEADER_SIZE, MASK32, RSP_EVENT, FrontRing
 from shared.slots import HeaderSlots
 from shared.stats import RingStats
+from shared.xenbus import Agreement, gso_accepted
 
 #: the largest packet netif can describe (tx_request.size is u16: XEN_NETIF_MAX_TX_SIZE)
 MAX_PACKET = 0xFFFF
@@ -79,8 +81,13 @@ class BackendError(Exception):
 
 class TxQueue:
     def __init__(self, region: Region, tap_fd: int, stats: RingStats, first_page: int,
-                 header_slots: bool, persistent: bool, backend_domid: int = 0) -> None:
+                 header_slots: bool, persistent: bool, backend_domid: int = 0,
+                 agreement: Agreement | None = None) -> None:
         lay = region.layout
+        #: what the backend accepts (its keys): multi-slot packets, which GSO kinds
+        self.sg = agreement is None or agreement.tx_sg
+        ok = gso_accepted(agreement, rx=False) | {XEN_NETIF_GSO_TYPE_NONE}
+        self.xen_gso = tuple(g if g in ok else None for g in _XEN_GSO)
         self.ring = FrontRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
         self.r16 = self.buf.cast("H")  # response id at u16 index 32 + 6 * slot
@@ -153,6 +160,9 @@ class TxQueue:
         gbuf = self.grants.buf
         readv, tap, unpack_vnet = os.readv, self.tap_fd, VNET_HDR.unpack_from
         room_needed = ring.size - MAX_SLOTS_PER_PACKET - 1
+        xen_gso = self.xen_gso
+        # without the backend's feature-sg a packet is one data slot (after its header slot)
+        one_slot = MAX_PACKET if self.sg else (ss if hs else 0) + PAGE_SIZE
         iov = [vnet, None, None] if hs else [vnet, None]
         sent = nbytes = slots = 0
         while sent < budget:
@@ -180,9 +190,12 @@ class TxQueue:
                 continue
             vflags, vgso, _hl, gso_size, _cs, _co, _nb = unpack_vnet(vnet)
             flags = _TX_FLAGS[vflags & 3]
-            xgso = _XEN_GSO[vgso & 7]
-            if xgso is None:  # a GSO kind netif cannot carry (UDP): the TAP never offers it
+            xgso = xen_gso[vgso & 7]
+            if xgso is None or length > one_slot:
+                # a GSO kind netif cannot carry (UDP) or the backend did not offer, or more
+                # slots than it accepts: the TAP's offloads should have prevented it
                 st.drops += 1
+                st.drops_not_negotiated += 1
                 continue
             if xgso:
                 flags |= NETTXF_extra_info

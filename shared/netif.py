@@ -46,9 +46,8 @@ XEN_NETIF_EXTRA_FLAG_MORE = 1
 XEN_NETIF_GSO_TYPE_NONE = 0
 XEN_NETIF_GSO_TYPE_TCPV4 = 1
 XEN_NETIF_GSO_TYPE_TCPV6 = 2
-# pvnet addition ("ring v2"): RX responses carry request ids and may complete out of order, so
-# the slot an RX extra-info occupies must say which posted buffer it retires. It rides in
-# gso.features, which Linux always sets to 0.
+# pvnet addition (feature-rx-by-id only): the slot an RX extra-info occupies names the posted
+# buffer it retires in gso.features. In stock netif it is 0 and retires its own ring position.
 
 # --- statuses ----------------------------------------------------------------------------
 XEN_NETIF_RSP_DROPPED = -2
@@ -73,11 +72,13 @@ GREF_PERSISTENT = 1 << 31
 GREF_MASK = GREF_PERSISTENT - 1
 
 # --- negotiated feature keys (xenbus names) -------------------------------------------------
-FEATURES = (
-    "feature-sg",
-    "feature-gso-tcpv4",
-    "feature-gso-tcpv6",
-    "feature-rx-copy",
-    "feature-header-slots",
-    "feature-persistent",
-)
+# netif.h gives each key a direction: what the backend writes says what it accepts on TX (and
+# that it can copy on RX); what the frontend writes says what it accepts on RX.
+#: netif.h keys the backend may write
+BACKEND_KEYS = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-rx-copy")
+#: netif.h keys the frontend may write
+FRONTEND_KEYS = ("request-rx-copy", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6")
+#: pvnet's own extensions: used only when the backend offers and the frontend accepts them.
+#: feature-rx-by-id: RX responses may complete posted buffers in any order, found by id.
+EXTENSIONS = ("feature-header-slots", "feature-persistent", "feature-rx-by-id")
+FEATURES = tuple(dict.fromkeys(BACKEND_KEYS + FRONTEND_KEYS + EXTENSIONS))

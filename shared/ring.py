@@ -13,6 +13,7 @@ Like Snabb's ``link.lua`` the ring only moves indices; entries are packed by the
 
 from __future__ import annotations
 
+import platform
 import threading
 
 from shared.netif import RING_SIZE
@@ -29,6 +30,31 @@ def mb() -> None:
     and re-reading the producer (the one store->load ordering x86 does not give for free)."""
     _fence.acquire()
     _fence.release()
+
+
+#: machines whose stores become visible in program order and whose loads are not reordered
+#: with older loads (x86-TSO; s390x is as strong): what the shared-memory code relies on
+TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "s390x"})
+
+
+class OrderingError(RuntimeError):
+    """This CPU may reorder plain stores or loads: the rings and grants would be unsafe."""
+
+
+def require_tso(machine: str | None = None) -> None:
+    """Refuse to run where the ordering the ring and grant code relies on does not hold.
+
+    Both ends publish entries and then an index with plain stores, and read an index and then
+    entries with plain loads; Python exposes no release/acquire store on shared memory, so
+    the code relies on the CPU keeping stores in order (and loads in order), as x86 does. The
+    one store->load ordering x86 does not give (arming an event index, then re-reading the
+    producer) is ``mb()``. On ARM, POWER or RISC-V a peer could see an index before the
+    entry it publishes: refuse, rather than corrupt a frame silently."""
+    m = (machine or platform.machine()).lower()
+    if m not in TSO_MACHINES:
+        raise OrderingError(f"pvnet needs a CPU with total store order (x86); this is {m!r}, "
+                            "where the ring's plain stores may be reordered (README: Memory "
+                            "ordering)")
 
 
 class RingError(Exception):

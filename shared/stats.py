@@ -49,6 +49,9 @@ class RingStats:
     drops_csum: int = 0
     #: TX frames the vif refused (queue full, device down)
     drops_vif: int = 0
+    #: frames the other end did not negotiate (too many slots without feature-sg, a GSO kind
+    #: it does not accept): dropped here instead of being sent
+    drops_not_negotiated: int = 0
     #: grant operations, counted and timed (ns totals) for the bench's op_us
     grant_maps_on_touch: int = 0
     grant_unmaps: int = 0

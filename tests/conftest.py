@@ -25,6 +25,7 @@ from shared.offload import VNET_HDR
 from shared.region import Region
 from shared.stats import RingStats
 from shared.transport import create_memfd
+from shared.xenbus import Agreement
 
 
 def dgram_pair() -> tuple[socket.socket, socket.socket]:
@@ -88,8 +89,20 @@ class Pair:
                 return out
 
 
+def agreement(header_slots: bool = True, persistent: bool = False, rx_by_id: bool = False,
+              **stock: bool) -> Agreement:
+    """Every netif.h feature on (``stock`` switches some off, e.g. ``rx_sg=False``), and the
+    given extensions."""
+    keys = dict(tx_sg=True, tx_gso_tcpv4=True, tx_gso_tcpv6=True, rx_sg=True,
+                rx_gso_tcpv4=True, rx_gso_tcpv6=True)
+    keys.update(stock)
+    return Agreement(**keys, header_slots=header_slots, persistent=persistent,
+                     rx_by_id=rx_by_id)
+
+
 def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = False,
-              filters: list[str] | None = None, size: int = 4 << 20) -> Pair:
+              filters: list[str] | None = None, size: int = 4 << 20,
+              rx_by_id: bool = False, **stock: bool) -> Pair:
     fd, mem = create_memfd(size)
     front_region = Region.create(mem)
     region, own_fd = attach_region(fd, mem)
@@ -97,13 +110,14 @@ def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = 
     guest, tap = dgram_pair()
     vif, wire = dgram_pair()
     fst, bst = (RingStats(), RingStats()), (RingStats(), RingStats())
-    rx = RxQueue(front_region, tap.fileno(), fst[1], persistent)
-    tx = TxQueue(front_region, tap.fileno(), fst[0], RX_BUFFERS, header_slots, persistent)
+    ag = agreement(header_slots, persistent, rx_by_id, **stock)
+    rx = RxQueue(front_region, tap.fileno(), fst[1], persistent, 0, ag)
+    tx = TxQueue(front_region, tap.fileno(), fst[0], RX_BUFFERS, header_slots, persistent, 0, ag)
     pf = Filter.parse(filters) if filters else None
     views = Views(own_fd, mem, region, bst[0], shared=True)
     btx = TxPath(region, GntMap(region, views, 0, bst[0], persistent), vif.fileno(), bst[0],
-                 mode, header_slots, pf)
-    brx = RxPath(region, GntMap(region, views, 0, bst[1], persistent), vif.fileno(), bst[1])
+                 mode, header_slots, pf, ag)
+    brx = RxPath(region, GntMap(region, views, 0, bst[1], persistent), vif.fileno(), bst[1], ag)
     pair = Pair(region, front_region, tx, rx, btx, brx, guest, wire, fst, bst)
     pair._keep = (tap, vif)  # type: ignore[attr-defined]
     return pair

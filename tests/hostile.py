@@ -23,14 +23,13 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
+from backend.xenbus import IMPLEMENTED, Negotiated
 from backend.xenbus import Handshake as BackHandshake
-from backend.xenbus import Negotiated
 from frontend.xenbus import Handshake
 from shared.channel import ChannelClosed, ChannelError, EventChannel
 from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_readonly
 from shared.netif import (
     EXTRA_INFO,
-    FEATURES,
     GREF_PERSISTENT,
     PAGE_SIZE,
     RX_REQUEST,
@@ -51,7 +50,7 @@ from shared.region import Region
 from shared.ring import HEADER_SIZE, MASK32, BackRing, FrontRing
 from shared.transport import connect_unix, create_memfd, listen_unix
 
-BASIC = {"feature-sg": True, "feature-header-slots": True, "feature-rx-copy": True}
+BASIC = {"feature-sg": True, "feature-header-slots": True, "request-rx-copy": True}
 
 
 class HostileFrontend:
@@ -409,7 +408,7 @@ class HostileBackend:
         self.chan.send_timeout = 5.0
         hs = BackHandshake(self.chan, self.vif, self.domid)
         if features is not None:
-            hs.offered = {k: bool(features.get(k)) for k in FEATURES}
+            hs.offered = {k: bool(features.get(k)) for k in IMPLEMENTED}
         deadline = time.monotonic() + timeout
         self.neg = hs.run(lambda: time.monotonic() < deadline)
         self.region = self.neg.region

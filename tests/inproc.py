@@ -61,6 +61,7 @@ class BackendThread:
     tx_mode: str = "lazy"
     domid: int = 7
     rx_stall_timeout: float = 60.0
+    no_offer: tuple[str, ...] = ()
     nb: Netback = field(init=False)
     wire: socket.socket = field(init=False)
     thread: threading.Thread = field(init=False)
@@ -70,7 +71,8 @@ class BackendThread:
         self.nb = Netback(NetbackConfig(vif="vifT", domid=self.domid, listen=str(self.ev),
                                         ctl=str(self.dir / "b.ctl"), tx_mode=self.tx_mode,
                                         vif_fd=self.vif.fileno(),
-                                        rx_stall_timeout=self.rx_stall_timeout))
+                                        rx_stall_timeout=self.rx_stall_timeout,
+                                        no_offer=self.no_offer))
         self.thread = threading.Thread(target=self.nb.run, name="netback", daemon=True)
         self.thread.start()
         wait_for((self.dir / "b.ctl").exists, 5, "the control socket")  # all fds are open
@@ -110,6 +112,7 @@ class FrontendThread:
     domid: int = 7
     region_size: int = 2 << 20
     persistent: bool = False
+    header_slots: bool = True
     nf: Netfront = field(init=False)
     guest: socket.socket = field(init=False)
     thread: threading.Thread = field(init=False)
@@ -119,7 +122,8 @@ class FrontendThread:
         self.nf = Netfront(NetfrontConfig(name="fT", domid=self.domid, connect=str(self.ev),
                                           ctl=str(self.ctl), tap_fd=self.tap.fileno(),
                                           region_size=self.region_size,
-                                          persistent=self.persistent))
+                                          persistent=self.persistent,
+                                          header_slots=self.header_slots))
         self.thread = threading.Thread(target=self.nf.run, name="netfront", daemon=True)
         self.thread.start()
 

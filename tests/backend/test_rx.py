@@ -18,9 +18,11 @@ def close(p):
 
 
 @settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.integers(14, 65535 + 14), min_size=1, max_size=10))
-def test_any_frame_size_is_received(sizes):
-    p = make_pair()
+@given(sizes=st.lists(st.integers(14, 65535 + 14), min_size=1, max_size=10),
+       by_id=st.booleans())
+def test_any_frame_size_is_received(sizes, by_id):
+    """Stock order and feature-rx-by-id alike (jumbo frames without GSO included)."""
+    p = make_pair(rx_by_id=by_id)
     frames = [bytes([n % 253]) * n for n in sizes]
     for f in frames:
         p.wire.send(bytes(VNET_HDR.size) + f)
@@ -71,4 +73,34 @@ def test_read_only_buffer_is_refused():
     ring.push_requests()
     with pytest.raises(Exception, match="read-only"):
         p.brx.refill()
+    close(p)
+
+
+def test_a_frontend_posting_ten_buffers_receives_every_frame_that_fits():
+    """A frame needs only the slots its size requires: with ten buffers posted, frames of up
+    to nine pages (or eight and a GSO extra) arrive; a bigger one waits for more buffers."""
+    p = make_pair()
+    gso = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448, 34, 16,
+                        0)
+    fits = [(bytes(VNET_HDR.size), frame(b"a" * 60)),
+            (gso, frame(b"g" * 30000, proto=6)),  # 8 pages + extra
+            (bytes(VNET_HDR.size), frame(b"j" * 36000)),  # 9 pages, no GSO
+            (bytes(VNET_HDR.size), frame(b"s" * 1400))]
+    big = (gso, frame(b"B" * 60000, proto=6))  # 15 pages + extra
+    for v, f in [*fits, big]:
+        p.wire.send(v + f)
+    for _ in range(40):
+        p.rx.refill(limit=10)
+        p.rx.ring.push_requests()
+        p.brx.action()
+        p.brx.ring.push_responses()
+        p.rx.poll()
+        assert len(p.brx.posted) <= 10
+    got = p.guest_frames()
+    assert [g[VNET_HDR.size:] for g in got] == [f for _v, f in fits]
+    assert p.brx.held == len(big[1]) and p.brx.held_need == 16
+    p.run_rx()  # the frontend posts all it has: the held frame fits now
+    (g,) = p.guest_frames()
+    assert g[VNET_HDR.size:] == big[1]
+    assert VNET_HDR.unpack_from(g)[1] == VIRTIO_NET_HDR_GSO_TCPV4
     close(p)

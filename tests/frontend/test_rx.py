@@ -1,4 +1,5 @@
-"""Netfront RX accepts out-of-order completion by id and refuses a lying backend."""
+"""Netfront RX: out-of-order completion by id only with feature-rx-by-id; stock order
+otherwise; a lying backend is refused."""
 
 import pytest
 
@@ -17,9 +18,9 @@ def respond(p, *rsps):
     ring.push_responses()
 
 
-@pytest.fixture
-def posted():
-    p = make_pair()
+@pytest.fixture(params=[True, False], ids=["by-id", "stock"])
+def posted(request):
+    p = make_pair(rx_by_id=request.param)
     p.rx.refill()
     p.rx.ring.push_requests()
     p.brx.refill()
@@ -28,8 +29,11 @@ def posted():
         s.close()
 
 
+@pytest.mark.parametrize("posted", [True], ids=["by-id"], indirect=True)
 def test_buffers_complete_out_of_order(posted):
+    """Only with feature-rx-by-id (stock order is tested below)."""
     p = posted
+    assert p.rx.by_id
     ids = list(p.brx.posted)[:3]
     # fill three buffers, then answer them in reverse order as one frame and one single
     for i, rid in enumerate(ids):
@@ -55,3 +59,17 @@ def test_duplicate_id_breaks_the_device(posted):
     respond(posted, (rid, 0, 0, 10), (rid, 0, 0, 10))
     with pytest.raises(BackendError, match="not posted"):
         posted.rx.poll()
+
+
+def test_stock_refuses_a_response_out_of_ring_order():
+    p = make_pair()
+    p.rx.refill()
+    p.rx.ring.push_requests()
+    p.brx.refill()
+    ids = list(p.brx.posted)[:2]
+    respond(p, (ids[1], 0, 0, 4))
+    with pytest.raises(BackendError, match="ring order"):
+        p.rx.poll()
+    assert p.guest_frames() == []
+    for s in (p.guest, p.wire, *p._keep):
+        s.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import struct
 
 import pytest
@@ -16,7 +17,9 @@ from shared.ring import (
     RSP_PROD,
     BackRing,
     FrontRing,
+    OrderingError,
     RingError,
+    require_tso,
     selftest,
 )
 
@@ -114,3 +117,54 @@ def test_push_notifies_only_across_event():
     assert not back.final_check_for_requests()  # arms req_event = 3
     front.req_prod_pvt = 3
     assert front.push_requests()
+
+
+class RacingIndices:
+    """The shared indices, with a peer that publishes one entry the instant the consumer
+    arms its event index: the race RING_FINAL_CHECK_FOR_* re-checks for."""
+
+    def __init__(self, real, armed: int, prod: int) -> None:
+        self.real, self.armed, self.prod = real, armed, prod
+
+    def __getitem__(self, i):
+        return self.real[i]
+
+    def __setitem__(self, i, v) -> None:
+        self.real[i] = v
+        if i == self.armed:
+            self.real[self.prod] = (self.real[self.prod] + 1) & MASK32
+
+
+def test_final_check_for_requests_sees_a_request_published_while_arming():
+    front, back, _page = make(MASK32 - 1)
+    front.req_prod_pvt = (front.req_prod_pvt + 1) & MASK32  # what the racing peer publishes
+    back.idx = RacingIndices(back.idx, REQ_EVENT, REQ_PROD)
+    assert back.unconsumed_requests() == 0
+    assert back.final_check_for_requests() is True
+
+
+def test_final_check_for_responses_sees_a_response_published_while_arming():
+    front, back, _page = make(MASK32 - 1)
+    front.req_prod_pvt = (front.req_prod_pvt + 1) & MASK32  # one request outstanding
+    front.idx = RacingIndices(front.idx, RSP_EVENT, RSP_PROD)
+    assert front.unconsumed_responses() == 0
+    assert front.final_check_for_responses() is True
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "ppc64le", "riscv64", "armv7l"])
+def test_weakly_ordered_machines_are_refused(machine):
+    with pytest.raises(OrderingError, match="total store order"):
+        require_tso(machine)
+
+
+def test_x86_is_accepted():
+    require_tso("x86_64")
+    require_tso("AMD64")
+
+
+def test_netfront_refuses_to_start_on_a_weakly_ordered_machine(monkeypatch, tmp_path):
+    from frontend.netfront import Netfront, NetfrontConfig
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    with pytest.raises(OrderingError):
+        Netfront(NetfrontConfig(name="x", domid=1, connect=str(tmp_path / "ev"), tap_fd=0))

@@ -1,0 +1,211 @@
+"""Negotiation binds: the backend offers only what it implements, a request beyond the offer is
+fatal (counted, logged), the frontend uses only what was offered, GSO keys have a direction,
+and each end checks on the ring what was negotiated."""
+
+from __future__ import annotations
+
+import pytest
+
+import frontend.xenbus
+from backend.xenbus import IMPLEMENTED, offered_features
+from frontend.tx import BackendError
+from shared.netif import (
+    EXTENSIONS,
+    FEATURES,
+    GREF_PERSISTENT,
+    RX_REQUEST,
+    TX_REQUEST,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    NETTXF_header_slot,
+)
+from shared.offload import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR
+from shared.xenbus import Agreement, NegotiationError, NotNegotiated, check_request, choose
+from tests.conftest import frame, make_pair
+from tests.hostile import BASIC, HostileFrontend
+from tests.inproc import BackendThread, FrontendThread, wait_for
+
+STOCK = {"request-rx-copy": True, "feature-sg": True, "feature-gso-tcpv4": True,
+         "feature-gso-tcpv6": True}
+
+
+def close(p):
+    for s in (p.guest, p.wire, *p._keep):
+        s.close()
+
+
+def gso(kind: int, size: int = 1448) -> bytes:
+    return VNET_HDR.pack(1, kind, 54, size, 34, 16, 0)
+
+
+def test_backend_offers_what_it_implements_and_can_withhold_options():
+    off = offered_features()
+    assert set(off) == set(IMPLEMENTED) and all(off.values())
+    assert offered_features(("feature-gso-tcpv6",))["feature-gso-tcpv6"] is False
+    for bad in ("feature-rx-copy", "feature-bogus"):
+        with pytest.raises(ValueError):
+            offered_features((bad,))
+
+
+@pytest.mark.parametrize("ext", EXTENSIONS)
+def test_an_extension_that_was_not_offered_is_refused(ext):
+    off = offered_features((ext,))
+    with pytest.raises(NotNegotiated, match=ext):
+        check_request(off, dict(STOCK, **{ext: True}))
+    assert check_request(offered_features(), dict(STOCK, **{ext: True}))[ext] is True
+
+
+def test_no_request_rx_copy_or_an_unknown_key_is_refused():
+    with pytest.raises(NegotiationError, match="request-rx-copy"):
+        check_request(offered_features(), dict(STOCK, **{"request-rx-copy": False}))
+    with pytest.raises(NegotiationError, match="unknown"):
+        check_request(offered_features(), dict(STOCK, **{"feature-rx-flip": True}))
+
+
+def test_frontend_never_chooses_what_was_not_offered():
+    off = offered_features(("feature-header-slots", "feature-persistent"))
+    got = choose(off, dict.fromkeys(FEATURES, True))
+    assert got["feature-header-slots"] is False and got["feature-persistent"] is False
+    assert got["feature-rx-by-id"] is True and got["request-rx-copy"] is True
+
+
+def test_gso_keys_have_a_direction():
+    """netif.h: the backend's feature-gso-tcpv6 is about TX, the frontend's about RX."""
+    off = offered_features(("feature-gso-tcpv6",))
+    req = dict(STOCK, **{"feature-gso-tcpv4": False})
+    ag = Agreement.of(off, check_request(off, req))
+    assert (ag.tx_gso_tcpv4, ag.tx_gso_tcpv6) == (True, False)
+    assert (ag.rx_gso_tcpv4, ag.rx_gso_tcpv6) == (False, True)
+
+
+def test_header_slot_request_without_the_feature_is_fatal():
+    p = make_pair(header_slots=True)
+    p.btx.header_slots = False  # the backend did not agree to header slots
+    p.send(frame(b"h" * 1000))
+    p.tx.pump()
+    p.tx.ring.push_requests()
+    with pytest.raises(NotNegotiated, match="feature-header-slots"):
+        p.btx.action()
+    close(p)
+
+
+def test_gso_kind_or_slots_the_backend_did_not_offer_are_fatal():
+    p = make_pair(header_slots=False)
+    p.btx.gso_ok = frozenset({XEN_NETIF_GSO_TYPE_TCPV4})
+    p.send(frame(b"6" * 20000, proto=6), gso(VIRTIO_NET_HDR_GSO_TCPV6))
+    p.tx.pump()
+    p.tx.ring.push_requests()
+    with pytest.raises(NotNegotiated, match="GSO type 2"):
+        p.btx.action()
+    close(p)
+    p = make_pair(header_slots=False)
+    p.btx.sg = False
+    p.send(frame(b"s" * 6000))
+    p.tx.pump()
+    p.tx.ring.push_requests()
+    with pytest.raises(NotNegotiated, match="feature-sg"):
+        p.btx.action()
+    close(p)
+
+
+def test_frontend_tx_sends_only_what_the_backend_accepts():
+    p = make_pair(header_slots=False, tx_sg=False, tx_gso_tcpv6=False)
+    p.send(frame(b"a" * 3000))  # one slot: fine
+    p.send(frame(b"b" * 6000))  # two slots: the backend has no feature-sg
+    p.send(frame(b"6" * 3000, proto=6), gso(VIRTIO_NET_HDR_GSO_TCPV6))
+    p.send(frame(b"4" * 3000, proto=6), gso(VIRTIO_NET_HDR_GSO_TCPV4))
+    p.run_tx()
+    assert [len(f) for f in p.wire_frames()] == [3042, 3054]
+    assert p.fstats[0].drops_not_negotiated == p.fstats[0].drops == 2
+    close(p)
+
+
+def test_backend_rx_sends_only_what_the_frontend_accepts():
+    p = make_pair(rx_sg=False, rx_gso_tcpv4=False)
+    p.wire.send(bytes(VNET_HDR.size) + frame(b"a" * 1000))
+    p.wire.send(bytes(VNET_HDR.size) + frame(b"b" * 6000))  # two buffers: no feature-sg
+    p.wire.send(gso(VIRTIO_NET_HDR_GSO_TCPV4) + frame(b"4" * 1000, proto=6))
+    p.run_rx()
+    assert [len(g) - VNET_HDR.size for g in p.guest_frames()] == [1042]
+    assert p.bstats[1].drops_not_negotiated == p.bstats[1].drops == 2
+    close(p)
+
+
+def test_frontend_rx_refuses_what_it_did_not_announce():
+    p = make_pair()
+    p.rx.gso_ok = frozenset()  # the frontend wrote no feature-gso-* key
+    p.wire.send(gso(VIRTIO_NET_HDR_GSO_TCPV4) + frame(b"4" * 9000, proto=6))
+    with pytest.raises(BackendError, match="GSO kinds"):
+        p.run_rx()
+    close(p)
+
+
+def test_persistent_bit_is_on_the_ring_when_negotiated_and_only_then():
+    for persistent in (True, False):
+        p = make_pair(persistent=persistent, header_slots=False)
+        p.send(frame(b"p" * 9000))
+        p.tx.pump()
+        p.rx.refill()
+        ring = p.tx.ring
+        grefs = [TX_REQUEST.unpack_from(ring.buf, ring.entry(i))[0] for i in range(3)]
+        rgrefs = [RX_REQUEST.unpack_from(p.rx.ring.buf, p.rx.ring.entry(i))[2]
+                  for i in range(4)]
+        want = GREF_PERSISTENT if persistent else 0
+        assert [g & GREF_PERSISTENT for g in grefs + rgrefs] == [want] * 7
+        p.tx.ring.push_requests()
+        p.run_tx()
+        assert len(p.wire_frames()) == 1
+        assert (p.bstats[0].persistent_hits > 0 or p.bstats[0].grants_in_use > 0) == persistent
+        close(p)
+
+
+def test_netfront_against_a_backend_withholding_extensions(tmp_path):
+    b = BackendThread(tmp_path, no_offer=("feature-header-slots", "feature-persistent"))
+    f = FrontendThread(b.ev, tmp_path / "f.ctl", persistent=True)
+    try:
+        f.connected()
+        assert not f.nf.features["feature-header-slots"]
+        assert not f.nf.features["feature-persistent"]
+        frames = [frame(bytes([i]) * (100 + 900 * i)) for i in range(8)]
+        for fr in frames:
+            f.guest.send(bytes(VNET_HDR.size) + fr)
+        got: list[bytes] = []
+        wait_for(lambda: (got.extend(b.wire_frames()), len(got) >= len(frames))[1], 5,
+                 "frames on the wire")
+        assert got == frames
+        assert f.nf.tx_stats.tx_header_slot_packets == 0
+        assert b.nb.counters["malformed"] == 0, b.nb.last_error
+    finally:
+        f.stop()
+        b.stop()
+
+
+def test_a_frontend_using_what_was_not_offered_is_disconnected_and_counted(tmp_path,
+                                                                           monkeypatch):
+    b = BackendThread(tmp_path, no_offer=("feature-persistent",))
+    monkeypatch.setattr(frontend.xenbus, "choose", lambda offered, wanted: dict(wanted))
+    h = HostileFrontend(str(b.ev), "liar", b.domid)
+    try:
+        with pytest.raises(Exception, match="not offered"):
+            h.connect(dict(BASIC, **{"feature-persistent": True}))
+        wait_for(lambda: b.nb.counters["not_negotiated"] == 1, 5, "the refusal counted")
+        assert b.nb.counters["malformed"] == 1
+        assert "feature-persistent" in b.nb.last_error
+    finally:
+        h.chan.close()
+        b.stop()
+
+
+def test_header_slot_flag_on_the_ring_without_negotiation_disconnects(tmp_path):
+    b = BackendThread(tmp_path, no_offer=("feature-header-slots",))
+    h = HostileFrontend(str(b.ev), "liar", b.domid)
+    try:
+        h.connect(dict(BASIC))
+        assert not h.chosen["feature-header-slots"]
+        h.packet(1000, header_slot=True)
+        h.push()
+        wait_for(lambda: b.nb.counters["not_negotiated"] == 1, 5, "the refusal counted")
+        assert "feature-header-slots" in b.nb.last_error
+        assert NETTXF_header_slot
+    finally:
+        h.close()
+        b.stop()

@@ -1,0 +1,161 @@
+"""Each pvnet end against a peer that speaks only stock netif (``tests/stocknetif.py``, written
+from netif.h without pvnet's wire module): traffic both ways, GSO both kinds, checksum flags
+from the right enum, RX in ring order with the extra in its own slot, few RX buffers."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from shared.channel import EventChannel
+from shared.netif import EXTENSIONS
+from shared.offload import (
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VNET_HDR,
+)
+from shared.transport import connect_unix, listen_unix
+from tests.conftest import frame
+from tests.inproc import BackendThread, FrontendThread, wait_for
+from tests.stocknetif import (
+    GSO_TCPV4,
+    GSO_TCPV6,
+    RXF_CSUM_BLANK,
+    RXF_DATA_VALIDATED,
+    TXF_CSUM_BLANK,
+    TXF_DATA_VALIDATED,
+    Frame,
+    StockBackend,
+    StockFrontend,
+)
+
+
+def frame6(payload: bytes) -> bytes:
+    """Ethernet/IPv6/TCP around ``payload`` (checksum not filled)."""
+    tcp = (5201).to_bytes(2, "big") * 2 + bytes(8) + b"\x50\x10" + bytes(6)
+    ip = (b"\x60" + bytes(3) + (len(tcp) + len(payload)).to_bytes(2, "big") + b"\x06\x40"
+          + bytes(15) + b"\x01" + bytes(15) + b"\x02")
+    return bytes(6) + bytes.fromhex("00163e000001") + b"\x86\xdd" + ip + tcp + payload
+
+
+def vnet(flags: int = 0, gso: int = 0, size: int = 0, start: int = 0, off: int = 0) -> bytes:
+    return VNET_HDR.pack(flags, gso, 0, size, start, off, 0)
+
+
+def recv_all(sock: socket.socket) -> list[bytes]:
+    out = []
+    sock.setblocking(False)
+    while True:
+        try:
+            out.append(sock.recv(1 << 17))
+        except BlockingIOError:
+            return out
+
+
+@pytest.fixture
+def netfront_and_stock_backend(tmp_path):
+    lst = listen_unix(str(tmp_path / "ev"))
+    f = FrontendThread(tmp_path / "ev", tmp_path / "f.ctl")
+    lst.settimeout(10)
+    sock, _ = lst.accept()
+    sb = StockBackend(EventChannel(sock=sock))
+    sb.handshake()
+    f.connected()
+    yield f, sb
+    f.stop()
+    sb.close()
+    lst.close()
+
+
+def test_netfront_against_a_stock_backend_both_ways(netfront_and_stock_backend):
+    f, sb = netfront_and_stock_backend
+    assert not any(f.nf.features.get(k) for k in EXTENSIONS), f.nf.features
+    big4 = frame(b"4" * 30000, proto=6)
+    big6 = frame6(b"6" * 20000)
+    sent = [(frame(b"a" * 60), vnet()),
+            (frame(b"b" * 3000), vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6)),
+            (big4, vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)),
+            (big6, vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6, 1440, 54, 16))]
+    for data, v in sent:
+        f.guest.send(v + data)
+    wait_for(lambda: (sb.pump(), len(sb.tx_frames) >= len(sent))[1], 10, "frames at the peer")
+    got = sb.tx_frames
+    assert [g.data for g in got] == [d for d, _v in sent]
+    csum = TXF_CSUM_BLANK | TXF_DATA_VALIDATED
+    assert [g.flags & csum for g in got] == [0, csum, csum, csum]
+    assert [g.gso for g in got] == [None, None, (GSO_TCPV4, 1448), (GSO_TCPV6, 1440)]
+    assert [g.features for g in got] == [0, 0, 0, 0]
+    assert sb.violations == []
+
+    sb.rx_queue += [Frame(frame(b"v" * 100), RXF_DATA_VALIDATED),
+                    Frame(big4, RXF_CSUM_BLANK | RXF_DATA_VALIDATED, (GSO_TCPV4, 1448)),
+                    Frame(big6, RXF_CSUM_BLANK | RXF_DATA_VALIDATED, (GSO_TCPV6, 1440)),
+                    Frame(frame(b"j" * 9000), 0)]
+    rx: list[bytes] = []
+    wait_for(lambda: (sb.pump(), rx.extend(recv_all(f.guest)), len(rx) >= 4)[2], 10,
+             "frames in the guest")
+    heads = [VNET_HDR.unpack_from(r) for r in rx]
+    assert [r[VNET_HDR.size:] for r in rx] == [fr.data for fr in
+                                               (Frame(frame(b"v" * 100)), Frame(big4),
+                                                Frame(big6), Frame(frame(b"j" * 9000)))]
+    assert [h[0] for h in heads] == [VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                                     VIRTIO_NET_HDR_F_NEEDS_CSUM, 0]
+    assert [(h[1], h[3]) for h in heads] == [(0, 0), (VIRTIO_NET_HDR_GSO_TCPV4, 1448),
+                                             (VIRTIO_NET_HDR_GSO_TCPV6, 1440), (0, 0)]
+    assert sb.violations == []
+    assert f.nf.counters["broken"] == 0, f.nf.last_error
+
+
+@pytest.fixture
+def netback_and_stock_frontend(tmp_path):
+    b = BackendThread(tmp_path)
+    sf = StockFrontend(connect_unix(str(b.ev), timeout=10))
+    offer = sf.handshake()
+    wait_for(lambda: b.nb.tx is not None, 5, "backend Connected")
+    yield b, sf, offer
+    sf.close()
+    b.idle()
+    b.stop()
+
+
+def test_netback_against_a_stock_frontend_both_ways_with_ten_rx_buffers(
+        netback_and_stock_frontend):
+    b, sf, offer = netback_and_stock_frontend
+    for k in ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-rx-copy"):
+        assert offer["features"][k] is True
+    assert not any(b.nb.features.get(k) for k in EXTENSIONS)
+    sf.keep_posted(10)  # fewer than the 18 the largest frame needs
+    big4 = frame(b"4" * 30000, proto=6)  # 8 pages + its extra slot: fits 10
+    wire = [(frame(b"s" * 80), vnet(VIRTIO_NET_HDR_F_DATA_VALID)),
+            (frame(b"j" * 9000), vnet()),
+            (big4, vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)),
+            (frame(b"t" * 200), vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6))]
+    for data, v in wire:
+        b.wire.send(v + data)
+    wait_for(lambda: (sf.pump(), len(sf.rx_frames) >= len(wire))[1], 10, "frames at the peer")
+    got = sf.rx_frames
+    assert [g.data for g in got] == [d for d, _v in wire]
+    both = RXF_CSUM_BLANK | RXF_DATA_VALIDATED
+    assert [g.flags for g in got] == [RXF_DATA_VALIDATED, 0, both, both]
+    assert [g.gso for g in got] == [None, None, (GSO_TCPV4, 1448), None]
+    assert sf.violations == []
+
+    out = [Frame(frame(b"u" * 70)),
+           Frame(frame6(b"6" * 20000), TXF_CSUM_BLANK | TXF_DATA_VALIDATED, (GSO_TCPV6, 1440)),
+           Frame(frame(b"w" * 5000, proto=6), TXF_DATA_VALIDATED)]
+    for fr in out:
+        sf.send(fr)
+    on_wire: list[bytes] = []
+    wait_for(lambda: (on_wire.extend(recv_all(b.wire)), len(on_wire) >= len(out))[1], 10,
+             "frames on the wire")
+    assert [w[VNET_HDR.size:] for w in on_wire] == [fr.data for fr in out]
+    heads = [VNET_HDR.unpack_from(w) for w in on_wire]
+    assert [(h[0], h[1], h[3]) for h in heads] == [
+        (0, 0, 0), (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6, 1440),
+        (VIRTIO_NET_HDR_F_DATA_VALID, 0, 0)]
+    wait_for(lambda: (sf.pump(), sf.tx_done == 1 + 5 + 2)[1], 5, "tx responses")
+    assert sf.violations == []
+    assert b.nb.counters["malformed"] == 0, b.nb.last_error
