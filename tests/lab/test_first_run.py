@@ -80,7 +80,10 @@ def first_run():
     try:
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        t0 = time.monotonic()
         result = run_sh(readme_setup_line(), clone, env, timeout=900)
+        print(f"--- README set-up line: {time.monotonic() - t0:.1f} s (pip + up), output tail:\n"
+              + result.stdout[-2500:])
         yield clone, venv, load(topo_file), result
     finally:
         if (venv / "bin" / "invoke").exists():
