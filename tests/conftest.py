@@ -120,3 +120,52 @@ def frame(payload: bytes, proto: int = 17, dport: int = 5201) -> bytes:
     ip = (bytes([0x45, 0]) + ip_len.to_bytes(2, "big") + bytes(4) + bytes([64, proto])
           + bytes(2) + bytes([10, 0, 0, 1, 10, 0, 0, 2]))
     return bytes(6) + bytes.fromhex("00163e000001") + b"\x08\x00" + ip + l4 + payload
+
+
+# -- the full tier must run where it can ------------------------------------------------------
+
+def _full_tier_must_run() -> str:
+    """Why a skipped full-tier test is a failure here ('' if a skip is allowed): CI, or root
+    with QEMU installed (this machine can run every full-tier test, so a skip hides one)."""
+    import os
+    import shutil
+
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return "CI is set"
+    if os.geteuid() == 0 and shutil.which("qemu-system-x86_64"):
+        return "running as root with QEMU installed"
+    return ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped full-tier test fails where it must run (see _full_tier_must_run)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("full") is not None:
+        why = _full_tier_must_run()
+        if why:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            reason = str(reason).removeprefix("Skipped: ")
+            report.outcome = "failed"
+            report.longrepr = (f"full-tier test skipped although it must run ({why}): "
+                               f"{reason}")
+        else:
+            item.config._pvnet_full_not_run = getattr(item.config, "_pvnet_full_not_run", 0) + 1
+
+
+def pytest_deselected(items):
+    full = [i for i in items if i.get_closest_marker("full") is not None]
+    if full:
+        cfg = full[0].config
+        cfg._pvnet_full_not_run = getattr(cfg, "_pvnet_full_not_run", 0) + len(full)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say plainly how many full-tier tests did not run (skipped or deselected)."""
+    n = getattr(config, "_pvnet_full_not_run", 0)
+    if n:
+        terminalreporter.write_line(
+            f"NOTE: {n} full-tier test(s) did NOT run (skipped or deselected: they need root, "
+            "namespaces, TAPs or QEMU); this run proves nothing about them.", yellow=True,
+            bold=True)
