@@ -148,6 +148,7 @@ class VmLab:
         self.say = say
         self.net = Lab(topo, say=say)
         self.virtio_nics = virtio_nics or {}
+        self._booted: set[str] = set()  # guests this `up` started: their consoles are news
 
     def up(self, timeout: float = 120.0) -> None:
         deps.ensure()
@@ -215,6 +216,7 @@ class VmLab:
         for sock in (t.event_socket(g), t.frontend_ctl(g)):
             self.net.state.add("sockets", str(sock))
         _save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
+        self._booted.add(g.name)
         self.say(f"guest {g.name}: QEMU pid {pid}, console {run_dir / 'console.log'}")
         self.net._spawn_data("netback", g.vif, backend_argv(t, g, fd), t.backend_ctl(g),
                              pass_fds=(fd,))
@@ -278,6 +280,7 @@ class VmLab:
         procs.write_pidfile(t.pidfile(f"qemu-{g.name}"), pid, machine.argv)
         self.net.state.add("pidfiles", str(t.pidfile(f"qemu-{g.name}")))
         _save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
+        self._booted.add(g.name)
 
     def _wait_ssh(self, g: Guest, timeout: float) -> None:
         from shared.lab import ssh as lab_ssh
@@ -290,16 +293,22 @@ class VmLab:
         client.close()
 
     def _startup_failure(self) -> str | None:
-        """The first start-up failure a guest or a netback reported, or None (see startup.py)."""
+        """The first start-up failure a guest or a netback reported, or None (see startup.py).
+        Only the consoles of guests this `up` booted are read: an older guest's console may
+        tell of a netfront someone has restarted by hand since."""
         t = self.topo
         handles = load_handles(t)
         for g in t.guests:
             h = handles.get(g.name)
             if h is not None:
                 info = procs.proc_stat(h.pid)
-                why = startup.guest_failure(g.name, h.console,
-                                            info is not None and info.state != "Z",
-                                            h.run_dir / "qemu.log")
+                alive = info is not None and info.state != "Z"
+                if g.name in self._booted:
+                    why = startup.guest_failure(g.name, h.console, alive, h.run_dir / "qemu.log")
+                elif not alive:
+                    why = f"guest {g.name}: QEMU (pid {h.pid}) is gone"
+                else:
+                    why = None
                 if why:
                     return why
             if g.nic == "pvnet":

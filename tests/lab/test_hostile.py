@@ -101,7 +101,10 @@ def ctx(tmp_path_factory):
         c.insp.learn()
         c.chaos.kill(c.g1, "front")  # the slot is the hostile frontends' from now on
         c.wait_idle_backend()
-        time.sleep(0.3)
+        end = time.monotonic() + 10  # released: the region unmapped, so its fds are closed
+        while memfd_maps(c.pid) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert memfd_maps(c.pid) == 0
         c.idle_fds = fd_count(c.pid)
         yield c
     finally:
@@ -313,7 +316,10 @@ def test_control_socket_under_fire_answers_right_and_the_data_path_holds(ctx):
     for w in workers:
         w.start()
     try:
-        time.sleep(0.5)
+        end = time.monotonic() + 10  # under fire from every reader before measuring
+        while tally["ok"] < len(workers) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert tally["ok"] >= len(workers), tally
         hammered = _iperf(c.g2.netns, 5)
     finally:
         stop.set()

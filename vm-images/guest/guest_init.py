@@ -288,13 +288,20 @@ def supervise(started):
     The lab on the host watches the console for "run[i] ... exited": a netfront that dies at
     start-up (an import error, a bad argument) fails `invoke up` at once, not at its timeout.
     """
-    for i, argv, proc, tee in started:
-        status = proc.wait()
+    pending = {proc.pid: (i, argv, tee) for i, argv, proc, tee in started}
+    while pending:
+        try:
+            pid, raw = os.wait()  # in whatever order they end (tees are reaped here too)
+        except ChildProcessError:
+            return
+        if pid not in pending:
+            continue
+        i, argv, tee = pending.pop(pid)
         try:  # tee ends at the pipe's EOF: then the log holds the command's last words
             tee.wait(2.0)
         except subprocess.TimeoutExpired:
             pass  # a child of the command still holds the pipe: report what is there
-        say(f"run[{i}] {shlex.join(argv)}: exited (status {status}): "
+        say(f"run[{i}] {shlex.join(argv)}: exited (status {os.waitstatus_to_exitcode(raw)}): "
             f"{last_line(os.path.join(STATE, f'{i}.log'))}")
 
 
