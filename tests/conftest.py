@@ -169,3 +169,49 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"NOTE: {n} full-tier test(s) did NOT run (skipped or deselected: they need root, "
             "namespaces, TAPs or QEMU); this run proves nothing about them.", yellow=True,
             bold=True)
+
+
+# -- a test run leaves the checkout as git has it -------------------------------------------
+
+#: what Python, pytest, hypothesis, ruff and pip leave in any checkout (all in .gitignore)
+_TOOL_DROPPINGS = ("__pycache__/", ".pytest_cache/", ".hypothesis/", ".ruff_cache/",
+                   ".egg-info/")
+
+
+def _checkout_changes(root) -> set[str] | None:
+    """`git status --porcelain --ignored` lines of the checkout minus tool droppings (None:
+    not a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=root,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return {ln for ln in out.stdout.splitlines()
+            if not any(ln.endswith(d) or f"/{d}" in ln or ln[3:].startswith(d)
+                       for d in _TOOL_DROPPINGS)}
+
+
+def pytest_sessionstart(session):
+    session.config._pvnet_checkout = _checkout_changes(session.config.rootpath)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if it wrote anything into the checkout (keys, images, state, results):
+    all of that belongs in ~/.cache/pvnet, the state dir or a tmp_path."""
+    before = getattr(session.config, "_pvnet_checkout", None)
+    if before is None:
+        return
+    after = _checkout_changes(session.config.rootpath) or set()
+    new = sorted(after - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("FAILED: the test run wrote into the checkout (git status):",
+                                red=True, bold=True)
+            for line in new:
+                reporter.write_line(f"  {line}", red=True)
+        session.exitstatus = 1

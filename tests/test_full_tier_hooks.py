@@ -48,3 +48,19 @@ def test_a_run_without_the_full_tier_says_how_many_did_not_run(tmp_path: Path) -
     r = run_sample(tmp_path, "-m", "not full", ci=None)
     assert r.returncode == 0, r.stdout
     assert "NOTE: 2 full-tier test(s) did NOT run" in r.stdout
+
+
+def test_a_run_that_writes_into_the_checkout_fails(tmp_path: Path) -> None:
+    """The checkout guard: a key left in the source tree by a test is a failed run."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "test_leak.py").write_text(
+        "from pathlib import Path\n\ndef test_leaves_a_key():\n"
+        "    (Path(__file__).parent / 'id_ed25519').write_text('secret')\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p",
+                        "no:cacheprovider", "test_leak.py"], cwd=tmp_path, env=env, text=True,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 1, r.stdout
+    assert "1 passed" in r.stdout
+    assert "FAILED: the test run wrote into the checkout" in r.stdout
+    assert "?? id_ed25519" in r.stdout
