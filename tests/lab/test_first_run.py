@@ -169,3 +169,22 @@ def test_up_fails_within_10_s_of_a_guest_reporting_its_netfront_did_not_start(
     error = [ln for ln in r.stdout.splitlines() if ln.startswith("error: ")]
     assert error and re.match(rf"error: guest pvx-g1: {reported}", error[0]), r.stdout[-3000:]
     assert re.search(r"invoke up: FAILED in \d+\.\d s", r.stdout)
+
+
+def test_bench_qemu_path_fails_fast_naming_the_guest_and_its_line(tmp_path) -> None:
+    """`invoke bench`'s QEMU path is brought up by the same VmLab: a netfront that cannot
+    start is a 'setup failed' naming the guest and quoting its line, seconds after boot, not
+    after the 180 s Connected timeout."""
+    env = dict(os.environ, PVNET_GUEST_PYTHON="/nonexistent/pvnet/python3")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "invoke", "bench", "--paths", "pvnet-qemu",
+                        "--modes", "lazy", "--workloads", "tcp", "--rounds", "1",
+                        "--seconds", "1", "--no-plot", "--results", str(tmp_path / "res")],
+                       cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=600)
+    took = time.monotonic() - t0
+    assert re.search(r"setup failed: guest \S+: run\[0\] /nonexistent/pvnet/python3 -m frontend"
+                     r" .*: cannot start: \[Errno 2\] No such file or directory", r.stdout), \
+        r.stdout[-3000:]
+    # boot (~25-40 s under TCG) plus the report, far below the 180 s Connected timeout
+    assert took < 150, f"{took:.0f} s: the bench waited for a timeout\n{r.stdout[-3000:]}"
