@@ -697,6 +697,8 @@ def build_image(force: bool = False, progress: bool = True) -> ImageInfo:
         stamp, _ = _stamp_inputs(kernel_pkg, kernel_ver)
         old = _load_info(IMAGE_DIR)
         if old is not None and old.stamp == stamp and not force:
+            (IMAGE_DIR / STAMP_NAME).touch()  # in use: keeps prune_images away from it
+            prune_images(IMAGE_DIR)
             prog.say(
                 f"image up to date: {kernel_pkg} {kernel_ver}, "
                 f"{old.size_bytes / 2**20:.1f} MiB in {IMAGE_DIR}"
@@ -721,7 +723,30 @@ def build_image(force: bool = False, progress: bool = True) -> ImageInfo:
         info = _load_info(IMAGE_DIR, built=True)
         if info is None:
             raise ImageBuildError(f"built image in {IMAGE_DIR} is incomplete")
+        prune_images(IMAGE_DIR)
         return info
+
+
+#: an image of another recipe (another checkout or an older version) unused this long goes
+IMAGE_KEEP_DAYS = 14
+
+
+def prune_images(keep: Path, days: float = IMAGE_KEEP_DAYS) -> list[Path]:
+    """Remove the images beside `keep` that nobody used for `days` (using one touches its
+    stamp): each recipe change builds a new ~70 MiB image under images/<recipe id>/."""
+    cutoff = time.time() - days * 86400
+    gone = []
+    for d in sorted(keep.parent.iterdir()):
+        if d == keep or not d.is_dir():
+            continue
+        try:
+            last = (d / STAMP_NAME).stat().st_mtime
+        except OSError:
+            last = d.stat().st_mtime
+        if last < cutoff:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 def _build_into(out: Path, kernel_pkg: str, kernel_ver: str, stamp: str, prog: Progress) -> None:

@@ -34,3 +34,18 @@ def test_the_default_cache_is_in_home_not_in_the_checkout() -> None:
 def test_pvnet_cache_and_xdg_move_it(tmp_path: Path) -> None:
     assert cache_paths(PVNET_CACHE=str(tmp_path))[0] == tmp_path
     assert cache_paths(XDG_CACHE_HOME=str(tmp_path))[0] == tmp_path / "pvnet"
+
+
+def test_prune_images_removes_only_other_images_unused_for_long(tmp_path: Path) -> None:
+    from shared.lab.image import STAMP_NAME, prune_images
+
+    images = tmp_path / "images"
+    keep, fresh, stale = images / "keep", images / "fresh", images / "stale"
+    for d in (keep, fresh, stale):
+        d.mkdir(parents=True)
+        (d / STAMP_NAME).write_text("{}")
+    old = 30 * 86400
+    for d in (keep, stale):  # the one in use is kept however old its stamp
+        os.utime(d / STAMP_NAME, (os.path.getmtime(d / STAMP_NAME) - old,) * 2)
+    assert prune_images(keep, days=14) == [stale]
+    assert keep.is_dir() and fresh.is_dir() and not stale.exists()
