@@ -47,18 +47,27 @@ def _lab_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_lab_errors
 def up(c: Context, no_vm: bool = False, topology: str | None = None, timeout: int = 30):
     """Bring the lab up: bridge, wire peer with iperf3, guests, netback+netfront per guest."""
+    import time
+
     from shared.lab import deps
     from shared.lab.netns import Lab, resolve_topology
 
-    deps.ensure(["iperf3", "iproute2", "procps"] if no_vm else None)
-    topo = resolve_topology(topology)
-    print(f"topology {topo.source}", flush=True)
-    if no_vm:
-        Lab(topo).up(timeout=timeout)
-    else:
-        from shared.lab.vms import VmLab
+    t0 = time.monotonic()
+    ok = False
+    try:
+        deps.ensure(["iperf3", "iproute2", "procps"] if no_vm else None)
+        topo = resolve_topology(topology)
+        print(f"topology {topo.source}", flush=True)
+        if no_vm:
+            Lab(topo).up(timeout=timeout)
+        else:
+            from shared.lab.vms import VmLab
 
-        VmLab(topo).up(timeout=max(timeout, 120))
+            VmLab(topo).up(timeout=max(timeout, 120))
+        ok = True
+    finally:  # the wall time of the whole command: apt, image, boot, Connected (or failure)
+        print(f"invoke up: {'done' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s "
+              "(total wall time)", flush=True)
 
 
 @task(help={"topology": TOPOLOGY_HELP})
@@ -158,7 +167,9 @@ def ssh(c: Context, name: str, cmd: str = "", topology: str | None = None):
     if not cmd:
         h = load_handles(topo).get(name)
         port = h.ssh_port if h else "?"
-        print(f"ssh -p {port} -i vm-images/cache/ssh/id_ed25519 root@127.0.0.1 "
+        from shared.lab.ssh import DEFAULT_KEY_DIR
+
+        print(f"ssh -p {port} -i {DEFAULT_KEY_DIR / 'id_ed25519'} root@127.0.0.1 "
               f"(or: invoke ssh {name} --cmd 'ip addr')")
         return
     runner = SshRunner(topo)

@@ -185,3 +185,98 @@ def ipv4_options(f: bytes, options: bytes) -> bytes:
     ihl = 5 + len(options) // 4
     ip = bytes([0x40 | ihl]) + f[15:34] + options
     return f[:14] + ip + f[34:]
+
+
+# -- the full tier must run where it can ------------------------------------------------------
+
+def _full_tier_must_run() -> str:
+    """Why a skipped full-tier test is a failure here ('' if a skip is allowed): CI, or root
+    with QEMU installed (this machine can run every full-tier test, so a skip hides one)."""
+    import os
+    import shutil
+
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return "CI is set"
+    if os.geteuid() == 0 and shutil.which("qemu-system-x86_64"):
+        return "running as root with QEMU installed"
+    return ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped full-tier test fails where it must run (see _full_tier_must_run)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("full") is not None:
+        why = _full_tier_must_run()
+        if why:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            reason = str(reason).removeprefix("Skipped: ")
+            report.outcome = "failed"
+            report.longrepr = (f"full-tier test skipped although it must run ({why}): "
+                               f"{reason}")
+        else:
+            item.config._pvnet_full_not_run = getattr(item.config, "_pvnet_full_not_run", 0) + 1
+
+
+def pytest_deselected(items):
+    full = [i for i in items if i.get_closest_marker("full") is not None]
+    if full:
+        cfg = full[0].config
+        cfg._pvnet_full_not_run = getattr(cfg, "_pvnet_full_not_run", 0) + len(full)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say plainly how many full-tier tests did not run (skipped or deselected)."""
+    n = getattr(config, "_pvnet_full_not_run", 0)
+    if n:
+        terminalreporter.write_line(
+            f"NOTE: {n} full-tier test(s) did NOT run (skipped or deselected: they need root, "
+            "namespaces, TAPs or QEMU); this run proves nothing about them.", yellow=True,
+            bold=True)
+
+
+# -- a test run leaves the checkout as git has it -------------------------------------------
+
+#: what Python, pytest, hypothesis, ruff and pip leave in any checkout (all in .gitignore)
+_TOOL_DROPPINGS = ("__pycache__/", ".pytest_cache/", ".hypothesis/", ".ruff_cache/",
+                   ".egg-info/")
+
+
+def _checkout_changes(root) -> set[str] | None:
+    """`git status --porcelain --ignored` lines of the checkout minus tool droppings (None:
+    not a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=root,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return {ln for ln in out.stdout.splitlines()
+            if not any(ln.endswith(d) or f"/{d}" in ln or ln[3:].startswith(d)
+                       for d in _TOOL_DROPPINGS)}
+
+
+def pytest_sessionstart(session):
+    session.config._pvnet_checkout = _checkout_changes(session.config.rootpath)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if it wrote anything into the checkout (keys, images, state, results):
+    all of that belongs in ~/.cache/pvnet, the state dir or a tmp_path."""
+    before = getattr(session.config, "_pvnet_checkout", None)
+    if before is None:
+        return
+    after = _checkout_changes(session.config.rootpath) or set()
+    new = sorted(after - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("FAILED: the test run wrote into the checkout (git status):",
+                                red=True, bold=True)
+            for line in new:
+                reporter.write_line(f"  {line}", red=True)
+        session.exitstatus = 1

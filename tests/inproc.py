@@ -20,6 +20,7 @@ from pathlib import Path
 
 from backend.interface import Netback, NetbackConfig
 from frontend.netfront import Netfront, NetfrontConfig
+from shared.control import ControlError, query
 from shared.offload import VNET_HDR
 from shared.xenbus import XenbusState
 from tests.conftest import dgram_pair
@@ -34,6 +35,18 @@ def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "cond
         if time.monotonic() > end:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.005)
+
+
+def answers(ctl: Path | str) -> bool:
+    """Does the control socket at `ctl` answer a ping (bound *and* listening and served)?"""
+    try:
+        return bool(query(str(ctl), {"cmd": "ping"}, timeout=1.0))
+    except ControlError:
+        return False
+
+
+def wait_answering(ctl: Path | str, timeout: float = 5.0) -> None:
+    wait_for(lambda: answers(ctl), timeout, f"the control socket {ctl} to answer")
 
 
 def fd_count() -> int:
@@ -75,7 +88,8 @@ class BackendThread:
                                         no_offer=self.no_offer))
         self.thread = threading.Thread(target=self.nb.run, name="netback", daemon=True)
         self.thread.start()
-        wait_for((self.dir / "b.ctl").exists, 5, "the control socket")  # all fds are open
+        # the socket's file exists from bind(), before listen(): wait for an answer instead
+        wait_answering(self.dir / "b.ctl", 5)
 
     @property
     def ev(self) -> Path:

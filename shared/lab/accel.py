@@ -4,7 +4,7 @@ Why a real boot and not a look at /dev/kvm: on this machine /dev/kvm is KVM-PVM,
 fine but cannot run a stock kernel (it hangs in early boot or dies with an emulation failure;
 `-cpu host` aborts on MSR 0x10a). So the probe boots the image's kernel with `pvnet.probe` on
 the command line, where /init prints a marker and powers off at once, and waits a bounded time
-for that marker. The answer is cached in vm-images/cache/accel.json, keyed on the kernel
+for that marker. The answer is cached in ~/.cache/pvnet/accel.json, keyed on the kernel
 version, the presence of /dev/kvm and the QEMU version, because a failed KVM probe costs its
 whole timeout (with a CPU spinning).
 

@@ -26,6 +26,10 @@ PACKAGES: dict[str, tuple[str, str]] = {
 }
 
 
+#: the one apt-get install command line (also .ci/run's): headless, no recommended packages
+APT_INSTALL = ["apt-get", "install", "-y", "-qq", "--no-install-recommends"]
+
+
 def missing(wanted: list[str] | None = None) -> list[tuple[str, str]]:
     out = []
     for probe, (pkg, why) in PACKAGES.items():
@@ -50,7 +54,9 @@ def ensure(wanted: list[str] | None = None) -> None:
                            f"apt-get install {' '.join(names)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *names], check=True, env=env)
+    # no recommends: qemu-system-x86 alone would pull in 100+ desktop, audio and video
+    # libraries (GTK, GStreamer, Mesa) that a headless lab never loads
+    subprocess.run(APT_INSTALL + names, check=True, env=env)
 
 
 if __name__ == "__main__":

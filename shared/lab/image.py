@@ -2,17 +2,18 @@
 
 Why this shape (see vm-images/README.md for the whole recipe):
 - Nothing is installed on the host: Debian packages are fetched with `apt-get download` and
-  unpacked with `dpkg -x` into vm-images/cache/. The kernel is the package linux-image-amd64
-  currently depends on (the non-cloud flavour: the cloud one has no 9p).
+  unpacked with `dpkg -x` into the cache (~/.cache/pvnet, see cache_dir()), never into the
+  checkout. The kernel is the package linux-image-amd64 currently depends on (the non-cloud
+  flavour: the cloud one has no 9p).
 - The guest boots the *uncompressed* ELF vmlinux found inside the xz bzImage (PVH entry via
   QEMU -kernel): under TCG the xz decompressor alone costs seconds of emulated CPU.
 - The initramfs holds busybox-static, the recipe's /init and only the kernel modules listed in
   vm-images/modules.txt plus their dependencies (the full module tree is ~400 MB).
 - The guest's userland is the host's, over read-only 9p, so sshd is the only extra program: it
   lives in the cache (reachable by the guest at the same path) with its own host key.
-- The build is cached: a stamp hashes the recipe files (vm-images/ without cache/ and *.md, plus
-  this module's source) and the kernel package name and version; the image is rebuilt only when
-  that hash changes (or with --force).
+- The build is cached (images/<recipe id>/): a stamp hashes the recipe files (vm-images/
+  minus *.md, plus this module's source) and the kernel package name and version; the image
+  is rebuilt only when that hash changes (or with --force).
 
 Usage: python3 -m shared.lab.image [--force] [--json] [--quiet]
 """
@@ -40,8 +41,27 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO_ROOT / "vm-images"
-CACHE_DIR = RECIPE_DIR / "cache"
-IMAGE_DIR = CACHE_DIR / "image"
+
+
+def cache_dir() -> Path:
+    """Where the lab keeps what it downloads and builds (debs, images, ssh keys, accel probe):
+    $PVNET_CACHE, else $XDG_CACHE_HOME/pvnet, else ~/.cache/pvnet. Never inside the checkout,
+    so `up` and the tests leave the source tree as git has it."""
+    env = os.environ.get("PVNET_CACHE")
+    if env:
+        return Path(env).resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pvnet"
+
+
+def recipe_id(recipe_dir: Path = RECIPE_DIR) -> str:
+    """A short hash of the recipe (vm-images/ files and this module): the image's directory
+    name, so that checkouts with different recipes never rebuild over each other's image."""
+    files = recipe_files(recipe_dir) + [Path(__file__).resolve()]
+    return recipe_hash(files, REPO_ROOT, {})[:16]
+
+
+CACHE_DIR = cache_dir()
 DEB_DIR = CACHE_DIR / "debs"
 KERNEL_META_PACKAGE = "linux-image-amd64"
 STAMP_NAME = "stamp.json"
@@ -113,7 +133,8 @@ class Progress:
 
 
 def recipe_files(recipe_dir: Path = RECIPE_DIR) -> list[Path]:
-    """The files whose content defines the image: vm-images/ minus cache/ and docs."""
+    """The files whose content defines the image: vm-images/ minus docs (and minus the
+    vm-images/cache/ that older versions kept in the checkout)."""
     out = []
     for path in sorted(recipe_dir.rglob("*")):
         rel = path.relative_to(recipe_dir)
@@ -136,6 +157,9 @@ def recipe_hash(files: Iterable[Path], base: Path, extra: Mapping[str, str]) -> 
     for key in sorted(extra):
         h.update(f"{key}={extra[key]}\n".encode())
     return h.hexdigest()
+
+
+IMAGE_DIR = CACHE_DIR / "images" / recipe_id()
 
 
 @dataclass(frozen=True)
@@ -659,7 +683,7 @@ def cached_image() -> ImageInfo | None:
 def build_image(force: bool = False, progress: bool = True) -> ImageInfo:
     """Return the guest image, building it first if the recipe or the kernel changed."""
     prog = Progress(progress)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    IMAGE_DIR.parent.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -673,6 +697,8 @@ def build_image(force: bool = False, progress: bool = True) -> ImageInfo:
         stamp, _ = _stamp_inputs(kernel_pkg, kernel_ver)
         old = _load_info(IMAGE_DIR)
         if old is not None and old.stamp == stamp and not force:
+            (IMAGE_DIR / STAMP_NAME).touch()  # in use: keeps prune_images away from it
+            prune_images(IMAGE_DIR)
             prog.say(
                 f"image up to date: {kernel_pkg} {kernel_ver}, "
                 f"{old.size_bytes / 2**20:.1f} MiB in {IMAGE_DIR}"
@@ -680,7 +706,7 @@ def build_image(force: bool = False, progress: bool = True) -> ImageInfo:
             return old
         why = "forced" if force else ("recipe or kernel changed" if old else "no image yet")
         prog.say(f"building the guest image ({why}): {kernel_pkg} {kernel_ver}")
-        new_dir = CACHE_DIR / "image.new"
+        new_dir = IMAGE_DIR.with_name(IMAGE_DIR.name + ".new")
         shutil.rmtree(new_dir, ignore_errors=True)
         new_dir.mkdir()
         try:
@@ -688,7 +714,7 @@ def build_image(force: bool = False, progress: bool = True) -> ImageInfo:
         except BaseException:
             shutil.rmtree(new_dir, ignore_errors=True)
             raise
-        old_dir = CACHE_DIR / "image.old"
+        old_dir = IMAGE_DIR.with_name(IMAGE_DIR.name + ".old")
         shutil.rmtree(old_dir, ignore_errors=True)
         if IMAGE_DIR.exists():
             IMAGE_DIR.rename(old_dir)
@@ -697,7 +723,30 @@ def build_image(force: bool = False, progress: bool = True) -> ImageInfo:
         info = _load_info(IMAGE_DIR, built=True)
         if info is None:
             raise ImageBuildError(f"built image in {IMAGE_DIR} is incomplete")
+        prune_images(IMAGE_DIR)
         return info
+
+
+#: an image of another recipe (another checkout or an older version) unused this long goes
+IMAGE_KEEP_DAYS = 14
+
+
+def prune_images(keep: Path, days: float = IMAGE_KEEP_DAYS) -> list[Path]:
+    """Remove the images beside `keep` that nobody used for `days` (using one touches its
+    stamp): each recipe change builds a new ~70 MiB image under images/<recipe id>/."""
+    cutoff = time.time() - days * 86400
+    gone = []
+    for d in sorted(keep.parent.iterdir()):
+        if d == keep or not d.is_dir():
+            continue
+        try:
+            last = (d / STAMP_NAME).stat().st_mtime
+        except OSError:
+            last = d.stat().st_mtime
+        if last < cutoff:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 def _build_into(out: Path, kernel_pkg: str, kernel_ver: str, stamp: str, prog: Progress) -> None:
@@ -847,7 +896,7 @@ def make_initramfs(busybox: Path, moddir: Path, mods: list[KernelModule], versio
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python3 -m shared.lab.image",
-        description="Build (or reuse) the pvnet QEMU guest image under vm-images/cache/. "
+        description="Build (or reuse) the pvnet QEMU guest image under ~/.cache/pvnet/images/. "
         "Rebuilt only when vm-images/ recipe files or the Debian kernel version change.",
     )
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")

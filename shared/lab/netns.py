@@ -490,7 +490,10 @@ def _sysctl_if(ifname: str) -> None:
 
 
 def resolve_topology(path: str | None) -> Topology:
-    """The topology to act on: `path`, else the one the running lab was brought up with."""
+    """The topology to act on: `path`, else $PVNET_TOPOLOGY, else the one the running lab was
+    brought up with, else the default. (The environment variable lets a test run the README's
+    commands word for word on a private topology that cannot collide with a real lab.)"""
+    path = path or os.environ.get("PVNET_TOPOLOGY") or None
     if path:
         return load(path)
     state = _State.load(DEFAULT_STATE_DIR / "state.json").data

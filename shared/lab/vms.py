@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.control import ControlError, query
-from shared.lab import deps, procs
+from shared.lab import deps, procs, startup
 from shared.lab.accel import detect_accel
 from shared.lab.image import ImageInfo, build_image, cached_image
 from shared.lab.machine import (
@@ -40,6 +40,7 @@ from shared.lab.machine import (
     ShmDevice,
     SyncQMP,
     TapNic,
+    guest_python,
 )
 from shared.lab.netns import REPO_ROOT, Lab, LabError, netns_exec
 from shared.lab.topology import Guest, Topology
@@ -70,20 +71,17 @@ class GuestHandle:
         return self.run_dir / "qmp.sock"
 
 
-#: host directories a guest does not see as they are (its own tmpfs): read through /host
-SHADOWED = ("/tmp/", "/run/")
-
-
 def guest_view(path: str | Path) -> str:
-    """Where a guest finds host path `path` (vm-images/guest/guest_init.py does the same for
-    its cwd and sshd): a checkout under /tmp, as CI's may be, is /host/tmp/... in the guest."""
-    text = str(path)
-    return "/host" + text if text.startswith(SHADOWED) else text
+    """Where a guest finds host path `path`: the same path. The guest's init bind-mounts the
+    interpreter's and the checkout's directories from /host where its own tmpfs (/tmp, /run)
+    would hide them (vm-images/guest/guest_init.py), so a CI clone in /tmp works as it is."""
+    return str(path)
 
 
 def frontend_argv(g: Guest) -> list[str]:
-    """The netfront command line inside the guest (the guest runs the host's python3)."""
-    argv = [sys.executable, "-m", "frontend", "--name", g.name, "--domid", str(g.domid),
+    """The netfront command line inside the guest: the lab's interpreter (guest_python), which
+    the guest sees at its host path."""
+    argv = [guest_python(), "-m", "frontend", "--name", g.name, "--domid", str(g.domid),
             "--channel", f"/dev/virtio-ports/{EVENT_PORT}", "--region", "pci",
             "--tap", GUEST_TAP, "--mac", g.mac, "--ip", str(g.ip),
             "--ctl-port", f"/dev/virtio-ports/{CTL_PORT}"]
@@ -150,6 +148,7 @@ class VmLab:
         self.say = say
         self.net = Lab(topo, say=say)
         self.virtio_nics = virtio_nics or {}
+        self._booted: set[str] = set()  # guests this `up` started: their consoles are news
 
     def up(self, timeout: float = 120.0) -> None:
         deps.ensure()
@@ -160,6 +159,7 @@ class VmLab:
                                             if accel == "tcg" and os.path.exists("/dev/kvm")
                                             else ""))
         self.net.up(processes=False, guest_netns=False)
+        precompile()
         for g in self.topo.guests:
             self._start_guest(g, image, accel)
         self._wait_connected(timeout)
@@ -216,6 +216,7 @@ class VmLab:
         for sock in (t.event_socket(g), t.frontend_ctl(g)):
             self.net.state.add("sockets", str(sock))
         _save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
+        self._booted.add(g.name)
         self.say(f"guest {g.name}: QEMU pid {pid}, console {run_dir / 'console.log'}")
         self.net._spawn_data("netback", g.vif, backend_argv(t, g, fd), t.backend_ctl(g),
                              pass_fds=(fd,))
@@ -279,6 +280,7 @@ class VmLab:
         procs.write_pidfile(t.pidfile(f"qemu-{g.name}"), pid, machine.argv)
         self.net.state.add("pidfiles", str(t.pidfile(f"qemu-{g.name}")))
         _save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
+        self._booted.add(g.name)
 
     def _wait_ssh(self, g: Guest, timeout: float) -> None:
         from shared.lab import ssh as lab_ssh
@@ -290,7 +292,35 @@ class VmLab:
                                   host_key_pub=image.host_key_pub if image else None)
         client.close()
 
+    def _startup_failure(self) -> str | None:
+        """The first start-up failure a guest or a netback reported, or None (see startup.py).
+        Only the consoles of guests this `up` booted are read: an older guest's console may
+        tell of a netfront someone has restarted by hand since."""
+        t = self.topo
+        handles = load_handles(t)
+        for g in t.guests:
+            h = handles.get(g.name)
+            if h is not None:
+                info = procs.proc_stat(h.pid)
+                alive = info is not None and info.state != "Z"
+                if g.name in self._booted:
+                    why = startup.guest_failure(g.name, h.console, alive, h.run_dir / "qemu.log")
+                elif not alive:
+                    why = f"guest {g.name}: QEMU (pid {h.pid}) is gone"
+                else:
+                    why = None
+                if why:
+                    return why
+            if g.nic == "pvnet":
+                why = startup.process_failure("netback", g.vif, self.net._dead(g.vif),
+                                              t.log_path(g.vif))
+                if why:
+                    return why
+        return None
+
     def _wait_connected(self, timeout: float) -> None:
+        """Poll every end's state until all are Connected; stop at once (within a poll, 0.5 s)
+        when a guest or a netback reports that something could not start."""
         t = self.topo
         pv = [g for g in t.guests if g.nic == "pvnet"]
         ends = [(g.vif, t.backend_ctl(g)) for g in pv] + [
@@ -303,6 +333,7 @@ class VmLab:
         start = time.monotonic()
         states: dict[str, str] = {}
         last_print = 0.0
+        failure: str | None = None
         while True:
             for name, ctl in ends:
                 try:
@@ -312,8 +343,9 @@ class VmLab:
             if all(s == "Connected" for s in states.values()):
                 self.say(f"all {len(ends)} ends Connected ({time.monotonic() - start:.1f} s)")
                 return
+            failure = self._startup_failure()
             now = time.monotonic()
-            if now - start > timeout:
+            if failure or now - start > timeout:
                 break
             if now - last_print > 5:
                 self.say(f"  {now - start:4.0f} s: " + ", ".join(f"{n} {s}"
@@ -326,9 +358,11 @@ class VmLab:
             if h and states.get(g.name) != "Connected":
                 tail = "\n".join(_tail(h.console, 30))
                 detail.append(f"--- console of {g.name} ({h.console}):\n{tail}")
-        raise LabError("not every end reached Connected: "
+        headline = (f"{failure} (after {time.monotonic() - start:.1f} s)" if failure
+                    else f"not every end reached Connected in {timeout:g} s")
+        raise LabError(headline + "\n  states: "
                        + ", ".join(f"{n}: {s}" for n, s in states.items()) + "\n"
-                       + "\n".join(detail))
+                       + "\n".join(detail) + f"\n{headline}")
 
     def down(self) -> None:
         """Power guests off through QMP (kill after 10 s), then everything `Lab.down` does."""
@@ -353,6 +387,20 @@ class VmLab:
         self.net.down()
         with contextlib.suppress(FileNotFoundError):
             _handles_file(self.topo).unlink()
+
+
+def precompile() -> None:
+    """Byte-compile the packages guests import (into their __pycache__, which git ignores).
+
+    The guest reads the checkout over read-only 9p, so it can never cache bytecode itself,
+    and a host with PYTHONDONTWRITEBYTECODE (or a fresh clone never imported) has none: each
+    boot would then compile every module under TCG, seconds of emulated CPU before Connected.
+    """
+    import compileall
+
+    for pkg in ("frontend", "shared", "backend"):
+        with contextlib.suppress(OSError):
+            compileall.compile_dir(REPO_ROOT / pkg, quiet=2, workers=1)
 
 
 def open_tap_in(ns: str | None, name: str, bridge: str) -> int:

@@ -4,20 +4,23 @@ socket under a pipelined flood, and a small-region pair that must never lose a w
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import struct
+import termios
 import threading
 import time
 
 import backend.xenbus as backend_xenbus
 from backend.interface import CTL_PIPELINE
-from shared.control import ControlError, query
+from shared.control import query
 from shared.offload import VNET_HDR
 from shared.transport import create_memfd
 from tests.conftest import frame
 from tests.hostile import HostileFrontend
-from tests.inproc import BackendThread, FrontendThread, fd_count, wait_for
+from tests.inproc import BackendThread, FrontendThread, fd_count, wait_answering, wait_for
 
 
 def test_a_new_hello_on_a_connected_stream_restarts_the_connection(tmp_path):
@@ -79,6 +82,11 @@ def test_a_half_finished_handshake_times_out(tmp_path, monkeypatch):
         b.stop()
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes this unix socket sent that the peer has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+
+
 def test_descriptors_smuggled_in_while_connected_are_closed(tmp_path):
     b = BackendThread(tmp_path)
     h = HostileFrontend(str(b.ev), "smuggler", b.domid)
@@ -91,8 +99,11 @@ def test_descriptors_smuggled_in_while_connected_are_closed(tmp_path):
             socket.send_fds(h.chan.sock, [b"!"], [fd, fd, fd])
             os.close(fd)
             mem.close()
-        time.sleep(0.3)
-        assert fd_count() <= fds
+        # in flight, the descriptors are in no fd table: counting before the backend read
+        # them would pass for the wrong reason. Once it has read every byte they are ours
+        # (same process), until the backend closes them.
+        wait_for(lambda: unread(h.chan.sock) == 0, 3, "the backend to read every message")
+        wait_for(lambda: fd_count() <= fds, 3, "the smuggled descriptors to be closed")
         assert b.nb.tx is not None  # harmless: still connected
     finally:
         h.close()
@@ -104,15 +115,7 @@ def test_a_pipelined_flood_on_the_control_socket_does_not_starve_other_readers(t
     ctl = str(tmp_path / "b.ctl")
     flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        deadline = time.monotonic() + 5
-        while True:  # the control socket is bound before it listens: wait for a pong
-            try:
-                query(ctl, {"cmd": "ping"}, timeout=1.0)
-                break
-            except ControlError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        wait_answering(ctl)  # bound before it listens: BackendThread waits for a pong too
         flood.connect(ctl)
         flood.sendall(b'{"cmd":"stats"}\n' * 2000)
         t0 = time.monotonic()

@@ -9,6 +9,7 @@ from backend.netback import FatalTxError
 from shared.grant import GrantError
 from shared.netif import (
     TX_REQUEST,
+    TX_RESPONSE,
     XEN_NETIF_RSP_OKAY,
     NETTXF_header_slot,
     NETTXF_more_data,
@@ -138,8 +139,8 @@ def test_header_slot_answered_before_fragments():
     p.btx._build(p.btx.ring.unconsumed_requests())  # built, not yet freed
     ring = p.btx.ring
     assert ring.rsp_prod_pvt == 1  # header slot answered at once
-    rid, status = p.tx.ring.buf[64:68].cast("H")[0], XEN_NETIF_RSP_OKAY
-    assert rid == 1 and status == 0
+    rid, status = TX_RESPONSE.unpack_from(p.tx.ring.buf, p.tx.ring.entry(0))
+    assert (rid, status) == (1, XEN_NETIF_RSP_OKAY)  # the header slot's request, OK
     close(p)
 
 

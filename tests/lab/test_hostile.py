@@ -101,8 +101,18 @@ def ctx(tmp_path_factory):
         c.insp.learn()
         c.chaos.kill(c.g1, "front")  # the slot is the hostile frontends' from now on
         c.wait_idle_backend()
-        time.sleep(0.3)
-        c.idle_fds = fd_count(c.pid)
+        # the baseline is the backend at rest: region unmapped and its fd count unchanged
+        # for 0.5 s (the killed frontend's sockets close a little after the region goes)
+        end, last, since = time.monotonic() + 15, None, time.monotonic()
+        while True:
+            now, seen = time.monotonic(), (fd_count(c.pid), memfd_maps(c.pid))
+            if seen != last:
+                last, since = seen, now
+            elif seen[1] == 0 and now - since >= 0.5:
+                break
+            assert now < end, f"backend never settled: fds, memfd maps = {seen}"
+            time.sleep(0.02)
+        c.idle_fds = last[0]
         yield c
     finally:
         lab.down()
@@ -313,7 +323,10 @@ def test_control_socket_under_fire_answers_right_and_the_data_path_holds(ctx):
     for w in workers:
         w.start()
     try:
-        time.sleep(0.5)
+        end = time.monotonic() + 10  # under fire from every reader before measuring
+        while tally["ok"] < len(workers) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert tally["ok"] >= len(workers), tally
         hammered = _iperf(c.g2.netns, 5)
     finally:
         stop.set()

@@ -57,17 +57,39 @@ needs_root = pytest.mark.skipif(
 # -- fast: command lines and iperf bookkeeping -----------------------------------------------
 
 
-def test_default_command_lines_exact() -> None:
+def split_command(argv: list[str]) -> tuple[list[str], dict[str, list[str]], set[str]]:
+    """(the launcher up to and including `-m MODULE`, {--option: [values]}, {--flags}): a
+    command line as the program sees it, so that reordering its options changes nothing."""
+    cut = argv.index("-m") + 2
+    opts: dict[str, list[str]] = {}
+    flags: set[str] = set()
+    rest = argv[cut:]
+    i = 0
+    while i < len(rest):
+        assert rest[i].startswith("--"), rest
+        if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            opts.setdefault(rest[i], []).append(rest[i + 1])
+            i += 2
+        else:
+            flags.add(rest[i])
+            i += 1
+    return argv[:cut], opts, flags
+
+
+def test_default_command_lines() -> None:
     t = load(state_dir="/run/pvnet")
     back, front = default_commands(t, t.guests[0])
     py = sys.executable
-    assert back == ["ip", "netns", "exec", "pvhost", py, "-m", "backend", "--vif", "vif1.0",
-                    "--domid", "1", "--bridge", "pvbr0", "--listen", "/run/pvnet/vif1.0.ev",
-                    "--ctl", "/run/pvnet/vif1.0.ctl", "--tx-mode", "lazy"]
-    assert front == ["ip", "netns", "exec", "g1", py, "-m", "frontend", "--name", "g1",
-                     "--connect", "/run/pvnet/vif1.0.ev", "--tap", "eth0",
-                     "--mac", "00:16:3e:00:00:01", "--ip", "10.77.0.11/24",
-                     "--ctl", "/run/pvnet/g1.ctl", "--domid", "1"]
+    assert split_command(back) == (
+        ["ip", "netns", "exec", "pvhost", py, "-m", "backend"],
+        {"--vif": ["vif1.0"], "--domid": ["1"], "--bridge": ["pvbr0"],
+         "--listen": ["/run/pvnet/vif1.0.ev"], "--ctl": ["/run/pvnet/vif1.0.ctl"],
+         "--tx-mode": ["lazy"]}, set())
+    assert split_command(front) == (
+        ["ip", "netns", "exec", "g1", py, "-m", "frontend"],
+        {"--name": ["g1"], "--connect": ["/run/pvnet/vif1.0.ev"], "--tap": ["eth0"],
+         "--mac": ["00:16:3e:00:00:01"], "--ip": ["10.77.0.11/24"],
+         "--ctl": ["/run/pvnet/g1.ctl"], "--domid": ["1"]}, set())
 
 
 def test_command_line_options_follow_guest_knobs(tmp_path: Path) -> None:
@@ -75,9 +97,12 @@ def test_command_line_options_follow_guest_knobs(tmp_path: Path) -> None:
     f.write_text(TEST_TOPOLOGY.replace("host_netns: pvt-host", "host_netns: null"))
     t = load(f, state_dir="/s")
     back, front = default_commands(t, t.guests[1])
-    assert back[:3] == [sys.executable, "-m", "backend"]  # root namespace: no netns prefix
-    assert back[-4:] == ["--tx-mode", "copy", "--filter", "drop ip_proto=17"]
-    assert front[-4:] == ["--domid", "102", "--no-header-slots", "--persistent"]
+    prog, opts, flags = split_command(back)
+    assert prog == [sys.executable, "-m", "backend"]  # root namespace: no netns prefix
+    assert opts["--tx-mode"] == ["copy"] and opts["--filter"] == ["drop ip_proto=17"]
+    assert flags == set()
+    _prog, opts, flags = split_command(front)
+    assert opts["--domid"] == ["102"] and flags == {"--no-header-slots", "--persistent"}
     t2 = load(f.parent / "t.yaml", state_dir="/s")
     assert "--region-size" not in default_commands(t2, t2.guests[0])[1]
     assert netns_exec(None) == [] and netns_exec("x") == ["ip", "netns", "exec", "x"]
@@ -147,7 +172,7 @@ FAKE = textwrap.dedent("""\
     print("fake", role, name, "serving", ctl, flush=True)
     signal.signal(signal.SIGTERM, lambda *a: (srv.close(), sys.exit(0)))
     while True:
-        time.sleep(1)
+        signal.pause()
 """)
 
 
@@ -389,7 +414,10 @@ def test_down_after_crashed_up(topo: Topology, script: Path) -> None:
     # plus a stray the pidfiles do not know about, inside one of our namespaces
     stray = subprocess.Popen(["ip", "netns", "exec", topo.wire.netns, "sleep", "300"],
                              start_new_session=True)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while stray.pid not in procs.pids_in_netns(topo.wire.netns):  # exec'd into the netns
+        assert time.monotonic() < deadline, "the stray never entered the namespace"
+        time.sleep(0.02)
     lines: list[str] = []
     Lab(topo, say=lines.append, kill_timeout=2).down()
     stray.wait(5)

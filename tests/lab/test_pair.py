@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import textwrap
@@ -159,18 +160,24 @@ def test_malformed_frontend_is_disconnected_and_the_other_guest_goes_on(lab):
     t = threading.Thread(target=lambda: result.update(r=iperf("pvp-g2", seconds=4)))
     t.start()
     try:
-        cases = [  # (requests, what the backend must complain about)
-            [(0, 0, NETTXF_header_slot | NETTXF_more_data, 7, 300), (8, 0, 0, 7, 100)],
-            [(4096 * 64, 0, NETTXF_header_slot, 1, 60)],
-            [(0, 0, NETTXF_header_slot | NETTXF_more_data, 1, 300), (99999, 0, 0, 2, 100)],
+        hs, more = NETTXF_header_slot, NETTXF_more_data
+        cases = [  # (requests, the fault the backend must name); a 128-byte header slot
+            # plus 100 payload bytes is a 228-byte packet, so only the intended field is wrong
+            ([(0, 0, hs | more, 7, 228), (8, 0, 0, 7, 100)],
+             r"^request id 7 reused while pending$"),
+            ([(4096 * 64, 0, hs, 1, 60)], r"^header slot 262144\+0 len 60 is not inside a slot$"),
+            ([(0, 0, hs | more, 1, 228), (99999, 0, 0, 2, 100)],
+             r"^gref 99999 outside the table \(0\.\.\d+\)$"),
         ]
-        for reqs in cases:
+        faults = []
+        for reqs, fault in cases:
             bad = HostileFrontend(str(lab.event_socket(g1)), "hostile", g1.domid)
             bad.connect()
             bad.write_tx(*reqs)
             why = bad.wait_closed()
             bad.close()
-            assert why, "backend closed without saying why"
+            assert re.search(fault, why), (fault, why)
+            faults.append(why)
     finally:
         t.join()
     assert result["r"].receiver_bps > 50e6  # the other guest's traffic went on
@@ -179,7 +186,9 @@ def test_malformed_frontend_is_disconnected_and_the_other_guest_goes_on(lab):
     assert after["counters"]["malformed"] - back_before["counters"]["malformed"] == len(cases)
     assert after["rings"]["tx"]["maps_outstanding"] == 0
     log = lab.log_path(g1.vif).read_text()
-    assert log.count("disconnecting frontend hostile") >= len(cases)
+    for why in faults:  # each one logged with its fault, as the malformed counter's reason
+        assert re.search(rf"disconnecting frontend hostile: \w+Error: {re.escape(why)}$", log,
+                         re.M), why
 
 
 def stats_back(topo, g) -> dict:

@@ -83,7 +83,7 @@ class Iperf:
         self.server = subprocess.Popen(["ip", "netns", "exec", "pvr-wire", "iperf3", "-s", "-1",
                                         "-p", str(self.port)], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
+        wait_listening("pvr-wire", self.port)
         what = ["-n", str(nbytes)] if nbytes else ["-t", str(seconds)]
         self.argv = ["ip", "netns", "exec", ns, "iperf3", "-c", WIRE, "-p", str(self.port),
                      *what, "-J", "-i", "1", "--connect-timeout", "3000"]
@@ -108,6 +108,31 @@ class Iperf:
         return self.raw
 
 
+def wait_listening(ns: str, port: int, timeout: float = 10.0) -> None:
+    """Until a TCP socket listens on `port` in namespace `ns` (the iperf3 server is up)."""
+    end = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"],
+                             capture_output=True, text=True).stdout
+        if out.strip():
+            return
+        assert time.monotonic() < end, f"nothing listens on {ns}:{port} after {timeout:g} s"
+        time.sleep(0.05)
+
+
+def wait_flowing(insp, g, end: str, frames: int = 2000, timeout: float = 20.0) -> None:
+    """Until `frames` more packets crossed `end`'s TX and RX rings: traffic is in full flow
+    (what a fixed sleep after starting iperf3 only hoped for)."""
+    def moved() -> int:
+        rings = insp.stats(g, end)["rings"]
+        return int(rings["tx"]["tx_packets"]) + int(rings["rx"]["rx_packets"])
+
+    start, deadline = moved(), time.monotonic() + timeout
+    while moved() - start < frames:
+        assert time.monotonic() < deadline, f"no traffic through {g.name} ({end})"
+        time.sleep(0.05)
+
+
 def intervals(raw: dict) -> list[int]:
     """Bytes per one-second interval of an iperf3 run."""
     return [int(i["sum"]["bytes"]) for i in raw["intervals"]]
@@ -123,7 +148,7 @@ def test_frontend_sigkill_mid_traffic_backend_releases_all_and_takes_the_next(la
     g = topo.guest(guest)
     back = insp.stats(g, "back")
     traffic = Iperf(g.netns, seconds=8)
-    time.sleep(2.5)
+    wait_flowing(insp, g, "back")
     mid = insp.stats(g, "back")
     assert mid["state"] == "Connected"
     if g.persistent:  # the frontend dies holding grants: there is something to release
@@ -155,7 +180,7 @@ def test_backend_sigkill_mid_stream_tcp_stream_completes(lab, reverse):
     g = topo.guest("pvr-g1")
     front = insp.stats(g, "front")
     traffic = Iperf(g.netns, reverse, seconds=10)
-    time.sleep(3)
+    wait_flowing(insp, g, "back")
     chaos.kill(g, "back")
     no_leaks(insp.devices(g, expect=0))  # the vif went with its process; eth0 stayed
     chaos.respawn(g, "back")

@@ -61,6 +61,18 @@ def stats(topo, g, role: str) -> dict:
     return query(str(ctl), {"cmd": "stats"}, timeout=5)
 
 
+def wait_flowing(topo, g, frames: int = 1000, timeout: float = 30.0) -> None:
+    """Until `frames` more packets crossed the backend's rings: iperf3 is in full flow."""
+    def moved() -> int:
+        rings = stats(topo, g, "back")["rings"]
+        return int(rings["tx"]["tx_packets"]) + int(rings["rx"]["rx_packets"])
+
+    start, deadline = moved(), time.monotonic() + timeout
+    while moved() - start < frames:
+        assert time.monotonic() < deadline, f"no traffic through {g.name} in {timeout:g} s"
+        time.sleep(0.1)
+
+
 def guest_memfd(topo, g) -> int:
     """Reopen the guest's grant region (a memfd QEMU holds) for a new netback."""
     qemu = load_handles(topo)[g.name].pid
@@ -94,7 +106,7 @@ def test_backend_sigkill_mid_stream_frontend_reinitialises_and_tcp_completes(vm)
     front0 = stats(topo, g, "front")
     out: dict = {}
     t = iperf_in_guest(runner, g.name, 16, out)
-    time.sleep(5)
+    wait_flowing(topo, g)
     chaos.kill(g, "back")
     fd = guest_memfd(topo, g)
     try:
@@ -125,7 +137,10 @@ def test_frontend_killed_in_the_guest_and_restarted_gets_a_new_connection(vm):
     front0 = stats(topo, g, "front")
     rc, _out, err = runner(g.name, f"kill -9 {front0['pid']}", 30)
     assert rc == 0, err
-    time.sleep(1)
+    gone = (f"for i in $(seq 200); do kill -0 {front0['pid']} 2>/dev/null || exit 0; "
+            "sleep 0.05; done; exit 1")
+    rc, _out, err = runner(g.name, gone, 30)  # a deadline of 10 s inside the guest
+    assert rc == 0, f"the killed netfront is still there: {err}"
     argv = shlex.join(frontend_argv(g))
     cmd = (f"cd {shlex.quote(guest_view(REPO))} && (setsid {argv} > /run/pvk-front2.log 2>&1 "
            f"< /dev/null &)")

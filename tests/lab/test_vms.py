@@ -20,6 +20,7 @@ import pytest
 from pyroute2 import netns as pnetns
 
 from shared.control import query
+from shared.lab.accel import CACHE_FILE
 from shared.lab.image import cached_image
 from shared.lab.netns import IperfPath, run_iperf
 from shared.lab.topology import load
@@ -68,7 +69,7 @@ def test_guests_boot_with_the_detected_accelerator(vmlab):
     topo, _f, runner = vmlab
     rc, out, _ = runner("pvq-g1", "uname -r", 30)
     assert rc == 0 and out.strip() == cached_image().kernel_version  # the image's kernel
-    accel = json.loads(Path(REPO / "vm-images/cache/accel.json").read_text())
+    accel = json.loads(CACHE_FILE.read_text())
     assert accel  # detect_accel cached its verdict (KVM only if it really boots a guest)
     rc, out, _ = runner("pvq-g1", "ip -o addr show dev pv0", 30)
     assert rc == 0 and "10.80.0.11/24" in out

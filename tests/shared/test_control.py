@@ -7,12 +7,14 @@ import os
 import socket
 import stat
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from shared.control import MAX_LINE, ControlError, ControlServer, dispatch, query
+
+SLOW_ENTERED = threading.Event()
+SLOW_RELEASE = threading.Event()
 
 
 def stats_handler(request: dict) -> dict:
@@ -27,8 +29,9 @@ def stats_handler(request: dict) -> dict:
         raise RuntimeError("handler bug")
     if cmd == "notdict":
         return [1, 2]  # type: ignore[return-value]
-    if cmd == "slow":
-        time.sleep(0.3)
+    if cmd == "slow":  # held until the test lets it go: "in the handler" is a known state
+        SLOW_ENTERED.set()
+        SLOW_RELEASE.wait(5)
         return {}
     raise KeyError(cmd)
 
@@ -158,10 +161,13 @@ def test_does_not_block_caller_thread(tmp_path: Path) -> None:
     """start() returns at once and a slow handler runs on the server thread, not ours."""
     with ControlServer(tmp_path / "s.ctl", stats_handler) as srv:
         done = threading.Event()
+        SLOW_ENTERED.clear()
+        SLOW_RELEASE.clear()
         threading.Thread(target=lambda: (query(srv.path, {"cmd": "slow"}), done.set())).start()
-        t0 = time.monotonic()
-        time.sleep(0.01)  # the "data path" keeps running meanwhile
-        assert time.monotonic() - t0 < 0.2
+        # the handler is running (and blocked) on the server's thread while this one goes on
+        assert SLOW_ENTERED.wait(3)
+        assert threading.current_thread() is threading.main_thread() and not done.is_set()
+        SLOW_RELEASE.set()
         assert done.wait(3)
 
 

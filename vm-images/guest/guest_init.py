@@ -14,7 +14,10 @@ The JSON (argument 1 is its HOST path; it is read through /host, the read-only 9
   env              {NAME: value} for the run commands and ssh sessions (PATH first of all)
   cwd              working directory of the run commands and of ssh sessions
   run              [[argv...], ...] started in the background, each logged to the console and
-                   to /run/pvnet-guest/<i>.log
+                   to /run/pvnet-guest/<i>.log; "run[i] ...: cannot start: ..." or
+                   "run[i] ...: exited (status N): <its last line>" on the console when one fails
+  host_paths       [host dirs] the guest must see at their own paths: those under /tmp or /run
+                   (its own tmpfs there) are bind-mounted from /host (a venv, a checkout)
 Prints PVNET-GUEST-READY on the console when done; PVNET-INIT-FAILED on a fatal error.
 """
 
@@ -233,11 +236,15 @@ def start_sshd(ssh, env):
 def start_runs(run, env, cwd):
     """Start each command in the background; its output goes to the console and to a file.
 
-    The output is piped through busybox tee (also detached), so this script can exit.
+    Returns [(i, argv, command Popen, tee Popen)] of those that started. The output is piped
+    through busybox tee (detached), so the lab on the host sees it on the console. A command
+    that cannot start is reported as "run[i] ...: cannot start: <why>" on the console: the lab
+    fails on that line.
     """
     full_env = dict(os.environ)
     full_env.update({k: str(v) for k, v in env.items()})
     workdir = cwd if cwd and os.path.isdir(cwd) else "/"
+    started = []
     for i, argv in enumerate(run):
         if isinstance(argv, str):
             argv = ["/bin/sh", "-c", argv]
@@ -255,24 +262,97 @@ def start_runs(run, env, cwd):
                 f.write(f"cannot start: {e}\n")
             continue
         with open("/dev/console", "wb") as console:
-            subprocess.Popen([BB, "tee", "-a", log], stdin=proc.stdout, stdout=console,
-                             start_new_session=True)
+            tee = subprocess.Popen([BB, "tee", "-a", log], stdin=proc.stdout, stdout=console,
+                                   start_new_session=True)
         proc.stdout.close()
         with open(os.path.join(STATE, f"{i}.pid"), "w") as f:
             f.write(f"{proc.pid}\n")
         say(f"run[{i}] pid {proc.pid}: {shlex.join(argv)}")
+        started.append((i, argv, proc, tee))
+    return started
 
 
-#: directories that are fresh tmpfs in the guest: host files below them are only in /host
+def last_line(path):
+    """The last non-empty line of a run's log: the component's own error line when it died."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def supervise(started):
+    """Wait for the run commands and report each exit on the console, with its last line.
+
+    The lab on the host watches the console for "run[i] ... exited": a netfront that dies at
+    start-up (an import error, a bad argument) fails `invoke up` at once, not at its timeout.
+    """
+    pending = {proc.pid: (i, argv, tee) for i, argv, proc, tee in started}
+    while pending:
+        try:
+            pid, raw = os.wait()  # in whatever order they end (tees are reaped here too)
+        except ChildProcessError:
+            return
+        if pid not in pending:
+            continue
+        i, argv, tee = pending.pop(pid)
+        try:  # tee ends at the pipe's EOF: then the log holds the command's last words
+            tee.wait(2.0)
+        except subprocess.TimeoutExpired:
+            pass  # a child of the command still holds the pipe: report what is there
+        say(f"run[{i}] {shlex.join(argv)}: exited (status {os.waitstatus_to_exitcode(raw)}): "
+            f"{last_line(os.path.join(STATE, f'{i}.log'))}")
+
+
+def start_supervised(run, env, cwd):
+    """Start the run commands from a forked supervisor that outlives this script (which must
+    exit: busybox init waits for its sysinit action) and reports their exits; return once
+    every command was started (or failed to)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        os.close(r)
+        try:
+            os.setsid()
+            started = start_runs(run, env, cwd)
+        finally:
+            os.write(w, b"1")
+            os.close(w)
+        try:
+            supervise(started)
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.read(r, 1)
+    os.close(r)
+
+
+#: directories that are fresh tmpfs in the guest: the host's files there are only in /host
 SHADOWED = ("/tmp/", "/run/")
 
 
-def host_view(path):
-    """Where the guest sees host file `path`: the host's /tmp and /run are hidden by the
-    guest's own tmpfs, so a repo or image cache there (a CI clone in /tmp) is read via /host."""
-    if path and path.startswith(SHADOWED):
-        return HOST_VIEW + path
-    return path
+def bind_host_paths(paths):
+    """Bind-mount each shadowed host path (a venv or checkout under /tmp or /run) from /host
+    to its own path, so that the interpreter, its pyvenv.cfg, editable-install finders and the
+    repo work in the guest under the very absolute paths they have on the host.
+
+    Paths outside /tmp and /run are visible already (the overlay's lower layer is the host
+    root). A path inside another one of the list is covered by the outer bind."""
+    wanted = sorted({os.path.normpath(p) for p in paths if p and p.startswith(SHADOWED)})
+    done = []
+    for path in wanted:
+        if any(path == d or path.startswith(d + "/") for d in done):
+            continue
+        source = HOST_VIEW + path
+        if not os.path.isdir(source):
+            say(f"host path {path}: not a directory on the host, not mapped")
+            continue
+        os.makedirs(path, exist_ok=True)
+        sh("mount", "-o", "bind", source, path)
+        done.append(path)
+        say(f"host path {path} mapped from {source}")
+    return done
 
 
 def main():
@@ -281,17 +361,17 @@ def main():
     say("guest_init.py started")
     conf = load_config(conf_path)
     env = {k: str(v) for k, v in conf.get("env", {}).items()}
-    cwd = host_view(conf.get("cwd"))
-    if conf.get("ssh"):
-        conf["ssh"]["sshd_dir"] = host_view(conf["ssh"]["sshd_dir"])
+    cwd = conf.get("cwd")
+    ssh = conf.get("ssh")
+    bind_host_paths([*conf.get("host_paths", []), cwd or "", ssh["sshd_dir"] if ssh else ""])
     if conf.get("hostname"):
         set_hostname(conf["hostname"])
     setup_interfaces(conf.get("interfaces", []))
     link_virtio_ports()
     write_shell_profile(env, cwd)
-    if conf.get("ssh"):
-        start_sshd(conf["ssh"], env)
-    start_runs(conf.get("run", []), env, cwd)
+    if ssh:
+        start_sshd(ssh, env)
+    start_supervised(conf.get("run", []), env, cwd)
     with open(os.path.join(STATE, "ready"), "w") as f:
         f.write(uptime() + "\n")
     say(f"ready at {uptime()}s")

@@ -9,16 +9,14 @@ switches TSO, GSO and GRO off on both ends with ethtool, to match what pvnet doe
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 from pyroute2 import netns as pnetns
 
-from shared.lab import procs
+from shared.lab import deps, procs
 from shared.lab.bench.measure import Sample
 from shared.lab.bench.paths import (
     IPERF_PORT,
@@ -34,12 +32,8 @@ DEV = "eth0"
 
 
 def ensure_ethtool() -> None:
-    """apt-get install ethtool if it is missing (shared/lab/deps.py does not list it yet)."""
-    if shutil.which("ethtool"):
-        return
-    print("installing ethtool (needed for offload settings in the bench)", file=sys.stderr)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "install", "-y", "-qq", "ethtool"], check=True, env=env)
+    """apt-get install ethtool if it is missing (deps.ensure: --no-install-recommends)."""
+    deps.ensure(["ethtool"])
 
 
 def ethtool(ns: str, *args: str) -> str:
