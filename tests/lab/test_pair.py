@@ -164,10 +164,11 @@ def test_malformed_frontend_is_disconnected_and_the_other_guest_goes_on(lab):
         cases = [  # (requests, the fault the backend must name); a 128-byte header slot
             # plus 100 payload bytes is a 228-byte packet, so only the intended field is wrong
             ([(0, 0, hs | more, 7, 228), (8, 0, 0, 7, 100)],
-             r"^request id 7 reused while pending$"),
-            ([(4096 * 64, 0, hs, 1, 60)], r"^header slot 262144\+0 len 60 is not inside a slot$"),
+             r"^ring\[1\]\.id: request id 7 reused while pending$"),
+            ([(4096 * 64, 0, hs, 1, 60)],
+             r"^ring\[0\]\.gref: header slot 262144\+0 len 60 is not inside a slot$"),
             ([(0, 0, hs | more, 1, 228), (99999, 0, 0, 2, 100)],
-             r"^gref 99999 outside the table \(0\.\.\d+\)$"),
+             r"^ring\[0\.\.1\]\.gref: gref 99999 outside the table \(0\.\.\d+\)$"),
         ]
         faults = []
         for reqs, fault in cases:
