@@ -95,6 +95,8 @@ def frontend_argv(g: Guest) -> list[str]:
         argv.append("--no-gso")
     if g.event == "doorbell":
         argv.append("--doorbell")
+    if g.poll_us is not None:
+        argv += ["--poll-us", str(g.poll_us)]
     return argv
 
 
