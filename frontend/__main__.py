@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
     p.add_argument("--budget", type=int, default=64, help="frames per ring per wake-up")
     p.add_argument("--poll-us", type=int, default=None,
                    help="after work, keep polling ring and TAP this many µs before arming "
-                        f"events and sleeping (default: {POLL_US} in a QEMU guest, where a "
-                        "wake-up costs ~1 ms under TCG; 0 in a namespace)")
+                        "events and sleeping (default 0: in a 1-vCPU TCG guest polling took "
+                        f"the sender's CPU; the bench's lazy-poll mode uses {POLL_US})")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     region = a.region or ("memfd" if a.connect else "pci")
@@ -73,8 +73,7 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                           region_size=a.region_size, header_slots=not a.no_header_slots,
                           persistent=a.persistent, gso=not a.no_gso, rx_by_id=a.rx_by_id,
                           budget=a.budget,
-                          poll_us=a.poll_us if a.poll_us is not None
-                          else (POLL_US if a.channel else 0))
+                          poll_us=a.poll_us or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
