@@ -52,8 +52,9 @@ def test_issue_13_targets_judge_tcp_rr_g2g_and_report_udp():
     assert res["pvnet-qemu-g2g lazy TCP guest->guest (tx) >= 0.5x virtio-net-g2g"].met is True
     assert res["pvnet-qemu-g2g lazy TCP guest->guest (rx) >= 0.5x virtio-net-g2g"].met is None
     udp = res["pvnet-qemu lazy UDP 64 B tx frames/s vs virtio-net (reported)"]
-    assert udp.value == "0.40x"
-    assert res["pvnet-qemu lazy UDP 64 B rx frames/s vs virtio-net (reported)"].met is None
+    assert udp.value == "0.40x" and udp.met is None and udp.line().endswith("-- reported")
+    udp_rx = res["pvnet-qemu lazy UDP 64 B rx frames/s vs virtio-net (reported)"]
+    assert udp_rx.value == "n/a" and udp_rx.line().endswith("-- not measured")
 
 
 def test_every_qemu_mode_and_the_two_guest_topology_make_valid_labs():
