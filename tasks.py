@@ -227,9 +227,10 @@ def accel(c: Context):
     "quick": "one round of 2 s runs over every path and workload (under 5 minutes)",
     "seconds": "seconds per run (default 5; quick 2)",
     "rounds": "repetitions, interleaved over paths; the median is reported (default 3; quick 1)",
-    "paths": "comma list of paths (default: all registered: veth,pvnet-netns,...)",
+    "paths": ("comma list of paths (default: all registered: veth,pvnet-netns,virtio-net,"
+              "pvnet-qemu,virtio-net-g2g,pvnet-qemu-g2g)"),
     "modes": ("comma list of pvnet modes (lazy,map,copy,lazy-noslots,lazy-persistent,"
-              "map-persistent)"),
+              "map-persistent; QEMU also lazy-poll,lazy-doorbell)"),
     "workloads": "comma list of workloads (tcp,tcp-nogso,udp64,rr)",
     "json": "also write the records as a JSON list to this file",
     "results": "results directory (default results/bench-<timestamp>/)",

@@ -127,6 +127,7 @@ class FrontendThread:
     region_size: int = 2 << 20
     persistent: bool = False
     header_slots: bool = True
+    poll_us: int = 0
     nf: Netfront = field(init=False)
     guest: socket.socket = field(init=False)
     thread: threading.Thread = field(init=False)
@@ -137,7 +138,8 @@ class FrontendThread:
                                           ctl=str(self.ctl), tap_fd=self.tap.fileno(),
                                           region_size=self.region_size,
                                           persistent=self.persistent,
-                                          header_slots=self.header_slots))
+                                          header_slots=self.header_slots,
+                                          poll_us=self.poll_us))
         self.thread = threading.Thread(target=self.nf.run, name="netfront", daemon=True)
         self.thread.start()
 

@@ -51,6 +51,10 @@ MGMT_MAC = "52:54:00:00:ff:01"
 MGMT_ADDRESS = "10.0.2.15/24"  # QEMU user networking defaults
 MGMT_GATEWAY = "10.0.2.2"
 HOSTROOT_TAG = "hostroot"
+#: every guest, whatever its NIC: no CPU-vulnerability mitigations. Under TCG, page-table
+#: isolation makes each syscall switch CR3 twice, and each switch flushes QEMU's software TLB:
+#: a guest whose data path is syscalls (pvnet's netfront) pays it per frame. Lab guests only.
+GUEST_KERNEL_ARGS = ("mitigations=off",)
 UNIX_PATH_MAX = 107
 
 T = TypeVar("T")
@@ -457,7 +461,8 @@ class Machine:
 
     def kernel_cmdline(self) -> str:
         cfg = self.config
-        args = ["console=ttyS0", "quiet", "panic=-1", f"pvnet.conf={self.guest_json_path}"]
+        args = ["console=ttyS0", "quiet", "panic=-1", f"pvnet.conf={self.guest_json_path}",
+                *GUEST_KERNEL_ARGS]
         if cfg.iommu:
             args.append("intel_iommu=on")
         args.extend(cfg.kernel_args)

@@ -71,6 +71,8 @@ class Guest:
     nic: str = "pvnet"
     #: negotiate GSO (64 KiB segments); false: MTU-sized frames only
     gso: bool = True
+    #: netfront poll budget in µs (QEMU placement); None: the netfront's default
+    poll_us: int | None = None
 
     @property
     def vif(self) -> str:
@@ -241,7 +243,8 @@ def parse_size(text: Any) -> int:
 _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
 _WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
 _GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode",
-               "header_slots", "persistent", "event", "filters", "nic", "gso")
+               "header_slots", "persistent", "event", "filters", "nic", "gso",
+               "poll_us")
 
 
 def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
@@ -313,6 +316,8 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
         filters=tuple(r.strip() for r in filters),
         nic=f.choice("nic", "pvnet", NIC_KINDS),
         gso=f.boolean("gso", True),
+        poll_us=None if f.get("poll_us", None) is None
+        else f.integer("poll_us", lo=0, hi=1_000_000),
     )
 
 

@@ -78,6 +78,22 @@ def guest_view(path: str | Path) -> str:
     return str(path)
 
 
+#: guest stack tuning, the same for every guest whatever its NIC: TSO frames of at least 44
+#: segments (~64 KB) however low the socket's pacing rate. Linux sizes TSO frames to ~1 ms of
+#: the pacing rate (tcp_tso_autosize); a slow path thus gets small frames, and a NIC whose cost
+#: is per frame (pvnet's Python netfront under TCG, ~1 ms per frame) stays slow. virtio-net
+#: frames are ~54 KB here already. Issue 13 measured pvnet TX 53-68 -> 255-262 Mbit/s.
+GUEST_MIN_TSO_SEGS = 44
+
+
+def guest_runs(g: Guest) -> tuple[tuple[str, ...], ...]:
+    """What a guest's init starts: the stack tuning, the netfront (pvnet guests), iperf3 -s."""
+    tune = ("/bin/sh", "-c",
+            f"echo {GUEST_MIN_TSO_SEGS} > /proc/sys/net/ipv4/tcp_min_tso_segs")
+    front = () if g.nic == "virtio-net" else (tuple(frontend_argv(g)),)
+    return (tune, *front, ("iperf3", "-s"))
+
+
 def frontend_argv(g: Guest) -> list[str]:
     """The netfront command line inside the guest: the lab's interpreter (guest_python), which
     the guest sees at its host path."""
@@ -93,6 +109,8 @@ def frontend_argv(g: Guest) -> list[str]:
         argv.append("--no-gso")
     if g.event == "doorbell":
         argv.append("--doorbell")
+    if g.poll_us is not None:
+        argv += ["--poll-us", str(g.poll_us)]
     return argv
 
 
@@ -193,7 +211,7 @@ class VmLab:
         nics = (self.virtio_nics[g.name],) if g.name in self.virtio_nics else ()
         guest = GuestSpec(hostname=g.name, cwd=str(REPO_ROOT),
                           env={"PYTHONUNBUFFERED": "1"},
-                          run=(tuple(frontend_argv(g)), ("iperf3", "-s")))
+                          run=guest_runs(g))
         cfg = MachineConfig(
             name=g.name, run_dir=run_dir, image=image, accel=accel, memory_mib=g.memory,
             guest=guest, shm=() if doorbell else (ShmDevice(fd, size),),
@@ -264,7 +282,7 @@ class VmLab:
         run_dir = t.state_dir / g.name
         cfg = MachineConfig(
             name=g.name, run_dir=run_dir, image=image, accel=accel, memory_mib=g.memory,
-            guest=GuestSpec(hostname=g.name, cwd=str(REPO_ROOT), run=(("iperf3", "-s"),)),
+            guest=GuestSpec(hostname=g.name, cwd=str(REPO_ROOT), run=guest_runs(g)),
             nics=(TapNic(tap, g.mac, fd=fd, guest_name=GUEST_TAP, addresses=(str(g.ip),)),),
             die_with_parent=False)
         machine = Machine(cfg)

@@ -132,6 +132,11 @@ def test_both_ends_connected_with_the_device_on_vfio(vmlab):
     assert "guest peer 1 connected" in log and "backend client connected" in log, log
 
 
+#: "traffic flows" under TCG on a shared 2-core machine (the same guest measured 15 Mbit/s to
+#: 1.2 Gbit/s wire->guest on different days); how fast is the bench's question, not a test's
+FLOWS_BPS = 2e6
+
+
 def test_iperf_guest_to_wire_and_wire_to_guest(vmlab):
     topo, runner = vmlab
     g = topo.guests[0]
@@ -141,7 +146,7 @@ def test_iperf_guest_to_wire_and_wire_to_guest(vmlab):
         r = run_iperf(p, 5, runner=runner)
         assert r.error is None, (p.label, r.error)
         RESULTS[f"iperf {p.label} Gbit/s"] = round(r.receiver_bps / 1e9, 3)
-        assert r.receiver_bps > 20e6, p.label
+        assert r.receiver_bps > FLOWS_BPS, p.label
     front = query(str(topo.frontend_ctl(g)), {"cmd": "stats"}, timeout=5)
     back = query(str(topo.backend_ctl(g)), {"cmd": "stats"}, timeout=5)
     RESULTS["kicks sent (front tx+rx, back tx+rx)"] = [
@@ -198,7 +203,7 @@ def test_netback_restart_gets_the_same_doorbell_back(vmlab):
     finally:
         os.close(fd)
     RESULTS["netback restart: Connected again after s"] = round(wait_connected(topo), 1)
-    assert short_iperf(topo, runner) > 20e6
+    assert short_iperf(topo, runner) > FLOWS_BPS
     log = topo.log_path(f"ivshmem-{g.name}").read_text()
     assert log.count("backend client connected") >= 2, log
 
@@ -214,7 +219,7 @@ def test_netfront_restart_reopens_the_vfio_device(vmlab):
     rc, _out, err = runner(g.name, cmd, 30)
     assert rc == 0, err
     RESULTS["netfront restart: Connected again after s"] = round(wait_connected(topo), 1)
-    assert short_iperf(topo, runner) > 20e6
+    assert short_iperf(topo, runner) > FLOWS_BPS
 
 
 def _round_trips(topo, runner, transport: str) -> tuple[RoundTrips, dict[str, int]]:

@@ -84,7 +84,7 @@ def test_tcp_through_pvnet_both_directions_and_guest_to_guest(vmlab):
     for p in paths:
         r = run_iperf(p, 3, runner=runner)
         assert r.error is None, (p.label, r.error)
-        assert r.receiver_bps > 5e6, p.label  # under TCG on a shared 2-core machine
+        assert r.receiver_bps > 2e6, p.label  # flows (TCG, shared machine); speed: bench
 
 
 def test_file_through_pvnet_keeps_its_sha256(vmlab, tmp_path: Path):

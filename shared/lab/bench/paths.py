@@ -61,8 +61,10 @@ from typing import Any, Protocol
 from shared.lab.bench.measure import Sample
 
 IPERF_PORT = 5201
-PATH_ORDER = ("veth", "pvnet-netns", "virtio-net", "pvnet-qemu")
-"""Known path names, in run order (veth first: every ratio divides by it)."""
+PATH_ORDER = ("veth", "pvnet-netns", "virtio-net", "pvnet-qemu", "virtio-net-g2g",
+              "pvnet-qemu-g2g")
+"""Known path names, in run order (veth first: every ratio divides by it). The ``-g2g`` paths
+are guest -> guest; their vs_virtio divides by virtio-net-g2g."""
 
 Log = Callable[[str], None]
 

@@ -1,6 +1,9 @@
 """The QEMU paths: the same guest type with virtio-net (QEMU's userspace backend; this machine
 has no vhost-net) or with pvnet (netfront in the guest on ivshmem + virtio-serial), each a
-one-guest topology brought up with the lab's own `VmLab`, traffic to the wire peer.
+one-guest topology brought up with the lab's own `VmLab`, traffic to the wire peer. The
+``-g2g`` paths are two-guest topologies of the same kind (two pvnet guests; two virtio-net
+guests): guest 1 runs the clients, guest 2 (its iperf3 server, and rr.py started over ssh) is
+the peer, so both guests, both backends and both QEMUs share the host's cores.
 
 CPU: for `virtio-net` the QEMU process is the backend (its I/O thread moves the frames); for
 `pvnet-qemu` the netfront runs inside the guest, so the QEMU process stands for the frontend
@@ -9,8 +12,10 @@ CPU: for `virtio-net` the QEMU process is the backend (its I/O thread moves the 
 
 from __future__ import annotations
 
+import contextlib
+import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shared.control import query
@@ -29,6 +34,8 @@ from shared.lab.vms import GUEST_TAP, SshRunner, VmLab, load_handles
 
 QEMU_MODES: dict[str, dict[str, object]] = {
     "lazy": {"tx_mode": "lazy"},
+    # the netfront polls 1 ms after work before arming events and sleeping (NAPI-like)
+    "lazy-poll": {"tx_mode": "lazy", "poll_us": 1000},
     "lazy-persistent": {"tx_mode": "lazy", "persistent": True},
     "map-persistent": {"tx_mode": "map", "persistent": True},
     # kicks through ivshmem-doorbell (MSI-X via VFIO) instead of the virtio-serial port
@@ -36,14 +43,17 @@ QEMU_MODES: dict[str, dict[str, object]] = {
 }
 
 
-def topology_yaml(ctx: PathContext, nic: str, keys: dict[str, object], gso: bool) -> str:
+def topology_yaml(ctx: PathContext, nic: str, keys: dict[str, object], gso: bool,
+                  guests: int = 1) -> str:
     pre = ctx.prefix
     extra = "".join(f", {k}: {str(v).lower()}" for k, v in keys.items())
-    return (f"bridge: {pre}qbr0\nhost_netns: {pre}-qhost\n"
+    text = (f"bridge: {pre}qbr0\nhost_netns: {pre}-qhost\n"
             f"wire: {{netns: {pre}-qwire, ip: {ctx.ip(1)}/24, iperf_server: true, "
-            f"host_if: {pre}qbr0-wire}}\n"
-            f"guests:\n  - {{name: {pre}-q1, domid: 221, mac: \"02:00:00:00:b2:21\", "
-            f"ip: {ctx.ip(11)}/24, nic: {nic}, gso: {str(gso).lower()}{extra}}}\n")
+            f"host_if: {pre}qbr0-wire}}\nguests:\n")
+    for i in range(1, guests + 1):
+        text += (f"  - {{name: {pre}-q{i}, domid: {220 + i}, mac: \"02:00:00:00:b2:2{i}\", "
+                 f"ip: {ctx.ip(10 + i)}/24, nic: {nic}, gso: {str(gso).lower()}{extra}}}\n")
+    return text
 
 
 @dataclass
@@ -62,8 +72,20 @@ class GuestEndpoint:
             return CmdResult(255, "", f"ssh: {exc}")
         return CmdResult(rc, out, err)
 
-    def start(self, argv: Sequence[str]):
-        raise NotImplementedError("servers run on the peer end")
+    def start(self, argv: Sequence[str]) -> Callable[[], None]:
+        """A server in the guest (the guest-to-guest paths' peer), detached from the ssh
+        session; the returned function kills it."""
+        cmd = f"{shlex.join(argv)} </dev/null >/dev/null 2>&1 & echo $!"
+        rc, out, err = self.runner(self.name, ["sh", "-c", cmd], 30)
+        if rc != 0 or not out.strip().isdigit():
+            raise RuntimeError(f"cannot start {argv[0]} in {self.name}: {err.strip()}")
+        pid = out.strip()
+
+        def stop() -> None:
+            with contextlib.suppress(Exception):
+                self.runner(self.name, ["kill", pid], 10)
+
+        return stop
 
 
 @dataclass
@@ -73,6 +95,7 @@ class QemuPath:
     mode: str
     nic: str
     keys: dict[str, object] = field(default_factory=dict)
+    guests: int = 1  # 2: guest <-> guest (the peer is the second guest)
     note: str = ""
     _lab: VmLab | None = None
     _runner: SshRunner | None = None
@@ -80,8 +103,8 @@ class QemuPath:
 
     def setup(self, gso: bool) -> Endpoints:
         state = self.ctx.state_dir / f"{self.ctx.prefix}-q"
-        topo = self._topo = loads(topology_yaml(self.ctx, self.nic, self.keys, gso),
-                                  state_dir=state)
+        topo = self._topo = loads(topology_yaml(self.ctx, self.nic, self.keys, gso,
+                                                self.guests), state_dir=state)
         self._lab = VmLab(topo, say=self.ctx.log)
         self._lab.down()  # sweep what a crashed earlier run left under our names
         self._lab.up(timeout=180)
@@ -93,10 +116,15 @@ class QemuPath:
             ethtool(topo.wire.netns, "-K", topo.wire.dev, "tso", "off", "gso", "off", "gro",
                     "off")
             if self.nic == "virtio-net":
-                self._runner(g.name, ["ethtool", "-K", GUEST_TAP, "tso", "off", "gso", "off",
-                                      "gro", "off"], 30)
-        return Endpoints(GuestEndpoint(self._runner, g.name, str(g.ip.ip)),
-                         NetnsEndpoint(topo.wire.netns, str(topo.wire.ip.ip)))
+                for guest in topo.guests:
+                    self._runner(guest.name, ["ethtool", "-K", GUEST_TAP, "tso", "off", "gso",
+                                              "off", "gro", "off"], 30)
+        ends = GuestEndpoint(self._runner, g.name, str(g.ip.ip))
+        if self.guests > 1:
+            peer = topo.guests[1]
+            self.note += f", guest {g.name} -> guest {peer.name}"
+            return Endpoints(ends, GuestEndpoint(self._runner, peer.name, str(peer.ip.ip)))
+        return Endpoints(ends, NetnsEndpoint(topo.wire.netns, str(topo.wire.ip.ip)))
 
     def sample(self) -> Sample:
         topo = self._topo
@@ -151,4 +179,16 @@ def virtio_paths(ctx: PathContext) -> list[Path]:
 def pvnet_qemu_paths(ctx: PathContext) -> list[Path]:
     modes = [m for m in QEMU_MODES if ctx.modes is None or m in ctx.modes]
     return [QemuPath(ctx, "pvnet-qemu", m, "pvnet", QEMU_MODES[m]) for m in modes]
+
+
+@register("virtio-net-g2g")
+def virtio_g2g_paths(ctx: PathContext) -> list[Path]:
+    return [QemuPath(ctx, "virtio-net-g2g", "-", "virtio-net", guests=2)]
+
+
+@register("pvnet-qemu-g2g")
+def pvnet_g2g_paths(ctx: PathContext) -> list[Path]:
+    modes = [m for m in QEMU_MODES if ctx.modes is None or m in ctx.modes]
+    return [QemuPath(ctx, "pvnet-qemu-g2g", m, "pvnet", QEMU_MODES[m], guests=2)
+            for m in modes]
 

@@ -117,9 +117,15 @@ def add_ratios(records: list[Record]) -> list[Record]:
     """Fill vs_veth and vs_virtio (primary / baseline's primary, same workload and direction);
     null where the baseline path did not run or the record has no figure."""
     veth, virtio = _baseline(records, "veth"), _baseline(records, "virtio-net")
+    virtio_g2g = _baseline(records, "virtio-net-g2g")  # guest <-> guest against its own kind
     for r in records:
         p = r.primary
-        for attr, base in (("vs_veth", veth), ("vs_virtio", virtio)):
+        g2g = r.path.endswith("-g2g")
+        for attr, base in (("vs_veth", None if g2g else veth),
+                           ("vs_virtio", virtio_g2g if g2g else virtio)):
+            if base is None:
+                setattr(r, attr, None)
+                continue
             b = base.get((r.workload, r.direction))
             setattr(r, attr, round(p / b, 3) if p is not None and b else None)
     return records
