@@ -164,6 +164,9 @@ class GuestSpec:
     #: host dirs the guest must see at their own paths (default: this interpreter's, see
     #: interpreter_paths); cwd is always added by the guest's init
     host_paths: tuple[str, ...] | None = None
+    #: kernel settings the guest's init writes before it starts ``run`` ("net.ipv4.x": "44"):
+    #: one-shot tuning is no run command, whose exit the lab would report as a failure
+    sysctls: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -456,6 +459,7 @@ class Machine:
             "cwd": cfg.guest.cwd,
             "host_paths": list(interpreter_paths(guest_python()) if cfg.guest.host_paths is None
                                else cfg.guest.host_paths),
+            "sysctls": dict(cfg.guest.sysctls),
             "run": [list(argv) for argv in cfg.guest.run],
         }
 

@@ -86,12 +86,21 @@ def guest_view(path: str | Path) -> str:
 GUEST_MIN_TSO_SEGS = 44
 
 
+#: the stack tuning every guest gets, whatever its NIC (written by the guest's init)
+GUEST_SYSCTLS = {"net.ipv4.tcp_min_tso_segs": str(GUEST_MIN_TSO_SEGS)}
+
+
 def guest_runs(g: Guest) -> tuple[tuple[str, ...], ...]:
-    """What a guest's init starts: the stack tuning, the netfront (pvnet guests), iperf3 -s."""
-    tune = ("/bin/sh", "-c",
-            f"echo {GUEST_MIN_TSO_SEGS} > /proc/sys/net/ipv4/tcp_min_tso_segs")
+    """What a guest's init starts: the netfront (pvnet guests) and iperf3 -s."""
     front = () if g.nic == "virtio-net" else (tuple(frontend_argv(g)),)
-    return (tune, *front, ("iperf3", "-s"))
+    return (*front, ("iperf3", "-s"))
+
+
+def guest_spec(g: Guest, env: dict[str, str] | None = None) -> GuestSpec:
+    """What a guest of either NIC does after boot: the same tuning (GUEST_SYSCTLS) and
+    iperf3 -s for both, a netfront for pvnet guests, so the comparison stays fair."""
+    return GuestSpec(hostname=g.name, cwd=str(REPO_ROOT), env=dict(env or {}),
+                     run=guest_runs(g), sysctls=dict(GUEST_SYSCTLS))
 
 
 def frontend_argv(g: Guest) -> list[str]:
@@ -209,9 +218,7 @@ class VmLab:
                 raise
         run_dir = t.state_dir / g.name
         nics = (self.virtio_nics[g.name],) if g.name in self.virtio_nics else ()
-        guest = GuestSpec(hostname=g.name, cwd=str(REPO_ROOT),
-                          env={"PYTHONUNBUFFERED": "1"},
-                          run=guest_runs(g))
+        guest = guest_spec(g, env={"PYTHONUNBUFFERED": "1"})
         cfg = MachineConfig(
             name=g.name, run_dir=run_dir, image=image, accel=accel, memory_mib=g.memory,
             guest=guest, shm=() if doorbell else (ShmDevice(fd, size),),
@@ -282,7 +289,7 @@ class VmLab:
         run_dir = t.state_dir / g.name
         cfg = MachineConfig(
             name=g.name, run_dir=run_dir, image=image, accel=accel, memory_mib=g.memory,
-            guest=GuestSpec(hostname=g.name, cwd=str(REPO_ROOT), run=guest_runs(g)),
+            guest=guest_spec(g),
             nics=(TapNic(tap, g.mac, fd=fd, guest_name=GUEST_TAP, addresses=(str(g.ip),)),),
             die_with_parent=False)
         machine = Machine(cfg)

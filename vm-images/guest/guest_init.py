@@ -332,6 +332,19 @@ def start_supervised(run, env, cwd):
 SHADOWED = ("/tmp/", "/run/")
 
 
+def apply_sysctls(sysctls):
+    """Kernel settings from the config ("net.ipv4.tcp_min_tso_segs": "44"), before any run
+    command starts; a setting this kernel lacks is said on the console, not fatal."""
+    for key, value in sorted(sysctls.items()):
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            with open(path, "w") as f:
+                f.write(f"{value}\n")
+            say(f"sysctl {key} = {value}")
+        except OSError as e:
+            say(f"sysctl {key} = {value}: cannot set: {e}")
+
+
 def bind_host_paths(paths):
     """Bind-mount each shadowed host path (a venv or checkout under /tmp or /run) from /host
     to its own path, so that the interpreter, its pyvenv.cfg, editable-install finders and the
@@ -367,6 +380,7 @@ def main():
     if conf.get("hostname"):
         set_hostname(conf["hostname"])
     setup_interfaces(conf.get("interfaces", []))
+    apply_sysctls(conf.get("sysctls", {}))
     link_virtio_ports()
     write_shell_profile(env, cwd)
     if ssh:
