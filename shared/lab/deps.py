@@ -23,6 +23,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "zstd": ("zstd", "unpacking the guest kernel modules"),
     "pgrep": ("procps", "finding lab processes"),
     "ethtool": ("ethtool", "offload settings in the benchmark"),
+    "tcpdump": ("tcpdump", "reading captures back (pvnet capture -w - | tcpdump -r -)"),
 }
 
 
