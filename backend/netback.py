@@ -457,12 +457,11 @@ class TxPath:
             touched = len(skb.mapped)
             if self.mode == "lazy":
                 st.grant_maps_avoided += n - touched
-            if not skb.zc:
-                pass  # never handed over by reference (dropped first, or all in the head)
-            elif skb.linear is not None or (touched and self.mode == "lazy"):
-                st.tx_zerocopy_fail += 1  # the payload was read (and its copy sent)
-            else:
-                st.tx_zerocopy_success += 1
+            if skb.zc:  # handed over by reference (not dropped first, not all in the head)
+                if skb.linear is not None or (touched and self.mode == "lazy"):
+                    st.tx_zerocopy_fail += 1  # the payload was read (and its copy sent)
+                else:
+                    st.tx_zerocopy_success += 1
         dealloc = self.dealloc
         if skb.extras:  # NULL answers owed after the first id (stock first slot only)
             dealloc.append(skb.ids[0])
