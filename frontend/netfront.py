@@ -330,6 +330,9 @@ class Netfront:
                 now = clock()
                 spin_until = now + spin_s
                 counters["polls_busy"] += 1
+                if spin_s:
+                    timeout = 0
+                    continue
             elif spin_s and clock() < spin_until:
                 counters["polls_empty"] += 1
                 yield_cpu()  # nothing yet: let the guest's tasks (the sender) run
