@@ -39,6 +39,7 @@ import mmap
 import os
 import time
 
+from shared.faults import OwnFault
 from shared.netif import PAGE_SIZE
 from shared.region import Layout
 from shared.stats import RingStats
@@ -60,7 +61,7 @@ _NONE_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
 _now = time.perf_counter_ns
 
 
-class NotMapped(Exception):
+class NotMapped(OwnFault):
     """Backend code asked for a payload page it has not mapped: a bug, never the peer's."""
 
 

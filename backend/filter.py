@@ -12,12 +12,13 @@ import ipaddress
 from dataclasses import dataclass
 
 from backend.skb import SkBuff
+from shared.faults import OwnFault
 from shared.headers import HeaderError, NeedMore, walk
 
 HEADER_FIELDS = ("ethertype", "ip_proto", "src_ip", "dst_ip", "src_port", "dst_port")
 
 
-class FilterError(ValueError):
+class FilterError(OwnFault, ValueError):
     """A rule that cannot be parsed; the message names the rule."""
 
 

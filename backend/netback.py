@@ -23,6 +23,7 @@ from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
 from backend.pull import HEADER_PULL_MAX, pull_headers
 from backend.skb import SkBuff
+from shared.faults import PeerFault
 from shared.grant import GRANT_ENTRY, GrantError, GTF_in_use, GTF_permit_access, entries
 from shared.headers import CSUM_OFFSET
 from shared.netif import (
@@ -91,7 +92,7 @@ FATAL_REASONS = ("slots_unpublished", "too_many_slots", "page_boundary", "id_reu
                  "extra_info", "size", "header_slot", "grant", "tx_malformed")
 
 
-class FatalTxError(Exception):
+class FatalTxError(PeerFault):
     """xenvif_fatal_tx_err: this frontend is broken or hostile; disconnect it. ``reason`` is
     one of FATAL_REASONS (the counter), the message names the ring index and the field."""
 

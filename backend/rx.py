@@ -30,6 +30,7 @@ from itertools import islice
 
 from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
+from shared.faults import PeerFault
 from shared.netif import (
     EXTRA_INFO,
     PAGE_SIZE,
@@ -59,7 +60,7 @@ _unpack_req = RX_REQUEST.unpack_from
 _pack_rsp = RX_RESPONSE.pack_into
 
 
-class FatalRxError(Exception):
+class FatalRxError(PeerFault):
     """The frontend posted something no correct frontend posts."""
 
 

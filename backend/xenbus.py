@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel, Received
+from shared.faults import PeerFault
 from shared.netif import BACKEND_KEYS, EXTENSIONS, PAGE_SIZE
 from shared.region import Layout, Region
 from shared.text import printable
@@ -21,7 +22,7 @@ from shared.xenbus import Agreement, NegotiationError, XenbusState, check_reques
 HANDSHAKE_TIMEOUT = 10.0
 
 
-class HandshakeAbandoned(Exception):
+class HandshakeAbandoned(PeerFault):
     """The caller gave up waiting (a newer frontend is knocking, or the backend is stopping)."""
 
 

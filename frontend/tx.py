@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+from shared.faults import PeerFault
 from shared.grant import (
     GRANT_ENTRY,
     RESERVED_REFS,
@@ -75,7 +76,7 @@ _TX_FLAGS = (0, NETTXF_csum_blank | NETTXF_data_validated, NETTXF_data_validated
 _XEN_GSO = tuple(VIRTIO_TO_XEN_GSO.get(i) for i in range(8))
 
 
-class BackendError(Exception):
+class BackendError(PeerFault):
     """The backend answered something no correct backend answers: the device is broken."""
 
 

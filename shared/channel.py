@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from shared import jsonline
+from shared.faults import PeerFault
 
 NOTIFY = b"!"
 MAX_MESSAGE = 64 * 1024
@@ -35,7 +36,7 @@ class ChannelClosed(Exception):
     """The peer went away (EOF or a reset): the connection is over."""
 
 
-class ChannelError(Exception):
+class ChannelError(PeerFault):
     """The peer sent something that is not our protocol."""
 
 

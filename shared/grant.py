@@ -16,6 +16,8 @@ import functools
 import struct
 from dataclasses import dataclass
 
+from shared.faults import PeerFault
+
 GRANT_ENTRY = struct.Struct("<HHI")
 GTF_permit_access = 1
 GTF_readonly = 1 << 2
@@ -32,7 +34,7 @@ def entries(n: int) -> struct.Struct:
     return struct.Struct("<" + "HHI" * n)
 
 
-class GrantError(Exception):
+class GrantError(PeerFault):
     """A grant reference the backend must not use: the frontend is buggy or hostile."""
 
 

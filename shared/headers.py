@@ -11,6 +11,8 @@ never guesses: given fewer bytes than the headers need it says how many it needs
 
 from __future__ import annotations
 
+from shared.faults import PeerFault
+
 ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 #: IPv6 extension headers whose length is (hdr[1] + 1) * 8: Hop-by-Hop, Routing, Dest. Options
@@ -33,7 +35,7 @@ class NeedMore(Exception):
         self.need = need
 
 
-class HeaderError(ValueError):
+class HeaderError(PeerFault, ValueError):
     """Headers that no frame can legally have (an IHL below 5, a chain too long)."""
 
 

@@ -27,6 +27,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from shared.faults import PeerFault
+
 PROTOCOL_VERSION = 0
 BACKEND_PEER = 0
 MAX_PEER = 0xFFFF  # the Doorbell register has 16 bits for the destination
@@ -35,7 +37,7 @@ MSG = struct.Struct("<q")
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
-class ProtocolError(Exception):
+class ProtocolError(PeerFault):
     """The other end does not speak the ivshmem server protocol (or went away mid-setup)."""
 
 

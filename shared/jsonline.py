@@ -12,13 +12,15 @@ import json
 import re
 from typing import Any
 
+from shared.faults import PeerFault
+
 #: deepest nesting accepted (stats replies are 4 levels deep; requests 1)
 MAX_DEPTH = 32
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(rb"[\[\]{}]")
 
 
-class TooDeep(ValueError):
+class TooDeep(PeerFault, ValueError):
     """JSON nested deeper than MAX_DEPTH."""
 
 

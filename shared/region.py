@@ -13,6 +13,7 @@ import mmap
 import struct
 from dataclasses import astuple, dataclass
 
+from shared.faults import PeerFault
 from shared.grant import GRANT_ENTRY, RESERVED_REFS, GrantTable
 from shared.netif import PAGE_SIZE
 
@@ -23,7 +24,7 @@ DEFAULT_HDR_SLOT_SIZE = 128
 DEFAULT_HDR_SLOTS = 256
 
 
-class LayoutError(ValueError):
+class LayoutError(PeerFault, ValueError):
     """The region's header describes areas that do not fit: refuse the frontend."""
 
 

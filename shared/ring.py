@@ -16,6 +16,7 @@ from __future__ import annotations
 import platform
 import threading
 
+from shared.faults import OwnFault, PeerFault
 from shared.netif import RING_SIZE
 
 HEADER_SIZE = 64
@@ -37,7 +38,7 @@ def mb() -> None:
 TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "s390x"})
 
 
-class OrderingError(RuntimeError):
+class OrderingError(OwnFault, RuntimeError):
     """This CPU may reorder plain stores or loads: the rings and grants would be unsafe."""
 
 
@@ -57,7 +58,7 @@ def require_tso(machine: str | None = None) -> None:
                             "ordering)")
 
 
-class RingError(Exception):
+class RingError(PeerFault):
     """The peer moved an index to a value no correct peer could produce."""
 
 

@@ -7,8 +7,10 @@ frees the slot. Allocation is a LIFO free list (a recently freed slot is still i
 
 from __future__ import annotations
 
+from shared.faults import PeerFault
 
-class SlotError(ValueError):
+
+class SlotError(PeerFault, ValueError):
     """An offset/length that does not designate bytes inside one slot."""
 
 

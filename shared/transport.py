@@ -18,13 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.channel import EventChannel
+from shared.faults import OSFault
 
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 MAX_REGION = 1 << 30
 IVSHMEM_IDS = ("0x1af4", "0x1110")
 
 
-class TransportError(Exception):
+class TransportError(OSFault):
     """The region or channel could not be set up; the message says which and why."""
 
 

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.faults import OSFault
+
 VFIO_TYPE = ord(";")
 VFIO_BASE = 100
 
@@ -73,7 +75,7 @@ PCI_DEVICES = Path("/sys/bus/pci/devices")
 VFIO_DRIVER = Path("/sys/bus/pci/drivers/vfio-pci")
 
 
-class VfioError(Exception):
+class VfioError(OSFault):
     """VFIO set-up failed; the message names the step and what to check."""
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from shared.faults import PeerFault
 from shared.netif import (
     EXTENSIONS,
     FRONTEND_KEYS,
@@ -34,7 +35,7 @@ class XenbusState(enum.IntEnum):
     Closed = 6
 
 
-class NegotiationError(ValueError):
+class NegotiationError(PeerFault, ValueError):
     """The peer asked for something that was not offered, or sent a malformed message."""
 
 

@@ -34,6 +34,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from shared.faults import OwnFault
+
 HEADER = struct.Struct("<IIII16x")
 RECORD = struct.Struct("<QIIB7x")
 _U32 = struct.Struct("<I")
@@ -53,7 +55,7 @@ def align8(n: int) -> int:
     return (n + 7) & ~7
 
 
-class ZbufError(Exception):
+class ZbufError(OwnFault):
     """The two buffers cannot be laid out as asked."""
 
 
