@@ -39,6 +39,7 @@ from shared.lab.netns import (
     run_iperf,
 )
 from shared.lab.topology import Guest, Topology, load
+from tests.inproc import wait_for
 
 TEST_TOPOLOGY = """\
 bridge: pvtbr0
@@ -137,6 +138,8 @@ def test_pidfile_spawn_stop_and_pid_reuse_guard(tmp_path: Path) -> None:
         pf.write_text(json.dumps(forged))
         assert procs.stop_pidfile(pf, timeout=1) == [] and rec.alive() and not pf.exists()
         procs.write_pidfile(pf, proc.pid, ["sh"])
+        # the shell forks its sleep when the scheduler lets it: wait for both, then stop them
+        wait_for(lambda: len(procs.group_members(proc.pid)) == 2, 10, "the shell and its sleep")
         killed = procs.stop_pidfile(pf, timeout=2)
         assert proc.pid in killed and len(killed) == 2  # the shell and its sleep
         assert proc.wait(2) is not None and procs.group_members(proc.pid) == []
