@@ -6,10 +6,11 @@ import argparse
 import logging
 import sys
 
-from backend.filter import Filter, FilterError
+from backend.filter import Filter
 from backend.interface import RX_STALL_TIMEOUT, Netback, NetbackConfig
 from backend.netback import TX_MODES
 from backend.xenbus import offered_features
+from shared.filter_rules import FilterError
 
 
 def parse_args(argv: list[str] | None = None) -> NetbackConfig:

@@ -8,51 +8,9 @@ rules forced a map. A dropped packet is freed at once, which releases its slots 
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass
-
 from backend.skb import SkBuff
-from shared.faults import OwnFault
+from shared.filter_rules import Rule
 from shared.headers import HeaderError, NeedMore, walk
-
-HEADER_FIELDS = ("ethertype", "ip_proto", "src_ip", "dst_ip", "src_port", "dst_port")
-
-
-class FilterError(OwnFault, ValueError):
-    """A rule that cannot be parsed; the message names the rule."""
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    action: str
-    field: str
-    value: object
-
-    @classmethod
-    def parse(cls, text: str) -> Rule:
-        """``drop FIELD=VALUE`` with FIELD one of HEADER_FIELDS or ``payload``."""
-        action, _, cond = text.strip().partition(" ")
-        name, eq, raw = cond.strip().partition("=")
-        if action != "drop" or not eq:
-            raise FilterError(f"filter rule {text!r}: expected 'drop FIELD=VALUE'")
-        try:
-            if name == "payload":
-                kind, _, data = raw.partition(":")
-                value: object = {"hex": bytes.fromhex, "text": str.encode}[kind](data)
-                if not value:
-                    raise ValueError("empty pattern")
-            elif name in ("src_ip", "dst_ip"):
-                value = ipaddress.ip_address(raw).packed
-            elif name in HEADER_FIELDS:
-                value = int(raw, 0)
-            else:
-                raise FilterError(f"filter rule {text!r}: unknown field {name!r} "
-                                  f"(known: {', '.join(HEADER_FIELDS)}, payload)")
-        except (KeyError, ValueError) as e:
-            if isinstance(e, FilterError):
-                raise
-            raise FilterError(f"filter rule {text!r}: bad value {raw!r}") from e
-        return cls(action, name, value)
 
 
 def header_fields(head: bytes) -> dict[str, object]:
@@ -67,7 +25,8 @@ def header_fields(head: bytes) -> dict[str, object]:
 
 
 class Filter:
-    """An ordered rule list; ``verdict`` says whether a packet is dropped, and by which rule."""
+    """An ordered rule list (grammar: ``shared.filter_rules``); ``drops`` says whether a
+    packet is dropped, and counts the hit of the rule that dropped it."""
 
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from shared.filter_rules import FilterError, Rule
+
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "default.yaml"
 DEFAULT_STATE_DIR = Path("/run/pvnet")
 
@@ -259,11 +261,7 @@ def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
 
 
 def _filter_problem(rule: str) -> str | None:
-    """Ask netback's own rule parser, so `up` fails here rather than in a netback log."""
-    try:
-        from backend.filter import FilterError, Rule
-    except ImportError:  # data path not importable: the shape check above has to do
-        return None
+    """Ask netback's own rule grammar, so `up` fails here rather than in a netback log."""
     try:
         Rule.parse(rule)
     except FilterError as exc:

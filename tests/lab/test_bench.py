@@ -20,9 +20,10 @@ import pytest
 from shared.lab.bench import record as rec_mod
 from shared.lab.bench import report, runner
 from shared.lab.bench.measure import ProcSample, Sample, derive, op_us
-from shared.lab.bench.paths import REGISTRY, CmdResult, Endpoints, PathContext, build_paths
+from shared.lab.bench.paths import CmdResult, Endpoints, PathContext
 from shared.lab.bench.pvnet_netns import MODES, no_gso_commands, topology_yaml
 from shared.lab.bench.record import Record, add_ratios, combine, median_of
+from shared.lab.bench.registry import REGISTRY, build_paths
 from shared.lab.bench.rr import percentile, summarize
 from shared.lab.bench.workloads import RunResult, Workload, parse_iperf, parse_rr
 from shared.lab.topology import loads

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from shared.lab.bench import report
-from shared.lab.bench.paths import PathContext, build_paths
+from shared.lab.bench.paths import PathContext
 from shared.lab.bench.qemu import QEMU_MODES, topology_yaml
 from shared.lab.bench.record import Record, add_ratios
+from shared.lab.bench.registry import build_paths
 from shared.lab.topology import loads
 from shared.lab.vms import GUEST_MIN_TSO_SEGS, frontend_argv, guest_spec
 

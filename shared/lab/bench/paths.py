@@ -1,4 +1,4 @@
-"""The registry of measured paths and the two small interfaces a path implements.
+"""What a measured path is: the two small interfaces a path implements, and its endpoints.
 
 A *path* is one way frames get from a guest to the wire peer (a veth pair, pvnet in namespaces
 in one mode, later a QEMU guest with virtio-net or pvnet). The runner only ever calls
@@ -11,10 +11,10 @@ and runs workloads between `ends.guest` and `ends.peer`. Workloads run their cli
 guest end (`run`, blocking, bounded) and their servers on the peer end (`start`); the peer
 serves iperf3 on `IPERF_PORT` for as long as the path is up.
 
-Adding a path is registering a factory that returns one `Path` per mode. A QEMU path is about
-this much (the lead owns shared/lab/machine.py; names below are illustrative):
+Adding a path is writing a factory that returns one `Path` per mode and naming it in
+``shared.lab.bench.registry`` (the one module that imports every path module; nothing imports
+it back but the runner). A QEMU path is about this much (names below are illustrative):
 
-    @register("virtio-net")
     def virtio_paths(ctx: PathContext) -> list[Path]:
         return [VirtioNet(ctx)]
 
@@ -61,10 +61,6 @@ from typing import Any, Protocol
 from shared.lab.bench.measure import Sample
 
 IPERF_PORT = 5201
-PATH_ORDER = ("veth", "pvnet-netns", "virtio-net", "pvnet-qemu", "virtio-net-g2g",
-              "pvnet-qemu-g2g")
-"""Known path names, in run order (veth first: every ratio divides by it). The ``-g2g`` paths
-are guest -> guest; their vs_virtio divides by virtio-net-g2g."""
 
 Log = Callable[[str], None]
 
@@ -192,32 +188,5 @@ class PathContext:
 
 
 Factory = Callable[[PathContext], list[Path]]
-REGISTRY: dict[str, Factory] = {}
-
-
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: make a path factory available as `--paths <name>`."""
-
-    def deco(fn: Factory) -> Factory:
-        REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def build_paths(names: Sequence[str] | None, ctx: PathContext) -> list[Path]:
-    """Instantiate the requested paths (all registered ones if `names` is None), veth first."""
-    _load_builtin()
-    wanted = list(REGISTRY) if names is None else list(names)
-    unknown = [n for n in wanted if n not in REGISTRY]
-    if unknown:
-        raise ValueError(f"unknown path(s) {', '.join(unknown)} "
-                         f"(registered: {', '.join(REGISTRY)})")
-    order = {n: i for i, n in enumerate(PATH_ORDER)}
-    wanted.sort(key=lambda n: order.get(n, len(order)))
-    return [p for n in wanted for p in REGISTRY[n](ctx)]
-
-
-def _load_builtin() -> None:
-    """Import the modules whose @register calls fill the registry (late: no import cycle)."""
-    from shared.lab.bench import pvnet_netns, qemu, veth  # noqa: F401
+"""What a path module offers: one `Path` per mode of it. ``shared.lab.bench.registry`` names
+them; this module imports no path module (they import it)."""

@@ -19,7 +19,7 @@ from pathlib import Path as FsPath
 
 from shared.control import query
 from shared.lab.bench.measure import Sample, read_proc
-from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext, register
+from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext
 from shared.lab.bench.veth import ensure_ethtool, ethtool, offload_summary
 from shared.lab.netns import Lab, default_commands
 from shared.lab.topology import Guest, Topology, loads
@@ -152,7 +152,6 @@ class PvnetNetnsPath:
         shutil.copytree(src, dst.with_name(f"{dst.name}-{self._session}"), dirs_exist_ok=True)
 
 
-@register("pvnet-netns")
 def pvnet_netns_paths(ctx: PathContext) -> list[Path]:
     modes = [m for m in MODES if ctx.modes is None or m in ctx.modes]
     return [PvnetNetnsPath(ctx, m) for m in modes]

@@ -26,7 +26,6 @@ from shared.lab.bench.paths import (
     NetnsEndpoint,
     Path,
     PathContext,
-    register,
 )
 from shared.lab.bench.veth import ensure_ethtool, ethtool, link_frames
 from shared.lab.topology import Topology, loads
@@ -170,23 +169,19 @@ class QemuPath:
                                 ignore=shutil.ignore_patterns("*.sock", "guest.json"))
 
 
-@register("virtio-net")
 def virtio_paths(ctx: PathContext) -> list[Path]:
     return [QemuPath(ctx, "virtio-net", "-", "virtio-net")]
 
 
-@register("pvnet-qemu")
 def pvnet_qemu_paths(ctx: PathContext) -> list[Path]:
     modes = [m for m in QEMU_MODES if ctx.modes is None or m in ctx.modes]
     return [QemuPath(ctx, "pvnet-qemu", m, "pvnet", QEMU_MODES[m]) for m in modes]
 
 
-@register("virtio-net-g2g")
 def virtio_g2g_paths(ctx: PathContext) -> list[Path]:
     return [QemuPath(ctx, "virtio-net-g2g", "-", "virtio-net", guests=2)]
 
 
-@register("pvnet-qemu-g2g")
 def pvnet_g2g_paths(ctx: PathContext) -> list[Path]:
     modes = [m for m in QEMU_MODES if ctx.modes is None or m in ctx.modes]
     return [QemuPath(ctx, "pvnet-qemu-g2g", m, "pvnet", QEMU_MODES[m], guests=2)

@@ -22,8 +22,9 @@ from typing import TextIO
 
 from shared.lab.bench import report
 from shared.lab.bench.measure import derive
-from shared.lab.bench.paths import Endpoints, Path, PathContext, build_paths
+from shared.lab.bench.paths import Endpoints, Path, PathContext
 from shared.lab.bench.record import Record, add_ratios, combine
+from shared.lab.bench.registry import build_paths
 from shared.lab.bench.workloads import WORKLOADS, Workload
 
 REPO_ROOT = FsPath(__file__).resolve().parents[3]

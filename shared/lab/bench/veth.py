@@ -24,7 +24,6 @@ from shared.lab.bench.paths import (
     NetnsEndpoint,
     Path,
     PathContext,
-    register,
 )
 from shared.lab.netns import rtnl
 
@@ -144,6 +143,5 @@ def _ip(ns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, timeout=10)
 
 
-@register("veth")
 def veth_paths(ctx: PathContext) -> list[Path]:
     return [VethPath(ctx)]
