@@ -205,7 +205,7 @@ def logs(c: Context, name: str, lines: int = 0, topology: str | None = None):
             "json": "print the image description as JSON"})
 def image(c: Context, force: bool = False, json: bool = False):
     """Build (or reuse) the QEMU guest image from Debian packages; prints its size."""
-    from shared.lab.image import main
+    from shared.lab.image.cli import main
 
     argv = (["--force"] if force else []) + (["--json"] if json else [])
     code = main(argv)

@@ -43,7 +43,7 @@ import paramiko
 
 from shared.lab import ssh as lab_ssh
 from shared.lab.accel import QEMU, Accel, cpu_args, detect_accel
-from shared.lab.image import ImageInfo
+from shared.lab.image.store import ImageInfo
 
 READY_MARKER = "PVNET-GUEST-READY"
 FAIL_PATTERN = r"PVNET-INIT-FAILED|Kernel panic|end Kernel panic"

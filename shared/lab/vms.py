@@ -30,7 +30,8 @@ from pathlib import Path
 from shared.control import ControlError, query
 from shared.lab import deps, procs, startup
 from shared.lab.accel import detect_accel
-from shared.lab.image import ImageInfo, build_image, cached_image
+from shared.lab.image.build import build_image
+from shared.lab.image.store import ImageInfo, cached_image
 from shared.lab.machine import (
     GuestSpec,
     Machine,

@@ -13,7 +13,7 @@ import pytest
 
 from shared.lab import ssh as lab_ssh
 from shared.lab.accel import detect_accel, probe
-from shared.lab.image import ImageInfo
+from shared.lab.image.store import ImageInfo
 from shared.lab.machine import (
     GuestSpec,
     Machine,

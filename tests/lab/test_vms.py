@@ -21,7 +21,7 @@ from pyroute2 import netns as pnetns
 
 from shared.control import query
 from shared.lab.accel import CACHE_FILE
-from shared.lab.image import cached_image
+from shared.lab.image.store import cached_image
 from shared.lab.netns import IperfPath, run_iperf
 from shared.lab.topology import load
 from shared.lab.vms import SshRunner, load_handles
