@@ -36,7 +36,9 @@ from pathlib import Path
 
 from shared.control import ControlError, query
 from shared.lab import procs
-from shared.lab.netns import REPO_ROOT, Lab, netns_exec, rtnl
+from shared.lab.commands import REPO_ROOT
+from shared.lab.netns import Lab
+from shared.lab.plumbing import netns_exec, rtnl
 from shared.lab.topology import Guest, Topology, loads
 
 CHUNK = 64 * 1024

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from shared.control import query
+from shared.lab.guest_handles import SshRunner
 from shared.lab.netns import Lab
 from shared.lab.topology import Topology, load, loads
-from shared.lab.vms import SshRunner
 from tests.lab.marks import REPO, needs_qemu
 from tests.lab.test_pair import RECEIVER
 from tests.pcapread import read_frames

@@ -29,16 +29,10 @@ import pytest
 from shared.control import query
 from shared.doorbell import HostDoorbell, KickChannel, RoundTrips, lead
 from shared.lab import procs
-from shared.lab.netns import IperfPath, run_iperf
+from shared.lab.commands import backend_argv, doorbell_sockets, frontend_argv
+from shared.lab.guest_handles import SshRunner, guest_view, load_handles
+from shared.lab.iperf import IperfPath, run_iperf
 from shared.lab.topology import load
-from shared.lab.vms import (
-    SshRunner,
-    backend_argv,
-    doorbell_sockets,
-    frontend_argv,
-    guest_view,
-    load_handles,
-)
 from shared.transport import connect_unix
 from tests.lab.marks import REPO, needs_qemu
 

@@ -22,7 +22,8 @@ from pyroute2 import netns as pnetns
 
 from shared.control import query
 from shared.lab import procs
-from shared.lab.netns import REPO_ROOT, rtnl
+from shared.lab.commands import REPO_ROOT
+from shared.lab.plumbing import rtnl
 from shared.lab.soak import fd_count, memfd_maps, settle
 from tests.hostile import BACKEND_LIES, HostileBackend
 

@@ -27,17 +27,11 @@ from pyroute2 import netns as pnetns
 
 from shared import cli
 from shared.lab import procs
-from shared.lab.netns import (
-    IperfPath,
-    IperfResult,
-    Lab,
-    LabError,
-    default_commands,
-    format_iperf,
-    iperf_paths,
-    netns_exec,
-    run_iperf,
-)
+from shared.lab.commands import default_commands
+from shared.lab.errors import LabError
+from shared.lab.iperf import IperfPath, IperfResult, format_iperf, iperf_paths, run_iperf
+from shared.lab.netns import Lab
+from shared.lab.plumbing import netns_exec
 from shared.lab.topology import Guest, Topology, load
 
 TEST_TOPOLOGY = """\

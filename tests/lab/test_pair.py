@@ -21,7 +21,8 @@ import pytest
 
 from shared.control import query
 from shared.lab import procs
-from shared.lab.netns import IperfPath, Lab, run_iperf
+from shared.lab.iperf import IperfPath, run_iperf
+from shared.lab.netns import Lab
 from shared.lab.topology import loads
 from shared.netif import NETTXF_header_slot, NETTXF_more_data
 from tests.hostile import HostileFrontend

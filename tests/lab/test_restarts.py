@@ -244,7 +244,7 @@ def test_invoke_down_leaves_nothing(lab):
 
 
 def _ifindex(ns: str, name: str) -> int:
-    from shared.lab.netns import rtnl
+    from shared.lab.plumbing import rtnl
 
     with rtnl(ns) as h:
         (idx,) = h.link_lookup(ifname=name)

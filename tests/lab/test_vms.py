@@ -21,10 +21,10 @@ from pyroute2 import netns as pnetns
 
 from shared.control import query
 from shared.lab.accel import CACHE_FILE
+from shared.lab.guest_handles import SshRunner, load_handles
 from shared.lab.image.store import cached_image
-from shared.lab.netns import IperfPath, run_iperf
+from shared.lab.iperf import IperfPath, run_iperf
 from shared.lab.topology import load
-from shared.lab.vms import SshRunner, load_handles
 from tests.lab.marks import REPO, needs_qemu
 from tests.lab.test_pair import RECEIVER, SENDER
 

@@ -26,7 +26,7 @@ from shared.lab.bench.paths import (
     PathContext,
     register,
 )
-from shared.lab.netns import rtnl
+from shared.lab.plumbing import rtnl
 
 DEV = "eth0"
 
