@@ -28,10 +28,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.control import query
+from shared.lab.chaos import Chaos
 from shared.lab.commands import default_commands
+from shared.lab.leaks import Inspector, fd_count, memfd_maps, rss_kb
 from shared.lab.netns import Lab
 from shared.lab.plumbing import rtnl
-from shared.lab.soak import Chaos, Inspector, fd_count, memfd_maps, rss_kb
 from shared.lab.topology import loads
 from shared.netif import PAGE_SIZE
 from shared.ring import RSP_PROD

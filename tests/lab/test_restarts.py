@@ -22,9 +22,11 @@ import pytest
 from pyroute2 import netns as pnetns
 
 from shared.lab import procs
+from shared.lab.chaos import Chaos
+from shared.lab.leaks import Inspector, Leaks, memfd_maps
 from shared.lab.netns import Lab
-from shared.lab.soak import Agents, Chaos, Inspector, Leaks, memfd_maps
 from shared.lab.topology import load
+from shared.lab.transfers import Agents
 
 pytestmark = [
     pytest.mark.full,

@@ -24,9 +24,10 @@ from pyroute2 import netns as pnetns
 
 from shared.control import query
 from shared.lab import procs
+from shared.lab.chaos import Chaos
 from shared.lab.commands import backend_argv, frontend_argv
 from shared.lab.guest_handles import SshRunner, guest_view, load_handles
-from shared.lab.soak import Chaos, memfd_maps
+from shared.lab.leaks import memfd_maps
 from shared.lab.topology import loads
 from shared.lab.vms import VmLab
 from tests.lab.marks import REPO, needs_qemu
