@@ -14,8 +14,10 @@ RECIPE_DIR = REPO_ROOT / "vm-images"
 
 
 def builder_sources() -> list[Path]:
-    """The image builder's own sources (this package): a change to them changes the image."""
-    return sorted(Path(__file__).resolve().parent.glob("*.py"))
+    """The image builder's own sources (this package, and keys.py which makes the guest's
+    host key): a change to them changes the image."""
+    here = Path(__file__).resolve().parent
+    return sorted([*here.glob("*.py"), here.parent / "keys.py"])
 
 
 def recipe_id(recipe_dir: Path = RECIPE_DIR) -> str:
