@@ -28,7 +28,7 @@ def _lab_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from pyroute2 import NetlinkError
 
-        from shared.lab.netns import LabError
+        from shared.lab.errors import LabError
         from shared.lab.topology import TopologyError
 
         try:
@@ -52,7 +52,8 @@ def up(c: Context, no_vm: bool = False, topology: str | None = None, timeout: in
     import time
 
     from shared.lab import deps
-    from shared.lab.netns import Lab, resolve_topology
+    from shared.lab.netns import Lab
+    from shared.lab.state import resolve_topology
 
     t0 = time.monotonic()
     ok = False
@@ -76,7 +77,7 @@ def up(c: Context, no_vm: bool = False, topology: str | None = None, timeout: in
 @_lab_errors
 def down(c: Context, topology: str | None = None):
     """Remove everything `up` made (also after a crash or a half-finished up). Idempotent."""
-    from shared.lab.netns import resolve_topology
+    from shared.lab.state import resolve_topology
     from shared.lab.vms import VmLab
 
     VmLab(resolve_topology(topology)).down()
@@ -93,8 +94,9 @@ def down(c: Context, topology: str | None = None):
 def iperf(c: Context, time: int = 5, json: bool = False, udp: bool = False, bitrate: str = "0",
           topology: str | None = None):
     """iperf3 each guest <-> wire and guest <-> guest, both directions; Gbit/s per path."""
-    from shared.lab.netns import format_iperf, iperf_paths, resolve_topology, run_iperf
-    from shared.lab.vms import SshRunner, running_vms
+    from shared.lab.guest_handles import SshRunner, running_vms
+    from shared.lab.iperf import format_iperf, iperf_paths, run_iperf
+    from shared.lab.state import resolve_topology
 
     topo = resolve_topology(topology)
     results = []
@@ -127,7 +129,7 @@ def iperf(c: Context, time: int = 5, json: bool = False, udp: bool = False, bitr
 def stats(c: Context, json: bool = False, watch: bool = False, topology: str | None = None):
     """Show every netfront/netback's counters, paired per guest (same as `pvnet stats`)."""
     from shared.cli import main
-    from shared.lab.netns import resolve_topology
+    from shared.lab.state import resolve_topology
 
     argv = ["stats", "--dir", str(resolve_topology(topology).state_dir)]
     argv += ["--json"] if json else []
@@ -175,8 +177,8 @@ def lint(c: Context):
 def ssh(c: Context, name: str, cmd: str = "", topology: str | None = None):
     """Run a command in a QEMU guest over its management ssh (127.0.0.1 only):
     `invoke ssh g1 -- ip addr` (or --cmd 'ip addr')."""
-    from shared.lab.netns import resolve_topology
-    from shared.lab.vms import SshRunner, load_handles
+    from shared.lab.guest_handles import SshRunner, load_handles
+    from shared.lab.state import resolve_topology
 
     topo = resolve_topology(topology)
     cmd = cmd or getattr(c, "remainder", "") or ""
@@ -204,8 +206,8 @@ def ssh(c: Context, name: str, cmd: str = "", topology: str | None = None):
 @_lab_errors
 def logs(c: Context, name: str, lines: int = 0, topology: str | None = None):
     """Show a guest's console (QEMU placement) or a data process's log (any placement)."""
-    from shared.lab.netns import resolve_topology
-    from shared.lab.vms import load_handles
+    from shared.lab.guest_handles import load_handles
+    from shared.lab.state import resolve_topology
 
     topo = resolve_topology(topology)
     h = load_handles(topo).get(name)
@@ -221,7 +223,7 @@ def logs(c: Context, name: str, lines: int = 0, topology: str | None = None):
             "json": "print the image description as JSON"})
 def image(c: Context, force: bool = False, json: bool = False):
     """Build (or reuse) the QEMU guest image from Debian packages; prints its size."""
-    from shared.lab.image import main
+    from shared.lab.image.cli import main
 
     argv = (["--force"] if force else []) + (["--json"] if json else [])
     code = main(argv)

@@ -23,7 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.lab.image import CACHE_DIR, ImageInfo, build_image
+from shared.lab.image.build import build_image
+from shared.lab.image.cache import CACHE_DIR
+from shared.lab.image.store import ImageInfo
 
 Accel = Literal["kvm", "tcg"]
 QEMU = "qemu-system-x86_64"

@@ -12,75 +12,38 @@ argv and namespace membership, and never touching a name the topology does not o
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import stat
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from pyroute2 import IPRoute, NetNS
 from pyroute2 import netns as pnetns
 
 from shared.control import ControlError, query
 from shared.lab import procs
-from shared.lab.topology import DEFAULT_STATE_DIR, Guest, Topology, TopologyError, load
+from shared.lab.commands import REPO_ROOT, CommandBuilder, default_commands
+from shared.lab.errors import LabError
+from shared.lab.plumbing import (
+    bridge_nf_on,
+    disable_ipv6_on,
+    ensure_addr,
+    is_socket,
+    link_kinds,
+    netns_exec,
+    rtnl,
+)
+from shared.lab.state import LabState
+from shared.lab.topology import Guest, Topology
 
-DEFAULT_REGION_SIZE = Guest.__dataclass_fields__["region_size"].default
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 25
 
 Say = Callable[[str], None]
-CommandBuilder = Callable[[Topology, Guest], tuple[list[str], list[str]]]
-"""(topology, guest) -> (netback argv, netfront argv). Pluggable so tests can run fakes."""
-
-
-class LabError(RuntimeError):
-    """Something in the lab failed; the message says what and carries the relevant log tails."""
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
-
-
-def netns_exec(ns: str | None) -> list[str]:
-    """argv prefix that runs a command inside namespace `ns` (nothing for the root namespace)."""
-    return ["ip", "netns", "exec", ns] if ns else []
-
-
-def default_commands(topo: Topology, g: Guest) -> tuple[list[str], list[str]]:
-    """The netback and netfront command lines, exactly as the data path programs expect them."""
-    backend = [
-        *netns_exec(topo.host_netns), sys.executable, "-m", "backend",
-        "--vif", g.vif, "--domid", str(g.domid), "--bridge", topo.bridge,
-        "--listen", str(topo.event_socket(g)), "--ctl", str(topo.backend_ctl(g)),
-        "--tx-mode", g.tx_mode,
-    ]
-    for rule in g.filters:
-        backend += ["--filter", rule]
-    frontend = [
-        *netns_exec(g.netns), sys.executable, "-m", "frontend",
-        "--name", g.name, "--connect", str(topo.event_socket(g)), "--tap", "eth0",
-        "--mac", g.mac, "--ip", str(g.ip), "--ctl", str(topo.frontend_ctl(g)),
-        # not in the brief's line, but netback refuses a frontend whose domid is not its own
-        # (netfront defaults to 1, so g2 could never connect without it)
-        "--domid", str(g.domid),
-    ]
-    if g.region_size != DEFAULT_REGION_SIZE:
-        frontend += ["--region-size", str(g.region_size)]
-    if not g.header_slots:
-        frontend.append("--no-header-slots")
-    if g.persistent:
-        frontend.append("--persistent")
-    if not g.gso:
-        frontend.append("--no-gso")
-    return backend, frontend
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -92,68 +55,6 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return f"  last {min(lines, len(text))} lines of {path}:\n{body}"
 
 
-@contextlib.contextmanager
-def rtnl(ns: str | None) -> Iterator[Any]:
-    """A pyroute2 handle on namespace `ns` (root if None); never creates the namespace."""
-    handle = NetNS(ns, flags=0) if ns else IPRoute()
-    try:
-        yield handle
-    finally:
-        handle.close()
-
-
-def _links(handle: Any) -> dict[str, tuple[int, str | None]]:
-    """ifname -> (index, kind) for every link in a namespace."""
-    return {
-        link.get("ifname"): (link["index"], link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"))
-        for link in handle.get_links()
-    }
-
-
-def _ensure_addr(handle: Any, index: int, iface: Any) -> bool:
-    """Add `iface` (IPv4Interface) to link `index` unless present; True if added."""
-    have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in handle.get_addr(index=index)}
-    if (str(iface.ip), iface.network.prefixlen) in have:
-        return False
-    handle.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-    return True
-
-
-def _is_socket(path: Path) -> bool:
-    try:
-        return stat.S_ISSOCK(path.lstat().st_mode)
-    except OSError:
-        return False
-
-
-@dataclass
-class _State:
-    """state.json: everything `up` made, written after every step so a crash leaves a trail."""
-
-    path: Path
-    data: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path) -> _State:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        return cls(path, data if isinstance(data, dict) else {})
-
-    def add(self, kind: str, item: Any) -> None:
-        items = self.data.setdefault(kind, [])
-        if item not in items:
-            items.append(item)
-            self.save()
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(tmp, self.path)
-
-
 class Lab:
     """The namespace lab for one topology. `commands` builds the data-process command lines."""
 
@@ -163,7 +64,7 @@ class Lab:
         self.commands = commands
         self.say = say
         self.kill_timeout = kill_timeout
-        self.state = _State.load(topo.state_file)
+        self.state = LabState.load(topo.state_file)
         self._spawned: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- up --------------------------------------------------------------------------------
@@ -188,7 +89,7 @@ class Lab:
         self.say(f"state dir {t.state_dir}: ready")
         if t.host_netns:
             self._netns(t.host_netns, bridge_host=True)
-        elif _brnf(None):
+        elif bridge_nf_on(None):
             self.say("note: bridge-nf-call-iptables=1 in the root namespace: the bridge will trim "
                      "Ethernet padding (host_netns keeps frames bit for bit)")
         self._bridge()
@@ -224,7 +125,7 @@ class Lab:
                          for x in ("iptables", "ip6tables", "arptables")]
         if settings:
             subprocess.run([*netns_exec(name), "sysctl", "-qw", *settings], check=False)
-        if bridge_host and _brnf(name):
+        if bridge_host and bridge_nf_on(name):
             raise LabError(f"netns {name}: could not turn off bridge-nf-call-iptables")
         extra = ", bridge-nf off" if bridge_host else ""
         self.say(f"netns {name}: {'exists' if existed else 'created'}, lo up{extra}")
@@ -234,7 +135,7 @@ class Lab:
         where = f" (netns {t.host_netns})" if t.host_netns else ""
         self.state.add("links", [t.host_netns, t.bridge, "bridge"])
         with rtnl(t.host_netns) as h:
-            links = _links(h)
+            links = link_kinds(h)
             if t.bridge in links:
                 if links[t.bridge][1] != "bridge":
                     raise LabError(f"{t.bridge}{where} exists but is a {links[t.bridge][1]}, "
@@ -246,25 +147,25 @@ class Lab:
             idx = h.link_lookup(ifname=t.bridge)[0]
             h.link("set", index=idx, state="up")
             if not t.ipv6 and not t.host_netns:
-                _sysctl_if(t.bridge)
+                disable_ipv6_on(t.bridge)
         self.say(f"bridge {t.bridge}{where}: {verb}, up")
 
     def _wire(self) -> None:
         t, w = self.topo, self.topo.wire
         self.state.add("links", [t.host_netns, w.host_if, "veth"])
         with rtnl(t.host_netns) as h:
-            links = _links(h)
+            links = link_kinds(h)
             if w.host_if in links and links[w.host_if][1] != "veth":
                 raise LabError(f"{w.host_if} exists but is not a veth; pvnet will not touch it")
             created = w.host_if not in links
             if created:
                 with rtnl(w.netns) as wn:
-                    if w.dev in _links(wn):
+                    if w.dev in link_kinds(wn):
                         raise LabError(f"netns {w.netns} already has a {w.dev} that is not ours")
                 h.link("add", ifname=w.host_if, kind="veth",
                        peer={"ifname": w.dev, "net_ns_fd": w.netns})
             if not t.ipv6 and not t.host_netns:
-                _sysctl_if(w.host_if)
+                disable_ipv6_on(w.host_if)
             br = h.link_lookup(ifname=t.bridge)[0]
             h.link("set", index=h.link_lookup(ifname=w.host_if)[0], master=br, state="up")
         with rtnl(w.netns) as wn:
@@ -272,7 +173,7 @@ class Lab:
             if not found:
                 raise LabError(f"veth {w.host_if} exists but its peer is not {w.netns}:{w.dev}; "
                                "run down first")
-            _ensure_addr(wn, found[0], w.ip)
+            ensure_addr(wn, found[0], w.ip)
             wn.link("set", index=found[0], state="up")
         self.say(f"wire veth {w.host_if} (on {t.bridge}) <-> {w.netns}:{w.dev} {w.ip}: "
                  f"{'created' if created else 'exists'}, up")
@@ -303,7 +204,7 @@ class Lab:
             self.say(f"{role} {name}: running (pid {rec.pid})")
             return
         with contextlib.suppress(FileNotFoundError):
-            if _is_socket(ctl):
+            if is_socket(ctl):
                 ctl.unlink()  # left behind by a crashed run; the new process must bind it
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.topo.log_path(name)
@@ -317,7 +218,7 @@ class Lab:
         ev = t.event_socket(g)
         self.state.add("sockets", str(ev))
         rec = procs.read_pidfile(t.pidfile(g.vif))
-        if (rec is None or not rec.alive()) and _is_socket(ev):
+        if (rec is None or not rec.alive()) and is_socket(ev):
             ev.unlink()  # left by a crashed netback; the new one must bind it
         self._spawn_data("netback", g.vif, back, t.backend_ctl(g))
         self.say(f"netback {g.vif}: waiting for its control socket")
@@ -419,12 +320,12 @@ class Lab:
         for ns in namespaces:
             if ns in existing_ns:
                 with rtnl(ns) as h:
-                    inside = [f"{kind or 'link'} {name}" for name, (_, kind) in _links(h).items()
-                              if name != "lo"]
+                    inside = [f"{kind or 'link'} {name}"
+                              for name, (_, kind) in link_kinds(h).items() if name != "lo"]
                 pnetns.remove(ns)
                 did(f"removed netns {ns}" + (f" (with {', '.join(inside)})" if inside else ""))
         for path in self._socket_paths():
-            if _is_socket(path):
+            if is_socket(path):
                 path.unlink()
                 did(f"removed socket {path}")
         for path in (t.state_file, t.state_file.with_suffix(".tmp")):
@@ -452,7 +353,7 @@ class Lab:
             if ns is not None and (ns in namespaces or ns not in existing_ns):
                 continue  # goes away with its namespace (or is already gone)
             with rtnl(ns) as h:
-                links = _links(h)
+                links = link_kinds(h)
                 if ifname in links and links[ifname][1] == kind:
                     h.link("del", index=links[ifname][0])
                     did(f"removed {kind} {ifname}")
@@ -472,131 +373,3 @@ def _ping(ctl: Path) -> bool:
     except ControlError:
         return False
 
-
-def _brnf(ns: str | None) -> bool:
-    """Is bridge-nf-call-iptables on in namespace `ns` (root if None)?"""
-    proc = subprocess.run([*netns_exec(ns), "sysctl", "-n", "net.bridge.bridge-nf-call-iptables"],
-                          capture_output=True, text=True, check=False)
-    return proc.stdout.strip() == "1"
-
-
-def _sysctl_if(ifname: str) -> None:
-    """Disable IPv6 on one of our interfaces in the root namespace (never a global setting)."""
-    with contextlib.suppress(OSError):
-        Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1")
-
-
-# -- topology resolution shared by the tasks -------------------------------------------------
-
-
-def resolve_topology(path: str | None) -> Topology:
-    """The topology to act on: `path`, else $PVNET_TOPOLOGY, else the one the running lab was
-    brought up with, else the default. (The environment variable lets a test run the README's
-    commands word for word on a private topology that cannot collide with a real lab.)"""
-    path = path or os.environ.get("PVNET_TOPOLOGY") or None
-    if path:
-        return load(path)
-    state = _State.load(DEFAULT_STATE_DIR / "state.json").data
-    recorded = state.get("topology")
-    if recorded and Path(recorded).is_file():
-        try:
-            return load(recorded)
-        except TopologyError:
-            pass
-    return load()
-
-
-# -- iperf3 ----------------------------------------------------------------------------------
-
-
-Runner = Callable[[str | None, list[str], float], tuple[int, str, str]]
-
-
-@dataclass(frozen=True)
-class IperfPath:
-    """One measured direction: the client runs in `netns` against `server`; -R if `reverse`."""
-
-    label: str
-    netns: str
-    server: str
-    reverse: bool
-
-
-@dataclass
-class IperfResult:
-    path: IperfPath
-    sender_bps: float | None = None
-    receiver_bps: float | None = None
-    lost_percent: float | None = None
-    raw: dict | None = None
-    error: str | None = None
-
-
-def iperf_paths(topo: Topology) -> list[IperfPath]:
-    """Each guest to and from the wire peer, then every guest pair both ways."""
-    wire_ip = str(topo.wire.ip.ip)
-    out: list[IperfPath] = []
-    for g in topo.guests:
-        out.append(IperfPath(f"{g.name} -> wire", g.netns, wire_ip, False))
-        out.append(IperfPath(f"wire -> {g.name}", g.netns, wire_ip, True))
-    for i, a in enumerate(topo.guests):
-        for b in topo.guests[i + 1 :]:
-            out.append(IperfPath(f"{a.name} -> {b.name}", a.netns, str(b.ip.ip), False))
-            out.append(IperfPath(f"{b.name} -> {a.name}", a.netns, str(b.ip.ip), True))
-    return out
-
-
-def netns_runner(where: str | None, argv: list[str], timeout: float) -> tuple[int, str, str]:
-    """Run `argv` in namespace `where`: the namespace placement's way into a guest."""
-    proc = subprocess.run([*netns_exec(where), *argv], capture_output=True, text=True,
-                          timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def run_iperf(path: IperfPath, seconds: int = 5, udp: bool = False,
-              bitrate: str = "0", runner: Runner = netns_runner) -> IperfResult:
-    """Run one iperf3 client (bounded by `seconds`) and pull sender/receiver rates from -J.
-    `runner` says how to run it where `path.netns` names (a namespace, or a VM over ssh)."""
-    argv = ["iperf3", "-c", path.server, "-t", str(seconds), "-J", "--connect-timeout", "3000"]
-    if path.reverse:
-        argv.append("-R")
-    if udp:
-        argv += ["-u", "-b", bitrate]
-    try:
-        rc, out, err = runner(path.netns, argv, seconds + 20)
-    except (subprocess.TimeoutExpired, TimeoutError):
-        return IperfResult(path, error=f"iperf3 did not finish within {seconds + 20} s")
-    try:
-        raw = json.loads(out)
-    except ValueError:
-        msg = (err or out).strip().splitlines()
-        return IperfResult(path, error=msg[-1] if msg else f"iperf3 exit status {rc}")
-    if raw.get("error"):
-        return IperfResult(path, raw=raw, error=str(raw["error"]))
-    end = raw.get("end") or {}
-    if not (end.get("sum_sent") or end.get("sum")):
-        return IperfResult(path, raw=raw, error="iperf3 reported no end-of-test summary")
-    sent = end.get("sum_sent") or end.get("sum") or {}
-    recv = end.get("sum_received") or end.get("sum") or {}
-    lost = (end.get("sum") or recv).get("lost_percent") if udp else None
-    return IperfResult(path, sent.get("bits_per_second"), recv.get("bits_per_second"), lost, raw)
-
-
-def format_iperf(results: list[IperfResult], udp: bool = False) -> str:
-    """The table `invoke iperf` prints: Gbit/s per path, sender and receiver."""
-    def gbps(v: float | None) -> str:
-        return "-" if v is None else f"{v / 1e9:.3f}"
-
-    width = max([len(r.path.label) for r in results] + [4])
-    head = f"{'path':<{width}}  {'sender Gbit/s':>14}  {'receiver Gbit/s':>15}"
-    head += f"  {'lost %':>7}" if udp else ""
-    lines = [head, "-" * len(head)]
-    for r in results:
-        if r.error:
-            lines.append(f"{r.path.label:<{width}}  error: {r.error}")
-            continue
-        row = f"{r.path.label:<{width}}  {gbps(r.sender_bps):>14}  {gbps(r.receiver_bps):>15}"
-        if udp:
-            row += f"  {'-' if r.lost_percent is None else f'{r.lost_percent:.2f}':>7}"
-        lines.append(row)
-    return "\n".join(lines)

@@ -204,3 +204,12 @@ def pids_with_args(*needles: str) -> list[int]:
         if any(tuple(args[i : i + n]) == needles for i in range(len(args) - n + 1)):
             out.append(pid)
     return out
+
+
+def tail_lines(path: Path, n: int) -> list[str]:
+    """The last `n` lines of a process's log or a guest's console ([] if it cannot be read):
+    what a failure message quotes so that nobody has to re-run to see why."""
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import os
 import shlex
 import socket
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import paramiko
 
-from shared.lab.image import CACHE_DIR
+from shared.lab.image.cache import CACHE_DIR
+from shared.lab.keys import write_ed25519_key
 
 DEFAULT_KEY_DIR = CACHE_DIR / "ssh"
 
@@ -43,9 +43,6 @@ class KeyPair:
 def ensure_keypair(key_dir: Path = DEFAULT_KEY_DIR) -> KeyPair:
     """The lab's ed25519 client key, created once under the cache (~/.cache/pvnet/ssh, 0600;
     never in the checkout), under a lock: concurrent first runs must agree on one key.
-
-    Generated with `cryptography` (a paramiko dependency): paramiko itself cannot generate
-    ed25519 keys, and ssh-keygen need not be installed.
     """
     key_dir.mkdir(parents=True, exist_ok=True)
     priv_path = key_dir / "id_ed25519"
@@ -53,29 +50,8 @@ def ensure_keypair(key_dir: Path = DEFAULT_KEY_DIR) -> KeyPair:
     with open(key_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (priv_path.exists() and pub_path.exists()):
-            _new_keypair(priv_path, pub_path)
+            write_ed25519_key(priv_path, "pvnet-lab")
         return KeyPair(priv_path, pub_path.read_text().strip())
-
-
-def _new_keypair(priv_path: Path, pub_path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    key = Ed25519PrivateKey.generate()
-    priv = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    pub = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    tmp = priv_path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(priv)
-    pub_path.write_text(pub.decode() + " pvnet-lab\n")
-    tmp.rename(priv_path)
 
 
 def _host_key(host_key_pub: Path | None) -> paramiko.PKey | None:

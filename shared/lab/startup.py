@@ -1,7 +1,7 @@
 """Why a lab did not come up, found while `up` still waits: the fail-fast half of `invoke up`.
 
 A guest that cannot start its netfront says so on its console within seconds of boot
-(vm-images/guest/guest_init.py prints "run[i] ...: cannot start: ..." or "run[i] ...: exited
+(vm-images/guest/guest_runs.py prints "run[i] ...: cannot start: ..." or "run[i] ...: exited
 (status N): <its last line>"; stage 1 and 2 print PVNET-INIT-FAILED after a FATAL line); a
 netback that dies leaves its last words in its log. Waiting for the Connected timeout after
 such a report only hides it: `up` polls these every half second and stops with the one line

@@ -18,152 +18,38 @@ the device through VFIO; both programs get --doorbell. Messages stay on the seri
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shlex
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from shared.control import ControlError, query
 from shared.lab import deps, procs, startup
 from shared.lab.accel import detect_accel
-from shared.lab.image import ImageInfo, build_image, cached_image
-from shared.lab.machine import (
-    GuestSpec,
-    Machine,
-    MachineConfig,
-    MachineError,
-    SerialPort,
-    ShmDevice,
-    SyncQMP,
-    TapNic,
-    guest_python,
+from shared.lab.commands import (
+    CTL_PORT,
+    DOORBELL_VECTORS,
+    EVENT_PORT,
+    GUEST_TAP,
+    REPO_ROOT,
+    backend_argv,
+    doorbell_sockets,
+    guest_spec,
+    ivshmem_doorbell_args,
 )
-from shared.lab.netns import REPO_ROOT, Lab, LabError, netns_exec
+from shared.lab.errors import LabError
+from shared.lab.guest_handles import GuestHandle, handles_file, load_handles, save_handle
+from shared.lab.image.build import build_image
+from shared.lab.image.store import ImageInfo, cached_image
+from shared.lab.machine.config import MachineConfig, SerialPort, ShmDevice, TapNic
+from shared.lab.machine.failure import MachineError
+from shared.lab.machine.launcher import Machine
+from shared.lab.machine.qmp import SyncQMP
+from shared.lab.netns import Lab
+from shared.lab.procs import tail_lines
 from shared.lab.topology import Guest, Topology
 from shared.tap import configure, open_tap
 from shared.transport import create_memfd
-
-EVENT_PORT = "pvnet-event"
-DOORBELL_VECTORS = 1  # MSI-X vectors per peer: one event channel needs one
-CTL_PORT = "pvnet-ctl"
-GUEST_TAP = "pv0"
-
-
-@dataclass(frozen=True)
-class GuestHandle:
-    """What a running guest left in the state dir for later commands (ssh, logs, down)."""
-
-    name: str
-    pid: int
-    ssh_port: int
-    run_dir: Path
-
-    @property
-    def console(self) -> Path:
-        return self.run_dir / "console.log"
-
-    @property
-    def qmp(self) -> Path:
-        return self.run_dir / "qmp.sock"
-
-
-def guest_view(path: str | Path) -> str:
-    """Where a guest finds host path `path`: the same path. The guest's init bind-mounts the
-    interpreter's and the checkout's directories from /host where its own tmpfs (/tmp, /run)
-    would hide them (vm-images/guest/guest_init.py), so a CI clone in /tmp works as it is."""
-    return str(path)
-
-
-#: guest stack tuning, the same for every guest whatever its NIC: TSO frames of at least 44
-#: segments (~64 KB) however low the socket's pacing rate. Linux sizes TSO frames to ~1 ms of
-#: the pacing rate (tcp_tso_autosize); a slow path thus gets small frames, and a NIC whose cost
-#: is per frame (pvnet's Python netfront under TCG, ~1 ms per frame) stays slow. virtio-net
-#: frames are ~54 KB here already. Issue 13 measured pvnet TX 53-68 -> 255-262 Mbit/s.
-GUEST_MIN_TSO_SEGS = 44
-
-
-#: the stack tuning every guest gets, whatever its NIC (written by the guest's init)
-GUEST_SYSCTLS = {"net.ipv4.tcp_min_tso_segs": str(GUEST_MIN_TSO_SEGS)}
-
-
-def guest_runs(g: Guest) -> tuple[tuple[str, ...], ...]:
-    """What a guest's init starts: the netfront (pvnet guests) and iperf3 -s."""
-    front = () if g.nic == "virtio-net" else (tuple(frontend_argv(g)),)
-    return (*front, ("iperf3", "-s"))
-
-
-def guest_spec(g: Guest, env: dict[str, str] | None = None) -> GuestSpec:
-    """What a guest of either NIC does after boot: the same tuning (GUEST_SYSCTLS) and
-    iperf3 -s for both, a netfront for pvnet guests, so the comparison stays fair."""
-    return GuestSpec(hostname=g.name, cwd=str(REPO_ROOT), env=dict(env or {}),
-                     run=guest_runs(g), sysctls=dict(GUEST_SYSCTLS))
-
-
-def frontend_argv(g: Guest) -> list[str]:
-    """The netfront command line inside the guest: the lab's interpreter (guest_python), which
-    the guest sees at its host path."""
-    argv = [guest_python(), "-m", "frontend", "--name", g.name, "--domid", str(g.domid),
-            "--channel", f"/dev/virtio-ports/{EVENT_PORT}", "--region", "pci",
-            "--tap", GUEST_TAP, "--mac", g.mac, "--ip", str(g.ip),
-            "--ctl-port", f"/dev/virtio-ports/{CTL_PORT}"]
-    if not g.header_slots:
-        argv.append("--no-header-slots")
-    if g.persistent:
-        argv.append("--persistent")
-    if not g.gso:
-        argv.append("--no-gso")
-    if g.event == "doorbell":
-        argv.append("--doorbell")
-    if g.poll_us is not None:
-        argv += ["--poll-us", str(g.poll_us)]
-    return argv
-
-
-def backend_argv(topo: Topology, g: Guest, region_fd: int) -> list[str]:
-    argv = [*netns_exec(topo.host_netns), sys.executable, "-m", "backend", "--vif", g.vif,
-            "--domid", str(g.domid), "--bridge", topo.bridge,
-            "--connect", str(topo.event_socket(g)), "--region-fd", str(region_fd),
-            "--ctl", str(topo.backend_ctl(g)), "--tx-mode", g.tx_mode]
-    for rule in g.filters:
-        argv += ["--filter", rule]
-    if g.event == "doorbell":
-        argv += ["--doorbell", str(doorbell_sockets(topo, g)[1])]
-    return argv
-
-
-def doorbell_sockets(topo: Topology, g: Guest) -> tuple[Path, Path]:
-    """The ivshmem server's two sockets for a doorbell guest: QEMU's and the netback's."""
-    return (topo.state_dir / f"{g.vif}.ivshmem", topo.state_dir / f"{g.vif}.ivshmem-be")
-
-
-def ivshmem_doorbell_args(topo: Topology, g: Guest) -> tuple[str, ...]:
-    """QEMU: ivshmem-doorbell on the server (which hands QEMU the memfd) instead of -plain."""
-    return ("-chardev", f"socket,id=ivshmem0,path={doorbell_sockets(topo, g)[0]}",
-            "-device", f"ivshmem-doorbell,id=bell0,chardev=ivshmem0,vectors={DOORBELL_VECTORS}")
-
-
-def _handles_file(topo: Topology) -> Path:
-    return topo.state_dir / "guests.json"
-
-
-def load_handles(topo: Topology) -> dict[str, GuestHandle]:
-    try:
-        raw = json.loads(_handles_file(topo).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {n: GuestHandle(n, int(h["pid"]), int(h["ssh_port"]), Path(h["run_dir"]))
-            for n, h in raw.items()}
-
-
-def _save_handle(topo: Topology, h: GuestHandle) -> None:
-    handles = {n: {"pid": x.pid, "ssh_port": x.ssh_port, "run_dir": str(x.run_dir)}
-               for n, x in load_handles(topo).items()}
-    handles[h.name] = {"pid": h.pid, "ssh_port": h.ssh_port, "run_dir": str(h.run_dir)}
-    _handles_file(topo).write_text(json.dumps(handles, indent=1) + "\n")
 
 
 class VmLab:
@@ -240,7 +126,7 @@ class VmLab:
         self.net.state.add("pidfiles", str(t.pidfile(f"qemu-{g.name}")))
         for sock in (t.event_socket(g), t.frontend_ctl(g)):
             self.net.state.add("sockets", str(sock))
-        _save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
+        save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
         self._booted.add(g.name)
         self.say(f"guest {g.name}: QEMU pid {pid}, console {run_dir / 'console.log'}")
         self.net._spawn_data("netback", g.vif, backend_argv(t, g, fd), t.backend_ctl(g),
@@ -275,7 +161,7 @@ class VmLab:
                 why = (f"exited ({proc.returncode})" if proc.poll() is not None
                        else f"not listening after {timeout:g} s")
                 raise LabError(f"ivshmem server for {g.name} {why}:\n"
-                               + "\n".join(_tail(log, 20)))
+                               + "\n".join(tail_lines(log, 20)))
             time.sleep(0.02)
         self.say(f"guest {g.name}: ivshmem server pid {proc.pid} on {qemu_sock}")
 
@@ -304,7 +190,7 @@ class VmLab:
         assert pid is not None
         procs.write_pidfile(t.pidfile(f"qemu-{g.name}"), pid, machine.argv)
         self.net.state.add("pidfiles", str(t.pidfile(f"qemu-{g.name}")))
-        _save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
+        save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
         self._booted.add(g.name)
 
     def _wait_ssh(self, g: Guest, timeout: float) -> None:
@@ -381,7 +267,7 @@ class VmLab:
         for g in t.guests:
             h = load_handles(t).get(g.name)
             if h and states.get(g.name) != "Connected":
-                tail = "\n".join(_tail(h.console, 30))
+                tail = "\n".join(tail_lines(h.console, 30) or ["(no console log)"])
                 detail.append(f"--- console of {g.name} ({h.console}):\n{tail}")
         headline = (f"{failure} (after {time.monotonic() - start:.1f} s)" if failure
                     else f"not every end reached Connected in {timeout:g} s")
@@ -411,7 +297,7 @@ class VmLab:
                 self.say(f"guest {h.name}: powered off")
         self.net.down()
         with contextlib.suppress(FileNotFoundError):
-            _handles_file(self.topo).unlink()
+            handles_file(self.topo).unlink()
 
 
 def precompile() -> None:
@@ -454,50 +340,3 @@ def open_tap_in(ns: str | None, name: str, bridge: str) -> int:
                        f"{result['error']}")
     return int(result["fd"])  # type: ignore[arg-type]
 
-
-def _tail(path: Path, n: int) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
-        return ["(no console log)"]
-
-
-class SshRunner:
-    """Runs commands in guests over ssh (one kept connection per guest): the QEMU placement's
-    way into a guest, for `invoke iperf`, `invoke ssh` and the tests."""
-
-    def __init__(self, topo: Topology) -> None:
-        self.topo = topo
-        self.clients: dict[str, object] = {}
-
-    def client(self, name: str):
-        from shared.lab import ssh as lab_ssh
-
-        if name not in self.clients:
-            h = load_handles(self.topo).get(name)
-            if h is None:
-                raise LabError(f"no running guest {name!r} (is the lab up with VMs?)")
-            image = cached_image()
-            self.clients[name] = lab_ssh.connect(
-                h.ssh_port, key=lab_ssh.ensure_keypair(),
-                host_key_pub=image.host_key_pub if image else None)
-        return self.clients[name]
-
-    def __call__(self, where: str | None, argv: list[str] | str,
-                 timeout: float) -> tuple[int, str, str]:
-        from shared.lab import ssh as lab_ssh
-
-        if where is None or where not in {g.name for g in self.topo.guests}:
-            raise LabError(f"{where!r} is not a guest of this topology")
-        cmd = argv if isinstance(argv, str) else shlex.join(argv)
-        return lab_ssh.exec_command(self.client(where), cmd, timeout)
-
-    def close(self) -> None:
-        for c in self.clients.values():
-            c.close()
-        self.clients.clear()
-
-
-def running_vms(topo: Topology) -> bool:
-    """Is this topology's lab up in the QEMU placement?"""
-    return any(procs.proc_stat(h.pid) is not None for h in load_handles(topo).values())

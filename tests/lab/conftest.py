@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from shared.lab.image import ImageInfo, build_image
+from shared.lab.image.build import build_image
+from shared.lab.image.store import ImageInfo
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from shared.lab.bench.paths import PathContext
 from shared.lab.bench.qemu import QEMU_MODES, topology_yaml
 from shared.lab.bench.record import Record, add_ratios
 from shared.lab.bench.registry import build_paths
+from shared.lab.commands import GUEST_MIN_TSO_SEGS, frontend_argv, guest_spec
 from shared.lab.topology import loads
-from shared.lab.vms import GUEST_MIN_TSO_SEGS, frontend_argv, guest_spec
 
 
 def rec(path: str, mode: str, workload: str, direction: str, **kw: object) -> Record:

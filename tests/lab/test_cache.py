@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PROBE = ("import json; from shared.lab import image, ssh, accel; print(json.dumps("
-         "[str(image.CACHE_DIR), str(image.IMAGE_DIR), str(image.DEB_DIR), "
+PROBE = ("import json; from shared.lab import ssh, accel; from shared.lab.image import cache, "
+         "store; print(json.dumps([str(cache.CACHE_DIR), str(store.IMAGE_DIR), str(cache.DEB_DIR), "
          "str(ssh.DEFAULT_KEY_DIR), str(accel.CACHE_FILE)]))")
 
 
@@ -37,7 +37,7 @@ def test_pvnet_cache_and_xdg_move_it(tmp_path: Path) -> None:
 
 
 def test_prune_images_removes_only_other_images_unused_for_long(tmp_path: Path) -> None:
-    from shared.lab.image import STAMP_NAME, prune_images
+    from shared.lab.image.store import STAMP_NAME, prune_images
 
     images = tmp_path / "images"
     keep, fresh, stale = images / "keep", images / "fresh", images / "stale"

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from shared.control import query
-from shared.lab.netns import Lab
-from shared.lab.topology import Topology, load, loads
-from shared.lab.vms import SshRunner
+from shared.lab.guest_handles import SshRunner
+from shared.lab.topology import Topology, loads
+from tests.lab.labs import invoked_lab, netns_lab, run_state_dir, topology_yaml, write_topology
 from tests.lab.marks import REPO, needs_qemu
 from tests.lab.test_pair import RECEIVER
 from tests.pcapread import read_frames
@@ -34,23 +34,8 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tcpdump") is None,
                        reason="capturing on real vifs needs root and tcpdump"),
 ]
-TOPOLOGY = """\
-bridge: pvcbr0
-host_netns: pvc-host
-wire: {netns: pvc-wire, ip: 10.81.0.1/24, iperf_server: false, host_if: pvcbr0-wire}
-guests:
-  - {name: pvc-g1, domid: 41, mac: "02:00:00:00:04:01", ip: 10.81.0.11/24, tx_mode: lazy}
-  - {name: pvc-g2, domid: 42, mac: "02:00:00:00:04:02", ip: 10.81.0.12/24, tx_mode: copy,
-     header_slots: false}
-"""
-VMTOPOLOGY = """\
-bridge: pvcqbr0
-host_netns: pvcq-host
-state_dir: {state}
-wire: {{netns: pvcq-wire, ip: 10.82.0.1/24, iperf_server: false, host_if: pvcqbr0-wire}}
-guests:
-  - {{name: pvcq-g1, domid: 43, mac: "02:00:00:00:04:03", ip: 10.82.0.11/24, memory: 384}}
-"""
+TOPOLOGY = topology_yaml("pvc", "10.81.0", [
+    {"domid": 41, "tx_mode": "lazy"}, {"domid": 42, "tx_mode": "copy", "header_slots": False}])
 TRAFFIC = textwrap.dedent("""\
     import socket, sys
     dst = sys.argv[1]
@@ -135,12 +120,8 @@ def receiver(ns: str) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     topo = loads(TOPOLOGY, state_dir=tmp_path_factory.mktemp("pvc-state"))
-    lab = Lab(topo)
-    try:
-        lab.up(timeout=30)
+    with netns_lab(topo):
         yield topo
-    finally:
-        lab.down()
 
 
 def test_netns_two_readers_at_once_every_frame_once_and_identical(lab, tmp_path) -> None:
@@ -187,23 +168,13 @@ def test_netns_count_and_pipe_to_tcpdump(lab) -> None:
 
 @pytest.fixture(scope="module")
 def vmlab(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pvcq")
-    state = Path("/run") / f"pvcq-{os.getpid()}"
-    f = d / "topology.yaml"
-    f.write_text(VMTOPOLOGY.format(state=state))
-    topo = load(f)
-    inv = [sys.executable, "-m", "invoke"]
-    try:
-        r = subprocess.run([*inv, "up", "--topology", str(f)], cwd=REPO, text=True,
-                           capture_output=True, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
+    state = run_state_dir("pvcq")
+    f, topo = write_topology(tmp_path_factory.mktemp("pvcq"), topology_yaml(
+        "pvcq", "10.82.0", [{"domid": 43, "memory": 384}], state_dir=state))
+    with invoked_lab(f, state, ends=2):
         runner = SshRunner(topo)
         yield topo, runner
         runner.close()
-    finally:
-        subprocess.run([*inv, "down", "--topology", str(f)], cwd=REPO, capture_output=True,
-                       timeout=120)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @needs_qemu

@@ -18,40 +18,23 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
 from shared.control import query
 from shared.doorbell import HostDoorbell, KickChannel, RoundTrips, lead
 from shared.lab import procs
-from shared.lab.netns import IperfPath, run_iperf
-from shared.lab.topology import load
-from shared.lab.vms import (
-    SshRunner,
-    backend_argv,
-    doorbell_sockets,
-    frontend_argv,
-    guest_view,
-    load_handles,
-)
+from shared.lab.commands import backend_argv, doorbell_sockets, frontend_argv
+from shared.lab.guest_handles import SshRunner, guest_view, load_handles
+from shared.lab.iperf import IperfPath, run_iperf
 from shared.transport import connect_unix
+from tests.lab.labs import invoke, run_state_dir, topology_yaml, write_topology
 from tests.lab.marks import REPO, needs_qemu
 
 pytestmark = [pytest.mark.full, needs_qemu]
-TOPOLOGY = """\
-bridge: pvdbr0
-host_netns: pvd-host
-state_dir: {state}
-wire: {{netns: pvd-wire, ip: 10.91.0.1/24, iperf_server: true, host_if: pvdbr0-wire}}
-guests:
-  - {{name: pvd-g1, domid: 71, mac: "02:00:00:00:07:01", ip: 10.91.0.11/24, memory: 384,
-     event: doorbell}}
-"""
 ROUNDS = 2000
 WARMUP = 100
 ALTERNATIONS = 3
@@ -83,18 +66,12 @@ print(len(pids), sum(not gone(p) for p in pids))
 """
 
 
-def invoke(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def vmlab(tmp_path_factory):
     d = tmp_path_factory.mktemp("pvd")
-    state = Path("/run") / f"pvd-{os.getpid()}"  # short: unix socket paths are limited
-    f = d / "topology.yaml"
-    f.write_text(TOPOLOGY.format(state=state))
-    topo = load(f)
+    state = run_state_dir("pvd")
+    f, topo = write_topology(d, topology_yaml("pvd", "10.91.0", [
+        {"domid": 71, "memory": 384, "event": "doorbell"}], iperf_server=True, state_dir=state))
     g = topo.guests[0]
     runner = SshRunner(topo)
     try:

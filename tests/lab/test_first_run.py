@@ -26,29 +26,10 @@ from pathlib import Path
 import pytest
 
 from shared.control import query
-from shared.lab.topology import load
+from tests.lab.labs import run_state_dir, topology_yaml, write_topology
 from tests.lab.marks import REPO, needs_qemu
 
 pytestmark = [pytest.mark.full, needs_qemu]
-
-CLONE_TOPOLOGY = """\
-bridge: pvfbr0
-host_netns: pvf-host
-state_dir: {state}
-wire: {{netns: pvf-wire, ip: 10.93.0.1/24, iperf_server: false, host_if: pvfbr0-wire}}
-guests:
-  - {{name: pvf-g1, domid: 93, mac: "02:00:00:00:09:31", ip: 10.93.0.11/24, memory: 384}}
-"""
-
-FAIL_TOPOLOGY = """\
-bridge: pvxbr0
-host_netns: pvx-host
-state_dir: {state}
-wire: {{netns: pvx-wire, ip: 10.94.0.1/24, iperf_server: false, host_if: pvxbr0-wire}}
-guests:
-  - {{name: pvx-g1, domid: 94, mac: "02:00:00:00:09:41", ip: 10.94.0.11/24, memory: 384}}
-"""
-
 
 def readme_setup_line() -> str:
     """The first command of the README's set-up block, without its comment."""
@@ -71,9 +52,9 @@ def first_run():
     """Clone HEAD and make a venv under /tmp, then run the README's line in the clone."""
     base = Path(tempfile.mkdtemp(prefix="pvnet-first-", dir="/tmp"))
     clone, venv = base / "pvnet", base / "venv"
-    state = Path("/run") / f"pvf-{os.getpid()}"
-    topo_file = base / "topology.yaml"
-    topo_file.write_text(CLONE_TOPOLOGY.format(state=state))
+    state = run_state_dir("pvf")
+    topo_file, topo = write_topology(base, topology_yaml(
+        "pvf", "10.93.0", [{"domid": 93, "memory": 384}], state_dir=state))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", VIRTUAL_ENV=str(venv),
                PVNET_TOPOLOGY=str(topo_file), PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -84,7 +65,7 @@ def first_run():
         result = run_sh(readme_setup_line(), clone, env, timeout=900)
         print(f"--- README set-up line: {time.monotonic() - t0:.1f} s (pip + up), output tail:\n"
               + result.stdout[-2500:])
-        yield clone, venv, load(topo_file), result
+        yield clone, venv, topo, result
     finally:
         if (venv / "bin" / "invoke").exists():
             down = run_sh("invoke down", clone, env, timeout=300)
@@ -142,10 +123,9 @@ def watch_console(path: Path, pattern: str, seen: dict[str, float], stop: thread
 ], ids=["cannot-start", "exits-at-once"])
 def test_up_fails_within_10_s_of_a_guest_reporting_its_netfront_did_not_start(
         tmp_path, python: str, reported: str) -> None:
-    state = Path("/run") / f"pvx-{os.getpid()}"
-    topo_file = tmp_path / "topology.yaml"
-    topo_file.write_text(FAIL_TOPOLOGY.format(state=state))
-    topo = load(topo_file)
+    state = run_state_dir("pvx")
+    topo_file, topo = write_topology(tmp_path, topology_yaml(
+        "pvx", "10.94.0", [{"domid": 94, "memory": 384}], state_dir=state))
     console = topo.state_dir / topo.guests[0].name / "console.log"
     env = dict(os.environ, PVNET_GUEST_PYTHON=python, PVNET_TOPOLOGY=str(topo_file))
     seen: dict[str, float] = {}

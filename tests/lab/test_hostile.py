@@ -28,12 +28,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.control import query
-from shared.lab.netns import Lab, default_commands, rtnl
-from shared.lab.soak import Chaos, Inspector, fd_count, memfd_maps, rss_kb
+from shared.lab.chaos import Chaos
+from shared.lab.commands import default_commands
+from shared.lab.leaks import Inspector, fd_count, memfd_maps, rss_kb
+from shared.lab.plumbing import rtnl
 from shared.lab.topology import loads
 from shared.netif import PAGE_SIZE
 from shared.ring import RSP_PROD
 from tests.hostile import BASIC, GrantEntry, HostileFrontend, ops
+from tests.lab.labs import netns_lab, topology_yaml
 
 pytestmark = [
     pytest.mark.full,
@@ -41,15 +44,9 @@ pytestmark = [
                        reason="the namespace placement needs root and iperf3"),
 ]
 
-TOPOLOGY = """\
-bridge: pvhbr0
-host_netns: pvh-host
-wire: {netns: pvh-wire, ip: 10.84.0.1/24, iperf_server: true, host_if: pvhbr0-wire}
-guests:
-  - {name: pvh-g1, domid: 221, mac: "02:00:00:00:22:01", ip: 10.84.0.11/24, tx_mode: lazy}
-  - {name: pvh-g2, domid: 222, mac: "02:00:00:00:22:02", ip: 10.84.0.12/24, tx_mode: map,
-     persistent: true}
-"""
+TOPOLOGY = topology_yaml("pvh", "10.84.0", [
+    {"domid": 221, "tx_mode": "lazy"}, {"domid": 222, "tx_mode": "map", "persistent": True}],
+    iperf_server=True)
 WIRE = "10.84.0.1"
 STALL = 2.0
 EXAMPLES = int(os.environ.get("PVNET_FUZZ_EXAMPLES", "30"))
@@ -94,9 +91,7 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     topo = loads(TOPOLOGY, state_dir=tmp_path_factory.mktemp("pvh-state"))
-    lab = Lab(topo, commands=commands)
-    try:
-        lab.up(timeout=30)
+    with netns_lab(topo, commands=commands):
         c = Ctx(topo)
         c.insp.learn()
         c.chaos.kill(c.g1, "front")  # the slot is the hostile frontends' from now on
@@ -114,8 +109,6 @@ def ctx(tmp_path_factory):
             time.sleep(0.02)
         c.idle_fds = last[0]
         yield c
-    finally:
-        lab.down()
 
 
 class Bystander:

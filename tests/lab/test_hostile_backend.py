@@ -22,8 +22,9 @@ from pyroute2 import netns as pnetns
 
 from shared.control import query
 from shared.lab import procs
-from shared.lab.netns import REPO_ROOT, rtnl
-from shared.lab.soak import fd_count, memfd_maps, settle
+from shared.lab.commands import REPO_ROOT
+from shared.lab.leaks import fd_count, memfd_maps, settle
+from shared.lab.plumbing import rtnl
 from tests.hostile import BACKEND_LIES, HostileBackend
 
 pytestmark = [

@@ -12,22 +12,29 @@ from pathlib import Path
 
 import pytest
 
-from shared.lab import image as img
-from shared.lab.image import (
-    CpioArchive,
-    ImageBuildError,
+from shared.lab.image.build import build_image
+from shared.lab.image.cpio import CpioArchive, read_cpio
+from shared.lab.image.debs import parse_apt_depends, parse_apt_show
+from shared.lab.image.initramfs import busybox_applets
+from shared.lab.image.kmods import (
     KernelModule,
+    ModuleTree,
     ModuleWant,
-    extract_vmlinux,
     format_modules_dep,
-    parse_apt_depends,
-    parse_module_list,
+    normalize_module,
     parse_modules_dep,
-    read_cpio,
     read_modinfo,
-    recipe_hash,
     resolve_modules,
 )
+from shared.lab.image.recipe import (
+    RECIPE_DIR,
+    parse_module_list,
+    recipe_files,
+    recipe_hash,
+)
+from shared.lab.image.steps import ImageBuildError
+from shared.lab.image.store import HOST_KEY_NAME, ImageInfo
+from shared.lab.image.vmlinux import extract_vmlinux
 
 FAKE_DEP = """\
 kernel/drivers/virtio/virtio.ko:
@@ -57,7 +64,7 @@ def test_module_list_parsing() -> None:
 
 
 def test_recipe_module_list_is_the_issue_list() -> None:
-    wanted = {w.name for w in parse_module_list((img.RECIPE_DIR / "modules.txt").read_text())}
+    wanted = {w.name for w in parse_module_list((RECIPE_DIR / "modules.txt").read_text())}
     assert {"virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay", "virtio_net",
             "tun", "vfio_pci", "vfio_iommu_type1", "af_packet"} <= wanted
 
@@ -141,7 +148,7 @@ def test_read_modinfo_and_module_tree(tmp_path: Path) -> None:
     (moddir / "kernel" / "x" / "top-mod.ko").write_bytes(_fake_module("dep_one"))
     (moddir / "kernel" / "x" / "dep_one.ko.xz").write_bytes(lzma.compress(_fake_module("")))
     (moddir / "modules.builtin").write_text("kernel/net/packet/af_packet.ko\n")
-    tree = img.ModuleTree(moddir)
+    tree = ModuleTree(moddir)
     assert tree.builtin() == {"af_packet"}
     mods = resolve_modules(parse_module_list("top-mod\naf_packet?\n"), tree, tree.builtin())
     assert names(mods) == ["dep_one", "top_mod"]
@@ -199,14 +206,14 @@ def test_recipe_hash_tracks_content_and_kernel(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("docs do not count")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "vmlinux").write_text("build output does not count")
-    files = img.recipe_files(tmp_path)
+    files = recipe_files(tmp_path)
     assert [f.name for f in files] == ["init", "modules.txt"]
     kern = {"kernel_package": "linux-image-6.1.0-1-amd64"}
     h1 = recipe_hash(files, tmp_path, kern)
     assert h1 == recipe_hash(files, tmp_path, kern)
     (tmp_path / "README.md").write_text("edited docs")
     (tmp_path / "cache" / "vmlinux").write_text("rebuilt")
-    assert recipe_hash(img.recipe_files(tmp_path), tmp_path, kern) == h1
+    assert recipe_hash(recipe_files(tmp_path), tmp_path, kern) == h1
     assert recipe_hash(files, tmp_path, {"kernel_package": "linux-image-6.1.0-2-amd64"}) != h1
     (tmp_path / "init").write_text("two")
     assert recipe_hash(files, tmp_path, kern) != h1
@@ -224,26 +231,27 @@ def test_parse_apt_depends() -> None:
     with pytest.raises(ImageBuildError):
         parse_apt_depends("linux-image-amd64\n")
     stanzas = "Package: a\nVersion: 1:2.0-1\n\nPackage: b\nVersion: 3\nDepends: x\n"
-    assert img.parse_apt_show(stanzas) == {"a": "1:2.0-1", "b": "3"}
+    assert parse_apt_show(stanzas) == {"a": "1:2.0-1", "b": "3"}
 
 
 def test_busybox_applets_never_include_busybox(tmp_path: Path) -> None:
     fake = tmp_path / "busybox"
     fake.write_text("#!/bin/sh\nprintf 'ash\\nbusybox\\nsh\\ninsmod\\n'\n")
     fake.chmod(0o755)
-    assert img.busybox_applets(fake) == ["ash", "insmod", "sh"]
+    assert busybox_applets(fake) == ["ash", "insmod", "sh"]
 
 
 def test_guest_scripts_parse() -> None:
     for script in ("init", "guest/stage2", "guest/shutdown", "guest/acpi/PWRF/00000080"):
-        path = img.RECIPE_DIR / script
+        path = RECIPE_DIR / script
         assert os.access(path, os.X_OK), f"{script} must be executable"
         subprocess.run(["sh", "-n", str(path)], check=True)
-    compile((img.RECIPE_DIR / "guest" / "guest_init.py").read_text(), "guest_init.py", "exec")
+    for module in sorted((RECIPE_DIR / "guest").glob("*.py")):  # guest_init.py and its modules
+        compile(module.read_text(), module.name, "exec")
 
 
 @pytest.mark.full
-def test_build_image(guest_image: img.ImageInfo) -> None:
+def test_build_image(guest_image: ImageInfo) -> None:
     info = guest_image
     assert info.kernel.read_bytes()[:4] == b"\x7fELF"
     entries = read_cpio(info.initrd.read_bytes())
@@ -252,15 +260,15 @@ def test_build_image(guest_image: img.ImageInfo) -> None:
     assert "bin/busybox" not in [n for n, e in entries.items() if e.mode == 0o120777]
     assert entries["bin/sh"].data == b"busybox"
     load = entries[f"lib/modules/{info.kernel_version}/modules.load"].data.decode().split()
-    loaded = [img.normalize_module(p) for p in load]
+    loaded = [normalize_module(p) for p in load]
     for want in ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_net", "tun", "vfio_pci",
                  "vfio_iommu_type1", "virtio_console"):
         assert want in loaded
     assert loaded.index("virtio") < loaded.index("virtio_pci")
     assert (info.sshd_dir / "usr" / "sbin" / "sshd").exists()
-    assert (info.sshd_dir / img.HOST_KEY_NAME).stat().st_mode & 0o077 == 0
+    assert (info.sshd_dir / HOST_KEY_NAME).stat().st_mode & 0o077 == 0
     assert info.host_key_pub.read_text().startswith("ssh-ed25519 ")
     assert info.size_bytes < 200 * 2**20
     # Built once, then cached: a second call does not rebuild.
-    again = img.build_image(progress=False)
+    again = build_image(progress=False)
     assert again.stamp == info.stamp and not again.built

@@ -13,16 +13,11 @@ import pytest
 
 from shared.lab import ssh as lab_ssh
 from shared.lab.accel import detect_accel, probe
-from shared.lab.image import ImageInfo
-from shared.lab.machine import (
-    GuestSpec,
-    Machine,
-    MachineConfig,
-    MachineError,
-    SerialPort,
-    ShmDevice,
-    TapNic,
-)
+from shared.lab.image.store import ImageInfo
+from shared.lab.machine.cmdline import guest_config
+from shared.lab.machine.config import GuestSpec, MachineConfig, SerialPort, ShmDevice, TapNic
+from shared.lab.machine.failure import MachineError
+from shared.lab.machine.launcher import Machine
 
 SHM_SIZE = 4 << 20
 PATTERN = b"pvnet-ivshmem-pattern-\x01\x02\x03"
@@ -73,14 +68,14 @@ def test_command_line_has_the_devices(tmp_path: Path) -> None:
         assert any("hostfwd=tcp:127.0.0.1:2222-:22" in n and "restrict=on" in n
                    for n in opt_after(argv, "-netdev"))
         append = opt_after(argv, "-append")[0]
-        assert f"pvnet.conf={m.guest_json_path}" in append and "intel_iommu=on" in append
+        assert f"pvnet.conf={m.files.guest_json}" in append and "intel_iommu=on" in append
         assert opt_after(argv, "-smp") == ["1"]
-        conf = m.guest_config()
+        conf = guest_config(cfg, lab_ssh.ensure_keypair().public_line)
         assert conf["run"] == [["python3", "-m", "frontend"]]
         assert conf["cwd"] == "/work/main"
         macs = [i["mac"] for i in conf["interfaces"]]  # type: ignore[index, union-attr]
         assert macs == [cfg.mgmt_mac, "52:54:00:00:01:02"]
-        assert m.guest_json_path.exists()
+        assert m.files.guest_json.exists()
     finally:
         os.close(fd)
 

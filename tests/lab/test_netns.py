@@ -27,17 +27,11 @@ from pyroute2 import netns as pnetns
 
 from shared import cli
 from shared.lab import procs
-from shared.lab.netns import (
-    IperfPath,
-    IperfResult,
-    Lab,
-    LabError,
-    default_commands,
-    format_iperf,
-    iperf_paths,
-    netns_exec,
-    run_iperf,
-)
+from shared.lab.commands import default_commands
+from shared.lab.errors import LabError
+from shared.lab.iperf import IperfPath, IperfResult, format_iperf, iperf_paths, run_iperf
+from shared.lab.netns import Lab
+from shared.lab.plumbing import netns_exec
 from shared.lab.topology import Guest, Topology, load
 from tests.inproc import wait_for
 
@@ -364,13 +358,18 @@ def test_up_with_data_processes_waits_for_connected(topo: Topology, script: Path
     assert not backend.alive() and not frontend.alive()
 
 
+def failed_up(topo: Topology, script: Path, final: str, timeout: float) -> str:
+    """The LabError message of an `up` whose fake pair ends as `final` ("crash" or a state)."""
+    with pytest.raises(LabError) as info:
+        Lab(topo, commands=fake_commands(script, final=final), say=lambda _: None).up(
+            timeout=timeout)
+    return str(info.value)
+
+
 @pytest.mark.full
 @needs_root
 def test_process_that_dies_is_reported_with_log_tail(topo: Topology, script: Path) -> None:
-    with pytest.raises(LabError) as info:
-        Lab(topo, commands=fake_commands(script, final="crash"), say=lambda _: None).up(
-            timeout=10)
-    msg = str(info.value)
+    msg = failed_up(topo, script, final="crash", timeout=10)
     assert "vif101.0 exited (status 3)" in msg
     assert "crashing on purpose" in msg and "vif101.0.log" in msg
     assert "invoke down" in msg
@@ -380,11 +379,8 @@ def test_process_that_dies_is_reported_with_log_tail(topo: Topology, script: Pat
 @needs_root
 def test_never_connected_times_out_with_states_and_logs(topo: Topology, script: Path) -> None:
     start = time.monotonic()
-    with pytest.raises(LabError) as info:
-        Lab(topo, commands=fake_commands(script, final="InitWait"), say=lambda _: None).up(
-            timeout=2)
+    msg = failed_up(topo, script, final="InitWait", timeout=2)
     assert time.monotonic() - start < 15
-    msg = str(info.value)
     assert "timeout after 2 s: not all ends reached Connected" in msg
     assert "vif101.0: state InitWait" in msg and "pvt-g2: state InitWait" in msg
     assert "| fake netfront pvt-g1 serving" in msg

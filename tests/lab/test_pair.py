@@ -21,10 +21,11 @@ import pytest
 
 from shared.control import query
 from shared.lab import procs
-from shared.lab.netns import IperfPath, Lab, run_iperf
+from shared.lab.iperf import IperfPath, run_iperf
 from shared.lab.topology import loads
 from shared.netif import NETTXF_header_slot, NETTXF_more_data
 from tests.hostile import HostileFrontend
+from tests.lab.labs import netns_lab, topology_yaml
 
 pytestmark = [
     pytest.mark.full,
@@ -32,26 +33,16 @@ pytestmark = [
                        reason="the namespace placement needs root and iperf3"),
 ]
 
-TOPOLOGY = """\
-bridge: pvpbr0
-host_netns: pvp-host
-wire: {netns: pvp-wire, ip: 10.79.0.1/24, iperf_server: true, host_if: pvpbr0-wire}
-guests:
-  - {name: pvp-g1, domid: 201, mac: "02:00:00:00:02:01", ip: 10.79.0.11/24, tx_mode: lazy}
-  - {name: pvp-g2, domid: 202, mac: "02:00:00:00:02:02", ip: 10.79.0.12/24, tx_mode: map}
-"""
+TOPOLOGY = topology_yaml("pvp", "10.79.0", [{"domid": 201, "tx_mode": "lazy"},
+                                           {"domid": 202, "tx_mode": "map"}], iperf_server=True)
 WIRE = "10.79.0.1"
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     topo = loads(TOPOLOGY, state_dir=tmp_path_factory.mktemp("pvp-state"))
-    lab = Lab(topo)
-    try:
-        lab.up(timeout=30)
+    with netns_lab(topo):
         yield topo
-    finally:
-        lab.down()
 
 
 def stats(topo, name: str) -> dict:

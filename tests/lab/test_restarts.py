@@ -22,9 +22,10 @@ import pytest
 from pyroute2 import netns as pnetns
 
 from shared.lab import procs
-from shared.lab.netns import Lab
-from shared.lab.soak import Agents, Chaos, Inspector, Leaks, memfd_maps
-from shared.lab.topology import load
+from shared.lab.chaos import Chaos
+from shared.lab.leaks import Inspector, Leaks, memfd_maps
+from shared.lab.transfers import Agents
+from tests.lab.labs import netns_lab, topology_yaml, write_topology
 
 pytestmark = [
     pytest.mark.full,
@@ -32,17 +33,9 @@ pytestmark = [
                        reason="the namespace placement needs root and iperf3"),
 ]
 
-TOPOLOGY = """\
-bridge: pvrbr0
-host_netns: pvr-host
-wire: {netns: pvr-wire, ip: 10.83.0.1/24, iperf_server: true, host_if: pvrbr0-wire}
-guests:
-  - {name: pvr-g1, domid: 211, mac: "02:00:00:00:21:01", ip: 10.83.0.11/24, tx_mode: lazy}
-  - {name: pvr-g2, domid: 212, mac: "02:00:00:00:21:02", ip: 10.83.0.12/24, tx_mode: map,
-     persistent: true}
-  - {name: pvr-g3, domid: 213, mac: "02:00:00:00:21:03", ip: 10.83.0.13/24, tx_mode: lazy,
-     region_size: 1280K}
-"""
+GUESTS = [{"domid": 211, "tx_mode": "lazy"},
+          {"domid": 212, "tx_mode": "map", "persistent": True},
+          {"domid": 213, "tx_mode": "lazy", "region_size": "1280K"}]
 WIRE = "10.83.0.1"
 REPO = Path(__file__).resolve().parents[2]
 #: bytes per direction through pvr-g3's 1280K region (3 TX chunks: the queue stops constantly)
@@ -52,17 +45,13 @@ LONG_BYTES = int(os.environ.get("PVNET_LONG_BYTES", str(3 << 30)))
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     d = tmp_path_factory.mktemp("pvr")
-    f = d / "topology.yaml"  # a file, so that `invoke down --topology` can be run on it
-    f.write_text(f"state_dir: {d / 'state'}\n" + TOPOLOGY)
-    topo = load(f)
-    lab = Lab(topo)
-    try:
-        lab.up(timeout=30)
+    # a file, so that `invoke down --topology` can be run on it
+    _f, topo = write_topology(d, topology_yaml("pvr", "10.83.0", GUESTS, iperf_server=True,
+                                               state_dir=d / "state"))
+    with netns_lab(topo):
         insp = Inspector(topo)
         insp.learn()
         yield topo, insp, Chaos(topo)
-    finally:
-        lab.down()
 
 
 def no_leaks(leaks: Leaks) -> None:
@@ -244,7 +233,7 @@ def test_invoke_down_leaves_nothing(lab):
 
 
 def _ifindex(ns: str, name: str) -> int:
-    from shared.lab.netns import rtnl
+    from shared.lab.plumbing import rtnl
 
     with rtnl(ns) as h:
         (idx,) = h.link_lookup(ifname=name)

@@ -17,31 +17,28 @@ import shutil
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from pyroute2 import netns as pnetns
 
 from shared.control import query
 from shared.lab import procs
-from shared.lab.soak import Chaos, memfd_maps
+from shared.lab.chaos import Chaos
+from shared.lab.commands import backend_argv, frontend_argv
+from shared.lab.guest_handles import SshRunner, guest_view, load_handles
+from shared.lab.leaks import memfd_maps
 from shared.lab.topology import loads
-from shared.lab.vms import SshRunner, VmLab, backend_argv, frontend_argv, guest_view, load_handles
+from shared.lab.vms import VmLab
+from tests.lab.labs import run_state_dir, topology_yaml
 from tests.lab.marks import REPO, needs_qemu
 
 pytestmark = [pytest.mark.full, needs_qemu]
-TOPOLOGY = """\
-bridge: pvkbr0
-host_netns: pvk-host
-wire: {netns: pvk-wire, ip: 10.87.0.1/24, iperf_server: true, host_if: pvkbr0-wire}
-guests:
-  - {name: pvk-g1, domid: 41, mac: "02:00:00:00:04:01", ip: 10.87.0.11/24, memory: 384}
-"""
+TOPOLOGY = topology_yaml("pvk", "10.87.0", [{"domid": 41, "memory": 384}], iperf_server=True)
 
 
 @pytest.fixture(scope="module")
 def vm(guest_image, qemu_available):
-    state = Path("/run") / f"pvk-{os.getpid()}"  # short: unix socket paths are limited
+    state = run_state_dir("pvk")
     topo = loads(TOPOLOGY, state_dir=state)
     lab = VmLab(topo, say=lambda _line: None)
     runner = None

@@ -1,6 +1,6 @@
 """Fast tier: what `invoke up` recognises as a start-up failure, and which host directories a
 guest must see at their own paths to run the lab's interpreter (shared/lab/startup.py,
-shared/lab/machine.py). The QEMU side of both is in tests/lab/test_first_run.py."""
+shared/lab/machine/guest_env.py). The QEMU side of both is in tests/lab/test_first_run.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.lab.machine import interpreter_paths
+from shared.lab.machine.guest_env import interpreter_paths
 from shared.lab.startup import console_failure, guest_failure, process_failure
 
 BOOT = """\

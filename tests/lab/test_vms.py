@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,48 +19,26 @@ from pyroute2 import netns as pnetns
 
 from shared.control import query
 from shared.lab.accel import CACHE_FILE
-from shared.lab.image import cached_image
-from shared.lab.netns import IperfPath, run_iperf
-from shared.lab.topology import load
-from shared.lab.vms import SshRunner, load_handles
-from tests.lab.marks import REPO, needs_qemu
+from shared.lab.guest_handles import SshRunner, load_handles
+from shared.lab.image.store import cached_image
+from shared.lab.iperf import IperfPath, run_iperf
+from tests.lab.labs import invoke, invoked_lab, run_state_dir, topology_yaml, write_topology
+from tests.lab.marks import needs_qemu
 from tests.lab.test_pair import RECEIVER, SENDER
 
 pytestmark = [pytest.mark.full, needs_qemu]
-TOPOLOGY = """\
-bridge: pvqbr0
-host_netns: pvq-host
-state_dir: {state}
-wire: {{netns: pvq-wire, ip: 10.80.0.1/24, iperf_server: true, host_if: pvqbr0-wire}}
-guests:
-  - {{name: pvq-g1, domid: 31, mac: "02:00:00:00:03:01", ip: 10.80.0.11/24, memory: 384}}
-  - {{name: pvq-g2, domid: 32, mac: "02:00:00:00:03:02", ip: 10.80.0.12/24, memory: 384}}
-"""
-
-
-def invoke(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=timeout)
+GUESTS = [{"domid": 31, "memory": 384}, {"domid": 32, "memory": 384}]
 
 
 @pytest.fixture(scope="module")
 def vmlab(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pvq")
-    state = Path("/run") / f"pvq-{os.getpid()}"  # short: unix socket paths are limited
-    f = d / "topology.yaml"
-    f.write_text(TOPOLOGY.format(state=state))
-    topo = load(f)
-    try:
-        r = invoke("up", "--topology", str(f))
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "all 4 ends Connected" in r.stdout
+    state = run_state_dir("pvq")
+    f, topo = write_topology(tmp_path_factory.mktemp("pvq"), topology_yaml(
+        "pvq", "10.80.0", GUESTS, iperf_server=True, state_dir=state))
+    with invoked_lab(f, state, ends=4):
         runner = SshRunner(topo)
         yield topo, f, runner
         runner.close()
-    finally:
-        down = invoke("down", "--topology", str(f))
-        print(down.stdout, down.stderr)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_guests_boot_with_the_detected_accelerator(vmlab):

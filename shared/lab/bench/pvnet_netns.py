@@ -21,7 +21,8 @@ from shared.control import query
 from shared.lab.bench.measure import Sample, read_proc
 from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext
 from shared.lab.bench.veth import ensure_ethtool, ethtool, offload_summary
-from shared.lab.netns import Lab, default_commands
+from shared.lab.commands import default_commands
+from shared.lab.netns import Lab
 from shared.lab.topology import Guest, Topology, loads
 
 MODES: dict[str, dict[str, object]] = {

@@ -28,8 +28,10 @@ from shared.lab.bench.paths import (
     PathContext,
 )
 from shared.lab.bench.veth import ensure_ethtool, ethtool, link_frames
+from shared.lab.commands import GUEST_TAP
+from shared.lab.guest_handles import SshRunner, load_handles
 from shared.lab.topology import Topology, loads
-from shared.lab.vms import GUEST_TAP, SshRunner, VmLab, load_handles
+from shared.lab.vms import VmLab
 
 QEMU_MODES: dict[str, dict[str, object]] = {
     "lazy": {"tx_mode": "lazy"},

@@ -25,7 +25,7 @@ from shared.lab.bench.paths import (
     Path,
     PathContext,
 )
-from shared.lab.netns import rtnl
+from shared.lab.plumbing import rtnl
 
 DEV = "eth0"
 
