@@ -51,8 +51,10 @@ def third_party_imports(path: Path) -> set[str]:
             tops.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             tops.add(node.module.split(".")[0])
-    # a script directory's own modules (vm-images/guest/guest_*.py import each other)
-    siblings = {p.stem for p in path.parent.glob("*.py")}
+    # a script directory's own modules (vm-images/guest/guest_*.py import each other; a
+    # package's modules import theirs absolutely, so a package is not a script directory)
+    script_dir = not (path.parent / "__init__.py").exists()
+    siblings = {p.stem for p in path.parent.glob("*.py")} if script_dir else set()
     return {t for t in tops if t not in sys.stdlib_module_names and t not in OURS
             and t not in siblings and t != "__future__"}
 
