@@ -38,7 +38,7 @@ from itertools import islice
 
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
-from shared.control import Handoff
+from shared.control_protocol import Handoff
 from shared.netif import PAGE_SIZE
 from shared.transport import create_memfd
 from shared.zbuf import HEADER, IN, MAX_BUFFER, MIN_BUFFER, OUT, RECORD, Buffer, Producer

@@ -29,7 +29,8 @@ from backend.netback import FATAL_REASONS, FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
-from shared.control import ControlServer, Handoff
+from shared.control_protocol import Handoff
+from shared.control_server import ControlServer
 from shared.doorbell import HostDoorbell, KickChannel
 from shared.grant import GrantError
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from shared import cli
-from shared.control import ControlServer
+from shared.control_server import ControlServer
 
 
 def front(**over: Any) -> dict[str, Any]:

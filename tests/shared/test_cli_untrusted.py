@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared import cli
-from shared.control import ControlServer
+from shared.control_server import ControlServer
 from tests.shared.test_cli import back, front
 
 EVIL = "\x1b[2J\x1b]0;owned\x07\u202egnp\n== vif9.0 (netback"
