@@ -31,8 +31,9 @@ from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_fe
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
 from shared.control_protocol import Handoff
 from shared.control_server import ControlServer
-from shared.doorbell import HostDoorbell, KickChannel
+from shared.doorbell_host import HostDoorbell
 from shared.grant import GrantError
+from shared.kickchannel import KickChannel
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
 from shared.region import LayoutError, Region
 from shared.ring import RSP_PROD, BackRing, RingError, require_tso
