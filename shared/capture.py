@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from shared.control import ControlError
+from shared.faults import kind_of
 from shared.fdpass import AncillaryError, recv_with_fds
 from shared.pcap import PcapWriter
 from shared.zbuf import OUT, Reader, Record
@@ -182,7 +183,8 @@ def run_capture(path: str, vif: str, request: dict, out: BinaryIO | None, count:
     try:
         att = attach(path, request)
     except ControlError as exc:
-        print(f"pvnet capture: {exc}", file=sys.stderr)
+        whose = f" ({kind_of(exc.__cause__)} fault)" if exc.__cause__ is not None else ""
+        print(f"pvnet capture: {exc}{whose}", file=sys.stderr)
         return 1
     reply = att.reply
     writer = PcapWriter(out, reply["snaplen"], fmt, vif) if out is not None else None

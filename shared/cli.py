@@ -32,6 +32,8 @@ CANONICAL = (
 """Counter order of DESIGN.md; anything else a process reports follows, sorted."""
 
 ENDS = ("netfront", "netback")
+FAULTS = {"faults_peer": "peer", "faults_own": "own", "faults_os": "OS"}
+"""Fault counters by kind (shared/faults.py), shown on a line of their own, not in the table."""
 Rates = dict[tuple[str, str, str], float]  # (socket, section, counter) -> per second
 
 
@@ -165,6 +167,8 @@ def render_group(group: dict[str, dict[str, Any] | None], rates: Rates | None = 
             return _fmt((e.get("features") or {}).get(k)) if e else "-"
         lines.append("   features: " + ", ".join(
             f"{escape(k)} {mark(front, k)}/{mark(back, k)}" for k in feats))
+    lines += [f"   faults ({end}): {line}" for end, e in zip(ENDS, (front, back), strict=True)
+              if (line := faults_line(e))]
     sections: list[tuple[str, str]] = []
     for e in (front, back):
         for ring in (e or {}).get("rings") or {}:
@@ -179,12 +183,25 @@ def render_group(group: dict[str, dict[str, Any] | None], rates: Rates | None = 
                 return {}
             return ((e.get("rings") or {}).get(ring) if ring else e.get("counters")) or {}
         cols = [table(front), table(back)]
-        names = _order(set(cols[0]) | set(cols[1]))
+        names = _order((set(cols[0]) | set(cols[1])) - (set() if ring else set(FAULTS)))
         if names:
             rows.append(title)
             rows += [(n, *(_cell(n, c, e, ring or "counters", rates)
                            for c, e in zip(cols, (front, back), strict=True))) for n in names]
     return "\n".join(lines + _layout(rows))
+
+
+def faults_line(e: dict[str, Any] | None) -> str:
+    """``peer N, own N, OS N``: whose fault this end's errors were (counters, or top level);
+    empty for an end that does not count them."""
+    if not e:
+        return ""
+    counters = e.get("counters") or {}
+    got = {k: counters.get(k, e.get(k)) for k in FAULTS}
+    if all(v is None for v in got.values()):
+        return ""
+    return ", ".join(f"{label} {_fmt(got[k]) if got[k] is not None else '-'}"
+                     for k, label in FAULTS.items())
 
 
 def _cell(name: str, col: dict[str, Any], e: dict[str, Any] | None, section: str,

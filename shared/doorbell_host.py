@@ -10,7 +10,7 @@ import os
 from shared.channel import ChannelClosed
 from shared.doorbell import DoorbellError, drain_eventfd
 from shared.faults import kind_of
-from shared.ivshmem import IvshmemClient, ProtocolError
+from shared.ivshmem import IvshmemClient, ProtocolError, ServerUnreachable
 
 
 class HostDoorbell:
@@ -34,8 +34,8 @@ class HostDoorbell:
     def connect(cls, path: str, timeout: float = 10.0, vector: int = 0) -> HostDoorbell:
         try:
             return cls(IvshmemClient.connect(path, timeout), vector)
-        except ProtocolError as e:
-            raise DoorbellError(str(e)) from e
+        except (ProtocolError, ServerUnreachable) as e:
+            raise DoorbellError(f"{e} ({kind_of(e)} fault)") from e
 
     @property
     def peer_id(self) -> int:

@@ -26,7 +26,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from shared.faults import PeerFault
+from shared.faults import OSFault, PeerFault
 from shared.fdpass import AncillaryError, close_all, recv_with_fds
 
 PROTOCOL_VERSION = 0
@@ -39,6 +39,11 @@ MAX_FDS = 4  # read per message, to close what a faulty server sends beyond the 
 
 class ProtocolError(PeerFault):
     """The other end does not speak the ivshmem server protocol (or went away mid-setup)."""
+
+
+class ServerUnreachable(OSFault):
+    """No ivshmem server could be reached, or the socket failed under us: the OS's say, not a
+    protocol breach (a log line must not blame a server that was never there)."""
 
 
 def send_msg(sock: socket.socket, value: int, fd: int | None = None) -> None:
@@ -133,7 +138,7 @@ class IvshmemClient:
                     break
                 except (FileNotFoundError, ConnectionRefusedError) as e:
                     if time.monotonic() > deadline:
-                        raise ProtocolError(f"no ivshmem server at {path}: {e}") from e
+                        raise ServerUnreachable(f"no ivshmem server at {path}: {e}") from e
                     time.sleep(0.1)
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             version, fd = recv_msg(sock)
@@ -145,12 +150,12 @@ class IvshmemClient:
             table.own_id = own
             while table.shm_fd is None or not table.peers.get(own):
                 table.apply(*recv_msg(sock))
-        except (OSError, ProtocolError) as e:
+        except (OSError, ProtocolError, ServerUnreachable) as e:
             table.close()
             sock.close()
-            if isinstance(e, ProtocolError):
+            if not isinstance(e, OSError):
                 raise
-            raise ProtocolError(f"ivshmem server at {path}: {e}") from e
+            raise ServerUnreachable(f"ivshmem server at {path}: {e}") from e
         sock.setblocking(False)
         client = cls(sock, table)
         client.pump()
