@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import cli
+from shared import cli, stats_view
 from shared.control_server import ControlServer
 from tests.shared.test_cli import back, front, rows
 
@@ -47,5 +47,5 @@ def test_json_keeps_the_fault_counters(lab_dir: Path, capsys) -> None:
 
 
 def test_fault_counters_at_the_top_level_and_missing_kinds() -> None:
-    assert cli.faults_line(back(faults_peer=2, faults_os=0)) == "peer 2, own -, OS 0"
-    assert cli.faults_line(None) == "" and cli.faults_line(front()) == ""
+    assert stats_view.faults_line(back(faults_peer=2, faults_os=0)) == "peer 2, own -, OS 0"
+    assert stats_view.faults_line(None) == "" and stats_view.faults_line(front()) == ""
