@@ -33,13 +33,13 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import islice
 
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
-from shared.control import Handoff
+from shared.control_protocol import Handoff
 from shared.netif import PAGE_SIZE
+from shared.stats import counters
 from shared.transport import create_memfd
 from shared.zbuf import HEADER, IN, MAX_BUFFER, MIN_BUFFER, OUT, RECORD, Buffer, Producer
 
@@ -52,17 +52,10 @@ DIRECTIONS = {"out": (True, False), "in": (False, True), "both": (True, True)}
 WAKE, FLUSH = b"R", b"F"
 
 
-@dataclass
-class Totals:
-    """Cumulative over every capture this netback served (the stats counters)."""
-
-    capture_frames: int = 0
-    capture_drops: int = 0
-    capture_drops_busy: int = 0
-    capture_rotations: int = 0
-    capture_bad_acks: int = 0
-    capture_attaches: int = 0
-    capture_detaches: int = 0
+Totals = counters(
+    "Totals", "capture_frames capture_drops capture_drops_busy capture_rotations "
+    "capture_bad_acks capture_attaches capture_detaches",
+    "Cumulative over every capture this netback served (the stats counters).")
 
 
 def _payload(gntmap: GntMap, head: Buffer, grefs: Sequence[int], frames: Sequence[int],
@@ -316,7 +309,7 @@ class CaptureTap:
     def counters(self) -> dict[str, int]:
         """Totals plus what the attached capture did since its last tick; reads only, so the
         control thread never takes the lock the data path tries."""
-        out = dict(vars(self.totals))
+        out = self.totals.as_dict()
         cap = self.capture
         if cap is not None:
             p = cap.producer
@@ -337,4 +330,4 @@ class CaptureTap:
 
 
 NO_CAPTURE = CaptureTap()
-"""The tap of a TX/RX path nobody attached to a netback (tests building paths directly)."""
+"""The tap of a TX/RX path built on its own, outside a netback: never on, captures nothing."""

@@ -29,9 +29,11 @@ from backend.netback import FATAL_REASONS, FatalTxError, TxPath
 from backend.rx import FatalRxError, RxPath
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
-from shared.control import ControlServer, Handoff
-from shared.doorbell import HostDoorbell, KickChannel
+from shared.control_protocol import Handoff
+from shared.control_server import ControlServer
+from shared.doorbell_host import HostDoorbell
 from shared.grant import GrantError
+from shared.kickchannel import KickChannel
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
 from shared.region import LayoutError, Region
 from shared.ring import RSP_PROD, BackRing, RingError, require_tso

@@ -19,8 +19,10 @@ from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import REAP_INTERVAL, BackendError, TxQueue
 from frontend.xenbus import Handshake
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
-from shared.control import ControlServer, PortControl
-from shared.doorbell import KickChannel, guest_doorbell
+from shared.control_port import PortControl
+from shared.control_server import ControlServer
+from shared.doorbell_guest import guest_doorbell
+from shared.kickchannel import KickChannel
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
 from shared.netif import EXTENSIONS, FRONTEND_KEYS
 from shared.region import Region

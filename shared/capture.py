@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from shared.control import ControlError
+from shared.faults import kind_of
+from shared.fdpass import AncillaryError, recv_with_fds
 from shared.pcap import PcapWriter
 from shared.zbuf import OUT, Reader, Record
 
@@ -55,14 +57,14 @@ def attach(path: str, request: dict, timeout: float = 5.0) -> Attached:
             sock.sendall(json.dumps({"cmd": "capture", **request}).encode() + b"\n")
             buf = b""
             while b"\n" not in buf:
-                data, got, _flags, _addr = socket.recv_fds(sock, 65536, 4)
+                data, got = recv_with_fds(sock, 65536, 4)
                 fds += got
                 if not data:
                     raise ControlError(f"{path}: closed before answering")
                 buf += data
                 if len(buf) > 65536:
                     raise ControlError(f"{path}: reply too long")
-        except OSError as exc:
+        except (OSError, AncillaryError) as exc:
             raise ControlError(f"{path}: {exc}") from exc
         try:
             reply = json.loads(buf[:buf.index(b"\n")])
@@ -181,7 +183,8 @@ def run_capture(path: str, vif: str, request: dict, out: BinaryIO | None, count:
     try:
         att = attach(path, request)
     except ControlError as exc:
-        print(f"pvnet capture: {exc}", file=sys.stderr)
+        whose = f" ({kind_of(exc.__cause__)} fault)" if exc.__cause__ is not None else ""
+        print(f"pvnet capture: {exc}{whose}", file=sys.stderr)
         return 1
     reply = att.reply
     writer = PcapWriter(out, reply["snaplen"], fmt, vif) if out is not None else None

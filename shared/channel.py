@@ -9,7 +9,6 @@ placement, where only bytes pass). Repeated kicks that arrive together count as 
 
 from __future__ import annotations
 
-import array
 import errno
 import json
 import os
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 
 from shared import jsonline
 from shared.faults import PeerFault
+from shared.fdpass import AncillaryError, close_all, recv_with_fds
 
 NOTIFY = b"!"
 MAX_MESSAGE = 64 * 1024
@@ -135,11 +135,11 @@ class EventChannel:
         try:
             self._drain(got)
         except BaseException:
-            _close_all(got.fds)  # a bad message must not strand descriptors that came with it
+            close_all(got.fds)  # a bad message must not strand descriptors that came with it
             raise
         self.kicks_received += got.kicks
         if got.fds and not keep_fds:
-            _close_all(got.fds)
+            close_all(got.fds)
             got.fds = []
         return got
 
@@ -164,13 +164,11 @@ class EventChannel:
     def _read(self, got: Received) -> bytes:
         if self.sock is None:
             return os.read(self.fd, 65536)
-        data, anc, _flags, _addr = self.sock.recvmsg(
-            65536, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                got.fds.extend(fds)
+        try:
+            data, fds = recv_with_fds(self.sock, 65536, MAX_FDS)
+        except AncillaryError as e:
+            raise ChannelError(str(e)) from e
+        got.fds.extend(fds)
         return data
 
     def _parse(self, chunk: bytes, got: Received) -> None:
@@ -206,14 +204,6 @@ class EventChannel:
             self.sock.close()
         else:
             os.close(self.fd)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def kick_if(wanted: bool, chan: EventChannel, stats) -> None:

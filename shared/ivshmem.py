@@ -19,7 +19,6 @@ process; a guest rings it with ``(0 << 16) | vector`` written to its Doorbell re
 
 from __future__ import annotations
 
-import array
 import os
 import select
 import socket
@@ -27,18 +26,24 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from shared.faults import PeerFault
+from shared.faults import OSFault, PeerFault
+from shared.fdpass import AncillaryError, close_all, recv_with_fds
 
 PROTOCOL_VERSION = 0
 BACKEND_PEER = 0
 MAX_PEER = 0xFFFF  # the Doorbell register has 16 bits for the destination
 SHM_MESSAGE = -1
 MSG = struct.Struct("<q")
-_FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+MAX_FDS = 4  # read per message, to close what a faulty server sends beyond the one
 
 
 class ProtocolError(PeerFault):
     """The other end does not speak the ivshmem server protocol (or went away mid-setup)."""
+
+
+class ServerUnreachable(OSFault):
+    """No ivshmem server could be reached, or the socket failed under us: the OS's say, not a
+    protocol breach (a log line must not blame a server that was never there)."""
 
 
 def send_msg(sock: socket.socket, value: int, fd: int | None = None) -> None:
@@ -56,15 +61,15 @@ def recv_msg(sock: socket.socket) -> tuple[int, int | None]:
     buf = bytearray()
     fd: int | None = None
     while len(buf) < MSG.size:
-        data, anc, _flags, _addr = sock.recvmsg(MSG.size - len(buf), _FD_SPACE)
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                for extra in fds[1:] if fd is None else fds:
-                    os.close(extra)  # one fd per message; anything else is not ours to keep
-                if fd is None and fds:
-                    fd = fds[0]
+        try:
+            data, fds = recv_with_fds(sock, MSG.size - len(buf), MAX_FDS)
+        except AncillaryError as e:
+            if fd is not None:
+                os.close(fd)
+            raise ProtocolError(f"ivshmem server: {e}") from e
+        if fd is None and fds:
+            fd = fds.pop(0)
+        close_all(fds)  # one fd per message; anything else is not ours to keep
         if not data:
             if fd is not None:
                 os.close(fd)
@@ -133,7 +138,7 @@ class IvshmemClient:
                     break
                 except (FileNotFoundError, ConnectionRefusedError) as e:
                     if time.monotonic() > deadline:
-                        raise ProtocolError(f"no ivshmem server at {path}: {e}") from e
+                        raise ServerUnreachable(f"no ivshmem server at {path}: {e}") from e
                     time.sleep(0.1)
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             version, fd = recv_msg(sock)
@@ -145,12 +150,12 @@ class IvshmemClient:
             table.own_id = own
             while table.shm_fd is None or not table.peers.get(own):
                 table.apply(*recv_msg(sock))
-        except (OSError, ProtocolError) as e:
+        except (OSError, ProtocolError, ServerUnreachable) as e:
             table.close()
             sock.close()
-            if isinstance(e, ProtocolError):
+            if not isinstance(e, OSError):
                 raise
-            raise ProtocolError(f"ivshmem server at {path}: {e}") from e
+            raise ServerUnreachable(f"ivshmem server at {path}: {e}") from e
         sock.setblocking(False)
         client = cls(sock, table)
         client.pump()

@@ -9,14 +9,17 @@ areas); payload pages are reached only through grants.
 
 from __future__ import annotations
 
+import logging
 import mmap
+import os
 import struct
 from dataclasses import astuple, dataclass
 
-from shared.faults import PeerFault
+from shared.faults import OwnFault, PeerFault, kind_of
 from shared.grant import GRANT_ENTRY, RESERVED_REFS, GrantTable
 from shared.netif import PAGE_SIZE
 
+log = logging.getLogger("pvnet.region")
 MAGIC = b"PVNETRG1"
 VERSION = 1
 _HEADER = struct.Struct("<8s13I")
@@ -112,41 +115,96 @@ class Layout:
         return self.hdr_slot_size * self.hdr_slots
 
 
-class Region:
-    """A mapped grant region: views of each area over one mmap."""
+class RegionInUse(OwnFault):
+    """``Region.close`` could not unmap: a view the Region did not hand out (a slice or cast
+    someone made of one of its views, or their own ``memoryview`` of the mmap) is still alive.
 
-    def __init__(self, mem: mmap.mmap, layout: Layout) -> None:
+    Our own fault: every holder is in this process, and the teardown order is ours to get
+    right. Raised rather than swallowed because a swallowed one is a mapping (and, for a
+    memfd, the frontend's memory) kept until garbage collection, invisible to the operator."""
+
+
+class Region:
+    """A mapped grant region: views of each area over one mmap.
+
+    The Region owns the mmap and, when given one, the memfd ``fd``; ``close`` releases every
+    view it handed out (``buf``, the areas, ``page()``s, the grant table's) and then unmaps and
+    closes for real."""
+
+    def __init__(self, mem: mmap.mmap, layout: Layout, fd: int | None = None) -> None:
         self.mem = mem
         self.layout = layout
-        self.buf = memoryview(mem)
+        self.fd = fd
+        self.closed = False
+        self._views: list[memoryview] = []
+        self.buf = self._track(memoryview(mem))
         p = PAGE_SIZE
-        self.grants = GrantTable(self.buf[layout.gnt_page * p:layout.tx_ring_page * p],
+        self.grants = GrantTable(self._track(self.buf[layout.gnt_page * p:layout.tx_ring_page * p]),
                                  layout.gnt_count)
-        self.tx_ring = self.buf[layout.tx_ring_page * p:(layout.tx_ring_page + 1) * p]
-        self.rx_ring = self.buf[layout.rx_ring_page * p:(layout.rx_ring_page + 1) * p]
-        self.hdr = self.buf[layout.hdr_page * p:layout.hdr_page * p + layout.hdr_area_bytes]
+        self._track(self.grants.flags)
+        self.tx_ring = self._view(layout.tx_ring_page * p, (layout.tx_ring_page + 1) * p)
+        self.rx_ring = self._view(layout.rx_ring_page * p, (layout.rx_ring_page + 1) * p)
+        self.hdr = self._view(layout.hdr_page * p, layout.hdr_page * p + layout.hdr_area_bytes)
+
+    def _track(self, view: memoryview) -> memoryview:
+        self._views.append(view)
+        return view
+
+    def _view(self, start: int, end: int) -> memoryview:
+        return self._track(self.buf[start:end])
 
     def page(self, frame: int) -> memoryview:
-        return self.buf[frame * PAGE_SIZE:(frame + 1) * PAGE_SIZE]
+        """One page's view; released by ``close`` like the others."""
+        return self._view(frame * PAGE_SIZE, (frame + 1) * PAGE_SIZE)
 
     @classmethod
-    def create(cls, mem: mmap.mmap, **kw: int) -> Region:
+    def create(cls, mem: mmap.mmap, fd: int | None = None, **kw: int) -> Region:
         """Frontend: lay out a fresh (zeroed) region and write the header page."""
         layout = Layout.for_size(len(mem), **kw)
-        memoryview(mem)[: PAGE_SIZE * (layout.payload_page)] = bytes(
-            PAGE_SIZE * layout.payload_page)
-        layout.pack_into(memoryview(mem))
-        return cls(mem, layout)
+        with memoryview(mem) as view:
+            view[: PAGE_SIZE * layout.payload_page] = bytes(PAGE_SIZE * layout.payload_page)
+            layout.pack_into(view)
+        return cls(mem, layout, fd)
 
     @classmethod
-    def attach(cls, mem: mmap.mmap) -> Region:
+    def attach(cls, mem: mmap.mmap, fd: int | None = None) -> Region:
         """Backend: map a frontend's region after validating its header."""
-        return cls(mem, Layout.unpack(memoryview(mem), len(mem)))
+        with memoryview(mem) as view:
+            layout = Layout.unpack(view, len(mem))
+        return cls(mem, layout, fd)
 
-    def close(self) -> None:
-        """Unmap. Views still held elsewhere (rings) pin the mapping until they are collected,
-        so a BufferError here only means the unmap happens at garbage collection."""
+    def close(self, strict: bool = False) -> None:
+        """Release every view handed out, unmap, close the memfd. Idempotent.
+
+        A view made elsewhere (a ring's cast of ``tx_ring``, a slice of ``buf``) that is still
+        alive pins the mapping: unmapping under it would turn its next access into a SIGSEGV,
+        and no view can be released by anyone but its maker. So the mapping then stays until
+        that view goes, and the pinning is logged as our own fault (RegionInUse), never
+        swallowed silently: a teardown another thread may briefly overlap (netback's control
+        thread reading a ring for ``pvnet stats``) must still finish. ``strict=True`` raises
+        RegionInUse instead (the memfd is closed all the same; a later ``close`` tries the
+        unmap again), for an owner that knows every view is gone."""
+        if self.closed:
+            return
+        kept: list[memoryview] = []
+        for view in reversed(self._views):  # casts and slices before what they came from
+            try:
+                view.release()
+            except BufferError:  # exported itself (a buffer someone made of it)
+                kept.append(view)
+        self._views = kept
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         try:
             self.mem.close()
-        except BufferError:
-            pass
+        except BufferError as e:
+            fault = RegionInUse(f"region of {len(self.mem)} bytes still exported elsewhere "
+                                f"({e}): its views must go before the region does")
+            if strict:
+                raise fault from e
+            log.warning("%s (%s fault); unmapped when the last view goes", fault,
+                        kind_of(fault))
+            self._views.clear()
+            self.mem = None  # type: ignore[assignment]  # the last view's release unmaps
+        self.closed = True

@@ -7,7 +7,7 @@ harmless for a monitoring view.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, make_dataclass
 
 
 @dataclass(slots=True)
@@ -69,3 +69,14 @@ class RingStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def counters(name: str, names: str, doc: str) -> type:
+    """A slotted dataclass of int counters named in ``names`` (space-separated), all 0, with
+    ``as_dict``: for a set of plain counters (the capture totals) that would
+    otherwise be declared ``x: int = 0`` line after line, as RingStats is (it keeps its lines
+    for the comments each counter carries)."""
+    cls = make_dataclass(name, [(n, int, 0) for n in names.split()], slots=True,
+                         namespace={"__doc__": doc, "as_dict": asdict})
+    cls.__module__ = __name__
+    return cls

@@ -15,6 +15,7 @@ fixed offsets of the device fd: read/write them with pread/pwrite, or mmap those
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import mmap
@@ -49,22 +50,28 @@ VFIO_DEVICE_SET_IRQS = _io(10)
 VFIO_API_VERSION = 0
 VFIO_TYPE1_IOMMU = 1
 VFIO_GROUP_FLAGS_VIABLE = 1 << 0
-
-VFIO_REGION_INFO_FLAG_READ = 1 << 0
-VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
-VFIO_REGION_INFO_FLAG_MMAP = 1 << 2
-
-VFIO_PCI_BAR0_REGION_INDEX = 0
 VFIO_PCI_CONFIG_REGION_INDEX = 7
 VFIO_PCI_MSIX_IRQ_INDEX = 2
 
-VFIO_IRQ_SET_DATA_NONE = 1 << 0
-VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
-VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
 
-PCI_COMMAND = 0x04
-PCI_COMMAND_MEMORY = 0x2
-PCI_COMMAND_MASTER = 0x4
+class RegionFlag(enum.IntFlag):
+    """vfio_region_info.flags: what a region allows."""
+
+    READ = 1 << 0
+    WRITE = 1 << 1
+    MMAP = 1 << 2
+
+
+class IrqSet(enum.IntFlag):
+    """vfio_irq_set.flags: the data format and the action of VFIO_DEVICE_SET_IRQS."""
+
+    DATA_NONE = 1 << 0
+    DATA_EVENTFD = 1 << 2
+    ACTION_TRIGGER = 1 << 5
+
+
+PCI_COMMAND = 0x04  # config-space offset of the command register and its bits:
+PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x2, 0x4
 
 GROUP_STATUS = struct.Struct("=II")  # argsz, flags
 REGION_INFO = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
@@ -88,7 +95,7 @@ class RegionInfo:
 
     @property
     def mappable(self) -> bool:
-        return bool(self.flags & VFIO_REGION_INFO_FLAG_MMAP)
+        return bool(self.flags & RegionFlag.MMAP)
 
 
 def find_pci(vendor: int, device: int) -> Path:
@@ -234,12 +241,12 @@ class VfioDevice:
         """Trigger these eventfds on vectors 0..n-1 of IRQ ``index`` (enables MSI-X)."""
         data = struct.pack(f"={len(eventfds)}i", *eventfds)
         head = IRQ_SET.pack(IRQ_SET.size + len(data),
-                            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                            IrqSet.DATA_EVENTFD | IrqSet.ACTION_TRIGGER,
                             index, 0, len(eventfds))
         fcntl.ioctl(self.fd, VFIO_DEVICE_SET_IRQS, bytearray(head + data), True)
 
     def disable_irqs(self, index: int) -> None:
-        head = IRQ_SET.pack(IRQ_SET.size, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+        head = IRQ_SET.pack(IRQ_SET.size, IrqSet.DATA_NONE | IrqSet.ACTION_TRIGGER,
                             index, 0, 0)
         fcntl.ioctl(self.fd, VFIO_DEVICE_SET_IRQS, bytearray(head), True)
 

@@ -25,7 +25,9 @@ from dataclasses import asdict
 import pytest
 
 from shared.control import query
-from shared.doorbell import HostDoorbell, KickChannel, RoundTrips, lead
+from shared.doorbell_host import HostDoorbell
+from shared.doorbell_roundtrip import RoundTrips, lead
+from shared.kickchannel import KickChannel
 from shared.lab import procs
 from shared.lab.commands import backend_argv, doorbell_sockets, frontend_argv
 from shared.lab.guest_handles import SshRunner, guest_view, load_handles
@@ -206,7 +208,8 @@ def _round_trips(topo, runner, transport: str) -> tuple[RoundTrips, dict[str, in
     g = topo.guests[0]
     session = runner.client(g.name).get_transport().open_session()
     session.exec_command(f"cd {shlex.quote(guest_view(REPO))} && {shlex.quote(sys.executable)} "
-                         f"-m shared.doorbell follow --transport {transport} --timeout 120")
+                         f"-m shared.doorbell_roundtrip follow --transport {transport} "
+                         "--timeout 120")
     stream = connect_unix(str(topo.event_socket(g)), 10)
     chan = stream
     if transport == "doorbell":

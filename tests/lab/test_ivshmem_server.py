@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.doorbell import HostDoorbell
+from shared.doorbell_host import HostDoorbell
 from shared.ivshmem import BACKEND_PEER
 from shared.lab.ivshmem_server import IvshmemServer
 from shared.transport import create_memfd

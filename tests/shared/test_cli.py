@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from shared import cli
-from shared.control import ControlServer
+from shared import cli, stats_view
+from shared.control_server import ControlServer
 
 
 def front(**over: Any) -> dict[str, Any]:
@@ -48,19 +48,19 @@ def rows(text: str) -> dict[str, list[str]]:
 
 
 def test_pairs_front_and_back_by_name_and_peer() -> None:
-    groups = cli.pair([back(), front(), front(name="g2", peer="vif2.0", socket="/x/g2.ctl")])
+    groups = stats_view.pair([back(), front(), front(name="g2", peer="vif2.0", socket="/x/g2.ctl")])
     assert [(g["netfront"] or {}).get("name") for g in groups] == ["g1", "g2"]
     assert groups[0]["netback"]["name"] == "vif1.0"
     assert groups[1]["netback"] is None
 
 
 def test_pairs_when_only_backend_knows_the_peer() -> None:
-    groups = cli.pair([front(peer=""), back()])
+    groups = stats_view.pair([front(peer=""), back()])
     assert len(groups) == 1 and groups[0]["netback"] is not None
 
 
 def test_render_table_layout() -> None:
-    text = cli.render([front(), back()])
+    text = stats_view.render([front(), back()])
     assert text.startswith("== g1 (netfront, pid 101, Connected, tx_mode lazy)  <->  vif1.0")
     assert "feature-header-slots yes/no" in text
     assert text.index("ring tx") < text.index("ring rx") < text.index("counters")
@@ -76,40 +76,41 @@ def test_render_table_layout() -> None:
 
 
 def test_canonical_order_then_extras_sorted() -> None:
-    text = cli.render([front(), back()])
+    text = stats_view.render([front(), back()])
     tx_block = text[text.index("ring tx"): text.index("ring rx")]
     names = [ln.split()[0] for ln in tx_block.splitlines()[1:] if ln.strip()]
-    canon = [n for n in names if n in cli.CANONICAL]
-    assert canon == sorted(canon, key=cli.CANONICAL.index)
+    canon = [n for n in names if n in stats_view.CANONICAL]
+    assert canon == sorted(canon, key=stats_view.CANONICAL.index)
     assert names[-2:] == ["custom", "zz_extra"]  # unknown names after canonical ones, sorted
 
 
 def test_all_tables_share_column_alignment() -> None:
-    lines = [ln for ln in cli.render([front(), back()]).splitlines() if ln.startswith("     ")]
+    text = stats_view.render([front(), back()])
+    lines = [ln for ln in text.splitlines() if ln.startswith("     ")]
     assert len({len(ln) for ln in lines}) == 1
 
 
 def test_missing_end_and_unknown_sections_render() -> None:
-    text = cli.render([back(rings={"tx": {}, "rx": {"rsp_prod": 5}}, counters=None)])
+    text = stats_view.render([back(rings={"tx": {}, "rx": {"rsp_prod": 5}}, counters=None)])
     assert "netfront: (no control socket)" in text
     assert rows(text)["rsp_prod"] == ["-", "5"]
 
 
 def test_unreachable_is_one_line() -> None:
-    text = cli.render([front(), back(), {"socket": "/x/g2.ctl", "error": "/x/g2.ctl: gone"}])
+    text = stats_view.render([front(), back(), {"socket": "/x/g2.ctl", "error": "/x/g2.ctl: gone"}])
     assert text.splitlines()[-1] == "!! /x/g2.ctl: gone"
-    assert cli.render([]) == "no control sockets found"
+    assert stats_view.render([]) == "no control sockets found"
 
 
 def test_rates_for_packet_and_byte_counters_only() -> None:
     f0, b0 = front(), back()
     f1 = copy.deepcopy(f0)
     f1["rings"]["tx"].update(tx_packets=2010, tx_bytes=15000 + 250_000_000, req_prod=99)
-    rates = cli.compute_rates([f0, b0], [f1, b0], dt=2.0)
+    rates = stats_view.compute_rates([f0, b0], [f1, b0], dt=2.0)
     assert rates[(f0["socket"], "tx", "tx_packets")] == 1000.0
     assert rates[(f0["socket"], "tx", "tx_bytes")] == 125_000_000.0
     assert (f0["socket"], "tx", "req_prod") not in rates
-    r = rows(cli.render([f1, b0], rates))
+    r = rows(stats_view.render([f1, b0], rates))
     assert r["tx_packets"][0] == "2010 (1.00 k/s)"
     assert r["tx_bytes"][0].endswith("(1.00 Gbit/s)")
     assert r["tx_packets"][1] == "10 (0/s)"
@@ -118,10 +119,10 @@ def test_rates_for_packet_and_byte_counters_only() -> None:
 def test_no_rate_across_restart_or_reset() -> None:
     f0 = front()
     f1 = front(pid=999)
-    assert cli.compute_rates([f0], [f1], 1.0) == {}
+    assert stats_view.compute_rates([f0], [f1], 1.0) == {}
     f2 = copy.deepcopy(f0)
     f2["rings"]["tx"]["tx_packets"] = 1  # went backwards
-    assert (f0["socket"], "tx", "tx_packets") not in cli.compute_rates([f0], [f2], 1.0)
+    assert (f0["socket"], "tx", "tx_packets") not in stats_view.compute_rates([f0], [f2], 1.0)
 
 
 # -- the command, against real sockets (no root needed) --------------------------------------

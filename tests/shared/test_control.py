@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.control import MAX_LINE, ControlError, ControlServer, dispatch, query
+from shared.control import ControlError, query
+from shared.control_protocol import MAX_LINE, dispatch
+from shared.control_server import ControlServer
 
 SLOW_ENTERED = threading.Event()
 SLOW_RELEASE = threading.Event()

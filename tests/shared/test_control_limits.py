@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import control, jsonline
-from shared.control import ControlServer, query
+from shared import jsonline
+from shared.control import query
+from shared.control_server import MAX_CLIENTS, ControlServer
 from tests.inproc import fd_count, wait_for
 from tests.shared.test_control import raw, stats_handler
 
@@ -37,15 +38,15 @@ def test_brackets_inside_strings_do_not_count() -> None:
 
 
 def test_clients_beyond_the_cap_wait_in_the_backlog(server) -> None:
-    held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(control.MAX_CLIENTS)]
+    held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(MAX_CLIENTS)]
     try:
         for s in held:
             s.connect(server.path)
-        wait_for(lambda: len(server._conns) == control.MAX_CLIENTS, 5, "the cap")
+        wait_for(lambda: len(server._conns) == MAX_CLIENTS, 5, "the cap")
         late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         late.connect(server.path)  # the backlog takes it; the server does not accept it yet
         wait_for(lambda: server.clients_capped >= 1, 5, "the cap to be counted")
-        assert len(server._conns) == control.MAX_CLIENTS
+        assert len(server._conns) == MAX_CLIENTS
         held.pop().close()  # one goes: the late one is served
         late.settimeout(5)
         late.sendall(b'{"cmd":"ping"}\n')

@@ -10,7 +10,9 @@ import threading
 import pytest
 
 from shared.channel import ChannelClosed, EventChannel
-from shared.doorbell import STREAM_EVERY, KickChannel, RoundTrips, drain_eventfd, follow, lead
+from shared.doorbell import drain_eventfd
+from shared.doorbell_roundtrip import RoundTrips, follow, lead
+from shared.kickchannel import STREAM_EVERY, KickChannel
 
 
 class FakeBell:
