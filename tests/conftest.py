@@ -27,13 +27,22 @@ from shared.stats import RingStats
 from shared.transport import create_memfd
 from shared.xenbus import Agreement
 
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux <asm-generic/socket.h>; not in the socket module
+
 
 def dgram_pair() -> tuple[socket.socket, socket.socket]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     for s in (a, b):
         s.setblocking(False)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # a TAP write never says EAGAIN; a socketpair does once its sender's buffer is full,
+        # which a test's reader starved by a loaded machine lets happen: with CAP_NET_ADMIN
+        # make the buffer larger than any test's traffic (the *FORCE options pass wmem_max)
+        for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF),
+                             (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, force, 64 << 20)
+            except PermissionError:
+                s.setsockopt(socket.SOL_SOCKET, plain, 4 << 20)
     return a, b
 
 
