@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.netback import FatalTxError
+from backend.txreq import FatalTxError
 from shared.grant import GrantError
 from shared.netif import (
     TX_REQUEST,
@@ -153,10 +153,10 @@ def test_fragment_slots_are_released_when_the_skb_is_freed_not_when_attached():
     p.tx.ring.push_requests()
     btx = p.btx
     skb = btx._build(btx.ring.unconsumed_requests())
-    btx._flush_dealloc()
+    btx.release.flush()
     assert btx.ring.rsp_prod_pvt == 1 and btx.stats.slots_released == 1
     assert len(skb.ids) == 3
     skb.free()
-    btx._flush_dealloc()
+    btx.release.flush()
     assert btx.ring.rsp_prod_pvt == 4 and btx.stats.slots_released == 4
     close(p)

@@ -3,7 +3,7 @@ otherwise; a lying backend is refused."""
 
 import pytest
 
-from frontend.tx import BackendError
+from frontend.faults import BackendError
 from shared.netif import RX_RESPONSE, NETRXF_more_data
 from shared.offload import VNET_HDR
 from shared.ring import MASK32
