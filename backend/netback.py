@@ -56,11 +56,8 @@ class TxPath:
                  agreement: Agreement | None = None) -> None:
         self.ring = BackRing(region.tx_ring, TX_REQUEST.size)
         self.hdr = region.hdr
-        self.gntmap = gntmap
-        self.vif_fd = vif_fd
-        self.stats = stats
-        self.mode = mode
-        self.filter = pkt_filter
+        self.gntmap, self.vif_fd, self.stats = gntmap, vif_fd, stats
+        self.mode, self.filter = mode, pkt_filter
         self.vnet = bytearray(VNET_HDR.size)
         self._log_t, self._logged = 0.0, 0
         self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)

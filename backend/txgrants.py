@@ -39,14 +39,9 @@ class TxGrants:
 
     def __init__(self, table: GrantTable, domid: int, frames: range, stats: RingStats,
                  check: Callable[[int], int]) -> None:
-        self.table = table
-        self.buf = table.buf
-        self.count = table.count
-        self.flags = table.ref_flags
-        self.domid = domid
-        self.frames = frames
-        self.stats = stats
-        self.check = check
+        self.table, self.buf, self.count = table, table.buf, table.count
+        self.flags = table.ref_flags  # flags[ref]
+        self.domid, self.frames, self.stats, self.check = domid, frames, stats, check
 
     def resolve(self, grefs: list[int]) -> tuple[list[int], int]:
         """Check every fragment's grant; the frames they grant, and the entries' common flags

@@ -88,15 +88,10 @@ class TxRequests:
 
     def __init__(self, ring: BackRing, pending: bytearray, stats: RingStats,
                  slots: HeaderSlots, header_slots: bool, sg: bool, gso_ok: set[int]) -> None:
-        self.ring = ring
-        self.buf = ring.buf
-        self.offsets = ring.offsets
-        self.pending = pending
-        self.stats = stats
-        self.slots = slots
-        self.header_slots = header_slots
-        self.sg = sg
-        self.gso_ok = gso_ok
+        self.ring, self.buf, self.offsets = ring, ring.buf, ring.offsets
+        self.pending, self.stats, self.slots = pending, stats, slots
+        #: what this backend offered: header slots, multi-slot packets, which GSO kinds
+        self.header_slots, self.sg, self.gso_ok = header_slots, sg, gso_ok
         self.pkt = TxPacket()
 
     def read(self, avail: int) -> TxPacket:

@@ -64,10 +64,8 @@ class TxQueue:
         self.xen_gso = tuple(g if g in ok else None for g in _XEN_GSO)
         self.ring = FrontRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
-        self.tap_fd = tap_fd
-        self.stats = stats
-        self.header_slots = header_slots
-        self.persistent = persistent
+        self.tap_fd, self.stats = tap_fd, stats
+        self.header_slots, self.persistent = header_slots, persistent
         self.slots = HeaderSlots(region.hdr, lay.hdr_slot_size, lay.hdr_slots)
         self.chunks = TxChunks(region, first_page, persistent, backend_domid)
         self.flow = flow = TxFlow(self.ring, self.slots, self.chunks, stats)

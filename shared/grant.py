@@ -19,10 +19,6 @@ from dataclasses import dataclass
 from shared.faults import PeerFault
 
 GRANT_ENTRY = struct.Struct("<HHI")
-#: one entry read as a little-endian u64 (``GrantTable.words``: a whole entry compared or
-#: remembered as one value): flags in its low 16 bits, the frame in its high 32
-WORD_FLAGS = 0xFFFF
-WORD_FRAME_SHIFT = 32
 GTF_permit_access = 1
 GTF_readonly = 1 << 2
 GTF_reading = 1 << 3
@@ -36,6 +32,12 @@ RESERVED_REFS = 8
 def entries(n: int) -> struct.Struct:
     """n consecutive grant entries, unpacked in one call (flags, domid, frame, ...)."""
     return struct.Struct(GRANT_ENTRY.format[0] + GRANT_ENTRY.format[1:] * n)
+
+
+#: one entry read as a little-endian u64 (``GrantTable.words``: a whole entry compared or
+#: remembered as one value): flags in its low 16 bits, the frame in its high 32
+WORD_FLAGS = 0xFFFF
+WORD_FRAME_SHIFT = 32
 
 
 class GrantError(PeerFault):

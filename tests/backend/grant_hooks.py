@@ -48,9 +48,7 @@ def install(gntmap: GntMap, hook: Hook) -> None:
             hook("rx_write", g)
         return spill(n, k, nbufs, views, grefs, exps, *a, **kw)
 
-    tx.hold = hooked_hold
-    gntmap.map = hooked_map
-    gntmap.pull = hooked_pull
-    gntmap.tx_iovecs = hooked_iovecs
-    rx.write = hooked_write
-    rx._rx_spill = hooked_spill
+    for obj, name, wrapper in ((tx, "hold", hooked_hold), (gntmap, "map", hooked_map),
+                               (gntmap, "pull", hooked_pull), (gntmap, "tx_iovecs", hooked_iovecs),
+                               (rx, "write", hooked_write), (rx, "_rx_spill", hooked_spill)):
+        setattr(obj, name, wrapper)  # on the instance: its own methods find the wrapper

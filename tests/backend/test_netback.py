@@ -14,8 +14,9 @@ from shared.netif import (
     NETTXF_header_slot,
     NETTXF_more_data,
 )
-from shared.ring import MASK32, RingError
+from shared.ring import RingError
 from tests.conftest import frame, make_pair
+from tests.publish import publish
 
 
 def close(p):
@@ -92,11 +93,7 @@ def test_header_rule_drops_without_mapping_payload_rule_maps():
 
 
 def put(p, *reqs):
-    ring = p.tx.ring
-    for r in reqs:
-        TX_REQUEST.pack_into(ring.buf, ring.entry(ring.req_prod_pvt), *r)
-        ring.req_prod_pvt = (ring.req_prod_pvt + 1) & MASK32
-    ring.push_requests()
+    publish(p.tx.ring, TX_REQUEST, reqs)
 
 
 def grant(p, ref):
