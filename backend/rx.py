@@ -46,6 +46,7 @@ from shared.netif import (
 from shared.offload import (
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_TO_XEN_GSO,
     VNET_HDR,
 )
@@ -184,7 +185,7 @@ class RxPath:
     def _need(self, length: int) -> int:
         """Slots this frame takes (0: dropped, counted, as the frontend cannot take it)."""
         vgso = VNET_HDR.unpack_from(self.vnet)[1]
-        xgso = VIRTIO_TO_XEN_GSO.get(vgso & 0x7F, -1) if vgso else 0
+        xgso = VIRTIO_TO_XEN_GSO.get(vgso & ~VIRTIO_NET_HDR_GSO_ECN, -1) if vgso else 0
         nbufs = -(-length // PAGE_SIZE)
         if (xgso and xgso not in self.gso_ok) or (nbufs > 1 and not self.sg):
             st = self.stats

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from shared.grant import (
     GRANT_ENTRY,
+    WORD_FLAGS,
     GrantError,
     GrantTable,
     GTF_in_use,
@@ -31,6 +32,7 @@ from shared.stats import RingStats
 
 _unpack_gnt = GRANT_ENTRY.unpack_from
 _GE = GRANT_ENTRY.size
+_NOT_IN_USE = ~GTF_in_use & WORD_FLAGS  # a u16 flags value without the in-use bits
 
 
 class TxGrants:
@@ -113,7 +115,7 @@ class TxGrants:
         flags = self.flags
         for g in grefs:
             if not g & GREF_PERSISTENT:
-                flags[g] &= ~GTF_in_use & 0xFFFF
+                flags[g] &= _NOT_IN_USE
 
     def release(self, grefs: list[int], flags0: int = -1) -> None:
         """The skb is freed: nothing reads these grants any more; end_access may succeed."""

@@ -32,7 +32,12 @@ from shared.netif import (
     NETTXF_more_data,
     ring_gref,
 )
-from shared.offload import VIRTIO_TO_XEN_GSO, VNET_HDR
+from shared.offload import (
+    VIRTIO_NET_HDR_F_MASK,
+    VIRTIO_NET_HDR_GSO_KIND,
+    VIRTIO_TO_XEN_GSO,
+    VNET_HDR,
+)
 from shared.region import Region
 from shared.ring import MASK32, FrontRing
 from shared.slots import HeaderSlots
@@ -46,11 +51,12 @@ _pack_extra = EXTRA_INFO.pack_into
 _SLOT = TX_REQUEST.size
 _GE = GRANT_ENTRY.size
 _ONES = b"\x01" * CHUNK_PAGES
-#: virtio_net_hdr flags (NEEDS_CSUM=1, DATA_VALID=2) -> netif TX flags
+#: virtio_net_hdr flags (NEEDS_CSUM=1, DATA_VALID=2, indexed by VIRTIO_NET_HDR_F_MASK bits)
+#: -> netif TX flags
 _TX_FLAGS = (0, NETTXF_csum_blank | NETTXF_data_validated, NETTXF_data_validated,
              NETTXF_csum_blank | NETTXF_data_validated)
 #: virtio gso_type (ECN bit masked) -> netif GSO type; None: netif cannot carry it
-_XEN_GSO = tuple(VIRTIO_TO_XEN_GSO.get(i) for i in range(8))
+_XEN_GSO = tuple(VIRTIO_TO_XEN_GSO.get(i) for i in range(VIRTIO_NET_HDR_GSO_KIND + 1))
 
 
 class TxQueue:
@@ -108,7 +114,7 @@ class TxQueue:
         pbit = ring_gref(0, self.persistent)  # the persistent bit, or-ed into grefs
         readv, tap, unpack_vnet = os.readv, self.tap_fd, VNET_HDR.unpack_from
         room_needed = flow.room_needed
-        xen_gso = self.xen_gso
+        xen_gso, fmask, kind = self.xen_gso, VIRTIO_NET_HDR_F_MASK, VIRTIO_NET_HDR_GSO_KIND
         # without the backend's feature-sg a packet is one data slot (after its header slot)
         one_slot = MAX_PACKET if self.sg else (ss if hs else 0) + PAGE_SIZE
         iov = [vnet, None, None] if hs else [vnet, None]
@@ -135,8 +141,8 @@ class TxQueue:
                 st.drops_error += 1
                 continue
             vflags, vgso, _hl, gso_size, _cs, _co, _nb = unpack_vnet(vnet)
-            flags = _TX_FLAGS[vflags & 3]
-            xgso = xen_gso[vgso & 7]
+            flags = _TX_FLAGS[vflags & fmask]
+            xgso = xen_gso[vgso & kind]
             if xgso is None or length > one_slot:
                 # a GSO kind netif cannot carry (UDP) or the backend did not offer, or more
                 # slots than it accepts: the TAP's offloads should have prevented it
