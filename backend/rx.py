@@ -33,6 +33,7 @@ from backend.gntmap import GntMap
 from shared.faults import PeerFault
 from shared.netif import (
     EXTRA_INFO,
+    MAX_FRAME_PAGES,
     PAGE_SIZE,
     RX_REQUEST,
     RX_RESPONSE,
@@ -56,7 +57,7 @@ from shared.stats import RingStats
 from shared.xenbus import Agreement, gso_accepted
 
 #: buffers the largest frame may need: a 64 KiB GSO frame spans 17 pages, plus its extra slot
-NEED = 18
+NEED = MAX_FRAME_PAGES + 1
 _unpack_req = RX_REQUEST.unpack_from
 _pack_rsp = RX_RESPONSE.pack_into
 

@@ -21,14 +21,14 @@ from itertools import islice
 
 from backend.dmaview import DmaView
 from shared.grant import WORD_FLAGS, GrantTable, GTF_writing
-from shared.netif import GREF_MASK, PAGE_SIZE
+from shared.netif import GREF_MASK, MAX_FRAME_PAGES, PAGE_SIZE
 from shared.stats import RingStats
 
 _now = time.perf_counter_ns
 #: RX: small frames in a row after which only one buffer is marked per frame
 RX_SHRINK_AFTER = 8
 #: RX: the private spill area for a frame longer than predicted (17 pages: a 64 KiB frame)
-RX_BOUNCE = 17 * PAGE_SIZE
+RX_BOUNCE = MAX_FRAME_PAGES * PAGE_SIZE
 
 
 @dataclass

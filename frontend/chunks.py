@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from frontend.faults import BackendError
 from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_reading, GTF_readonly
-from shared.netif import PAGE_SIZE, TX_REQUEST, NETTXF_more_data, ring_gref
+from shared.netif import MAX_FRAME_PAGES, PAGE_SIZE, TX_REQUEST, NETTXF_more_data, ring_gref
 from shared.region import Region
 
 #: pages per payload chunk: the largest frame (64 KiB + headers) without a header slot
-CHUNK_PAGES = 17
+CHUNK_PAGES = MAX_FRAME_PAGES
 #: ids at and above this belong to header slots; below, id = chunk * CHUNK_PAGES + page
 SLOT_ID_BASE = 0x8000
 _RO = GTF_permit_access | GTF_readonly

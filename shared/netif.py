@@ -75,6 +75,8 @@ FATAL_SKB_SLOTS = 20
 MAX_SKB_FRAGS = 17
 #: Largest frame the TAP can hand over: 64 KiB IP datagram + Ethernet + VLAN header.
 MAX_FRAME = 65535 + ETH_HLEN + 4
+#: pages the largest frame spans (17): an RX frame's buffers, a TX chunk
+MAX_FRAME_PAGES = -(-MAX_FRAME // PAGE_SIZE)
 
 #: pvnet addition (feature-persistent): set in a gref passed on the ring to say "keep it mapped".
 GREF_PERSISTENT = 1 << 31
