@@ -48,6 +48,12 @@ log = logging.getLogger("netback")
 LOG_PER_SECOND = 10
 
 
+def _offered(name: str) -> property:
+    """``TxPath.<name>`` is its request validation's ``<name>``."""
+    return property(lambda self: getattr(self.requests, name),
+                    lambda self, value: setattr(self.requests, name, value))
+
+
 class TxPath:
     """The TX ring of one connection and the vif it feeds."""
 
@@ -71,13 +77,9 @@ class TxPath:
                                    header_slots, agreement is None or agreement.tx_sg,
                                    gso_accepted(agreement, rx=False))
 
-    # what this backend offered, as request validation applies it
-    header_slots = property(lambda self: self.requests.header_slots,
-                            lambda self, v: setattr(self.requests, "header_slots", v))
-    sg = property(lambda self: self.requests.sg,
-                  lambda self, v: setattr(self.requests, "sg", v))
-    gso_ok = property(lambda self: self.requests.gso_ok,
-                      lambda self, v: setattr(self.requests, "gso_ok", v))
+    # what this backend offered (header slots, multi-slot packets, GSO kinds): request
+    # validation holds and applies it; a test may narrow it on a live path
+    header_slots, sg, gso_ok = _offered("header_slots"), _offered("sg"), _offered("gso_ok")
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64) -> bool:
