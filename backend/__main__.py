@@ -8,7 +8,7 @@ import sys
 
 from backend.filter import Filter
 from backend.interface import RX_STALL_TIMEOUT, Netback, NetbackConfig
-from backend.netback import TX_MODES
+from backend.txmodes import TX_MODES
 from backend.xenbus import offered_features
 from shared.filter_rules import FilterError
 

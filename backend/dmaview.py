@@ -7,9 +7,10 @@ for those two, and only for those: everything that *reads payload bytes in netba
 (filters, checksums, copy mode) must go through the CPU view (``backend/cpuview.py``), which
 has a page only while its grant is mapped.
 
-Only ``backend/gntmap.py`` holds a ``DmaView``; it hands it out to nobody. Its users reach it
-through ``GntMap.tx_iovecs`` (the vif submit), ``GntMap.copy_from`` (header copy) and
-``GntMap.rx_readv`` (RX copy). The fast tier runs the filter, checksum and copy-mode tests with
+Only the grant operations hold a ``DmaView`` (``backend/gntmap.py`` and its RX copy,
+``backend/rxcopy.py``); they hand it out to nobody. Its users reach it through
+``GntMap.tx_iovecs`` (the vif submit), ``GntMap.copy_from``/``pull`` (header copy and pull)
+and ``GntMap.rx`` (the RX copy). The fast tier runs the filter, checksum and copy-mode tests with
 these methods replaced by guards that raise when called from those code paths.
 
 API:

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, fields
 from backend.capture import CaptureTap
 from backend.filter import Filter
 from backend.gntmap import GntMap, Views
-from backend.netback import FATAL_REASONS, FatalTxError, TxPath
+from backend.netback import TxPath
 from backend.rx import FatalRxError, RxPath
+from backend.txreq import FATAL_REASONS, FatalTxError
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
 from shared.control_protocol import Handoff

@@ -2,7 +2,7 @@
 
 Each posted request is validated when it is taken off the ring (its id unique among posted
 buffers, its grant writable by this domain) and again when the backend writes into it, with
-GTF_writing set during the copy (``GntMap.rx_write``/``rx_copy_in``): a buffer the frontend
+GTF_writing set during the copy (``backend/rxcopy.py``): a buffer the frontend
 revoked meanwhile is not written but answered with XEN_NETIF_RSP_ERROR and counted
 (``rx_grant_revoked``) - in stock order, with every buffer before it.
 
@@ -33,6 +33,7 @@ from backend.gntmap import GntMap
 from shared.faults import PeerFault
 from shared.netif import (
     EXTRA_INFO,
+    MAX_FRAME_PAGES,
     PAGE_SIZE,
     RX_REQUEST,
     RX_RESPONSE,
@@ -46,6 +47,7 @@ from shared.netif import (
 from shared.offload import (
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_TO_XEN_GSO,
     VNET_HDR,
 )
@@ -55,7 +57,7 @@ from shared.stats import RingStats
 from shared.xenbus import Agreement, gso_accepted
 
 #: buffers the largest frame may need: a 64 KiB GSO frame spans 17 pages, plus its extra slot
-NEED = 18
+NEED = MAX_FRAME_PAGES + 1
 _unpack_req = RX_REQUEST.unpack_from
 _pack_rsp = RX_RESPONSE.pack_into
 
@@ -97,7 +99,7 @@ class RxPath:
         """Take newly posted requests off the ring, validating each once."""
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         n = ring.unconsumed_requests()
-        post = self.gntmap.rx_post
+        post = self.gntmap.rx.post
         for _ in range(n):
             rid, _pad, gref = _unpack_req(buf, entry(ring.req_cons))
             ring.req_cons = (ring.req_cons + 1) & MASK32
@@ -127,7 +129,7 @@ class RxPath:
     def action(self, budget: int = 64) -> bool:
         """Move up to ``budget`` frames from the vif. True if it stopped on the budget."""
         posted, st, gntmap = self.posted, self.stats, self.gntmap
-        vnet, write, vif_fd = self.vnet, gntmap.rx_write, self.vif_fd
+        vnet, write, vif_fd = self.vnet, gntmap.rx.write, self.vif_fd
         direct = [0, *range(2, NEED)]  # the second buffer is kept for a GSO extra slot
         for _ in range(budget):
             if self.held:
@@ -140,7 +142,7 @@ class RxPath:
                     return False
             if len(posted) < NEED:  # into the bounce area, held until it fits
                 try:
-                    n = os.readv(vif_fd, [vnet, gntmap.rx_bounce()])
+                    n = os.readv(vif_fd, [vnet, gntmap.rx.bounce()])
                 except BlockingIOError:
                     return False
                 if n > VNET_HDR.size:
@@ -165,10 +167,10 @@ class RxPath:
                 continue
             if need > 1 and not self._gso and not self.by_id:
                 # stock order cannot skip the second buffer: move pages 2.. down by one
-                bounce = gntmap.rx_bounce()
+                bounce = gntmap.rx.bounce()
                 for k in range(1, need):
                     bounce[(k - 1) * PAGE_SIZE:k * PAGE_SIZE] = self.posted_views[k + 1]
-                bad = gntmap.rx_copy_in(1, need, self.posted_views, self.posted_grefs,
+                bad = gntmap.rx.copy_in(1, need, self.posted_views, self.posted_grefs,
                                         self.posted_exps)
                 if bad:
                     self._retire(bad)
@@ -184,7 +186,7 @@ class RxPath:
     def _need(self, length: int) -> int:
         """Slots this frame takes (0: dropped, counted, as the frontend cannot take it)."""
         vgso = VNET_HDR.unpack_from(self.vnet)[1]
-        xgso = VIRTIO_TO_XEN_GSO.get(vgso & 0x7F, -1) if vgso else 0
+        xgso = VIRTIO_TO_XEN_GSO.get(vgso & ~VIRTIO_NET_HDR_GSO_ECN, -1) if vgso else 0
         nbufs = -(-length // PAGE_SIZE)
         if (xgso and xgso not in self.gso_ok) or (nbufs > 1 and not self.sg):
             st = self.stats
@@ -205,7 +207,7 @@ class RxPath:
         length = self.held
         self.held = self.held_need = 0
         data = [0, *range(2 if self._gso else 1, need)]
-        bad = self.gntmap.rx_copy_in(0, len(data), *self._pick(data))
+        bad = self.gntmap.rx.copy_in(0, len(data), *self._pick(data))
         if bad:
             self._retire([data[i] for i in bad])
             self.stats.drops += 1

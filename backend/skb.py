@@ -4,7 +4,8 @@ Building one costs a copy of the header bytes and nothing per fragment: a fragme
 (gref, frame, offset, size) reference into the frontend's pages, its frame resolved once when
 it was attached. Handing it to the vif passes those references as iovecs (the device's DMA,
 not a CPU map). Only ``payload()`` - something reading the bytes - maps the fragments into the
-CPU view (by the attached frame, never the grant entry again), which is lazy mapping.
+CPU view (by the attached frame, never the grant entry again), which is lazy mapping
+(``backend/txmodes.py``).
 ``free()`` runs the destructor that releases the fragment slots back to the frontend, whether
 the packet was sent, dropped or filtered: that release is the flow control of the TX ring.
 """
@@ -12,6 +13,8 @@ the packet was sent, dropped or filtered: that release is the flow control of th
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from backend.txmodes import payload
 
 
 class SkBuff:
@@ -52,17 +55,9 @@ class SkBuff:
         self.idx = -1
 
     def payload(self, gntmap) -> bytes:
-        """The whole packet's bytes, read through the CPU view; maps every fragment not
-        mapped yet (lazily, once: it stays mapped until the skb is freed)."""
-        parts = [self.head]
-        mapped = self.mapped
-        for i, (gref, frame, off, size) in enumerate(zip(self.grefs, self.frames, self.offs,
-                                                         self.sizes, strict=True)):
-            if i not in mapped:
-                gntmap.map(gref, frame, touch=True)
-                mapped.append(i)
-            parts.append(bytes(gntmap.page(frame)[off:off + size]))
-        return b"".join(parts)
+        """The whole packet's bytes through the CPU view: lazy mapping
+        (``backend/txmodes.payload``)."""
+        return payload(self, gntmap)
 
     def linearize(self, gntmap) -> bytes:
         """The frame's bytes for a rule to judge, read once; the skb then sends exactly this

@@ -15,8 +15,10 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from frontend.faults import BackendError
 from frontend.rx import RX_BUFFERS, RxQueue
-from frontend.tx import REAP_INTERVAL, BackendError, TxQueue
+from frontend.tx import TxQueue
+from frontend.txflow import REAP_INTERVAL
 from frontend.xenbus import Handshake
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
 from shared.control_port import PortControl

@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 from collections import deque
 
-from frontend.tx import BackendError
+from frontend.faults import BackendError
 from shared.grant import RESERVED_REFS
 from shared.netif import (
     EXTRA_INFO,
-    GREF_PERSISTENT,
     PAGE_SIZE,
     RING_SIZE,
     RX_REQUEST,
@@ -29,6 +28,7 @@ from shared.netif import (
     NETRXF_data_validated,
     NETRXF_extra_info,
     NETRXF_more_data,
+    ring_gref,
 )
 from shared.offload import (
     VIRTIO_NET_HDR_F_DATA_VALID,
@@ -72,7 +72,7 @@ class RxQueue:
         self.frames = [lay.payload_page + i for i in range(RX_BUFFERS)]
         self.views = [region.page(f) for f in self.frames]
         refs = [RESERVED_REFS + i for i in range(RX_BUFFERS)]
-        self.refs = [r | GREF_PERSISTENT for r in refs] if persistent else refs
+        self.refs = [ring_gref(r, persistent) for r in refs]
         if persistent:
             for r, f in zip(refs, self.frames, strict=True):
                 self.grants.grant(r, backend_domid, f)

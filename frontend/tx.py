@@ -2,82 +2,61 @@
 
 One ``readv`` per frame scatters it with no Python copy: the virtio_net_hdr into a scratch
 buffer, the first bytes (up to the slot size) into a free header slot, the rest into a 68 KiB
-payload chunk whose pages are granted one reference each. The first request carries the header
-slot's offset (``NETTXF_header_slot``), an extra-info slot carries GSO, then one request per
-payload page. Without header slots the frame starts in the chunk's first page, as stock netif.
+payload chunk whose pages are granted one reference each (``frontend/chunks.py``). The first
+request carries the header slot's offset (``NETTXF_header_slot``), an extra-info slot carries
+GSO, then one request per payload page, copied from the chunk's template with the last one's
+size patched. Without header slots the frame starts in the chunk's first page, as stock netif.
 
-Request ids are fixed: a header slot and each page of each chunk own one id for good, so an
-id says what a response releases and nothing has to be allocated per request. That also lets
-the fragment requests (and grant entries) of a chunk be precomputed once: per packet the
-frontend copies a slice of that template onto the ring and patches the last request's size,
-instead of packing one request per page in Python.
-
-Flow control: when the ring, the header slots or the chunks run short, the queue stops (it
-stops polling the TAP) and restarts as responses release them.
+Flow control and slot release (``frontend/txflow.py``): when the ring, the header slots or the
+chunks run short, the queue stops (it stops polling the TAP) and restarts as responses
+release them.
 """
 
 from __future__ import annotations
 
 import os
 
-from shared.faults import PeerFault
-from shared.grant import (
-    GRANT_ENTRY,
-    RESERVED_REFS,
-    GTF_permit_access,
-    GTF_reading,
-    GTF_readonly,
-)
+from frontend.chunks import CHUNK_PAGES, SLOT_ID_BASE, TxChunks
+from frontend.txflow import TxFlow
+from shared.grant import GRANT_ENTRY
 from shared.netif import (
     EXTRA_INFO,
-    GREF_PERSISTENT,
-    MAX_SLOTS_PER_PACKET,
     PAGE_SIZE,
     TX_REQUEST,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_GSO_TYPE_NONE,
-    XEN_NETIF_RSP_NULL,
-    XEN_NETIF_RSP_OKAY,
     NETTXF_csum_blank,
     NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_header_slot,
     NETTXF_more_data,
+    ring_gref,
 )
 from shared.offload import (
+    VIRTIO_NET_HDR_F_MASK,
+    VIRTIO_NET_HDR_GSO_KIND,
     VIRTIO_TO_XEN_GSO,
     VNET_HDR,
 )
 from shared.region import Region
-from shared.ring import HEADER_SIZE, MASK32, RSP_EVENT, FrontRing
+from shared.ring import MASK32, FrontRing
 from shared.slots import HeaderSlots
 from shared.stats import RingStats
 from shared.xenbus import Agreement, gso_accepted
 
 #: the largest packet netif can describe (tx_request.size is u16: XEN_NETIF_MAX_TX_SIZE)
 MAX_PACKET = 0xFFFF
-#: pages per payload chunk: the largest frame (64 KiB + headers) without a header slot
-CHUNK_PAGES = 17
-#: seconds between reaps of TX completions while the queue runs without completion kicks
-REAP_INTERVAL = 0.005
-#: ids at and above this belong to header slots; below, id = chunk * CHUNK_PAGES + page
-SLOT_ID_BASE = 0x8000
 _pack_req = TX_REQUEST.pack_into
-_RO = GTF_permit_access | GTF_readonly
-_SLOT = TX_REQUEST.size
-_ZEROS = bytes(CHUNK_PAGES * GRANT_ENTRY.size)
-_ONES = b"\x01" * CHUNK_PAGES
-_HDR = HEADER_SIZE
 _pack_extra = EXTRA_INFO.pack_into
-#: virtio_net_hdr flags (NEEDS_CSUM=1, DATA_VALID=2) -> netif TX flags
+_SLOT = TX_REQUEST.size
+_GE = GRANT_ENTRY.size
+_ONES = b"\x01" * CHUNK_PAGES
+#: virtio_net_hdr flags (NEEDS_CSUM=1, DATA_VALID=2, indexed by VIRTIO_NET_HDR_F_MASK bits)
+#: -> netif TX flags
 _TX_FLAGS = (0, NETTXF_csum_blank | NETTXF_data_validated, NETTXF_data_validated,
              NETTXF_csum_blank | NETTXF_data_validated)
 #: virtio gso_type (ECN bit masked) -> netif GSO type; None: netif cannot carry it
-_XEN_GSO = tuple(VIRTIO_TO_XEN_GSO.get(i) for i in range(8))
-
-
-class BackendError(PeerFault):
-    """The backend answered something no correct backend answers: the device is broken."""
+_XEN_GSO = tuple(VIRTIO_TO_XEN_GSO.get(i) for i in range(VIRTIO_NET_HDR_GSO_KIND + 1))
 
 
 class TxQueue:
@@ -91,77 +70,51 @@ class TxQueue:
         self.xen_gso = tuple(g if g in ok else None for g in _XEN_GSO)
         self.ring = FrontRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
-        self.r16 = self.buf.cast("H")  # response id at u16 index 32 + 6 * slot
-        self.r16s = self.buf.cast("h")  # response status at 33 + 6 * slot
-        self.tap_fd = tap_fd
-        self.stats = stats
-        self.grants = region.grants
-        self.header_slots = header_slots
-        self.persistent = persistent
+        self.tap_fd, self.stats = tap_fd, stats
+        self.header_slots, self.persistent = header_slots, persistent
         self.slots = HeaderSlots(region.hdr, lay.hdr_slot_size, lay.hdr_slots)
-        nchunks = min((lay.payload_pages - first_page) // CHUNK_PAGES,
-                      SLOT_ID_BASE // CHUNK_PAGES)
-        if nchunks < 2:
-            raise ValueError("region too small for TX payload chunks")
-        self.chunk_views = []
-        self.chunk_ref0: list[int] = []  # refs of a chunk's pages are consecutive
-        self.req_tmpl: list[memoryview] = []
-        self.gnt_tmpl: list[memoryview] = []
-        for c in range(nchunks):
-            p0 = first_page + c * CHUNK_PAGES
-            f0 = lay.payload_page + p0
-            ref0 = RESERVED_REFS + p0
-            self.chunk_views.append(region.buf[f0 * PAGE_SIZE:(f0 + CHUNK_PAGES) * PAGE_SIZE])
-            self.chunk_ref0.append(ref0)
-            flag = GREF_PERSISTENT if persistent else 0
-            self.req_tmpl.append(memoryview(b"".join(
-                TX_REQUEST.pack((ref0 + p) | flag, 0, NETTXF_more_data, c * CHUNK_PAGES + p,
-                                PAGE_SIZE) for p in range(CHUNK_PAGES))))
-            entries = b"".join(GRANT_ENTRY.pack(_RO, backend_domid, f0 + p)
-                               for p in range(CHUNK_PAGES))
-            self.gnt_tmpl.append(memoryview(entries))
-            if persistent:  # granted once, for the life of the connection
-                region.grants.buf[ref0 * 8:(ref0 + CHUNK_PAGES) * 8] = entries
-        self.free_chunks = list(range(nchunks))
-        self.chunk_out = [0] * nchunks  # fragment responses still awaited per chunk
-        self.chunk_used = [0] * nchunks  # pages granted per chunk (to revoke)
-        self.busy = bytearray(1 << 16)  # ids in flight: a response for any other is a lie
+        self.chunks = TxChunks(region, first_page, persistent, backend_domid)
+        self.flow = flow = TxFlow(self.ring, self.slots, self.chunks, stats)
+        self.reap, self.arm_completions = flow.reap, flow.arm_completions
+        self.can_send, self.in_flight = flow.can_send, flow.in_flight
         self.vnet = bytearray(VNET_HDR.size)
-        self.stopped = False
 
-    def can_send(self) -> bool:
-        return (self.ring.free_requests() >= MAX_SLOTS_PER_PACKET + 1 and bool(self.free_chunks)
-                and bool(self.slots.free))
+    @property
+    def stopped(self) -> bool:
+        """The queue stopped reading the TAP until responses release what it ran short of."""
+        return self.flow.stopped
 
     def _put(self, prod: int, src: memoryview) -> None:
         """Copy whole requests from a template onto the ring at ``prod`` (it may wrap)."""
         ring = self.ring
         pos = prod & ring.mask
         room = (ring.size - pos) * _SLOT
-        at = HEADER_SIZE + pos * _SLOT
+        at = ring.offsets[pos]
         if len(src) <= room:
             self.buf[at:at + len(src)] = src
         else:
+            start = ring.offsets[0]
             self.buf[at:at + room] = src[:room]
-            self.buf[HEADER_SIZE:HEADER_SIZE + len(src) - room] = src[room:]
+            self.buf[start:start + len(src) - room] = src[room:]
 
     def pump(self, budget: int = 64) -> int:
         """Move up to ``budget`` frames from the TAP onto the ring (not yet pushed).
 
         The hottest loop of the frontend (and, in a guest under TCG, of the whole guest): no
         method calls, no allocations but the iovec list reuse, counters summed per batch."""
-        ring, buf, mask = self.ring, self.buf, self.ring.mask
-        st, vnet, busy = self.stats, self.vnet, self.busy
-        free_slots, free_chunks = self.slots.free, self.free_chunks
-        slot_views, chunk_views = self.slots.views, self.chunk_views
-        chunk_ref0, req_tmpl = self.chunk_ref0, self.req_tmpl
+        ring, buf, mask, offsets = self.ring, self.buf, self.ring.mask, self.ring.offsets
+        flow, chunks = self.flow, self.chunks
+        st, vnet, busy = self.stats, self.vnet, flow.busy
+        free_slots, free_chunks = self.slots.free, chunks.free
+        slot_views, chunk_views = self.slots.views, chunks.views
+        chunk_ref0, req_tmpl = chunks.ref0, chunks.req_tmpl
+        gnt_tmpl, gnt_span = chunks.gnt_tmpl, chunks.gnt_span
         hs, ss = self.header_slots, self.slots.slot_size
         grant = not self.persistent
-        pbit = 0 if grant else GREF_PERSISTENT
-        gbuf = self.grants.buf
+        pbit = ring_gref(0, self.persistent)  # the persistent bit, or-ed into grefs
         readv, tap, unpack_vnet = os.readv, self.tap_fd, VNET_HDR.unpack_from
-        room_needed = ring.size - MAX_SLOTS_PER_PACKET - 1
-        xen_gso = self.xen_gso
+        room_needed = flow.room_needed
+        xen_gso, fmask, kind = self.xen_gso, VIRTIO_NET_HDR_F_MASK, VIRTIO_NET_HDR_GSO_KIND
         # without the backend's feature-sg a packet is one data slot (after its header slot)
         one_slot = MAX_PACKET if self.sg else (ss if hs else 0) + PAGE_SIZE
         iov = [vnet, None, None] if hs else [vnet, None]
@@ -170,9 +123,7 @@ class TxQueue:
             prod = start = ring.req_prod_pvt
             if (prod - ring.rsp_cons) & MASK32 > room_needed or not free_chunks \
                     or not free_slots:
-                if not self.stopped:
-                    self.stopped = True
-                    st.queue_stops += 1
+                flow.stop()
                 break
             chunk = free_chunks[-1]
             if hs:
@@ -190,8 +141,8 @@ class TxQueue:
                 st.drops_error += 1
                 continue
             vflags, vgso, _hl, gso_size, _cs, _co, _nb = unpack_vnet(vnet)
-            flags = _TX_FLAGS[vflags & 3]
-            xgso = xen_gso[vgso & 7]
+            flags = _TX_FLAGS[vflags & fmask]
+            xgso = xen_gso[vgso & kind]
             if xgso is None or length > one_slot:
                 # a GSO kind netif cannot carry (UDP) or the backend did not offer, or more
                 # slots than it accepts: the TAP's offloads should have prevented it
@@ -206,20 +157,20 @@ class TxQueue:
                 rest = length - ss if length > ss else 0
                 sid = SLOT_ID_BASE + slot
                 busy[sid] = 1
-                _pack_req(buf, _HDR + (prod & mask) * _SLOT, slot * ss, 0,
+                _pack_req(buf, offsets[prod & mask], slot * ss, 0,
                           flags | NETTXF_header_slot | (NETTXF_more_data if rest else 0),
                           sid, length)
                 npages = -(-rest // PAGE_SIZE)
                 first = 0
             else:  # first request: the chunk's first page, sized as the whole packet
                 npages = -(-length // PAGE_SIZE)
-                _pack_req(buf, _HDR + (prod & mask) * _SLOT, chunk_ref0[chunk] | pbit, 0,
+                _pack_req(buf, offsets[prod & mask], chunk_ref0[chunk] | pbit, 0,
                           flags | (NETTXF_more_data if npages > 1 else 0), base, length)
                 rest = length - PAGE_SIZE
                 first = 1
             prod += 1
             if xgso:
-                _pack_extra(buf, _HDR + (prod & mask) * _SLOT, XEN_NETIF_EXTRA_TYPE_GSO, 0,
+                _pack_extra(buf, offsets[prod & mask], XEN_NETIF_EXTRA_TYPE_GSO, 0,
                             gso_size, xgso, 0, 0)
                 prod += 1
             if npages:
@@ -227,16 +178,15 @@ class TxQueue:
                 if nfrag:  # the chunk's template, then the real size of the last page
                     self._put(prod, req_tmpl[chunk][first * _SLOT:npages * _SLOT])
                     prod += nfrag
-                    _pack_req(buf, _HDR + ((prod - 1) & mask) * _SLOT,
+                    _pack_req(buf, offsets[(prod - 1) & mask],
                               (chunk_ref0[chunk] + npages - 1) | pbit, 0, 0,
                               base + npages - 1, rest - (nfrag - 1) * PAGE_SIZE)
                 busy[base:base + npages] = _ONES[:npages]
                 if grant:  # GrantTable.grant for every page used, as one copy
-                    r0 = chunk_ref0[chunk] * 8
-                    gbuf[r0:r0 + npages * 8] = self.gnt_tmpl[chunk][:npages * 8]
+                    gnt_span[chunk][:npages * _GE] = gnt_tmpl[chunk][:npages * _GE]
                 free_chunks.pop()
-                self.chunk_out[chunk] = npages
-                self.chunk_used[chunk] = npages
+                chunks.out[chunk] = npages
+                chunks.used[chunk] = npages
             ring.req_prod_pvt = prod & MASK32
             slots += prod - start
             nbytes += length
@@ -247,78 +197,6 @@ class TxQueue:
         if hs:
             st.tx_header_slot_packets += sent
         return sent
-
-    def reap(self) -> int:
-        """Consume responses: release header slots, chunks (revoking their grants) and ids."""
-        ring = self.ring
-        busy, chunk_out = self.busy, self.chunk_out
-        free_slots = self.slots.free
-        st = self.stats
-        done = 0
-        while True:
-            n = ring.unconsumed_responses()
-            if not n:
-                return done
-            cons = ring.rsp_cons
-            pos = cons & ring.mask
-            first = min(n, ring.size - pos)  # the responses up to the wrap, then the rest
-            ids = self.r16[32 + 6 * pos:32 + 6 * (pos + first):6].tolist()
-            sts = self.r16s[33 + 6 * pos:33 + 6 * (pos + first):6].tolist()
-            if first < n:
-                ids += self.r16[32:32 + 6 * (n - first):6].tolist()
-                sts += self.r16s[33:33 + 6 * (n - first):6].tolist()
-            finished = []
-            for rid, status in zip(ids, sts, strict=True):
-                if status == XEN_NETIF_RSP_NULL:
-                    continue
-                if not busy[rid]:
-                    raise BackendError(f"tx response for id {rid} that is not in flight")
-                busy[rid] = 0
-                if rid >= SLOT_ID_BASE:
-                    free_slots.append(rid - SLOT_ID_BASE)
-                else:
-                    c = rid // CHUNK_PAGES
-                    chunk_out[c] -= 1
-                    if not chunk_out[c]:
-                        finished.append(c)
-                if status != XEN_NETIF_RSP_OKAY:
-                    st.drops += 1
-                done += 1
-            for c in finished:
-                self._release_chunk(c)
-            ring.rsp_cons = (cons + n) & MASK32
-            st.slots_released += n
-            if self.stopped and self.can_send():
-                self.stopped = False
-
-    def _release_chunk(self, c: int) -> None:
-        """All of a chunk's pages are answered: revoke their grants (refused if in use)."""
-        if not self.persistent:
-            used = self.chunk_used[c]
-            r0 = self.chunk_ref0[c]
-            # GTF_reading/GTF_writing are the only flag bits >= 8: one max() checks them all
-            if max(self.grants.flags[r0 * 4:(r0 + used) * 4:4]) >= GTF_reading:
-                raise BackendError(f"backend still holds a grant of chunk {c}")
-            self.grants.buf[r0 * 8:(r0 + used) * 8] = _ZEROS[:used * 8]
-        self.free_chunks.append(c)
-
-    def arm_completions(self) -> bool:
-        """Before sleeping: ask for a TX-completion kick only when the queue is stopped.
-
-        Like virtio-net's TX (no completion interrupts; old buffers are freed on the next
-        transmit), a running queue reaps completions whenever it wakes anyway; a wake-up per
-        completion batch is what costs most in a guest. So rsp_event is parked half the index
-        space away unless the queue is stopped, when it is armed as RING_FINAL_CHECK does.
-        The loop's idle timeout (``REAP_INTERVAL``) reaps what is left, so at rest nothing
-        stays in flight. True if responses are waiting now."""
-        ring = self.ring
-        if self.stopped:
-            return ring.final_check_for_responses()
-        ring.idx[RSP_EVENT] = (ring.rsp_cons + 0x80000000) & MASK32
-        return ring.unconsumed_responses() > 0
-
-    def in_flight(self) -> int:
-        return (self.ring.req_prod_pvt - self.ring.rsp_cons) & MASK32
 
     def header_slots_in_use(self) -> int:
         return self.slots.in_use

@@ -31,7 +31,13 @@ RESERVED_REFS = 8
 @functools.cache
 def entries(n: int) -> struct.Struct:
     """n consecutive grant entries, unpacked in one call (flags, domid, frame, ...)."""
-    return struct.Struct("<" + "HHI" * n)
+    return struct.Struct(GRANT_ENTRY.format[0] + GRANT_ENTRY.format[1:] * n)
+
+
+#: one entry read as a little-endian u64 (``GrantTable.words``: a whole entry compared or
+#: remembered as one value): flags in its low 16 bits, the frame in its high 32
+WORD_FLAGS = 0xFFFF
+WORD_FRAME_SHIFT = 32
 
 
 class GrantError(PeerFault):
@@ -53,7 +59,19 @@ class GrantTable:
             raise ValueError("grant table does not fit its area")
         self.buf = buf
         self.count = count
-        self.flags = buf[: count * GRANT_ENTRY.size].cast("H")  # flags at u16 index 4*ref
+        table = buf[: count * GRANT_ENTRY.size]
+        #: the table as u16s (flags of entry ``ref`` at ``ref * GRANT_ENTRY.size // 2``)
+        self.flags = table.cast("H")
+        #: ``ref_flags[ref]``: the flags of entry ``ref`` (a strided view: a run of entries'
+        #: flags is one slice, read or stored in one operation)
+        self.ref_flags = self.flags[::GRANT_ENTRY.size // 2]
+        #: ``words[ref]``: entry ``ref`` as one u64 (see WORD_FLAGS, WORD_FRAME_SHIFT)
+        self.words = table.cast("Q")
+        assert self.words.itemsize == GRANT_ENTRY.size
+
+    def span(self, ref: int, n: int) -> memoryview:
+        """The bytes of ``n`` entries from ``ref`` on (a frontend grants a run with one copy)."""
+        return self.buf[ref * GRANT_ENTRY.size:(ref + n) * GRANT_ENTRY.size]
 
     def read(self, ref: int) -> Grant:
         if not 0 <= ref < self.count:
@@ -70,13 +88,13 @@ class GrantTable:
 
     def end_access(self, ref: int) -> bool:
         """Revoke; refused (False) while the backend has the grant in use."""
-        if self.flags[ref * 4] & GTF_in_use:
+        if self.ref_flags[ref] & GTF_in_use:
             return False
-        self.flags[ref * 4] = 0
+        self.ref_flags[ref] = 0
         return True
 
     def in_use(self, ref: int) -> bool:
-        return bool(self.flags[ref * 4] & GTF_in_use)
+        return bool(self.ref_flags[ref] & GTF_in_use)
 
     # --- backend side -------------------------------------------------------------------
     def check(self, ref: int, domid: int, write: bool, frames: range) -> int:
@@ -95,7 +113,7 @@ class GrantTable:
         return frame
 
     def mark(self, ref: int, write: bool) -> None:
-        self.flags[ref * 4] |= GTF_writing if write else GTF_reading
+        self.ref_flags[ref] |= GTF_writing if write else GTF_reading
 
     def unmark(self, ref: int) -> None:
-        self.flags[ref * 4] &= ~GTF_in_use & 0xFFFF
+        self.ref_flags[ref] &= ~GTF_in_use & 0xFFFF

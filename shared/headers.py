@@ -11,6 +11,8 @@ never guesses: given fewer bytes than the headers need it says how many it needs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from shared.faults import PeerFault
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
@@ -39,29 +41,24 @@ class HeaderError(PeerFault, ValueError):
     """Headers that no frame can legally have (an IHL below 5, a chain too long)."""
 
 
+@dataclass(slots=True)
 class Headers:
     """What the walk found (offsets into ``buf``, the bytes walked). ``end`` is where the last
     header walked ends: the L4 header's end for TCP/UDP (a first or only fragment), else the
     end of the L3 headers. Addresses and ports are read from ``buf`` only when asked for: the
     data path needs offsets, the filter needs fields."""
 
-    __slots__ = ("buf", "ethertype", "l3", "ip_proto", "l4", "end", "fragment",
-                 "later_fragment")
-
-    def __init__(self, buf: bytes | memoryview, ethertype: int, l3: int,
-                 ip_proto: int | None = None, l4: int | None = None, end: int = 0,
-                 fragment: bool = False, later_fragment: bool = False) -> None:
-        self.buf = buf
-        self.ethertype = ethertype
-        self.l3 = l3
-        self.ip_proto = ip_proto
-        #: offset of the TCP/UDP header (None: not TCP/UDP, or a later fragment)
-        self.l4 = l4
-        self.end = end
-        #: part of a fragmented IP datagram (first or later)
-        self.fragment = fragment
-        #: a later fragment: no L4 header in this frame
-        self.later_fragment = later_fragment
+    buf: bytes | memoryview
+    ethertype: int
+    l3: int
+    ip_proto: int | None = None
+    #: offset of the TCP/UDP header (None: not TCP/UDP, or a later fragment)
+    l4: int | None = None
+    end: int = 0
+    #: part of a fragmented IP datagram (first or later)
+    fragment: bool = False
+    #: a later fragment: no L4 header in this frame
+    later_fragment: bool = False
 
     @property
     def src_ip(self) -> bytes | None:

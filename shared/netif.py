@@ -7,17 +7,24 @@ additions (header slots, persistent grefs, the RX extra slot's buffer id) are ma
 
 from __future__ import annotations
 
+import functools
 import struct
 
 PAGE_SIZE = 4096
 RING_SIZE = 256  # __CONST_RING_SIZE(netif_tx, 4096) and (netif_rx, 4096)
 ETH_HLEN = 14
 
-# --- TX: frontend -> backend -------------------------------------------------------------
+# --- the ring messages (TX: frontend -> backend, RX: backend -> frontend) ---------------------
 #: struct netif_tx_request { grant_ref_t gref; uint16_t offset, flags, id, size; }
 TX_REQUEST = struct.Struct("<IHHHH")
 #: struct netif_tx_response { uint16_t id; int16_t status; }
 TX_RESPONSE = struct.Struct("<Hh")
+#: byte offsets of tx_response.id (u16) and .status (i16): both ends move these as columns
+TX_RESPONSE_ID, TX_RESPONSE_STATUS = 0, 2
+#: struct netif_rx_request { uint16_t id; uint16_t pad; grant_ref_t gref; }
+RX_REQUEST = struct.Struct("<HHI")
+#: struct netif_rx_response { uint16_t id, offset, flags; int16_t status; }
+RX_RESPONSE = struct.Struct("<HHHh")
 
 NETTXF_csum_blank = 1 << 0
 NETTXF_data_validated = 1 << 1
@@ -26,16 +33,18 @@ NETTXF_extra_info = 1 << 3
 #: pvnet addition (feature-header-slots): ``gref`` is an offset into the header-slot area.
 NETTXF_header_slot = 1 << 4
 
-# --- RX: backend -> frontend -------------------------------------------------------------
-#: struct netif_rx_request { uint16_t id; uint16_t pad; grant_ref_t gref; }
-RX_REQUEST = struct.Struct("<HHI")
-#: struct netif_rx_response { uint16_t id, offset, flags; int16_t status; }
-RX_RESPONSE = struct.Struct("<HHHh")
-
+# RX flags: csum_blank and data_validated are the other way round from TX
 NETRXF_data_validated = 1 << 0
 NETRXF_csum_blank = 1 << 1
 NETRXF_more_data = 1 << 2
 NETRXF_extra_info = 1 << 3
+
+
+@functools.cache
+def tx_requests(n: int) -> struct.Struct:
+    """``n`` consecutive tx_requests, unpacked in one call (gref, offset, flags, id, size, ...)."""
+    return struct.Struct(TX_REQUEST.format[0] + TX_REQUEST.format[1:] * n)
+
 
 # --- extra info slots (both rings) --------------------------------------------------------
 #: struct netif_extra_info { uint8_t type, flags; struct { uint16_t size; uint8_t type, pad;
@@ -66,10 +75,17 @@ FATAL_SKB_SLOTS = 20
 MAX_SKB_FRAGS = 17
 #: Largest frame the TAP can hand over: 64 KiB IP datagram + Ethernet + VLAN header.
 MAX_FRAME = 65535 + ETH_HLEN + 4
+#: pages the largest frame spans (17): an RX frame's buffers, a TX chunk
+MAX_FRAME_PAGES = -(-MAX_FRAME // PAGE_SIZE)
 
 #: pvnet addition (feature-persistent): set in a gref passed on the ring to say "keep it mapped".
 GREF_PERSISTENT = 1 << 31
 GREF_MASK = GREF_PERSISTENT - 1
+
+
+def ring_gref(ref: int, persistent: bool) -> int:
+    """The gref as a frontend puts it on the ring: with GREF_PERSISTENT if the grant is kept."""
+    return ref | GREF_PERSISTENT if persistent else ref
 
 # --- negotiated feature keys (xenbus names) -------------------------------------------------
 # netif.h gives each key a direction: what the backend writes says what it accepts on TX (and

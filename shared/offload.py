@@ -26,6 +26,10 @@ VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
 VIRTIO_NET_HDR_GSO_ECN = 0x80
+#: the flag bits netif can carry (NEEDS_CSUM | DATA_VALID), and the gso_type bits that name
+#: the kind (all but ECN fit in them): tables indexed by ``value & mask`` cover every case
+VIRTIO_NET_HDR_F_MASK = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
+VIRTIO_NET_HDR_GSO_KIND = 0x07
 
 VIRTIO_TO_XEN_GSO = {
     VIRTIO_NET_HDR_GSO_NONE: XEN_NETIF_GSO_TYPE_NONE,

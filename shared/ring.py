@@ -14,7 +14,9 @@ Like Snabb's ``link.lua`` the ring only moves indices; entries are packed by the
 from __future__ import annotations
 
 import platform
+import struct
 import threading
+from collections.abc import Callable
 
 from shared.faults import OwnFault, PeerFault
 from shared.netif import RING_SIZE
@@ -63,7 +65,8 @@ class RingError(PeerFault):
 
 
 class _Ring:
-    """Common part: the shared indices, and where entry ``idx`` lives in ``buf``."""
+    """Common part: the shared indices, where entry ``idx`` lives in ``buf``, and the two
+    protocol steps both ends take (push and check-notify; final check)."""
 
     def __init__(self, buf: memoryview, entry_size: int, size: int = RING_SIZE) -> None:
         self.buf = buf
@@ -73,14 +76,44 @@ class _Ring:
         self.mask = size - 1
         if HEADER_SIZE + size * entry_size > len(buf) or size & self.mask:
             raise ValueError("ring does not fit its page or size is not a power of two")
+        #: ``offsets[idx & mask]`` is ``entry(idx)``: what hot loops index instead of a call
+        self.offsets = tuple(HEADER_SIZE + i * entry_size for i in range(size))
 
     def entry(self, idx: int) -> int:
         """Byte offset in ``buf`` of the entry for free-running index ``idx``."""
         return HEADER_SIZE + (idx & self.mask) * self.entry_size
 
+    def column(self, code: str, offset: int) -> memoryview:
+        """One field of every entry as a strided view: element ``i`` is the field at byte
+        ``offset`` of the entry at position ``i`` (``code``: its struct type, e.g. "H"). A run
+        of entries' field is then one slice, read or stored in one operation."""
+        itemsize = struct.calcsize(code)
+        start = HEADER_SIZE + offset
+        if start % itemsize or self.entry_size % itemsize:
+            raise ValueError(f"field at {offset} is not aligned for {code!r}")
+        return self.buf[start:start + self.size * self.entry_size].cast(code)[
+            ::self.entry_size // itemsize]
+
     def indices(self) -> dict[str, int]:
         i = self.idx
         return {"req_prod": i[0], "req_event": i[1], "rsp_prod": i[2], "rsp_event": i[3]}
+
+    def _push(self, prod: int, event: int, new: int) -> bool:
+        """RING_PUSH_*_AND_CHECK_NOTIFY: publish ``new`` at index ``prod``; True when the new
+        batch crosses the peer's ``event`` mark (notify it)."""
+        old = self.idx[prod]
+        self.idx[prod] = new  # x86 keeps the entry stores before this one
+        mb()
+        return ((new - self.idx[event]) & MASK32) < ((new - old) & MASK32)
+
+    def _final_check(self, unconsumed: Callable[[], int], event: int, cons: int) -> bool:
+        """RING_FINAL_CHECK_FOR_*: nothing to consume? arm ``event`` just past ``cons``, then
+        look once more (the peer may have published while it was armed)."""
+        if unconsumed():
+            return True
+        self.idx[event] = (cons + 1) & MASK32
+        mb()
+        return unconsumed() > 0
 
 
 class FrontRing(_Ring):
@@ -104,11 +137,7 @@ class FrontRing(_Ring):
 
     def push_requests(self) -> bool:
         """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish, return whether to notify."""
-        old = self.idx[REQ_PROD]
-        new = self.req_prod_pvt
-        self.idx[REQ_PROD] = new  # x86 keeps the entry stores before this one
-        mb()
-        return ((new - self.idx[REQ_EVENT]) & MASK32) < ((new - old) & MASK32)
+        return self._push(REQ_PROD, REQ_EVENT, self.req_prod_pvt)
 
     def unconsumed_responses(self) -> int:
         """Responses published and not yet consumed; raises if the backend ran ahead."""
@@ -119,11 +148,7 @@ class FrontRing(_Ring):
 
     def final_check_for_responses(self) -> bool:
         """RING_FINAL_CHECK_FOR_RESPONSES: arm rsp_event, then look once more."""
-        if self.unconsumed_responses():
-            return True
-        self.idx[RSP_EVENT] = (self.rsp_cons + 1) & MASK32
-        mb()
-        return self.unconsumed_responses() > 0
+        return self._final_check(self.unconsumed_responses, RSP_EVENT, self.rsp_cons)
 
 
 class BackRing(_Ring):
@@ -146,19 +171,11 @@ class BackRing(_Ring):
 
     def push_responses(self) -> bool:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY."""
-        old = self.idx[RSP_PROD]
-        new = self.rsp_prod_pvt
-        self.idx[RSP_PROD] = new
-        mb()
-        return ((new - self.idx[RSP_EVENT]) & MASK32) < ((new - old) & MASK32)
+        return self._push(RSP_PROD, RSP_EVENT, self.rsp_prod_pvt)
 
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: arm req_event, then look once more."""
-        if self.unconsumed_requests():
-            return True
-        self.idx[REQ_EVENT] = (self.req_cons + 1) & MASK32
-        mb()
-        return self.unconsumed_requests() > 0
+        return self._final_check(self.unconsumed_requests, REQ_EVENT, self.req_cons)
 
     def pending(self) -> int:
         """Requests consumed but not yet answered."""
@@ -167,8 +184,6 @@ class BackRing(_Ring):
 
 def selftest() -> None:
     """Push many requests through a tiny ring across the u32 wrap and check every rule."""
-    import struct
-
     page = memoryview(bytearray(4096))
     fmt = struct.Struct("<I")
     front = FrontRing(page, 4, size=8)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
@@ -52,6 +52,34 @@ from shared.transport import connect_unix, create_memfd, listen_unix
 
 BASIC = {"feature-sg": True, "feature-header-slots": True, "request-rx-copy": True}
 
+
+
+def polls(fd: int, event: int, seconds: float, ms: int) -> Iterator[None]:
+    """Yield each time ``fd`` polls ready for ``event`` (waiting at most ``ms`` at a time),
+    until ``seconds`` have passed."""
+    end = time.monotonic() + seconds
+    poller = select.poll()
+    poller.register(fd, event)
+    while time.monotonic() < end:
+        if poller.poll(ms):
+            yield
+
+
+def settle(h: HostileFrontend, snapshot: Callable[[], object], seconds: float,
+           look: float) -> str | None:
+    """Until the backend disconnects ``h`` (its reason) or stops moving (None): what
+    ``snapshot()`` returns (its state, counters, ring indices) is the same for three looks in a
+    row, ``look`` seconds apart at least."""
+    same, last = 0, None
+    end = time.monotonic() + seconds
+    while same < 3 and time.monotonic() < end:
+        why = h.closed_within(look)
+        if why is not None:
+            return why
+        now = snapshot()
+        same = same + 1 if now == last else 0
+        last = now
+    return None
 
 class HostileFrontend:
     """A frontend that negotiates like netfront and then lies on the ring."""
@@ -153,12 +181,8 @@ class HostileFrontend:
 
     def storm(self, seconds: float) -> int:
         """Flood the event channel with kicks for ``seconds``; returns how many went out."""
-        sent, end, burst = 0, time.monotonic() + seconds, b"!" * 4096
-        poller = select.poll()
-        poller.register(self.chan.fileno(), select.POLLOUT)
-        while time.monotonic() < end:
-            if not poller.poll(20):
-                continue
+        sent, burst = 0, b"!" * 4096
+        for _ in polls(self.chan.fileno(), select.POLLOUT, seconds, 20):
             try:
                 sent += os.write(self.chan.fileno(), burst)
             except BlockingIOError:
@@ -456,12 +480,7 @@ class HostileBackend:
 
     def wait_closed(self, timeout: float = 10.0) -> str:
         """The frontend's Closing error (it says why it broke), or 'hung up'."""
-        end = time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.chan.fileno(), select.POLLIN)
-        while time.monotonic() < end:
-            if not poller.poll(100):
-                continue
+        for _ in polls(self.chan.fileno(), select.POLLIN, timeout, 100):
             try:
                 for msg in self.chan.recv(keep_fds=False).messages:
                     if msg.get("state") in ("Closing", "Closed"):

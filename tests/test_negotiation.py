@@ -8,7 +8,7 @@ import pytest
 
 import frontend.xenbus
 from backend.xenbus import IMPLEMENTED, offered_features
-from frontend.tx import BackendError
+from frontend.faults import BackendError
 from shared.netif import (
     EXTENSIONS,
     FEATURES,

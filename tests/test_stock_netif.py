@@ -55,6 +55,16 @@ def recv_all(sock: socket.socket) -> list[bytes]:
             return out
 
 
+def cross(sock: socket.socket, peer, arrived: list, frames: list[tuple[bytes, bytes]]) -> list:
+    """Send ``(frame, vnet header)`` pairs into ``sock``; the stock ``peer`` pumps until as
+    many arrived (in its list ``arrived``), which must carry the same frames. Returns them."""
+    for data, v in frames:
+        sock.send(v + data)
+    wait_for(lambda: (peer.pump(), len(arrived) >= len(frames))[1], 10, "frames at the peer")
+    assert [g.data for g in arrived] == [d for d, _v in frames]
+    return arrived
+
+
 @pytest.fixture
 def netfront_and_stock_backend(tmp_path):
     lst = listen_unix(str(tmp_path / "ev"))
@@ -79,11 +89,7 @@ def test_netfront_against_a_stock_backend_both_ways(netfront_and_stock_backend):
             (frame(b"b" * 3000), vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6)),
             (big4, vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)),
             (big6, vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6, 1440, 54, 16))]
-    for data, v in sent:
-        f.guest.send(v + data)
-    wait_for(lambda: (sb.pump(), len(sb.tx_frames) >= len(sent))[1], 10, "frames at the peer")
-    got = sb.tx_frames
-    assert [g.data for g in got] == [d for d, _v in sent]
+    got = cross(f.guest, sb, sb.tx_frames, sent)
     csum = TXF_CSUM_BLANK | TXF_DATA_VALIDATED
     assert [g.flags & csum for g in got] == [0, csum, csum, csum]
     assert [g.gso for g in got] == [None, None, (GSO_TCPV4, 1448), (GSO_TCPV6, 1440)]
@@ -133,11 +139,7 @@ def test_netback_against_a_stock_frontend_both_ways_with_ten_rx_buffers(
             (frame(b"j" * 9000), vnet()),
             (big4, vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)),
             (frame(b"t" * 200), vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6))]
-    for data, v in wire:
-        b.wire.send(v + data)
-    wait_for(lambda: (sf.pump(), len(sf.rx_frames) >= len(wire))[1], 10, "frames at the peer")
-    got = sf.rx_frames
-    assert [g.data for g in got] == [d for d, _v in wire]
+    got = cross(b.wire, sf, sf.rx_frames, wire)
     both = RXF_CSUM_BLANK | RXF_DATA_VALIDATED
     assert [g.flags for g in got] == [RXF_DATA_VALIDATED, 0, both, both]
     assert [g.gso for g in got] == [None, None, (GSO_TCPV4, 1448), None]

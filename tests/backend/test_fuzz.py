@@ -44,6 +44,7 @@ from tests.hostile import (
     TxRequests,
     ops,
 )
+from tests.hostile import settle as hostile_settle
 from tests.inproc import BackendThread, FrontendThread, fd_count, thread_cpu, wait_for
 
 EXAMPLES = int(os.environ.get("PVNET_FUZZ_EXAMPLES", "15"))
@@ -61,22 +62,15 @@ def backend(request, tmp_path_factory):
 
 
 def settle(b: BackendThread, h: HostileFrontend) -> str | None:
-    """Until the backend disconnects us (its reason) or stops moving (None): the ring
-    indices and counters it exposes stay the same for three looks in a row."""
-    same, last = 0, None
-    end = time.monotonic() + 3.0
-    while same < 3 and time.monotonic() < end:
-        why = h.closed_within(0.01)
-        if why is not None:
-            return why
+    """Until the backend disconnects us (its reason) or stops moving (None): its state,
+    counters and ring indices stay the same for three looks in a row."""
+    def snapshot() -> tuple:
         nb = b.nb
         tx, rx = nb.tx, nb.rx
-        now = (nb.state, tuple(nb.counters.values()),
-               (tx.ring.req_cons, tx.ring.rsp_prod_pvt) if tx else None,
-               (rx.ring.req_cons, rx.ring.rsp_prod_pvt) if rx else None)
-        same = same + 1 if now == last else 0
-        last = now
-    return None
+        return (nb.state, tuple(nb.counters.values()),
+                (tx.ring.req_cons, tx.ring.rsp_prod_pvt) if tx else None,
+                (rx.ring.req_cons, rx.ring.rsp_prod_pvt) if rx else None)
+    return hostile_settle(h, snapshot, 3.0, 0.01)
 
 
 def released_everything(b: BackendThread) -> None:

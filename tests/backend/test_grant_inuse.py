@@ -1,13 +1,14 @@
 """The grant in-use protocol at every access point, with a revoke placed deterministically just
-before each access (``GntMap.hook``): TX grants stay GTF_reading until the skb is freed (the
-vif write included, lazy mode included); an RX buffer is validated when the backend writes
-into it, with GTF_writing set, and one revoked after posting is never written."""
+before each access (``tests/backend/grant_hooks.py``): TX grants stay GTF_reading until the skb
+is freed (the vif write included, lazy mode included); an RX buffer is validated when the
+backend writes into it, with GTF_writing set, and one revoked after posting is never written."""
 
 import pytest
 
 from shared.grant import GrantError, GTF_reading, GTF_writing
 from shared.netif import XEN_NETIF_RSP_ERROR
 from shared.offload import VNET_HDR
+from tests.backend import grant_hooks
 from tests.conftest import frame, make_pair
 
 
@@ -26,7 +27,7 @@ def test_tx_grant_cannot_be_revoked_while_anything_may_read_it(mode):
         if point == "tx_submit":  # just before the vif write reads the pages
             seen.append((grants.in_use(gref), grants.end_access(gref)))
 
-    p.btx.gntmap.hook = hook
+    grant_hooks.install(p.btx.gntmap, hook)
     sent = frame(b"q" * 20000)
     p.send(sent)
     p.run_tx()
@@ -46,7 +47,7 @@ def test_tx_grant_revoked_before_the_backend_holds_it_is_refused():
         if point == "tx_hold" and not revoked:
             revoked.append(grants.end_access(gref))
 
-    p.btx.gntmap.hook = hook
+    grant_hooks.install(p.btx.gntmap, hook)
     p.send(frame(b"r" * 20000))
     with pytest.raises(GrantError, match="revoked or changed while the backend took it"):
         p.run_tx()
@@ -72,7 +73,7 @@ def test_rx_buffer_revoked_after_posting_is_not_written():
         if point == "rx_write" and g == gref and not revoked:
             revoked.append(grants.end_access(g))
 
-    p.brx.gntmap.hook = hook
+    grant_hooks.install(p.brx.gntmap, hook)
     sent = frame(b"s" * 3000)
     p.wire.send(bytes(VNET_HDR.size) + sent)
     p.brx.action()
@@ -100,6 +101,6 @@ def test_rx_marks_one_buffer_for_small_frames_and_spills_a_long_one_correctly():
         p.wire.send(bytes(VNET_HDR.size) + f)
     p.run_rx()
     assert [g[VNET_HDR.size:] for g in p.guest_frames()] == frames
-    assert p.brx.gntmap.rx_window > 1  # widened again after the long frame
+    assert p.brx.gntmap.rx.window > 1  # widened again after the long frame
     assert p.bstats[1].rx_spills == 1
     close(p)

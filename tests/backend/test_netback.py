@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.netback import FatalTxError
+from backend.txreq import FatalTxError
 from shared.grant import GrantError
 from shared.netif import (
     TX_REQUEST,
@@ -14,8 +14,9 @@ from shared.netif import (
     NETTXF_header_slot,
     NETTXF_more_data,
 )
-from shared.ring import MASK32, RingError
+from shared.ring import RingError
 from tests.conftest import frame, make_pair
+from tests.publish import publish
 
 
 def close(p):
@@ -92,11 +93,7 @@ def test_header_rule_drops_without_mapping_payload_rule_maps():
 
 
 def put(p, *reqs):
-    ring = p.tx.ring
-    for r in reqs:
-        TX_REQUEST.pack_into(ring.buf, ring.entry(ring.req_prod_pvt), *r)
-        ring.req_prod_pvt = (ring.req_prod_pvt + 1) & MASK32
-    ring.push_requests()
+    publish(p.tx.ring, TX_REQUEST, reqs)
 
 
 def grant(p, ref):
@@ -153,10 +150,10 @@ def test_fragment_slots_are_released_when_the_skb_is_freed_not_when_attached():
     p.tx.ring.push_requests()
     btx = p.btx
     skb = btx._build(btx.ring.unconsumed_requests())
-    btx._flush_dealloc()
+    btx.release.flush()
     assert btx.ring.rsp_prod_pvt == 1 and btx.stats.slots_released == 1
     assert len(skb.ids) == 3
     skb.free()
-    btx._flush_dealloc()
+    btx.release.flush()
     assert btx.ring.rsp_prod_pvt == 4 and btx.stats.slots_released == 4
     close(p)

@@ -5,7 +5,7 @@ offset), with and without the packet wrapping round the end of the ring."""
 
 import pytest
 
-from backend.netback import FatalTxError
+from backend.txreq import FatalTxError
 from shared.netif import (
     TX_RESPONSE,
     XEN_NETIF_RSP_ERROR,

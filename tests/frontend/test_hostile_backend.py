@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import frontend.netfront as netfront
-from frontend.tx import BackendError
+from frontend.faults import BackendError
 from shared.grant import GTF_reading
 from shared.netif import (
     RX_RESPONSE,

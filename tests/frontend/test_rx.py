@@ -3,19 +3,15 @@ otherwise; a lying backend is refused."""
 
 import pytest
 
-from frontend.tx import BackendError
+from frontend.faults import BackendError
 from shared.netif import RX_RESPONSE, NETRXF_more_data
 from shared.offload import VNET_HDR
-from shared.ring import MASK32
 from tests.conftest import make_pair
+from tests.publish import publish
 
 
 def respond(p, *rsps):
-    ring = p.brx.ring
-    for r in rsps:
-        RX_RESPONSE.pack_into(ring.buf, ring.entry(ring.rsp_prod_pvt), *r)
-        ring.rsp_prod_pvt = (ring.rsp_prod_pvt + 1) & MASK32
-    ring.push_responses()
+    publish(p.brx.ring, RX_RESPONSE, rsps)
 
 
 @pytest.fixture(params=[True, False], ids=["by-id", "stock"])
