@@ -68,6 +68,16 @@ class GrantTable:
         #: ``words[ref]``: entry ``ref`` as one u64 (see WORD_FLAGS, WORD_FRAME_SHIFT)
         self.words = table.cast("Q")
         assert self.words.itemsize == GRANT_ENTRY.size
+        self._views = (table, self.flags, self.ref_flags, self.words)
+
+    def release(self) -> None:
+        """Release the views this table made of ``buf`` (derived views keep a mapping alive:
+        ``Region.close`` calls this before it unmaps). Idempotent."""
+        for view in reversed(self._views):
+            try:
+                view.release()
+            except BufferError:  # someone exported it: the mapping stays pinned (Region says)
+                pass
 
     def span(self, ref: int, n: int) -> memoryview:
         """The bytes of ``n`` entries from ``ref`` on (a frontend grants a run with one copy)."""

@@ -141,7 +141,6 @@ class Region:
         p = PAGE_SIZE
         self.grants = GrantTable(self._track(self.buf[layout.gnt_page * p:layout.tx_ring_page * p]),
                                  layout.gnt_count)
-        self._track(self.grants.flags)
         self.tx_ring = self._view(layout.tx_ring_page * p, (layout.tx_ring_page + 1) * p)
         self.rx_ring = self._view(layout.rx_ring_page * p, (layout.rx_ring_page + 1) * p)
         self.hdr = self._view(layout.hdr_page * p, layout.hdr_page * p + layout.hdr_area_bytes)
@@ -187,6 +186,7 @@ class Region:
         if self.closed:
             return
         kept: list[memoryview] = []
+        self.grants.release()
         for view in reversed(self._views):  # casts and slices before what they came from
             try:
                 view.release()

@@ -72,7 +72,8 @@ def package_graph() -> grimp.ImportGraph:
     """The import graph of the checkout's packages (not an installed copy of them)."""
     sys.path.insert(0, str(REPO))
     try:
-        return grimp.build_graph(*ROOT_PACKAGES, cache_dir=None)
+        return grimp.build_graph(*ROOT_PACKAGES, cache_dir=None,
+                                 exclude_type_checking_imports=True)
     finally:
         sys.path.remove(str(REPO))
 
