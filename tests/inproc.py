@@ -1,11 +1,11 @@
 """The real netback and netfront (``Netback.run``/``Netfront.run``: handshake, loop, fault
 handling, release) on threads of the test process, for the fast tier: no root, no TAP.
 
-The vif and the guest TAP are datagram socketpairs (``NetbackConfig.vif_fd`` /
-``NetfrontConfig.tap_fd``), the event channel a real unix socket in a temp dir, the region a
-real sealed memfd. What differs from the processes the lab runs is only the device at each
-edge, so lifecycle bugs (a leaked mapping, a fault that kills the loop) show up here in
-seconds.
+The vif and the guest TAP are datagram socketpairs (``StandIn`` devices, plugged in by
+subclassing: ``InprocNetback.open_vif`` / ``InprocNetfront.open_tap``), the event channel a
+real unix socket in a temp dir, the region a real sealed memfd. What differs from the
+processes the lab runs is only the device at each edge, so lifecycle bugs (a leaked mapping,
+a fault that kills the loop) show up here in seconds.
 """
 
 from __future__ import annotations
@@ -21,9 +21,49 @@ from pathlib import Path
 from backend.interface import Netback, NetbackConfig
 from frontend.netfront import Netfront, NetfrontConfig
 from shared.control import ControlError, query
+from shared.netdev import NetDevice
 from shared.offload import VNET_HDR
 from shared.xenbus import XenbusState
 from tests.conftest import dgram_pair
+
+
+class StandIn(NetDevice):
+    """A datagram socket standing in for a TAP: frames pass, offloads and carrier are
+    no-ops, and the socket stays the test's to close."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.fileno(), f"standin{sock.fileno()}")
+
+    def set_offload(self, flags: int) -> None:
+        pass
+
+    def set_carrier(self, on: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class InprocNetback(Netback):
+    """A Netback whose vif is ``vif`` (a socket) instead of a TAP."""
+
+    def __init__(self, cfg: NetbackConfig, vif: socket.socket) -> None:
+        self._standin = vif
+        super().__init__(cfg)
+
+    def open_vif(self) -> NetDevice:
+        return StandIn(self._standin)
+
+
+class InprocNetfront(Netfront):
+    """A Netfront whose TAP is ``tap`` (a socket)."""
+
+    def __init__(self, cfg: NetfrontConfig, tap: socket.socket) -> None:
+        self._standin = tap
+        super().__init__(cfg)
+
+    def open_tap(self) -> NetDevice:
+        return StandIn(self._standin)
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
@@ -81,11 +121,11 @@ class BackendThread:
 
     def __post_init__(self) -> None:
         self.vif, self.wire = dgram_pair()
-        self.nb = Netback(NetbackConfig(vif="vifT", domid=self.domid, listen=str(self.ev),
-                                        ctl=str(self.dir / "b.ctl"), tx_mode=self.tx_mode,
-                                        vif_fd=self.vif.fileno(),
-                                        rx_stall_timeout=self.rx_stall_timeout,
-                                        no_offer=self.no_offer))
+        self.nb = InprocNetback(NetbackConfig(vif="vifT", domid=self.domid,
+                                              listen=str(self.ev), ctl=str(self.dir / "b.ctl"),
+                                              tx_mode=self.tx_mode,
+                                              rx_stall_timeout=self.rx_stall_timeout,
+                                              no_offer=self.no_offer), self.vif)
         self.thread = threading.Thread(target=self.nb.run, name="netback", daemon=True)
         self.thread.start()
         # the socket's file exists from bind(), before listen(): wait for an answer instead
@@ -134,12 +174,12 @@ class FrontendThread:
 
     def __post_init__(self) -> None:
         self.tap, self.guest = dgram_pair()
-        self.nf = Netfront(NetfrontConfig(name="fT", domid=self.domid, connect=str(self.ev),
-                                          ctl=str(self.ctl), tap_fd=self.tap.fileno(),
-                                          region_size=self.region_size,
-                                          persistent=self.persistent,
-                                          header_slots=self.header_slots,
-                                          poll_us=self.poll_us))
+        self.nf = InprocNetfront(NetfrontConfig(name="fT", domid=self.domid,
+                                                connect=str(self.ev), ctl=str(self.ctl),
+                                                region_size=self.region_size,
+                                                persistent=self.persistent,
+                                                header_slots=self.header_slots,
+                                                poll_us=self.poll_us), self.tap)
         self.thread = threading.Thread(target=self.nf.run, name="netfront", daemon=True)
         self.thread.start()
 
