@@ -214,8 +214,8 @@ class Netback(Endpoint[Connection]):
             abandoned = conn.tx.ring.pending()
             self.tx_stats.slots_released += abandoned
             self.counters["slots_abandoned"] += abandoned
-            for g in conn.gntmaps:
-                g.unmap_all()
+            conn.gntmaps[0].unmap_all()  # (no loop variable: it would pin a map's views)
+            conn.gntmaps[1].unmap_all()
             region, views = conn.region, conn.views
             # every holder of a view of the region goes first: then it can really unmap
             conn.tx = conn.rx = conn.gntmaps = conn.region = None  # type: ignore[assignment]

@@ -115,17 +115,19 @@ class BackendThread:
     domid: int = 7
     rx_stall_timeout: float = 60.0
     no_offer: tuple[str, ...] = ()
+    #: the Netback class to run (a test may subclass InprocNetback to inject a failure)
+    netback: type[InprocNetback] = InprocNetback
     nb: Netback = field(init=False)
     wire: socket.socket = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
         self.vif, self.wire = dgram_pair()
-        self.nb = InprocNetback(NetbackConfig(vif="vifT", domid=self.domid,
-                                              listen=str(self.ev), ctl=str(self.dir / "b.ctl"),
-                                              tx_mode=self.tx_mode,
-                                              rx_stall_timeout=self.rx_stall_timeout,
-                                              no_offer=self.no_offer), self.vif)
+        self.nb = self.netback(NetbackConfig(vif="vifT", domid=self.domid,
+                                             listen=str(self.ev), ctl=str(self.dir / "b.ctl"),
+                                             tx_mode=self.tx_mode,
+                                             rx_stall_timeout=self.rx_stall_timeout,
+                                             no_offer=self.no_offer), self.vif)
         self.thread = threading.Thread(target=self.nb.run, name="netback", daemon=True)
         self.thread.start()
         # the socket's file exists from bind(), before listen(): wait for an answer instead
@@ -168,18 +170,20 @@ class FrontendThread:
     persistent: bool = False
     header_slots: bool = True
     poll_us: int = 0
+    #: the Netfront class to run (a test may subclass InprocNetfront to inject a failure)
+    netfront: type[InprocNetfront] = InprocNetfront
     nf: Netfront = field(init=False)
     guest: socket.socket = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
         self.tap, self.guest = dgram_pair()
-        self.nf = InprocNetfront(NetfrontConfig(name="fT", domid=self.domid,
-                                                connect=str(self.ev), ctl=str(self.ctl),
-                                                region_size=self.region_size,
-                                                persistent=self.persistent,
-                                                header_slots=self.header_slots,
-                                                poll_us=self.poll_us), self.tap)
+        self.nf = self.netfront(NetfrontConfig(name="fT", domid=self.domid,
+                                               connect=str(self.ev), ctl=str(self.ctl),
+                                               region_size=self.region_size,
+                                               persistent=self.persistent,
+                                               header_slots=self.header_slots,
+                                               poll_us=self.poll_us), self.tap)
         self.thread = threading.Thread(target=self.nf.run, name="netfront", daemon=True)
         self.thread.start()
 
