@@ -38,8 +38,7 @@ from shared.doorbell import HostDoorbell, KickChannel
 from shared.grant import GrantError
 from shared.netdev import NetDevice, offload_flags
 from shared.region import LayoutError, Region
-from shared.ring import RingError, require_tso
-from shared.stats import RingStats
+from shared.ring import RingError
 from shared.transport import TransportError, connect_unix, map_memfd
 from shared.xenbus import NegotiationError, NotNegotiated, XenbusState
 
@@ -99,11 +98,8 @@ class Netback(Endpoint[Connection]):
     def __init__(self, cfg: NetbackConfig) -> None:
         if (cfg.listen is None) == (cfg.connect is None):
             raise ValueError("give exactly one of --listen and --connect")
-        require_tso()  # the shared-memory code relies on x86's ordering
-        super().__init__(cfg.vif, log)
         self.cfg = cfg
-        self.tx_stats = RingStats()
-        self.rx_stats = RingStats()
+        super().__init__(cfg.vif, log)
         self.counters.update({"malformed": 0, "frontend_restarts": 0, "spurious_events": 0,
                               "events_deferred": 0, "rx_stalls": 0, "slots_abandoned": 0,
                               "accept_errors": 0, "not_negotiated": 0})
@@ -118,14 +114,14 @@ class Netback(Endpoint[Connection]):
         # the same seal and size checks as a memfd passed in a handshake (the layout is
         # checked at every handshake): an unsealed fd could be truncated under us (SIGBUS)
         self.shared_region = (map_memfd(cfg.region_fd) if cfg.region_fd is not None else None)
-        self.vif = self.open_vif()
+        self.vif = self.open_device()
         self.set_carrier(False)  # Linux: carrier off until a frontend connects
         self.listener = (EventListener(cfg.listen, cfg.vif, self.wake_fd, self.counters)
                          if cfg.listen else None)
         self.capture = CaptureTap(cfg.vif)
         self.ctl = PacedControlServer(cfg.ctl, self.control) if cfg.ctl else None
 
-    def open_vif(self) -> NetDevice:
+    def open_device(self) -> NetDevice:
         """The vif TAP, on the bridge."""
         return NetDevice.open(self.cfg.vif, mac=VIF_MAC, master=self.cfg.bridge)
 

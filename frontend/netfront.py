@@ -25,7 +25,7 @@ from shared.lifecycle import Shutdown
 from shared.netdev import NetDevice, offload_flags
 from shared.netif import EXTENSIONS, FRONTEND_KEYS
 from shared.region import Region
-from shared.ring import FrontRing, RingError, require_tso
+from shared.ring import FrontRing, RingError
 from shared.stats import RingStats
 from shared.transport import (
     TransportError,
@@ -100,21 +100,18 @@ class Netfront(Endpoint[Connection]):
     def __init__(self, cfg: NetfrontConfig) -> None:
         if (cfg.connect is None) == (cfg.channel is None):
             raise ValueError("give exactly one of --connect and --channel")
-        require_tso()  # the shared-memory code relies on x86's ordering
-        super().__init__(cfg.name, log)
         self.cfg = cfg
-        self.tx_stats = RingStats()
-        self.rx_stats = RingStats()
+        super().__init__(cfg.name, log)
         self.counters.update({"broken": 0, "sleeps": 0, "polls_busy": 0, "polls_empty": 0})
         self.tx: TxQueue | None = None
         self.rx: RxQueue | None = None
         self.bar: mmap.mmap | None = None
         self._mapped: list[weakref.ref] = []  # memfd regions, to prove old ones are unmapped
-        self.tap = self.open_tap()
+        self.tap = self.open_device()
         self.ctl = ControlServer(cfg.ctl, self.control) if cfg.ctl else None
         self.ctl_port = PortControl(cfg.ctl_port, self.control) if cfg.ctl_port else None
 
-    def open_tap(self) -> NetDevice:
+    def open_device(self) -> NetDevice:
         """The guest's TAP. netfront: netif_set_tso_max_size(XEN_NETIF_MAX_TX_SIZE -
         MAX_TCP_HEADER)."""
         c = self.cfg

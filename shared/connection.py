@@ -30,6 +30,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 from shared.channel import ChannelClosed, EventChannel
 from shared.faults import KINDS, kind_of
 from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
+from shared.netdev import NetDevice
+from shared.ring import require_tso
+from shared.stats import RingStats
 from shared.xenbus import XenbusState
 
 #: how a log line names each kind of fault
@@ -58,8 +61,11 @@ class Endpoint(ABC, Generic[Conn]):
     peer_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
     def __init__(self, name: str, log: logging.Logger) -> None:
+        require_tso()  # the shared-memory code relies on x86's ordering
         self.name = name
         self.log = log
+        self.tx_stats = RingStats()
+        self.rx_stats = RingStats()
         self.counters: dict[str, int] = {"connects": 0, "disconnects": 0,
                                          "internal_errors": 0, "lost_wakeups": 0}
         for kind in KINDS:
@@ -72,6 +78,11 @@ class Endpoint(ABC, Generic[Conn]):
         self.wake_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # --- the end-specific steps ---------------------------------------------------------
+    @abstractmethod
+    def open_device(self) -> NetDevice:
+        """The TAP at this end's outer edge (made once, in ``__init__``; it outlives
+        connections). Tests plug in a stand-in by overriding this."""
+
     @abstractmethod
     def open_channel(self) -> EventChannel:
         """Step 1: the channel to the next peer (blocking; ``check_stop`` ends the wait)."""

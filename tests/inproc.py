@@ -2,7 +2,7 @@
 handling, release) on threads of the test process, for the fast tier: no root, no TAP.
 
 The vif and the guest TAP are datagram socketpairs (``StandIn`` devices, plugged in by
-subclassing: ``InprocNetback.open_vif`` / ``InprocNetfront.open_tap``), the event channel a
+subclassing: ``StandInDevice.open_device``), the event channel a
 real unix socket in a temp dir, the region a real sealed memfd. What differs from the
 processes the lab runs is only the device at each edge, so lifecycle bugs (a leaked mapping,
 a fault that kills the loop) show up here in seconds.
@@ -44,26 +44,23 @@ class StandIn(NetDevice):
         pass
 
 
-class InprocNetback(Netback):
-    """A Netback whose vif is ``vif`` (a socket) instead of a TAP."""
+class StandInDevice:
+    """Mixin for an end: its device is ``sock`` (a socket) instead of a TAP."""
 
-    def __init__(self, cfg: NetbackConfig, vif: socket.socket) -> None:
-        self._standin = vif
+    def __init__(self, cfg, sock: socket.socket) -> None:
+        self._standin = sock
         super().__init__(cfg)
 
-    def open_vif(self) -> NetDevice:
+    def open_device(self) -> NetDevice:
         return StandIn(self._standin)
 
 
-class InprocNetfront(Netfront):
-    """A Netfront whose TAP is ``tap`` (a socket)."""
+class InprocNetback(StandInDevice, Netback):
+    """A Netback whose vif is a socket."""
 
-    def __init__(self, cfg: NetfrontConfig, tap: socket.socket) -> None:
-        self._standin = tap
-        super().__init__(cfg)
 
-    def open_tap(self) -> NetDevice:
-        return StandIn(self._standin)
+class InprocNetfront(StandInDevice, Netfront):
+    """A Netfront whose TAP is a socket."""
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
