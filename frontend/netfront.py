@@ -1,7 +1,9 @@
 """A netfront device: the guest's TAP, the handshake, and the data loop (``xen-netfront.c``).
 
 The device survives its backend: when the backend closes or dies, the frontend goes back to
-the handshake and reconnects, keeping its TAP (and so the guest's addresses and sockets).
+the handshake and reconnects, keeping its TAP (and so the guest's addresses and sockets). That
+connection life is the one both ends share (``shared.connection``); this module plugs in the
+netfront's steps and holds its data loop.
 """
 
 from __future__ import annotations
