@@ -140,20 +140,10 @@ class BackendThread:
                  timeout, "the backend to release its frontend")
 
     def wire_frames(self) -> list[bytes]:
-        out = []
-        self.wire.setblocking(False)
-        while True:
-            try:
-                out.append(self.wire.recv(1 << 17)[VNET_HDR.size:])
-            except BlockingIOError:
-                return out
+        return drain(self.wire)
 
     def stop(self) -> None:
-        self.nb.stop()
-        self.thread.join(10)
-        for s in (self.vif, self.wire):
-            s.close()
-        assert not self.thread.is_alive(), "netback thread did not stop"
+        stop_end(self.nb, self.thread, (self.vif, self.wire))
 
 
 @dataclass
@@ -188,17 +178,27 @@ class FrontendThread:
         wait_for(lambda: self.nf.state == XenbusState.Connected, timeout, "netfront Connected")
 
     def guest_frames(self) -> list[bytes]:
-        out = []
-        self.guest.setblocking(False)
-        while True:
-            try:
-                out.append(self.guest.recv(1 << 17)[VNET_HDR.size:])
-            except BlockingIOError:
-                return out
+        return drain(self.guest)
 
     def stop(self) -> None:
-        self.nf.stop()
-        self.thread.join(10)
-        for s in (self.tap, self.guest):
-            s.close()
-        assert not self.thread.is_alive(), "netfront thread did not stop"
+        stop_end(self.nf, self.thread, (self.tap, self.guest))
+
+
+def drain(sock: socket.socket) -> list[bytes]:
+    """The frames waiting on a stand-in device's far side, without their virtio_net_hdr."""
+    out = []
+    sock.setblocking(False)
+    while True:
+        try:
+            out.append(sock.recv(1 << 17)[VNET_HDR.size:])
+        except BlockingIOError:
+            return out
+
+
+def stop_end(end: Netback | Netfront, thread: threading.Thread,
+             socks: tuple[socket.socket, ...]) -> None:
+    end.stop()
+    thread.join(10)
+    for s in socks:
+        s.close()
+    assert not thread.is_alive(), f"{thread.name} thread did not stop"
