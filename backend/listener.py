@@ -14,6 +14,8 @@ import select
 from collections.abc import Callable
 
 from shared.channel import EventChannel
+from shared.connection import FAULT_LABEL
+from shared.faults import kind_of
 from shared.transport import listen_unix
 
 log = logging.getLogger("netback")
@@ -83,10 +85,14 @@ class EventListener:
         return True
 
     def _accept_failed(self, e: OSError) -> None:
+        """A connection that failed before it began: the OS's fault, booked as one (the log
+        line only for the first and for each new errno, as it may repeat every backoff)."""
+        kind = kind_of(e)
         self.counters["accept_errors"] += 1
+        self.counters[f"faults_{kind}"] += 1
         if self.counters["accept_errors"] == 1 or e.errno != self._last_errno:
-            log.warning("%s: accept() on the event socket failed: %s; retrying in %gs",
-                        self.vif, e, ACCEPT_BACKOFF)
+            log.warning("%s: %s: accept() on the event socket failed: %s; retrying in %gs",
+                        self.vif, FAULT_LABEL[kind], e, ACCEPT_BACKOFF)
         self._last_errno = e.errno or 0
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import gc
 import logging
+import socket
 
 from shared.channel import EventChannel
 from shared.control import query
@@ -114,4 +115,41 @@ def test_a_disconnect_gives_back_every_descriptor_and_mapping(tmp_path):
             assert memfd_maps() <= maps
             assert b.nb.regions_mapped() == 0
     finally:
+        b.stop()
+
+
+class NoFdLeft:
+    """The event socket as a full fd table shows it: readable, and accept() says EMFILE."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_an_accept_that_fails_is_the_oss_fault(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="netback")
+    b = BackendThread(tmp_path)
+    listener = b.nb.listener
+    real = listener.sock
+    knock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.sock = NoFdLeft(real)
+        knock.connect(str(b.ev))
+        wait_for(lambda: b.nb.counters["accept_errors"] >= 1, 5, "accept() to fail")
+        listener.sock = real
+        # accepted at last: the listener is done failing, so the counts hold still
+        wait_for(lambda: b.nb.state.name == "InitWait", 5, "the knock to be accepted")
+        counted = faults(b)
+        assert counted["faults_os"] == b.nb.counters["accept_errors"] >= 1
+        assert counted["faults_peer"] == counted["faults_own"] == 0
+        assert any("OS fault: accept() on the event socket failed" in line
+                   for line in fault_lines(caplog))
+    finally:
+        listener.sock = real
+        knock.close()
         b.stop()
