@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.faults import PeerFault
 from shared.netif import BACKEND_KEYS, EXTENSIONS, PAGE_SIZE
 from shared.region import Layout, Region
 from shared.text import printable
@@ -22,8 +21,9 @@ from shared.xenbus import Agreement, NegotiationError, XenbusState, check_reques
 HANDSHAKE_TIMEOUT = 10.0
 
 
-class HandshakeAbandoned(PeerFault):
-    """The caller gave up waiting (a newer frontend is knocking, or the backend is stopping)."""
+class HandshakeAbandoned(ChannelClosed):
+    """The caller gave up waiting for a silent frontend (a newer one is knocking): it is
+    dropped without a word, as if it had gone; nobody's fault."""
 
 
 @dataclass

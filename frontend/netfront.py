@@ -1,7 +1,9 @@
 """A netfront device: the guest's TAP, the handshake, and the data loop (``xen-netfront.c``).
 
 The device survives its backend: when the backend closes or dies, the frontend goes back to
-the handshake and reconnects, keeping its TAP (and so the guest's addresses and sockets).
+the handshake and reconnects, keeping its TAP (and so the guest's addresses and sockets). That
+connection life is the one both ends share (``shared.connection``); this module plugs in the
+netfront's steps and holds its data loop.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import logging
 import mmap
 import os
 import select
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -21,24 +22,17 @@ from frontend.tx import TxQueue
 from frontend.txflow import REAP_INTERVAL
 from frontend.xenbus import Handshake
 from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
+from shared.connection import Endpoint
 from shared.control_port import PortControl
 from shared.control_server import ControlServer
 from shared.doorbell_guest import guest_doorbell
 from shared.kickchannel import KickChannel
-from shared.lifecycle import Shutdown, send_quietly, stop_on_signals
+from shared.lifecycle import Shutdown
+from shared.netdev import NetDevice, offload_flags
 from shared.netif import EXTENSIONS, FRONTEND_KEYS
 from shared.region import Region
-from shared.ring import FrontRing, RingError, require_tso
+from shared.ring import FrontRing, RingError
 from shared.stats import RingStats
-from shared.tap import (
-    TUN_F_CSUM,
-    TUN_F_TSO4,
-    TUN_F_TSO6,
-    TUN_F_TSO_ECN,
-    configure,
-    open_tap,
-    set_offload,
-)
 from shared.transport import (
     TransportError,
     connect_unix,
@@ -62,6 +56,8 @@ IDLE_MS = 1000
 REAP_MS = max(1, int(REAP_INTERVAL * 1000))
 #: pause before reconnecting after a fault, so a broken backend cannot make us spin
 BROKEN_BACKOFF = 0.5
+#: pause before reconnecting after any connection
+RECONNECT_PAUSE = 0.1
 #: a poll budget (µs) worth trying where a wake-up is dear (bench mode lazy-poll)
 POLL_US = 1000
 
@@ -91,39 +87,41 @@ class NetfrontConfig:
     #: Off by default: in a 1-vCPU TCG guest the polling took the CPU the guest's sender needs
     #: (issue 13's bench: TCP tx 0.035 with 1000 µs vs 0.076 Gbit/s without, rr p50 alike)
     poll_us: int = 0
-    #: tests only: an already open stand-in for the TAP (a datagram socket); no device is made
-    tap_fd: int | None = None
 
 
-class Netfront:
+@dataclass
+class Connection:
+    """What one backend connection holds: the channel, the region and the queues over it."""
+
+    chan: EventChannel
+    region: Region
+    tx: TxQueue
+    rx: RxQueue
+
+
+class Netfront(Endpoint[Connection]):
+    waiting = XenbusState.Initialising
+    peer_errors = BACKEND_FAULTS
+
     def __init__(self, cfg: NetfrontConfig) -> None:
         if (cfg.connect is None) == (cfg.channel is None):
             raise ValueError("give exactly one of --connect and --channel")
-        require_tso()  # the shared-memory code relies on x86's ordering
         self.cfg = cfg
-        self.tx_stats = RingStats()
-        self.rx_stats = RingStats()
-        self.counters = {"connects": 0, "disconnects": 0, "broken": 0, "internal_errors": 0,
-                         "lost_wakeups": 0, "sleeps": 0, "polls_busy": 0,
-                         "polls_empty": 0}
-        self.last_error = ""
-        self.state = XenbusState.Initialising
-        self.peer = ""
-        self.features: dict[str, bool] = {}
+        super().__init__(cfg.name, log)
+        self.counters.update({"broken": 0, "sleeps": 0, "polls_busy": 0, "polls_empty": 0})
         self.tx: TxQueue | None = None
         self.rx: RxQueue | None = None
         self.bar: mmap.mmap | None = None
         self._mapped: list[weakref.ref] = []  # memfd regions, to prove old ones are unmapped
-        self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        if cfg.tap_fd is not None:
-            self.tap_fd = cfg.tap_fd
-        else:
-            self.tap_fd = open_tap(cfg.tap)
-            # netfront: netif_set_tso_max_size(XEN_NETIF_MAX_TX_SIZE - MAX_TCP_HEADER)
-            configure(cfg.tap, mac=cfg.mac, ip=cfg.ip, mtu=cfg.mtu, gso_max_size=GSO_MAX_SIZE)
+        self.tap = self.open_device()
         self.ctl = ControlServer(cfg.ctl, self.control) if cfg.ctl else None
         self.ctl_port = PortControl(cfg.ctl_port, self.control) if cfg.ctl_port else None
+
+    def open_device(self) -> NetDevice:
+        """The guest's TAP. netfront: netif_set_tso_max_size(XEN_NETIF_MAX_TX_SIZE -
+        MAX_TCP_HEADER)."""
+        c = self.cfg
+        return NetDevice.open(c.tap, mac=c.mac, ip=c.ip, mtu=c.mtu, gso_max_size=GSO_MAX_SIZE)
 
     def wanted(self) -> dict[str, bool]:
         c = self.cfg
@@ -150,21 +148,28 @@ class Netfront:
             rings["rx"].update(rx.ring.indices(), req_prod_pvt=rx.ring.req_prod_pvt,
                                rsp_cons=rx.ring.rsp_cons, slots_in_flight=0,
                                grants_active=RX_BUFFERS - len(rx.free))
-        return {"role": "netfront", "name": self.cfg.name, "peer": self.peer,
-                "pid": os.getpid(), "domid": self.cfg.domid, "state": self.state.name,
-                "features": self.features, "rings": rings,
-                "regions_mapped": self.regions_mapped(),
-                "counters": dict(self.counters, last_error=self.last_error)}
+        return dict(self.stats("netfront", self.cfg.domid), rings=rings,
+                    regions_mapped=self.regions_mapped(),
+                    counters=dict(self.counters, last_error=self.last_error))
 
     def regions_mapped(self) -> int:
         """Grant regions this process maps: 1 while connected (0 between memfd regions)."""
         self._mapped = [r for r in self._mapped if r() is not None and not r().closed]
         return len(self._mapped) + (self.bar is not None)
 
-    # --- lifecycle ----------------------------------------------------------------------
-    def _open_channel(self) -> EventChannel:
+    def services(self) -> list:
+        return [s for s in (self.ctl, self.ctl_port) if s is not None]
+
+    def close(self) -> None:
+        try:
+            super().close()  # the control sockets, the wake-up pipe
+        finally:
+            self.tap.close()
+
+    # --- the connection's steps -----------------------------------------------------------
+    def open_channel(self) -> EventChannel:
         if self.cfg.connect:
-            return connect_unix(self.cfg.connect, stop=self._stop.is_set)
+            return connect_unix(self.cfg.connect, stop=self.stopping)
         chan = open_port(self.cfg.channel)
         if self.cfg.doorbell:  # doorbell: kicks over ivshmem-doorbell (shared/doorbell.py)
             chan = KickChannel.around(chan, guest_doorbell, own_doorbell=False)
@@ -182,102 +187,54 @@ class Netfront:
                         else map_pci_bar(self.cfg.region))
         return Region.create(self.bar), {"size": len(self.bar)}, ()
 
-    def run(self) -> None:
-        stop_on_signals()
-        if self.ctl:
-            self.ctl.start()
-        if self.ctl_port:
-            self.ctl_port.start()
-        try:
-            while True:
-                self._connection()
-                if self._stop.wait(0.1):
-                    raise Shutdown("stop requested")
-        except Shutdown as e:
-            log.info("%s: %s, shutting down", self.cfg.name, e)
-        finally:
-            if self.ctl:
-                self.ctl.close()
-            if self.ctl_port:
-                self.ctl_port.close()
-            if self.cfg.tap_fd is None:
-                os.close(self.tap_fd)
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
+    def handshake(self, chan: EventChannel, first: dict | None):
+        hs = Handshake(chan, self.cfg.name, self.cfg.domid, self.wanted(), stop=self.stopping)
+        return hs.run(self._make_region)
 
-    def stop(self) -> None:
-        """Ask ``run`` (in another thread) to return; used by in-process tests."""
-        self._stop.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-
-    def _connection(self) -> None:
-        """One connection, from opening the channel to its end. The device (the TAP, so the
-        guest's addresses and sockets) survives it; a broken backend is told why."""
-        chan = None
-        try:
-            chan = self._open_channel()
-            self.state = XenbusState.Initialising
-            hs = Handshake(chan, self.cfg.name, self.cfg.domid, self.wanted(),
-                           stop=self._stop.is_set)
-            offer, chosen, region = hs.run(self._make_region)
-            self._serve(chan, offer, chosen, region)
-        except ChannelClosed as e:
-            log.info("%s: backend gone (%s); reconnecting", self.cfg.name, e)
-        except Shutdown:
-            if chan is not None:
-                send_quietly(chan, {"state": "Closing"})
-            raise
-        except BACKEND_FAULTS as e:
-            if self._stop.is_set():
-                raise Shutdown("stop requested") from None
-            self._broken(chan, f"{type(e).__name__}: {e}")
-        except Exception as e:  # noqa: BLE001 - a bug of ours must not take the device down
-            self.counters["internal_errors"] += 1
-            log.exception("%s: internal error", self.cfg.name)
-            self._broken(chan, f"internal {type(e).__name__}: {e}")
-        finally:
-            if self.state == XenbusState.Connected:
-                self.counters["disconnects"] += 1
-            self.state = XenbusState.Closed
-            if self.tx is not None:  # unanswered requests go with the ring (the backend's)
-                self.tx_stats.slots_released += self.tx.in_flight()
-            self.tx = self.rx = None  # the region's last views: the memfd mapping goes now
-            if chan is not None:
-                chan.close()
-
-    def _broken(self, chan: EventChannel | None, why: str) -> None:
-        """xennet: the backend answered nonsense. Say so, drop the connection, and come back
-        after a pause (the backend may be restarting, or hostile)."""
-        self.counters["broken"] += 1
-        self.last_error = why
-        log.error("%s: device broken: %s; reconnecting", self.cfg.name, why)
-        if chan is not None:
-            send_quietly(chan, {"state": "Closing", "error": why})
-        if self._stop.wait(BROKEN_BACKOFF):
-            raise Shutdown("stop requested")
-
-    def _serve(self, chan: EventChannel, offer, chosen: dict[str, bool],
-               region: Region) -> None:
-        cfg = self.cfg
+    def attach(self, chan: EventChannel, negotiated) -> Connection:
+        offer, chosen, region = negotiated
         ag = Agreement.of(offer.features, chosen)
-        if cfg.tap_fd is None:  # a test's stand-in socket has no offloads to set
-            set_offload(self.tap_fd, tap_offloads(ag))
-        self.rx = rx = RxQueue(region, self.tap_fd, self.rx_stats, ag.persistent,
-                               offer.backend_domid, ag)
-        self.tx = tx = TxQueue(region, self.tap_fd, self.tx_stats, RX_BUFFERS,
-                               ag.header_slots, ag.persistent, offer.backend_domid, ag)
+        self.tap.set_offload(tap_offloads(ag))
+        rx = RxQueue(region, self.tap.fd, self.rx_stats, ag.persistent, offer.backend_domid, ag)
+        tx = TxQueue(region, self.tap.fd, self.tx_stats, RX_BUFFERS, ag.header_slots,
+                     ag.persistent, offer.backend_domid, ag)
+        self.tx, self.rx = tx, rx
         self.peer = offer.backend
         self.features = chosen
-        self.state = XenbusState.Connected
-        self.counters["connects"] += 1
-        log.info("%s: connected to %s, features %s", cfg.name, offer.backend,
+        log.info("%s: connected to %s, features %s", self.cfg.name, offer.backend,
                  ",".join(k for k, v in chosen.items() if v))
-        rx.refill()
-        _push(rx.ring, chan, self.rx_stats)
-        self._loop(chan, tx, rx)
+        return Connection(chan, region, tx, rx)
+
+    def serve(self, conn: Connection) -> None:
+        conn.rx.refill()
+        _push(conn.rx.ring, conn.chan, self.rx_stats)
+        self._loop(conn.chan, conn.tx, conn.rx)
+
+    def detach(self, conn: Connection) -> None:
+        """Unanswered requests go with the ring (the backend's); the queues are the region's
+        last users, so a memfd region is unmapped now. The BAR stays: it is the device's."""
+        self.tx_stats.slots_released += conn.tx.in_flight()
+        self.tx = self.rx = None
+        region = conn.region
+        conn.tx = conn.rx = conn.region = None  # type: ignore[assignment]
+        if region.mem is not self.bar:
+            region.close()
+
+    # --- how a connection ends ------------------------------------------------------------
+    def peer_left(self, e: ChannelClosed) -> None:
+        log.info("%s: backend gone (%s); reconnecting", self.cfg.name, e)
+
+    def booked(self, e: Exception, internal: bool, why: str) -> str:
+        """xennet: the backend answered nonsense (or we did). Say so, drop the connection,
+        and come back after a pause (the backend may be restarting, or hostile)."""
+        self.counters["broken"] += 1
+        return why
+
+    def fault_line(self, why: str) -> str:
+        return f"device broken: {why}; reconnecting"
+
+    def session_ended(self, faulted: bool) -> None:
+        self.rest((BROKEN_BACKOFF if faulted else 0) + RECONNECT_PAUSE)
 
     def _loop(self, chan: EventChannel, tx: TxQueue, rx: RxQueue) -> None:
         """The data loop, NAPI-like: a wake-up is followed by polling (ring and TAP, events
@@ -286,7 +243,7 @@ class Netfront:
         sleeps unarmed: a timeout other than 0 is only chosen right after a final check that
         found nothing. Empty polls yield the CPU, so the guest's own tasks run meanwhile."""
         poller = select.poll()
-        cfd, tfd, wfd = chan.fileno(), self.tap_fd, self._wake_r
+        cfd, tfd, wfd = chan.fileno(), self.tap.fd, self.wake_fd
         poller.register(cfd, select.POLLIN)
         poller.register(wfd, select.POLLIN)
         tap_polled = False
@@ -357,23 +314,12 @@ class Netfront:
         if tx.stopped:  # only a stopped queue asked for TX-completion kicks
             waiting += tx.ring.unconsumed_responses()
         if waiting:
-            quick = select.poll()
-            quick.register(cfd, select.POLLIN)
-            if not quick.poll(0):  # not merely a kick still on its way
-                self.counters["lost_wakeups"] += 1
-                log.warning("%s: found responses no notification announced (lost wake-up)",
-                            self.cfg.name)
-
-
-
+            self.found_unannounced(cfd, "responses")
 
 def tap_offloads(ag: Agreement) -> int:
     """What the guest stack may hand us follows what the backend offered (netfront's
     xennet_fix_features): no TSO kind the backend's feature-gso-* keys do not accept."""
-    flags = TUN_F_CSUM | (TUN_F_TSO4 if ag.tx_gso_tcpv4 else 0) \
-        | (TUN_F_TSO6 if ag.tx_gso_tcpv6 else 0)
-    return flags | (TUN_F_TSO_ECN if ag.tx_gso_tcpv4 or ag.tx_gso_tcpv6 else 0)
-
+    return offload_flags(ag.tx_gso_tcpv4, ag.tx_gso_tcpv6)
 
 def _push(ring: FrontRing, chan: EventChannel, stats: RingStats) -> None:
     kick_if(ring.push_requests(), chan, stats)

@@ -1,5 +1,6 @@
 """What both ends' processes do the same way around their data loops: stop on a signal, and
-tell a peer goodbye without trusting it to listen."""
+tell a peer goodbye without trusting it to listen. The connection's life itself (states,
+reconnect, teardown) is ``shared.connection``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """The real netback and netfront (``Netback.run``/``Netfront.run``: handshake, loop, fault
 handling, release) on threads of the test process, for the fast tier: no root, no TAP.
 
-The vif and the guest TAP are datagram socketpairs (``NetbackConfig.vif_fd`` /
-``NetfrontConfig.tap_fd``), the event channel a real unix socket in a temp dir, the region a
-real sealed memfd. What differs from the processes the lab runs is only the device at each
-edge, so lifecycle bugs (a leaked mapping, a fault that kills the loop) show up here in
-seconds.
+The vif and the guest TAP are datagram socketpairs (``StandIn`` devices, plugged in by
+subclassing: ``StandInDevice.open_device``), the event channel a
+real unix socket in a temp dir, the region a real sealed memfd. What differs from the
+processes the lab runs is only the device at each edge, so lifecycle bugs (a leaked mapping,
+a fault that kills the loop) show up here in seconds.
 """
 
 from __future__ import annotations
@@ -21,9 +21,46 @@ from pathlib import Path
 from backend.interface import Netback, NetbackConfig
 from frontend.netfront import Netfront, NetfrontConfig
 from shared.control import ControlError, query
+from shared.netdev import NetDevice
 from shared.offload import VNET_HDR
 from shared.xenbus import XenbusState
 from tests.conftest import dgram_pair
+
+
+class StandIn(NetDevice):
+    """A datagram socket standing in for a TAP: frames pass, offloads and carrier are
+    no-ops, and the socket stays the test's to close."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.fileno(), f"standin{sock.fileno()}")
+
+    def set_offload(self, flags: int) -> None:
+        pass
+
+    def set_carrier(self, on: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class StandInDevice:
+    """Mixin for an end: its device is ``sock`` (a socket) instead of a TAP."""
+
+    def __init__(self, cfg, sock: socket.socket) -> None:
+        self._standin = sock
+        super().__init__(cfg)
+
+    def open_device(self) -> NetDevice:
+        return StandIn(self._standin)
+
+
+class InprocNetback(StandInDevice, Netback):
+    """A Netback whose vif is a socket."""
+
+
+class InprocNetfront(StandInDevice, Netfront):
+    """A Netfront whose TAP is a socket."""
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
@@ -75,17 +112,19 @@ class BackendThread:
     domid: int = 7
     rx_stall_timeout: float = 60.0
     no_offer: tuple[str, ...] = ()
+    #: the Netback class to run (a test may subclass InprocNetback to inject a failure)
+    netback: type[InprocNetback] = InprocNetback
     nb: Netback = field(init=False)
     wire: socket.socket = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
         self.vif, self.wire = dgram_pair()
-        self.nb = Netback(NetbackConfig(vif="vifT", domid=self.domid, listen=str(self.ev),
-                                        ctl=str(self.dir / "b.ctl"), tx_mode=self.tx_mode,
-                                        vif_fd=self.vif.fileno(),
-                                        rx_stall_timeout=self.rx_stall_timeout,
-                                        no_offer=self.no_offer))
+        self.nb = self.netback(NetbackConfig(vif="vifT", domid=self.domid,
+                                             listen=str(self.ev), ctl=str(self.dir / "b.ctl"),
+                                             tx_mode=self.tx_mode,
+                                             rx_stall_timeout=self.rx_stall_timeout,
+                                             no_offer=self.no_offer), self.vif)
         self.thread = threading.Thread(target=self.nb.run, name="netback", daemon=True)
         self.thread.start()
         # the socket's file exists from bind(), before listen(): wait for an answer instead
@@ -101,20 +140,10 @@ class BackendThread:
                  timeout, "the backend to release its frontend")
 
     def wire_frames(self) -> list[bytes]:
-        out = []
-        self.wire.setblocking(False)
-        while True:
-            try:
-                out.append(self.wire.recv(1 << 17)[VNET_HDR.size:])
-            except BlockingIOError:
-                return out
+        return drain(self.wire)
 
     def stop(self) -> None:
-        self.nb.stop()
-        self.thread.join(10)
-        for s in (self.vif, self.wire):
-            s.close()
-        assert not self.thread.is_alive(), "netback thread did not stop"
+        stop_end(self.nb, self.thread, (self.vif, self.wire))
 
 
 @dataclass
@@ -128,18 +157,20 @@ class FrontendThread:
     persistent: bool = False
     header_slots: bool = True
     poll_us: int = 0
+    #: the Netfront class to run (a test may subclass InprocNetfront to inject a failure)
+    netfront: type[InprocNetfront] = InprocNetfront
     nf: Netfront = field(init=False)
     guest: socket.socket = field(init=False)
     thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
         self.tap, self.guest = dgram_pair()
-        self.nf = Netfront(NetfrontConfig(name="fT", domid=self.domid, connect=str(self.ev),
-                                          ctl=str(self.ctl), tap_fd=self.tap.fileno(),
-                                          region_size=self.region_size,
-                                          persistent=self.persistent,
-                                          header_slots=self.header_slots,
-                                          poll_us=self.poll_us))
+        self.nf = self.netfront(NetfrontConfig(name="fT", domid=self.domid,
+                                               connect=str(self.ev), ctl=str(self.ctl),
+                                               region_size=self.region_size,
+                                               persistent=self.persistent,
+                                               header_slots=self.header_slots,
+                                               poll_us=self.poll_us), self.tap)
         self.thread = threading.Thread(target=self.nf.run, name="netfront", daemon=True)
         self.thread.start()
 
@@ -147,17 +178,27 @@ class FrontendThread:
         wait_for(lambda: self.nf.state == XenbusState.Connected, timeout, "netfront Connected")
 
     def guest_frames(self) -> list[bytes]:
-        out = []
-        self.guest.setblocking(False)
-        while True:
-            try:
-                out.append(self.guest.recv(1 << 17)[VNET_HDR.size:])
-            except BlockingIOError:
-                return out
+        return drain(self.guest)
 
     def stop(self) -> None:
-        self.nf.stop()
-        self.thread.join(10)
-        for s in (self.tap, self.guest):
-            s.close()
-        assert not self.thread.is_alive(), "netfront thread did not stop"
+        stop_end(self.nf, self.thread, (self.tap, self.guest))
+
+
+def drain(sock: socket.socket) -> list[bytes]:
+    """The frames waiting on a stand-in device's far side, without their virtio_net_hdr."""
+    out = []
+    sock.setblocking(False)
+    while True:
+        try:
+            out.append(sock.recv(1 << 17)[VNET_HDR.size:])
+        except BlockingIOError:
+            return out
+
+
+def stop_end(end: Netback | Netfront, thread: threading.Thread,
+             socks: tuple[socket.socket, ...]) -> None:
+    end.stop()
+    thread.join(10)
+    for s in socks:
+        s.close()
+    assert not thread.is_alive(), f"{thread.name} thread did not stop"

@@ -14,7 +14,7 @@ import threading
 import time
 
 import backend.xenbus as backend_xenbus
-from backend.interface import CTL_PIPELINE
+from backend.control import CTL_PIPELINE
 from shared.control import query
 from shared.offload import VNET_HDR
 from shared.transport import create_memfd

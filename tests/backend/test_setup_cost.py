@@ -13,14 +13,14 @@ import tracemalloc
 import pytest
 
 from backend.gntmap import GntMap, Views
-from backend.interface import Netback, NetbackConfig
+from backend.interface import NetbackConfig
 from backend.netback import TxPath
 from shared.region import Region
 from shared.stats import RingStats
 from shared.transport import TransportError, create_memfd
 from tests.conftest import dgram_pair
 from tests.hostile import HostileFrontend
-from tests.inproc import BackendThread, thread_cpu, wait_for
+from tests.inproc import BackendThread, InprocNetback, thread_cpu, wait_for
 
 GIB = 1 << 30
 
@@ -105,8 +105,8 @@ def test_region_fd_gets_the_seal_and_size_checks(tmp_path, kind):
     vif, wire = dgram_pair()
     try:
         with pytest.raises(TransportError, match=match):
-            Netback(NetbackConfig(vif="vifR", domid=3, connect=str(tmp_path / "port"),
-                                  region_fd=fd, vif_fd=vif.fileno()))
+            InprocNetback(NetbackConfig(vif="vifR", domid=3, connect=str(tmp_path / "port"),
+                                        region_fd=fd), vif)
     finally:
         os.close(fd)
         vif.close()

@@ -167,4 +167,4 @@ def test_netfront_refuses_to_start_on_a_weakly_ordered_machine(monkeypatch, tmp_
 
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     with pytest.raises(OrderingError):
-        Netfront(NetfrontConfig(name="x", domid=1, connect=str(tmp_path / "ev"), tap_fd=0))
+        Netfront(NetfrontConfig(name="x", domid=1, connect=str(tmp_path / "ev")))
