@@ -185,7 +185,7 @@ class Netfront(Endpoint[Connection]):
         if self.bar is None:  # doorbell: BAR2 through VFIO, as vfio-pci owns the device
             self.bar = (guest_doorbell().region() if self.cfg.doorbell
                         else map_pci_bar(self.cfg.region))
-        return Region.create(self.bar), {"size": len(self.bar)}, ()
+        return Region.create(self.bar, owns_mem=False), {"size": len(self.bar)}, ()
 
     def handshake(self, chan: EventChannel, first: dict | None):
         hs = Handshake(chan, self.cfg.name, self.cfg.domid, self.wanted(), stop=self.stopping)
@@ -212,13 +212,13 @@ class Netfront(Endpoint[Connection]):
 
     def detach(self, conn: Connection) -> None:
         """Unanswered requests go with the ring (the backend's); the queues are the region's
-        last users, so a memfd region is unmapped now. The BAR stays: it is the device's."""
+        last users, so the region is closed now: a memfd region unmapped, a BAR region's views
+        released (the BAR itself stays mapped: it is the device's, laid out again next time)."""
         self.tx_stats.slots_released += conn.tx.in_flight()
         self.tx = self.rx = None
         region = conn.region
         conn.tx = conn.rx = conn.region = None  # type: ignore[assignment]
-        if region.mem is not self.bar:
-            region.close()
+        region.close()
 
     # --- how a connection ends ------------------------------------------------------------
     def peer_left(self, e: ChannelClosed) -> None:

@@ -131,8 +131,12 @@ class Region:
     view it handed out (``buf``, the areas, ``page()``s, the grant table's) and then unmaps and
     closes for real."""
 
-    def __init__(self, mem: mmap.mmap, layout: Layout, fd: int | None = None) -> None:
+    def __init__(self, mem: mmap.mmap, layout: Layout, fd: int | None = None,
+                 owns_mem: bool = True) -> None:
         self.mem = mem
+        #: False for a mapping someone else keeps (the guest's ivshmem BAR, mapped once per
+        #: device and laid out again on every reconnect): close releases the views only
+        self.owns_mem = owns_mem
         self.layout = layout
         self.fd = fd
         self.closed = False
@@ -157,13 +161,14 @@ class Region:
         return self._view(frame * PAGE_SIZE, (frame + 1) * PAGE_SIZE)
 
     @classmethod
-    def create(cls, mem: mmap.mmap, fd: int | None = None, **kw: int) -> Region:
+    def create(cls, mem: mmap.mmap, fd: int | None = None, owns_mem: bool = True,
+               **kw: int) -> Region:
         """Frontend: lay out a fresh (zeroed) region and write the header page."""
         layout = Layout.for_size(len(mem), **kw)
         with memoryview(mem) as view:
             view[: PAGE_SIZE * layout.payload_page] = bytes(PAGE_SIZE * layout.payload_page)
             layout.pack_into(view)
-        return cls(mem, layout, fd)
+        return cls(mem, layout, fd, owns_mem)
 
     @classmethod
     def attach(cls, mem: mmap.mmap, fd: int | None = None) -> Region:
@@ -196,6 +201,11 @@ class Region:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if not self.owns_mem:  # the mapping is its owner's; our views of it are gone
+            self._views.clear()
+            self.mem = None  # type: ignore[assignment]
+            self.closed = True
+            return
         try:
             self.mem.close()
         except BufferError as e:

@@ -86,3 +86,22 @@ def test_a_region_without_a_memfd_closes_its_mapping_only() -> None:
         assert mem.closed and fd_open(fd, "pvnet-test-nofd")  # the fd was not the Region's to close
     finally:
         os.close(fd)
+
+
+def test_a_region_over_someone_elses_mapping_releases_its_views_and_leaves_the_mapping():
+    """The guest's BAR: mapped once per device, laid out again on every reconnect. Closing the
+    region releases what it handed out; the mapping stays open and usable for the next one."""
+    fd, mem = create_memfd(1 << 20, "pvnet-test-bar")
+    try:
+        r = Region.create(mem, owns_mem=False)
+        views = [r.buf, r.tx_ring, r.grants.flags, r.page(r.layout.payload_page)]
+        r.close()
+        for view in views:
+            with pytest.raises(ValueError):
+                view[0]
+        assert r.closed and not mem.closed and fd_open(fd, "pvnet-test-bar")
+        again = Region.create(mem, owns_mem=False)  # the next connection lays it out anew
+        again.close()
+        mem.close()  # nothing of either region pins it: this would raise BufferError
+    finally:
+        os.close(fd)
