@@ -38,6 +38,7 @@ from itertools import islice
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
 from shared.control_protocol import Handoff
+from shared.grant import WORD_FRAME_SHIFT
 from shared.netif import PAGE_SIZE
 from shared.stats import counters
 from shared.transport import create_memfd
@@ -100,11 +101,12 @@ def _tx_frame(skb: SkBuff, gntmap: GntMap, caplen: int) -> list[Buffer]:
 def _rx_frame(gntmap: GntMap, grefs: Sequence[int], exps: Sequence[int], length: int,
               caplen: int) -> list[Buffer]:
     """An RX frame lies in the first posted buffers, whole pages from offset 0; each one's
-    frame is the one validated at posting (the entry as a u64: frame in the top 32 bits)."""
+    frame is the one validated at posting (the entry as a u64, ``GrantTable.words``)."""
     n = -(-length // PAGE_SIZE)
     gs, ex = list(islice(grefs, n)), list(islice(exps, n))
     sizes = [PAGE_SIZE] * (n - 1) + [length - (n - 1) * PAGE_SIZE]
-    return _payload(gntmap, b"", gs, [e >> 32 for e in ex], [0] * n, sizes, caplen, None)
+    frames = [e >> WORD_FRAME_SHIFT for e in ex]
+    return _payload(gntmap, b"", gs, frames, [0] * n, sizes, caplen, None)
 
 
 class Capture:
