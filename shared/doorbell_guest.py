@@ -5,6 +5,7 @@ See shared/doorbell.py for why doorbells exist and shared/vfio.py for the VFIO s
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
@@ -13,6 +14,8 @@ from pathlib import Path
 from shared.doorbell import DoorbellError, drain_eventfd
 from shared.ivshmem import BACKEND_PEER
 from shared.vfio import VFIO_PCI_MSIX_IRQ_INDEX, VfioDevice, VfioError, find_pci
+
+log = logging.getLogger("pvnet.doorbell")
 
 IVSHMEM_VENDOR, IVSHMEM_DEVICE = 0x1AF4, 0x1110
 BAR_REGS, BAR_SHM = 0, 2
@@ -104,8 +107,9 @@ class GuestDoorbell:
             if m is not None:
                 try:
                     m.close()
-                except BufferError:
-                    pass  # someone still uses it; the device stays open until they are done
+                except BufferError as e:  # a view of it is alive: unmapping would crash it
+                    log.warning("doorbell BAR mapping still exported (%s): unmapped when its "
+                                "last view goes (own fault)", e)
         os.close(self._efd)
         self.dev.close()
 
