@@ -77,34 +77,31 @@ def test_gso_keys_have_a_direction():
     assert (ag.rx_gso_tcpv4, ag.rx_gso_tcpv6) == (False, True)
 
 
+def backend_refuses(p, match: str, *send) -> None:
+    """The frontend queues ``send`` and publishes it; the backend's next action must refuse
+    it as NotNegotiated, naming ``match``."""
+    p.send(*send)
+    p.tx.pump()
+    p.tx.ring.push_requests()
+    with pytest.raises(NotNegotiated, match=match):
+        p.btx.action()
+    close(p)
+
+
 def test_header_slot_request_without_the_feature_is_fatal():
     p = make_pair(header_slots=True)
     p.btx.header_slots = False  # the backend did not agree to header slots
-    p.send(frame(b"h" * 1000))
-    p.tx.pump()
-    p.tx.ring.push_requests()
-    with pytest.raises(NotNegotiated, match="feature-header-slots"):
-        p.btx.action()
-    close(p)
+    backend_refuses(p, "feature-header-slots", frame(b"h" * 1000))
 
 
 def test_gso_kind_or_slots_the_backend_did_not_offer_are_fatal():
     p = make_pair(header_slots=False)
     p.btx.gso_ok = frozenset({XEN_NETIF_GSO_TYPE_TCPV4})
-    p.send(frame(b"6" * 20000, proto=6), gso(VIRTIO_NET_HDR_GSO_TCPV6))
-    p.tx.pump()
-    p.tx.ring.push_requests()
-    with pytest.raises(NotNegotiated, match="GSO type 2"):
-        p.btx.action()
-    close(p)
+    backend_refuses(p, "GSO type 2", frame(b"6" * 20000, proto=6),
+                    gso(VIRTIO_NET_HDR_GSO_TCPV6))
     p = make_pair(header_slots=False)
     p.btx.sg = False
-    p.send(frame(b"s" * 6000))
-    p.tx.pump()
-    p.tx.ring.push_requests()
-    with pytest.raises(NotNegotiated, match="feature-sg"):
-        p.btx.action()
-    close(p)
+    backend_refuses(p, "feature-sg", frame(b"s" * 6000))
 
 
 def test_frontend_tx_sends_only_what_the_backend_accepts():
