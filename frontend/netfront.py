@@ -147,7 +147,7 @@ class Netfront(Endpoint[Connection]):
         if rx is not None:
             rings["rx"].update(rx.ring.indices(), req_prod_pvt=rx.ring.req_prod_pvt,
                                rsp_cons=rx.ring.rsp_cons, slots_in_flight=0,
-                               grants_active=RX_BUFFERS - len(rx.free))
+                               grants_active=rx.active())
         return dict(self.stats("netfront", self.cfg.domid), rings=rings,
                     regions_mapped=self.regions_mapped(),
                     counters=dict(self.counters, last_error=self.last_error))

@@ -8,19 +8,21 @@ response's id and may complete in any order; the extra slot names its buffer in
 with one ``writev`` straight out of the shared pages. Every response is checked first: an
 unknown or duplicate id, or a size past the buffer, marks the device broken instead of
 writing anywhere it should not.
+
+In stock order the common frames go through a batched path (``frontend/rxstock.py``); this
+module holds the per-response path that takes the rest and names every fault.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 
 from frontend.faults import BackendError
+from frontend.rxstock import MULTI_FLAGS, RX_BUFFERS, RX_MASK, StockOrder
 from shared.grant import RESERVED_REFS
 from shared.netif import (
     EXTRA_INFO,
     PAGE_SIZE,
-    RING_SIZE,
     RX_REQUEST,
     RX_RESPONSE,
     XEN_NETIF_EXTRA_TYPE_GSO,
@@ -42,16 +44,12 @@ from shared.ring import MASK32, FrontRing
 from shared.stats import RingStats
 from shared.xenbus import Agreement, gso_accepted
 
-#: RX buffers: one page per RX ring slot, at the start of the payload area
-RX_BUFFERS = RING_SIZE
 _unpack_rsp = RX_RESPONSE.unpack_from
 _pack_req = RX_REQUEST.pack_into
-_MULTI = NETRXF_more_data | NETRXF_extra_info
 _VNET_NONE = VNET_HDR.pack(0, 0, 0, 0, 0, 0, 0)
 _VNET_VALID = VNET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0)
 
-
-class RxQueue:
+class RxQueue(StockOrder):
     def __init__(self, region: Region, tap_fd: int, stats: RingStats, persistent: bool,
                  backend_domid: int = 0, agreement: Agreement | None = None) -> None:
         lay = region.layout
@@ -60,8 +58,6 @@ class RxQueue:
         self.by_id = ag is not None and ag.rx_by_id
         self.sg = ag is None or ag.rx_sg
         self.gso_ok = gso_accepted(ag, rx=True)
-        #: stock order: ids in the order they were posted on the ring
-        self.order: deque[int] = deque()
         self.ring = FrontRing(region.rx_ring, RX_REQUEST.size)
         self.buf = self.ring.buf
         self.tap_fd = tap_fd
@@ -80,6 +76,12 @@ class RxQueue:
         self.free = list(range(RX_BUFFERS))
         self.vnet = bytearray(VNET_HDR.size)
         self._reset_frame()
+        #: stock order: every buffer at a ring position before ``done`` is back with us
+        #: (positions ``done``..``rsp_cons`` are a frame still being collected)
+        self.done = self.ring.req_prod_pvt
+        if not self.ring.size == RX_BUFFERS == len(self.frames):
+            raise ValueError("stock order needs one buffer per RX ring slot")
+        self._init_stock(region, backend_domid)
 
     def _reset_frame(self) -> None:
         self.iov: list = [self.vnet]
@@ -88,7 +90,28 @@ class RxQueue:
         self.gso = (0, 0)
         self.bad = False
 
+    def held(self) -> int:
+        """Buffers taken from the backend (answered) and not yet back with us: 0 between
+        frames."""
+        if self.by_id:
+            return RX_BUFFERS - len(self.free) - sum(self.posted)
+        return (self.ring.rsp_cons - self.done) & MASK32
+
+    def active(self) -> int:
+        """Buffers granted to the backend or held: posted plus ``held``."""
+        if self.by_id:
+            return RX_BUFFERS - len(self.free)
+        return (self.ring.req_prod_pvt - self.done) & MASK32
+
     def refill(self, limit: int = RX_BUFFERS) -> int:
+        """Post buffers (not yet pushed) until ``limit`` are posted or held."""
+        return self._refill_by_id(limit) if self.by_id else self._refill_stock(limit)
+
+    def poll(self, budget: int = 64) -> int:
+        """Consume responses, writing each complete frame to the TAP. Returns frames done."""
+        return self._poll_general(budget) if self.by_id else self._poll_stock(budget)
+
+    def _refill_by_id(self, limit: int = RX_BUFFERS) -> int:
         """Post free buffers (not yet pushed) until ``limit`` are posted."""
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         free, refs, posted = self.free, self.refs, self.posted
@@ -99,7 +122,6 @@ class RxQueue:
             if not self.persistent:
                 self.grants.grant(refs[i], self.domid, self.frames[i])
             posted[i] = 1
-            self.order.append(i)
             _pack_req(buf, entry(prod), i, 0, refs[i])
             prod += 1
         ring.req_prod_pvt = prod & MASK32
@@ -109,22 +131,51 @@ class RxQueue:
     def _release(self, rid: int) -> None:
         if not self.persistent and not self.grants.end_access(self.refs[rid]):
             raise BackendError(f"backend still holds rx gref {self.refs[rid]}")
-        self.free.append(rid)
+        if self.by_id:
+            self.free.append(rid)
+        else:
+            self.done = (self.done + 1) & MASK32
 
-    def _take(self, rid: int) -> None:
+    def _take(self, rid: int, pos: int) -> None:
+        """The response at ring position ``pos`` answers buffer ``rid``: is that right?"""
+        if not self.by_id:
+            if rid != pos & RX_MASK:
+                raise BackendError(f"rx response for buffer {rid} that is not posted at ring "
+                                   f"position {pos} (buffer {pos & RX_MASK} is: stock netif "
+                                   "answers in ring order)")
+            return
         if rid >= RX_BUFFERS or not self.posted[rid]:
             raise BackendError(f"rx response for buffer {rid} that is not posted")
-        if not self.by_id:
-            want = self.order.popleft() if self.order else None
-            if rid != want:
-                raise BackendError(f"rx response for buffer {rid} where buffer {want} was "
-                                   "posted (stock netif answers in ring order)")
         self.posted[rid] = 0
 
-    def poll(self, budget: int = 64) -> int:
-        """Consume responses, writing each complete frame to the TAP. Returns frames done."""
+    def _write(self, flags: int, gtype: int, gsize: int, pieces: tuple) -> None:
+        """One frame to the TAP: its virtio_net_hdr from the response's flags and GSO."""
+        st = self.stats
+        vnet = _VNET_NONE
+        if flags & NETRXF_csum_blank:
+            setup = checksum_setup(pieces[0])
+            if setup is not None or gtype:
+                vnet = self.vnet
+                VNET_HDR.pack_into(vnet, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM if setup else 0,
+                                   gtype, 0, gsize, *(setup or (0, 0)), 0)
+        elif flags & NETRXF_data_validated and not gtype:
+            vnet = _VNET_VALID
+        elif gtype or flags & NETRXF_data_validated:
+            vnet = self.vnet
+            VNET_HDR.pack_into(vnet, 0, VIRTIO_NET_HDR_F_DATA_VALID
+                               if flags & NETRXF_data_validated else 0, gtype, 0, gsize, 0, 0, 0)
+        try:
+            st.rx_bytes += os.writev(self.tap_fd, (vnet, *pieces)) - VNET_HDR.size
+            st.rx_packets += 1
+        except OSError:
+            st.drops += 1
+            st.drops_error += 1
+
+    def _poll_general(self, budget: int = 64) -> int:
+        """Consume responses one by one, writing each complete frame to the TAP (feature-
+        rx-by-id, and stock frames the batch did not take). Returns frames done."""
         ring, buf, entry, views = self.ring, self.buf, self.ring.entry, self.views
-        posted, order, by_id = self.posted, self.order, self.by_id
+        posted, by_id = self.posted, self.by_id
         frames = 0
         while frames < budget:
             n = ring.unconsumed_responses()
@@ -133,18 +184,17 @@ class RxQueue:
             cons = ring.rsp_cons
             end = cons + n
             while cons != end and frames < budget:
+                pos = cons
                 rid, off, flags, status = _unpack_rsp(buf, entry(cons))
                 cons += 1
-                if not (flags & _MULTI or self.ids) and 0 < status <= PAGE_SIZE - off \
-                        and rid < RX_BUFFERS and posted[rid] \
-                        and (by_id or (order and rid == order[0])):
+                if not (flags & MULTI_FLAGS or self.ids) and 0 < status <= PAGE_SIZE - off \
+                        and rid < RX_BUFFERS \
+                        and (posted[rid] if by_id else rid == pos & RX_MASK):
                     posted[rid] = 0  # the common case: a frame in one buffer
-                    if not by_id:
-                        order.popleft()
                     self._deliver_one(rid, views[rid][off:off + status], flags)
                     frames += 1
                     continue
-                self._take(rid)
+                self._take(rid, pos)
                 self.ids.append(rid)
                 if status < 0:
                     self.bad = True
@@ -159,13 +209,14 @@ class RxQueue:
                         raise BackendError("rx extra info missing")
                     etype, _ef, gsize, gtype, _pad, retired = EXTRA_INFO.unpack_from(
                         buf, entry(cons))
+                    pos = cons
                     cons += 1
                     if etype != XEN_NETIF_EXTRA_TYPE_GSO or gtype not in self.gso_ok:
                         raise BackendError(f"rx extra info type {etype}/{gtype} (GSO kinds "
                                            f"this frontend accepts: {sorted(self.gso_ok)})")
                     if not by_id:  # stock: the slot's own position's buffer, posted again
-                        retired = order[0] if order else RX_BUFFERS
-                    self._take(retired)
+                        retired = pos & RX_MASK
+                    self._take(retired, pos)
                     self.ids.append(retired)
                     self.gso = (XEN_TO_VIRTIO_GSO[gtype], gsize)
                 if flags & NETRXF_more_data:
@@ -182,47 +233,15 @@ class RxQueue:
 
     def _deliver_one(self, rid: int, data: memoryview, flags: int) -> None:
         """_deliver for a frame that fits one buffer, without the multi-buffer bookkeeping."""
-        st = self.stats
-        vnet = _VNET_NONE
-        if flags & NETRXF_csum_blank:
-            setup = checksum_setup(data)
-            if setup is not None:
-                vnet = self.vnet
-                VNET_HDR.pack_into(vnet, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *setup, 0)
-        elif flags & NETRXF_data_validated:
-            vnet = _VNET_VALID
-        try:
-            st.rx_bytes += os.writev(self.tap_fd, (vnet, data)) - VNET_HDR.size
-            st.rx_packets += 1
-        except OSError:
-            st.drops += 1
-            st.drops_error += 1
+        self._write(flags, 0, 0, (data,))
         self._release(rid)
 
     def _deliver(self) -> None:
-        st = self.stats
         iov = self.iov
         if self.bad or len(iov) < 2:
-            st.drops += 1
+            self.stats.drops += 1
         else:
-            flags = self.flags
-            vflags = cstart = coff = 0
-            if flags & NETRXF_csum_blank:
-                setup = checksum_setup(iov[1])
-                if setup is not None:
-                    vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
-                    cstart, coff = setup
-            elif flags & NETRXF_data_validated:
-                vflags = VIRTIO_NET_HDR_F_DATA_VALID
-            gtype, gsize = self.gso
-            VNET_HDR.pack_into(self.vnet, 0, vflags, gtype, 0, gsize, cstart, coff, 0)
-            try:
-                n = os.writev(self.tap_fd, iov) - VNET_HDR.size
-                st.rx_packets += 1
-                st.rx_bytes += n
-            except OSError:
-                st.drops += 1
-                st.drops_error += 1
+            self._write(self.flags, *self.gso, tuple(iov[1:]))
         for rid in self.ids:
             self._release(rid)
         self._reset_frame()

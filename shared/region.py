@@ -160,6 +160,10 @@ class Region:
         """One page's view; released by ``close`` like the others."""
         return self._view(frame * PAGE_SIZE, (frame + 1) * PAGE_SIZE)
 
+    def pages(self, frame: int, n: int) -> memoryview:
+        """``n`` consecutive pages as one view (a run of them is then one slice)."""
+        return self._view(frame * PAGE_SIZE, (frame + n) * PAGE_SIZE)
+
     @classmethod
     def create(cls, mem: mmap.mmap, fd: int | None = None, owns_mem: bool = True,
                **kw: int) -> Region:
