@@ -6,6 +6,7 @@ lost wake-ups.
 
 from __future__ import annotations
 
+import functools
 import select
 import time
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ def serve(nb: Netback, conn: Connection) -> None:
     stall_timeout = nb.cfg.rx_stall_timeout
     stall_at = time.monotonic() + stall_timeout  # RX has no buffers yet
     t0 = r0 = 0
+    tx_publish = functools.partial(_publish, txr, chan, txs)
     while True:
         events = poller.poll(timeout)
         kicked = False
@@ -77,7 +79,7 @@ def serve(nb: Netback, conn: Connection) -> None:
         if not chan_polled and time.monotonic() >= resume_at:  # deferral over
             poller.register(cfd, select.POLLIN)
             chan_polled = True
-        more = tx.action(budget)
+        more = tx.action(budget, tx_publish)
         _publish(txr, chan, txs)
         rx_more = rx.action(budget)
         _publish(rxr, chan, rxs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
@@ -46,6 +47,9 @@ from shared.xenbus import Agreement, gso_accepted
 log = logging.getLogger("netback")
 #: drop log lines per second per connection
 LOG_PER_SECOND = 10
+#: answers released within a batch that go out at once rather than at its end (``action``):
+#: about two 64 KB packets' worth of slots, enough for a stopped frontend to send again
+EARLY_SLOTS = 32
 
 
 def _offered(name: str) -> property:
@@ -82,9 +86,15 @@ class TxPath:
     header_slots, sg, gso_ok = _offered("header_slots"), _offered("sg"), _offered("gso_ok")
 
     # --- the action loop ------------------------------------------------------------------
-    def action(self, budget: int = 64) -> bool:
-        """Consume up to ``budget`` packets; answer released slots. True if work remains."""
-        ring = self.ring
+    def action(self, budget: int = 64, publish: Callable[[], object] | None = None) -> bool:
+        """Consume up to ``budget`` packets; answer released slots. True if work remains.
+
+        With ``publish`` (push the answers, kick if asked) the answers go out every
+        EARLY_SLOTS released slots, not only at the end of the batch: a frontend stopped on a
+        full ring (it armed rsp_event) sends again while the rest of the batch is still going
+        to the vif, as Linux netback answers from its dealloc thread, not after a batch."""
+        ring, release = self.ring, self.release
+        queued = release.queued
         for _ in range(budget):
             avail = ring.unconsumed_requests()
             if not avail:
@@ -92,7 +102,10 @@ class TxPath:
             skb = self._build(avail)
             if skb is not None:
                 self._submit(skb)
-        self.release.flush()
+            if publish is not None and len(queued) >= EARLY_SLOTS:
+                release.flush()
+                publish()
+        release.flush()
         return ring.unconsumed_requests() > 0
 
     def push(self) -> bool:

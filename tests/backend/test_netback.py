@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backend.netback import EARLY_SLOTS
 from backend.txreq import FatalTxError
 from shared.grant import GrantError
 from shared.netif import (
@@ -156,4 +157,31 @@ def test_fragment_slots_are_released_when_the_skb_is_freed_not_when_attached():
     skb.free()
     btx.release.flush()
     assert btx.ring.rsp_prod_pvt == 4 and btx.stats.slots_released == 4
+    close(p)
+
+
+def test_a_stopped_frontend_gets_answers_before_the_batch_ends():
+    """The ring full of big packets, the frontend stopped with rsp_event armed: netback's
+    batch publishes answers every EARLY_SLOTS released slots and kicks then, so the frontend
+    can reap (and send again) while the rest of the batch still goes to the vif."""
+    p = make_pair()
+    for i in range(30):
+        p.send(frame(bytes([i]) * 40000, proto=17))
+    p.tx.pump()
+    assert p.tx.stopped  # the ring ran short: about 19 packets of 13 slots each
+    p.tx.ring.push_requests()
+    assert p.tx.arm_completions() is False  # armed: rsp_event = rsp_cons + 1
+    seen = []
+
+    def publish():
+        kick = p.btx.ring.push_responses()
+        seen.append((kick, p.tx.ring.unconsumed_responses(), p.btx.ring.unconsumed_requests()))
+
+    p.btx.action(64, publish)
+    assert seen, "no answer went out before the end of the batch"
+    kick, answered, left = seen[0]
+    assert kick and EARLY_SLOTS <= answered < EARLY_SLOTS + 20 and left > 0
+    p.tx.reap()
+    assert not p.tx.stopped
+    assert len(p.wire_frames()) == p.tx.stats.tx_packets
     close(p)
