@@ -14,7 +14,7 @@ here, for the life of the connection.
 from __future__ import annotations
 
 from frontend.faults import BackendError
-from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_reading, GTF_readonly
+from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_readonly
 from shared.netif import MAX_FRAME_PAGES, PAGE_SIZE, TX_REQUEST, NETTXF_more_data, ring_gref
 from shared.region import Region
 
@@ -24,7 +24,6 @@ CHUNK_PAGES = MAX_FRAME_PAGES
 SLOT_ID_BASE = 0x8000
 _RO = GTF_permit_access | GTF_readonly
 _GE = GRANT_ENTRY.size
-_ZEROS = bytes(CHUNK_PAGES * _GE)
 
 
 class TxChunks:
@@ -66,11 +65,6 @@ class TxChunks:
 
     def release(self, c: int) -> None:
         """All of a chunk's pages are answered: revoke their grants (refused if in use)."""
-        if not self.persistent:
-            used = self.used[c]
-            r0 = self.ref0[c]
-            # GTF_reading/GTF_writing are the only flag bits >= 8: one max() checks them all
-            if max(self.grants.ref_flags[r0:r0 + used]) >= GTF_reading:
-                raise BackendError(f"backend still holds a grant of chunk {c}")
-            self.gnt_span[c][:used * _GE] = _ZEROS[:used * _GE]
+        if not self.persistent and not self.grants.end_access_run(self.ref0[c], self.used[c]):
+            raise BackendError(f"backend still holds a grant of chunk {c}")
         self.free.append(c)

@@ -49,6 +49,7 @@ _pack_req = RX_REQUEST.pack_into
 _VNET_NONE = VNET_HDR.pack(0, 0, 0, 0, 0, 0, 0)
 _VNET_VALID = VNET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0)
 
+
 class RxQueue(StockOrder):
     def __init__(self, region: Region, tap_fd: int, stats: RingStats, persistent: bool,
                  backend_domid: int = 0, agreement: Agreement | None = None) -> None:
@@ -79,8 +80,6 @@ class RxQueue(StockOrder):
         #: stock order: every buffer at a ring position before ``done`` is back with us
         #: (positions ``done``..``rsp_cons`` are a frame still being collected)
         self.done = self.ring.req_prod_pvt
-        if not self.ring.size == RX_BUFFERS == len(self.frames):
-            raise ValueError("stock order needs one buffer per RX ring slot")
         self._init_stock(region, backend_domid)
 
     def _reset_frame(self) -> None:

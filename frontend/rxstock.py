@@ -13,11 +13,10 @@ under TCG pays for every Python operation, and a 64 KB frame spans 17 buffers.
 
 from __future__ import annotations
 
-from array import array
-
-from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_reading
+from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access
 from shared.netif import (
     EXTRA_INFO,
+    MAX_FRAME_PAGES,
     PAGE_SIZE,
     RING_SIZE,
     RX_REQUEST,
@@ -28,12 +27,15 @@ from shared.netif import (
 )
 from shared.offload import XEN_TO_VIRTIO_GSO
 from shared.region import Region
-from shared.ring import HEADER_SIZE, MASK32
+from shared.ring import MASK32
 
 #: RX buffers: one page per RX ring slot, at the start of the payload area
 RX_BUFFERS = RING_SIZE
 RX_MASK = RX_BUFFERS - 1
 MULTI_FLAGS = NETRXF_more_data | NETRXF_extra_info
+_GE, _REQ = GRANT_ENTRY.size, RX_REQUEST.size
+#: the batch reads a response as 4 u16s (id, offset, flags, status) at the request's stride
+assert RX_RESPONSE.size == _REQ == 4 * 2
 #: a middle response of a multi-buffer frame, as the 4 u16s of the entry at each position
 #: (twice round the ring, so a run that wraps is still one slice)
 _MIDDLE = [v for p in range(2 * RX_BUFFERS)
@@ -45,18 +47,17 @@ class StockOrder:
     path and ``_write``)."""
 
     def _init_stock(self, region: Region, backend_domid: int) -> None:
-        buf = self.ring.buf
+        ring = self.ring
+        entries = ring.buf[ring.entry(0):ring.entry(0) + RX_BUFFERS * ring.entry_size]
         #: the responses as u16s (id, offset, flags, status) per position: one slice a batch
-        self.rsp16 = buf[HEADER_SIZE:HEADER_SIZE + RX_BUFFERS * RX_RESPONSE.size].cast("H")
-        self.req_bytes = buf[HEADER_SIZE:HEADER_SIZE + RX_BUFFERS * RX_REQUEST.size]
+        self.rsp16 = entries.cast("H")
+        self.req_bytes = entries
         #: all RX buffers as one view (consecutive pages): a run of buffers is one slice
         self.area = region.pages(self.frames[0], RX_BUFFERS)
         self.req_tmpl = b"".join(RX_REQUEST.pack(i, 0, self.refs[i]) for i in range(RX_BUFFERS))
         self.gnt_tmpl = b"".join(GRANT_ENTRY.pack(GTF_permit_access, backend_domid, f)
                                  for f in self.frames)
         self.gnt_span = self.grants.span(RESERVED_REFS, RX_BUFFERS)
-        self.ref_flags = self.grants.ref_flags[RESERVED_REFS:RESERVED_REFS + RX_BUFFERS]
-        self.no_flags = memoryview(array("H", bytes(2 * RX_BUFFERS)))
 
     def _refill_stock(self, limit: int = RX_BUFFERS) -> int:
         """Post buffers (not yet pushed) until ``limit`` are posted or held: position ``p``
@@ -70,30 +71,26 @@ class StockOrder:
         for a, m in ((at, min(n, RX_BUFFERS - at)), (0, n - (RX_BUFFERS - at))):
             if m > 0:
                 if not self.persistent:  # GrantTable.grant for each, as one copy
-                    self.gnt_span[a * 8:(a + m) * 8] = self.gnt_tmpl[a * 8:(a + m) * 8]
-                self.req_bytes[a * 8:(a + m) * 8] = self.req_tmpl[a * 8:(a + m) * 8]
+                    g0, g1 = a * _GE, (a + m) * _GE
+                    self.gnt_span[g0:g1] = self.gnt_tmpl[g0:g1]
+                r0, r1 = a * _REQ, (a + m) * _REQ
+                self.req_bytes[r0:r1] = self.req_tmpl[r0:r1]
         ring.req_prod_pvt = (prod + n) & MASK32
         self.stats.grants_active = (prod + n - self.done) & MASK32
         return n
 
     def _release_run(self, pos: int, n: int) -> None:
-        """Stock order: the ``n`` buffers from ring position ``pos`` on are back (each
-        grant ended, as ``_release`` does one by one)."""
-        if n <= 0:
-            return
+        """Stock order: the ``n`` buffers from ring position ``pos`` on are back, each grant
+        ended (``GrantTable.end_access_run``; one by one, to name the gref, if one is held)."""
         if not self.persistent:
             at = pos & RX_MASK
             m = min(n, RX_BUFFERS - at)
-            flags, zero = self.ref_flags, self.no_flags
-            # any in-use bit (GTF_reading is the lowest) makes an entry at least that big
-            if max(flags[at:at + m]) >= GTF_reading or \
-                    (n > m and max(flags[:n - m]) >= GTF_reading):
+            grants = self.grants
+            if not (grants.end_access_run(RESERVED_REFS + at, m)
+                    and grants.end_access_run(RESERVED_REFS, n - m)):
                 for i in range(n):
                     self._release((pos + i) & RX_MASK)
                 return
-            flags[at:at + m] = zero[:m]
-            if n > m:
-                flags[:n - m] = zero[:n - m]
         self.done = (self.done + n) & MASK32
 
     def _poll_stock(self, budget: int = 64) -> int:
@@ -164,12 +161,12 @@ class StockOrder:
             if not sg or status != PAGE_SIZE:
                 break
             try:  # the last buffer: the first response after j with no flags
-                k = j + e[4 * j + 2:4 * j + 80:4].index(0)
+                k = j + e[4 * j + 2:4 * (j + MAX_FRAME_PAGES) + 2:4].index(0)
             except ValueError:
                 break  # not all here yet, or not plain
             a, z = (at + j) & RX_MASK, (at + k) & RX_MASK
             zid, zoff, _zf, zsize = e[4 * k:4 * k + 4]
-            if k - j > 18 or e[4 * j:4 * k] != middle[4 * a:4 * (a + k - j)] \
+            if e[4 * j:4 * k] != middle[4 * a:4 * (a + k - j)] \
                     or zid != z or zoff or not 0 < zsize <= PAGE_SIZE:
                 break
             end = z * PAGE_SIZE + zsize
@@ -182,4 +179,3 @@ class StockOrder:
         ring.rsp_cons = (cons + i) & MASK32
         self._release_run(cons, i)  # every buffer of the frames written, in one go
         return frames
-

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from array import array
 from dataclasses import dataclass
 
 from shared.faults import PeerFault
@@ -68,6 +69,7 @@ class GrantTable:
         #: ``words[ref]``: entry ``ref`` as one u64 (see WORD_FLAGS, WORD_FRAME_SHIFT)
         self.words = table.cast("Q")
         assert self.words.itemsize == GRANT_ENTRY.size
+        self._no_flags = memoryview(array("H", bytes(2 * count)))  # end_access_run's source
         self._views = (table, self.flags, self.ref_flags, self.words)
 
     def release(self) -> None:
@@ -101,6 +103,16 @@ class GrantTable:
         if self.ref_flags[ref] & GTF_in_use:
             return False
         self.ref_flags[ref] = 0
+        return True
+
+    def end_access_run(self, ref: int, n: int) -> bool:
+        """Revoke ``n`` consecutive grants from ``ref`` on with two C-level operations;
+        refused (False, nothing changed) while the backend has any of them in use."""
+        flags = self.ref_flags[ref:ref + n]
+        # GTF_reading/GTF_writing are the only flag bits >= 8: one max() checks them all
+        if n and max(flags) >= GTF_reading:
+            return False
+        flags[:] = self._no_flags[:n]
         return True
 
     def in_use(self, ref: int) -> bool:

@@ -47,3 +47,15 @@ def test_revoking_a_grant_in_use_is_refused(table):
     assert table.check(8, 0, False, FRAMES) == 12  # still granted
     table.unmark(8)
     assert table.end_access(8)
+
+
+def test_a_run_is_revoked_whole_or_not_at_all(table):
+    for ref in range(10, 15):
+        table.grant(ref, 0, ref)
+    table.mark(13, write=False)  # the backend holds one of them
+    assert table.end_access_run(10, 5) is False
+    assert [table.read(r).flags for r in range(10, 15)] == [1, 1, 1, 1 | GTF_reading, 1]
+    table.unmark(13)
+    assert table.end_access_run(10, 5) is True
+    assert [table.read(r).flags for r in range(9, 16)] == [0] * 7
+    assert table.end_access_run(10, 0) is True  # an empty run (a ring wrap's second half)
