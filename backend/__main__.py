@@ -8,9 +8,9 @@ import sys
 
 from backend.filter import Filter
 from backend.interface import RX_STALL_TIMEOUT, Netback, NetbackConfig
-from backend.txmodes import TX_MODES
 from backend.xenbus import offered_features
 from shared.filter_rules import FilterError
+from shared.mechanisms import default, help_text, names
 
 
 def parse_args(argv: list[str] | None = None) -> NetbackConfig:
@@ -31,9 +31,10 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                    help="QEMU placement: kicks over ivshmem-doorbell; the lab's ivshmem server "
                         "backend socket (messages stay on --connect)")
     p.add_argument("--ctl", metavar="PATH", help="control socket for stats")
-    p.add_argument("--tx-mode", choices=TX_MODES, default="lazy",
-                   help="lazy: map payload only on touch; map: map every fragment; "
-                        "copy: copy whole packets (default: lazy)")
+    p.add_argument("--tx-mode", choices=names("tx"), default=default("tx"),
+                   help=f"the TX mechanism ({help_text('tx')}; default: {default('tx')})")
+    p.add_argument("--rx-mode", choices=names("rx"), default=default("rx"),
+                   help=f"the RX mechanism ({help_text('rx')}; default: {default('rx')})")
     p.add_argument("--filter", action="append", default=[], metavar="RULE",
                    help="e.g. 'drop ip_proto=17', 'drop payload=hex:deadbeef' (repeatable)")
     p.add_argument("--no-offer", action="append", default=[], metavar="KEY",
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
     return NetbackConfig(vif=a.vif, domid=a.domid, bridge=a.bridge, listen=a.listen,
                          connect=a.connect, region_fd=a.region_fd, ctl=a.ctl,
                          doorbell=a.doorbell,
-                         tx_mode=a.tx_mode, filters=a.filter, budget=a.budget,
+                         tx_mode=a.tx_mode, rx_mode=a.rx_mode, filters=a.filter,
+                         budget=a.budget,
                          rx_stall_timeout=a.rx_stall_timeout, no_offer=tuple(a.no_offer))
 
 

@@ -16,9 +16,9 @@ capture rotates only after the data path has been idle that long (so a trickle a
 the lock is almost never contended), answers flush requests and notices the reader leave.
 
 Payload: the header copy (``skb.head``) is the backend's own memory; anything beyond it is
-guest payload and is read through ``_payload`` -- the one place capture touches it -- in the
-CPU view (backend/cpuview.py), mapping each page it needs: in lazy mode those maps show up
-(``grant_maps_on_touch``, and the packet becomes a ``tx_zerocopy_fail``). A snaplen within
+guest payload and is read (``_tx_frame``, ``_rx_frame``: the only places capture touches it)
+through the CPU view (backend/cpuview.py), mapping each page it needs: in lazy mode those maps
+show up (``grant_maps_on_touch``, and the packet becomes a ``tx_zerocopy_fail``). A snaplen within
 the header copy maps nothing. An RX frame has no header copy (netback reads it from the vif
 straight into the guest's buffers, a grant copy), so capturing RX maps its first page(s).
 """
@@ -33,7 +33,6 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from itertools import islice
 
 from backend.gntmap import GntMap
 from backend.skb import SkBuff
@@ -59,54 +58,51 @@ Totals = counters(
     "Cumulative over every capture this netback served (the stats counters).")
 
 
-def _payload(gntmap: GntMap, head: Buffer, grefs: Sequence[int], frames: Sequence[int],
-             offs: Sequence[int], sizes: Sequence[int], caplen: int,
-             mapped: list[int] | None) -> list[Buffer]:
-    """The first ``caplen`` bytes of a frame: ``head`` (the header copy, backend memory), then
-    guest payload -- the one place capture reads it, always through the CPU view. Each
-    fragment needed is mapped (a real mmap; in lazy mode a map on touch) by the frame resolved
-    when it was attached or posted. TX: ``mapped`` is the skb's list of mapped fragment
-    indexes, so the skb's destructor unmaps them after the copy into the buffer; RX (None):
-    each page is copied out and unmapped at once."""
+def _tx_frame(skb: SkBuff, gntmap: GntMap, caplen: int) -> list[Buffer]:
+    """The first ``caplen`` bytes of a TX frame: the header copy (backend memory), then
+    guest payload -- read through the CPU view, so each fragment needed is mapped by the
+    skb (``SkBuff.map_frags``: a map on touch), and unmapped when the skb is freed."""
+    if skb.linear is not None:  # a payload rule's checked copy is what was sent
+        return [skb.linear[:caplen]]
+    head = skb.head
     if caplen <= len(head):
         return [head[:caplen]]  # within the header copy: no payload page is touched
     parts: list[Buffer] = [head] if head else []
     left = caplen - len(head)
-    for i, (gref, frame, off, size) in enumerate(zip(grefs, frames, offs, sizes, strict=True)):
-        n = min(size, left)
-        if mapped is None:
-            gntmap.map(gref, frame, touch=True)
-            try:
-                parts.append(bytes(gntmap.page(frame)[off:off + n]))
-            finally:
-                gntmap.unmap(gref, frame)
-        else:
-            if i not in mapped:
-                gntmap.map(gref, frame, touch=True)
-                mapped.append(i)
-            parts.append(gntmap.page(frame)[off:off + n])
-        left -= n
+    need = []
+    for i, size in enumerate(skb.sizes):
         if left <= 0:
             break
+        need.append(i)
+        left -= size
+    skb.map_frags(gntmap, need, touch=True)
+    left = caplen - len(head)
+    for i in need:
+        n = min(skb.sizes[i], left)
+        off = skb.offs[i]
+        parts.append(gntmap.page(skb.frames[i])[off:off + n])
+        left -= n
     return parts
-
-
-def _tx_frame(skb: SkBuff, gntmap: GntMap, caplen: int) -> list[Buffer]:
-    if skb.linear is not None:  # a payload rule's checked copy is what was sent
-        return [skb.linear[:caplen]]
-    return _payload(gntmap, skb.head, skb.grefs, skb.frames, skb.offs, skb.sizes, caplen,
-                    skb.mapped)
 
 
 def _rx_frame(gntmap: GntMap, grefs: Sequence[int], exps: Sequence[int], length: int,
               caplen: int) -> list[Buffer]:
-    """An RX frame lies in the first posted buffers, whole pages from offset 0; each one's
-    frame is the one validated at posting (the entry as a u64, ``GrantTable.words``)."""
-    n = -(-length // PAGE_SIZE)
-    gs, ex = list(islice(grefs, n)), list(islice(exps, n))
-    sizes = [PAGE_SIZE] * (n - 1) + [length - (n - 1) * PAGE_SIZE]
-    frames = [e >> WORD_FRAME_SHIFT for e in ex]
-    return _payload(gntmap, b"", gs, frames, [0] * n, sizes, caplen, None)
+    """An RX frame lies in posted buffers, whole pages from offset 0; each one's frame is the
+    one validated at posting (the entry as a u64, ``GrantTable.words``). The pages are read
+    through the CPU view: each mapped (a map on touch), copied out, unmapped at once."""
+    parts: list[Buffer] = []
+    left = min(caplen, length)
+    for gref, exp in zip(grefs, exps, strict=False):
+        if left <= 0:
+            break
+        frame, n = exp >> WORD_FRAME_SHIFT, min(PAGE_SIZE, left)
+        gntmap.map(gref, frame, touch=True)
+        try:
+            parts.append(bytes(gntmap.page(frame)[:n]))
+        finally:
+            gntmap.unmap(gref, frame)
+        left -= n
+    return parts
 
 
 class Capture:

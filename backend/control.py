@@ -63,8 +63,10 @@ def control(nb: Netback, request: dict) -> dict | Handoff:
         raise KeyError(request.get("cmd"))
     rings = {}
     tx, rx = nb.tx, nb.rx
-    for name, st, path in (("tx", nb.tx_stats, tx), ("rx", nb.rx_stats, rx)):
+    for name, st, own, path in (("tx", nb.tx_stats, nb.tx_own, tx),
+                                ("rx", nb.rx_stats, nb.rx_own, rx)):
         d = {k: getattr(st, k) for k in _STATS_FIELDS}
+        d.update(own.as_dict())  # the mechanism's own counters, named by it
         if path is not None:
             r = path.ring
             d.update(r.indices())
@@ -76,7 +78,8 @@ def control(nb: Netback, request: dict) -> dict | Handoff:
             d["slots_in_flight"] = (path.ring.pending() - len(path.posted)) if path else 0
         rings[name] = d
     ctl, cfg = nb.ctl, nb.cfg
-    out = dict(nb.stats("netback", cfg.domid), tx_mode=cfg.tx_mode, offered=nb.offered,
+    out = dict(nb.stats("netback", cfg.domid), tx_mode=cfg.tx_mode, rx_mode=cfg.rx_mode,
+               offered=nb.offered,
                rings=rings, carrier=nb.carrier, rx_stall_timeout=cfg.rx_stall_timeout,
                regions_mapped=nb.regions_mapped(),
                counters=dict(nb.counters, last_error=nb.last_error,

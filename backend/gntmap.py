@@ -10,8 +10,9 @@ netback does not know which kind of mapping is in force:
 - ``map``/``unmap``/``page``: the CPU view (``backend/cpuview.py``): a real mmap of that page
   into a PROT_NONE range, undone by a real unmap. Maps use the frame resolved when the fragment
   was attached, never the grant entry again. Persistent grants are mapped on first use and kept.
-- ``copy_from`` (header copy), ``pull`` (header pull), ``tx_iovecs`` (vif submit) and ``rx``
-  (``backend/rxcopy.py``: the RX copy): the only uses of the DMA view (``backend/dmaview.py``).
+- ``copy_from`` (header copy), ``pull`` (header pull), ``tx_iovecs`` (vif submit) and ``dma``
+  (for the RX grant copy, ``backend/rxmodes/copy.py``): the only uses of the DMA view
+  (``backend/dmaview.py``).
 
 ``Views`` is what one connection maps: the CPU view, the DMA view, the region memfd; the two
 ``GntMap``\\ s of a connection (TX, RX) share one.
@@ -26,7 +27,6 @@ import time
 from backend.cpuview import CpuView
 from backend.dmaview import DmaView
 from backend.persistent import PersistentGrants
-from backend.rxcopy import RxCopy
 from backend.txgrants import TxGrants
 from shared.grant import GrantTable
 from shared.netif import GREF_PERSISTENT
@@ -79,7 +79,6 @@ class GntMap:
         # given the validation itself, not a method of this object: no reference cycle, so a
         # disconnected connection's mappings go the moment the last reference does
         self.tx = TxGrants(self.table, domid, self.frames, stats, self.kept.validate)
-        self.rx = RxCopy(self.table, views.dma, stats, self.kept.validate)
 
     # --- validation ---------------------------------------------------------------------
     def check(self, gref: int, write: bool = False) -> int:
@@ -87,16 +86,17 @@ class GntMap:
         return self.kept.validate(gref, write)
 
     # --- the CPU view -------------------------------------------------------------------
-    def map(self, gref: int, frame: int, touch: bool = False) -> None:
+    def map(self, gref: int, frame: int, touch: bool = False, write: bool = False) -> None:
         """Map a payload page for CPU access, by the frame resolved at attach; pair with
-        ``unmap``. ``touch``: this map is lazy mapping's, done because something read."""
+        ``unmap``. ``touch``: this map is lazy mapping's, done because something read.
+        ``write``: writable (an RX buffer the CPU copies a frame into)."""
         if gref & GREF_PERSISTENT:
             if not self.kept.needs_map(gref, frame):
                 return  # mapped once, kept for good
         else:
             key = (gref, frame)
             self.mapped[key] = self.mapped.get(key, 0) + 1
-        self.cpu.map(frame)
+        self.cpu.map(frame, write)
         self.stats.maps_outstanding += 1
         if touch:
             self.stats.grant_maps_on_touch += 1
@@ -116,6 +116,12 @@ class GntMap:
         return self.cpu.page(frame)
 
     # --- the DMA view -------------------------------------------------------------------
+    @property
+    def dma(self) -> DmaView:
+        """The DMA view itself, for the RX grant copy (``backend/rxmodes/copy.py``): a grant
+        operation like the ones below, and the only other holder it is handed to."""
+        return self._dma
+
     def copy_from(self, gref: int, offset: int, size: int) -> bytes:
         """GNTTABOP_copy out of a grant: checked, briefly marked, counted as bytes copied."""
         frame = self.check(gref)

@@ -28,6 +28,7 @@ from backend.control import PacedControlServer, control
 from backend.filter import Filter
 from backend.gntmap import GntMap, Views
 from backend.listener import EventListener
+from backend.mechanisms import load, own_counters
 from backend.netback import TxPath
 from backend.rx import FatalRxError, RxPath
 from backend.txreq import FATAL_REASONS, FatalTxError
@@ -38,6 +39,7 @@ from shared.control_protocol import Handoff
 from shared.doorbell_host import HostDoorbell
 from shared.grant import GrantError
 from shared.kickchannel import KickChannel
+from shared.mechanisms import default
 from shared.netdev import NetDevice, offload_flags
 from shared.region import LayoutError, Region
 from shared.ring import RingError
@@ -70,7 +72,8 @@ class NetbackConfig:
     region_fd: int | None = None  # QEMU placement: the guest's memory, from the lab
     doorbell: str | None = None  # QEMU placement: ivshmem server backend socket (kicks)
     ctl: str | None = None
-    tx_mode: str = "lazy"
+    tx_mode: str = default("tx")
+    rx_mode: str = default("rx")
     filters: list[str] = field(default_factory=list)
     budget: int = 64
     #: seconds without posted RX buffers before the vif's carrier goes off (0: never)
@@ -108,6 +111,9 @@ class Netback(Endpoint[Connection]):
         for reason in (*FATAL_REASONS, *_ERROR_REASON.values()):
             self.counters[f"fatal_{reason}"] = 0
         self.filter = Filter.parse(cfg.filters) if cfg.filters else None
+        #: the mechanisms' own counters, kept across connections like tx_stats/rx_stats
+        self.tx_own = own_counters(load("tx", cfg.tx_mode))
+        self.rx_own = own_counters(load("rx", cfg.rx_mode))
         self.offered = offered_features(tuple(cfg.no_offer))
         self.tx: TxPath | None = None
         self.rx: RxPath | None = None
@@ -139,8 +145,9 @@ class Netback(Endpoint[Connection]):
         return len(self._mapped) + (self.shared_region is not None)
 
     def run(self) -> None:
-        log.info("%s: serving domid %d (tx-mode %s, rx-stall-timeout %gs)", self.cfg.vif,
-                 self.cfg.domid, self.cfg.tx_mode, self.cfg.rx_stall_timeout)
+        log.info("%s: serving domid %d (tx-mode %s, rx-mode %s, rx-stall-timeout %gs)",
+                 self.cfg.vif, self.cfg.domid, self.cfg.tx_mode, self.cfg.rx_mode,
+                 self.cfg.rx_stall_timeout)
         super().run()
 
     # --- the connection's steps -----------------------------------------------------------
@@ -173,8 +180,9 @@ class Netback(Endpoint[Connection]):
         gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.tx_stats, ag.persistent)
         rx_gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.rx_stats, ag.persistent)
         tx = TxPath(neg.region, gntmap, self.vif.fd, self.tx_stats, self.cfg.tx_mode,
-                    ag.header_slots, self.filter, ag)
-        rx = RxPath(neg.region, rx_gntmap, self.vif.fd, self.rx_stats, ag)
+                    ag.header_slots, self.filter, ag, self.tx_own)
+        rx = RxPath(neg.region, rx_gntmap, self.vif.fd, self.rx_stats, ag, self.cfg.rx_mode,
+                    self.rx_own)
         tx.capture = rx.capture = self.capture
         if neg.dma_mem is not self.shared_region:  # bounded: only live mappings are kept
             self.regions_mapped()

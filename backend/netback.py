@@ -1,12 +1,14 @@
 """Netback TX: frontend requests -> sk_buff-equivalents -> the vif (Linux ``netback.c``).
 
-Per packet: read and validate its requests (``backend/txreq.py``); copy the header (from the
-persistently mapped header slot, or by the header pull out of the first fragment when header
-slots are off) and answer the header slot at once; attach payload fragments by mode
-(``backend/txmodes.py``: lazy mapping, map, copy) with their grants resolved and held
-(``backend/txgrants.py``); pull the headers (``backend/pull.py``); filter; hand the fragments
-to the vif as iovecs. Freeing the skb releases its slots (``backend/txrelease.py``), which the
-action loop answers in the same pass.
+The core of TX, in ring passes: read and validate a pass's requests (``backend/txreq.py``);
+per packet, copy the header (from the persistently mapped header slot, answered at once, or
+by the header pull out of the first fragment when header slots are off) and resolve every
+fragment's grant once (``backend/txgrants.py``); then, for the whole pass, let the TX
+mechanism in force attach the fragments (``backend/txmodes/``: hold, map, copy...), pull the
+headers (``backend/pull.py``), hand the pass to the mechanism again, set up checksums and
+filter, write each packet to the vif as iovecs, and free the pass: the mechanism undoes what
+it did and the slots are answered (``backend/txrelease.py``). This module knows no mechanism
+by name: it calls the hooks of ``backend/txmodes/base.TxMechanism``.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from collections.abc import Callable
 
 from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
+from backend.mechanisms import load, own_counters
 from backend.pull import HEADER_PULL_MAX, pull_headers
 from backend.skb import SkBuff
-from backend.txmodes import TxFrags
 from backend.txrelease import TxRelease
 from backend.txreq import TxRequests
 from shared.grant import GrantError
 from shared.headers import CSUM_OFFSET
 from shared.netif import (
+    MAX_SKB_FRAGS,
     TX_REQUEST,
     XEN_NETIF_RSP_OKAY,
     NETTXF_csum_blank,
@@ -47,8 +50,9 @@ from shared.xenbus import Agreement, gso_accepted
 log = logging.getLogger("netback")
 #: drop log lines per second per connection
 LOG_PER_SECOND = 10
-#: answers released within a batch that go out at once rather than at its end (``action``):
-#: about two 64 KB packets' worth of slots, enough for a stopped frontend to send again
+#: slots a ring pass takes at most: its answers go out when it ends, not at the end of the
+#: whole batch (``action``) - about two 64 KB packets' worth, enough for a stopped frontend
+#: to send again
 EARLY_SLOTS = 32
 
 
@@ -59,11 +63,11 @@ def _offered(name: str) -> property:
 
 
 class TxPath:
-    """The TX ring of one connection and the vif it feeds."""
+    """The TX ring of one connection and the vif it feeds, through mechanism ``mode``."""
 
     def __init__(self, region: Region, gntmap: GntMap, vif_fd: int, stats: RingStats,
                  mode: str, header_slots: bool, pkt_filter=None,
-                 agreement: Agreement | None = None) -> None:
+                 agreement: Agreement | None = None, own: object | None = None) -> None:
         self.ring = BackRing(region.tx_ring, TX_REQUEST.size)
         self.hdr = region.hdr
         self.gntmap, self.vif_fd, self.stats = gntmap, vif_fd, stats
@@ -72,37 +76,40 @@ class TxPath:
         self._log_t, self._logged = 0.0, 0
         self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
         self.release = TxRelease(self.ring, stats)
-        self.frags = TxFrags(gntmap, stats, mode, self.release)
+        cls = load("tx", mode)
+        #: the mechanism in force; ``own``: its counters (the netback keeps them per process)
+        self.mech = cls(gntmap, stats, self.release, own_counters(cls) if own is None else own)
         #: the header-slot area (validation only: the backend allocates nothing per slot)
         self.slots = HeaderSlots(region.hdr, region.layout.hdr_slot_size,
                                  region.layout.hdr_slots, allocator=False)
-        # what this backend offered (its netif.h keys): a request beyond it is fatal
+        # what was agreed (its netif.h keys and the extensions): a request beyond it is fatal
         self.requests = TxRequests(self.ring, self.release.pending, stats, self.slots,
                                    header_slots, agreement is None or agreement.tx_sg,
                                    gso_accepted(agreement, rx=False))
 
-    # what this backend offered (header slots, multi-slot packets, GSO kinds): request
-    # validation holds and applies it; a test may narrow it on a live path
+    # what was agreed (header slots, multi-slot packets, GSO kinds): request validation holds
+    # and applies it; a test may narrow it on a live path
     header_slots, sg, gso_ok = _offered("header_slots"), _offered("sg"), _offered("gso_ok")
 
     # --- the action loop ------------------------------------------------------------------
     def action(self, budget: int = 64, publish: Callable[[], object] | None = None) -> bool:
-        """Consume up to ``budget`` packets; answer released slots. True if work remains.
+        """Consume up to ``budget`` packets, a ring pass (at most EARLY_SLOTS slots) at a
+        time; answer released slots. True if work remains.
 
-        With ``publish`` (push the answers, kick if asked) the answers go out every
-        EARLY_SLOTS released slots, not only at the end of the batch: a frontend stopped on a
-        full ring (it armed rsp_event) sends again while the rest of the batch is still going
-        to the vif, as Linux netback answers from its dealloc thread, not after a batch."""
+        With ``publish`` (push the answers, kick if asked) the answers of each pass go out
+        when it ends, not only at the end of the batch: a frontend stopped on a full ring (it
+        armed rsp_event) sends again while the rest of the batch is still going to the vif,
+        as Linux netback answers from its dealloc thread, not after a batch."""
         ring, release = self.ring, self.release
-        queued = release.queued
-        for _ in range(budget):
-            avail = ring.unconsumed_requests()
-            if not avail:
+        left = budget
+        while left > 0:
+            skbs, n = self._take(left)
+            if not n:
                 break
-            skb = self._build(avail)
-            if skb is not None:
-                self._submit(skb)
-            if publish is not None and len(queued) >= EARLY_SLOTS:
+            left -= n
+            if skbs:
+                self._pass(skbs)
+            if publish is not None and release.queued and ring.unconsumed_requests():
                 release.flush()
                 publish()
         release.flush()
@@ -111,6 +118,62 @@ class TxPath:
     def push(self) -> bool:
         """Publish responses; True if the frontend asked to be notified."""
         return self.ring.push_responses()
+
+    def _take(self, limit: int) -> tuple[list[SkBuff], int]:
+        """One ring pass: build packets until ``limit`` packets or EARLY_SLOTS slots are
+        consumed. Returns the packets built and how many were consumed (dropped ones too)."""
+        ring = self.ring
+        skbs: list[SkBuff] = []
+        start = ring.req_cons
+        n = 0
+        while n < limit:
+            avail = ring.unconsumed_requests()
+            if not avail:
+                break
+            skb = self._build(avail)
+            n += 1
+            if skb is not None:
+                skbs.append(skb)
+            if (ring.req_cons - start) & MASK32 >= EARLY_SLOTS:
+                break
+        return skbs, n
+
+    def _pass(self, skbs: list[SkBuff]) -> None:
+        """The mechanism's four hooks around the core's steps, each over the whole pass;
+        then every packet is freed. A fault of the frontend part-way still frees what the
+        mechanism did (its holds and maps) before the connection ends."""
+        mech = self.mech
+        try:
+            try:
+                mech.attach(skbs)
+            except GrantError as e:  # fatal (fatal_grant): say which packets
+                raise GrantError(f"ring[{skbs[0].idx}..]: {e}") from e
+            live = [skb for skb in skbs if self._pull(skb)]
+            mech.pulled(live)
+            live = [skb for skb in live if self._check(skb)]
+            mech.xmit(live)
+            for skb in live:
+                self._write(skb)
+        except BaseException:
+            mech.free(skbs)
+            raise
+        self._free(skbs)
+
+    def _free(self, skbs: list[SkBuff]) -> None:
+        """kfree_skb for a pass: the zerocopy verdicts, the mechanism's ``free``, then the
+        slots (``skb.ids``, emptied by a mechanism that answered them earlier)."""
+        st = self.stats
+        for skb in skbs:
+            if skb.zc:  # handed over by reference (not dropped first, not all in the head)
+                if skb.linear is not None or skb.touched:
+                    st.tx_zerocopy_fail += 1  # the payload was read (and its copy sent)
+                else:
+                    st.tx_zerocopy_success += 1
+        self.mech.free(skbs)
+        release = self.release.release
+        for skb in skbs:
+            if skb.ids:
+                release(skb.ids, skb.extras)
 
     # --- building an skb from the ring ------------------------------------------------------
     def _build(self, avail: int) -> SkBuff | None:
@@ -123,13 +186,13 @@ class TxPath:
             return None
         grefs, offs, ids, sizes = pkt.grefs, pkt.offs, pkt.ids, pkt.sizes
         first_len, flags = pkt.first_len, pkt.flags
-        skb = SkBuff(b"", self.frags.free)
+        skb = SkBuff()
         skb.size = pkt.size
         skb.idx = cons & MASK32
+        st = self.stats
         if flags & NETTXF_header_slot:
             start = pkt.hdr_start
             skb.head = bytes(self.hdr[start:start + first_len])
-            st = self.stats
             st.copy_bytes += first_len
             st.tx_header_slot_packets += 1
             # the header slot is released at once
@@ -147,25 +210,27 @@ class TxPath:
         if flags & NETTXF_data_validated:
             skb.data_validated = True
         skb.gso_type, skb.gso_size = pkt.gso_type, pkt.gso_size
+        skb.ids = ids
         if grefs:
+            n = len(grefs)
+            st.tx_frags += n
+            if n > MAX_SKB_FRAGS:
+                st.tx_frag_overflow += 1
             try:
-                self.frags.attach(skb, grefs, offs, ids, sizes)
+                skb.frames, skb.flags0 = self.gntmap.tx.resolve(grefs)
             except GrantError as e:  # fatal (fatal_grant): say which packet
                 raise GrantError(f"ring[{cons & MASK32}..{(pkt.end - 1) & MASK32}].gref: "
                                  f"{e}") from e
-        if not pull_headers(skb, self.gntmap.pull):
-            self._drop_skb(skb, "headers", f"ring[{cons & MASK32}]: headers run past "
-                                           f"{HEADER_PULL_MAX} bytes")
-            return None
-        if self.mode == "copy" and skb.grefs:
-            self.frags.copy_rest(skb)
+            skb.grefs, skb.offs, skb.sizes = grefs, offs, sizes
         return skb
 
-    def _drop_skb(self, skb: SkBuff, reason: str, why: str) -> None:
-        """Drop a built packet (its slots are released by its destructor, as Linux's
-        kfree_skb after a failed checksum_setup): counted, logged, the connection lives on."""
-        self._count_drop(reason, why)
-        skb.free()
+    def _pull(self, skb: SkBuff) -> bool:
+        """The header pull; False: dropped (drops_headers)."""
+        if pull_headers(skb, self.gntmap.pull):
+            return True
+        self._count_drop("headers", f"ring[{skb.idx}]: headers run past "
+                                    f"{HEADER_PULL_MAX} bytes")
+        return False
 
     def _count_drop(self, reason: str, why: str) -> None:
         """Counted as drops, drops_error and drops_<reason> (txreq.DROP_REASONS), logged."""
@@ -176,7 +241,8 @@ class TxPath:
         self.log_drop(reason, why)
 
     # --- handing to the vif -------------------------------------------------------------
-    def _submit(self, skb: SkBuff) -> None:
+    def _check(self, skb: SkBuff) -> bool:
+        """Checksum set-up and the filter; False: dropped (freed with the pass)."""
         st = self.stats
         size = skb.size
         st.tx_packets += 1
@@ -189,26 +255,30 @@ class TxPath:
         if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
             h = skb.hdrs
             if h is None or h.l4 is None or h.fragment:
-                self._drop_skb(skb, "csum", f"ring[{skb.idx}].flags: csum_blank frame "
-                               "without a TCP/UDP header "
-                               f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
-                return
+                self._count_drop("csum", f"ring[{skb.idx}].flags: csum_blank frame "
+                                 "without a TCP/UDP header "
+                                 f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
+                return False
             vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
             cstart, coff = h.l4, CSUM_OFFSET[h.ip_proto]
         elif skb.data_validated:
             vflags = VIRTIO_NET_HDR_F_DATA_VALID
-        VNET_HDR.pack_into(self.vnet, 0, vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0,
-                           skb.gso_size, cstart, coff, 0)
+        skb.vnet = VNET_HDR.pack(vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0, skb.gso_size,
+                                 cstart, coff, 0)
         if self.filter is not None and self.filter.drops(skb, self.gntmap):
             st.drops += 1
             st.drops_filtered += 1
             self.log_drop("filtered", f"ring[{skb.idx}]: a filter rule matched")
-            skb.free()
-            return
-        if skb.linear is not None:  # a payload rule judged this copy: it is what is sent
-            iov = [self.vnet, skb.linear]
+            return False
+        return True
+
+    def _write(self, skb: SkBuff) -> None:
+        """The vif write: the head, then the fragments as iovecs through the DMA view (or
+        the copy a payload rule judged, which is then what is sent)."""
+        if skb.linear is not None:
+            iov = [skb.vnet, skb.linear]
         else:
-            iov = [self.vnet, skb.head]
+            iov = [skb.vnet, skb.head]
             if skb.frames:
                 self.gntmap.tx_iovecs(skb.grefs, skb.frames, skb.offs, skb.sizes, iov)
         try:
@@ -218,7 +288,6 @@ class TxPath:
             self._count_drop("vif", f"ring[{skb.idx}]: vif write failed: {e}")
         if self.capture.on and skb.transmitted:
             self.capture.out(skb, self.gntmap)
-        skb.free()
 
     def log_drop(self, reason: str, why: str) -> None:
         """A log line per drop, at most LOG_PER_SECOND a second (net_ratelimit): a frontend

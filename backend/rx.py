@@ -1,10 +1,13 @@
 """Netback RX: frames from the vif copied into buffers the frontend posted (Linux ``rx.c``).
 
-Each posted request is validated when it is taken off the ring (its id unique among posted
-buffers, its grant writable by this domain) and again when the backend writes into it, with
-GTF_writing set during the copy (``backend/rxcopy.py``): a buffer the frontend
-revoked meanwhile is not written but answered with XEN_NETIF_RSP_ERROR and counted
-(``rx_grant_revoked``) - in stock order, with every buffer before it.
+The core of RX; how a frame's bytes get into the frontend's pages is the RX mechanism's
+(``backend/rxmodes/``: the grant copy, a mapping receiver), which this module knows by its
+protocol only (``backend/rxmodes/base.RxMechanism``). Each posted request is validated when it
+is taken off the ring (its id unique among posted buffers; its grant writable by this domain,
+by the mechanism's ``post``) and again when the mechanism writes into it, with GTF_writing set
+meanwhile: a buffer the frontend revoked in between is not written but answered with
+XEN_NETIF_RSP_ERROR and counted (``rx_grant_revoked``) - in stock order, with every buffer
+before it.
 
 Stock netif (the default): requests are used in ring order and the response at each ring
 position answers the request at that position; a GSO frame's extra-info slot follows its
@@ -12,14 +15,11 @@ first response and consumes a request of its own (whose buffer stays empty, ``gs
 0), as Linux ``xenvif_rx_extra_slot``. With ``feature-rx-by-id`` (ours) responses may skip a
 buffer and the extra slot names the buffer it retires in ``gso.features``.
 
-A frame is read from the vif straight into the posted pages through the DMA view - the
-kernel's copy is our grant copy - when enough buffers for the largest frame are posted: the
-first page into the first buffer, the rest from the third on (the second is the extra slot's,
-if the frame turns out to be GSO; a jumbo frame without GSO is then moved down one buffer,
-stock netif having no way to skip one). With fewer posted, the frame is read into a private
-buffer and held until as many buffers as *it* needs are posted, then grant-copied (Linux
-queues the skb the same way), so a frontend that posts few buffers still receives the frames
-that fit.
+When enough buffers for the largest frame are posted, the mechanism reads the frame from the
+vif (``write``) and places its pages where ``_layout`` says once its length and GSO kind are
+known. With fewer posted, the frame is read into the mechanism's private buffer and held until
+as many buffers as *it* needs are posted, then copied in (``copy_in``; Linux queues the skb
+the same way), so a frontend that posts few buffers still receives the frames that fit.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from itertools import islice
 
 from backend.capture import NO_CAPTURE
 from backend.gntmap import GntMap
+from backend.mechanisms import load, own_counters
 from shared.faults import PeerFault
 from shared.netif import (
     EXTRA_INFO,
@@ -58,6 +59,9 @@ from shared.xenbus import Agreement, gso_accepted
 
 #: buffers the largest frame may need: a 64 KiB GSO frame spans 17 pages, plus its extra slot
 NEED = MAX_FRAME_PAGES + 1
+#: where a frame is read before its length is known: the first buffer, then from the third
+#: on (the second is kept for a GSO extra slot)
+PREDICTED = (0, *range(2, NEED))
 _unpack_req = RX_REQUEST.unpack_from
 _pack_rsp = RX_RESPONSE.pack_into
 
@@ -67,50 +71,67 @@ class FatalRxError(PeerFault):
 
 
 class RxPath:
+    """The RX ring of one connection, through mechanism ``mode`` (``backend/rxmodes/``)."""
+
     def __init__(self, region: Region, gntmap: GntMap, vif_fd: int, stats: RingStats,
-                 agreement: Agreement | None = None) -> None:
+                 agreement: Agreement | None = None, mode: str = "copy",
+                 own: object | None = None) -> None:
         self.ring = BackRing(region.rx_ring, RX_REQUEST.size)
         self.buf = self.ring.buf
         self.region = region
         self.gntmap = gntmap
         self.vif_fd = vif_fd
         self.stats = stats
+        self.mode = mode
+        cls = load("rx", mode)
+        #: the mechanism in force; ``own``: its counters (the netback keeps them per process)
+        self.mech = cls(gntmap, stats, own_counters(cls) if own is None else own)
         ag = agreement
         #: what the frontend accepts (its keys) and whether it takes buffers in any order
         self.by_id = ag is not None and ag.rx_by_id
         self.sg = ag is None or ag.rx_sg
         self.gso_ok = gso_accepted(ag, rx=True)
         #: posted buffers, validated, in posting order: ids, grant indexes, the grant entries
-        #: as validated (a u64 each), DMA targets
+        #: as validated (a u64 each), the mechanism's targets
         self.posted: deque[int] = deque()
         self.posted_grefs: deque[int] = deque()
         self.posted_exps: deque[int] = deque()
-        self.posted_views: deque[memoryview] = deque()
+        self.posted_views: deque = deque()
         self.posted_ids: set[int] = set()
         self.vnet = bytearray(VNET_HDR.size)
         self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
-        #: a frame read (into the grant module's bounce area) while fewer than NEED buffers
+        #: a frame read (into the mechanism's bounce area) while fewer than NEED buffers
         #: were posted, waiting until as many as it needs are
         self.held = 0  # its length (0: none)
         self.held_need = 0
         self._gso = 0  # the netif GSO type of the frame being answered
 
     def refill(self) -> int:
-        """Take newly posted requests off the ring, validating each once."""
+        """Take newly posted requests off the ring, validating each once (the mechanism's
+        ``post``, for the whole batch)."""
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         n = ring.unconsumed_requests()
-        post = self.gntmap.rx.post
-        for _ in range(n):
-            rid, _pad, gref = _unpack_req(buf, entry(ring.req_cons))
-            ring.req_cons = (ring.req_cons + 1) & MASK32
-            if rid in self.posted_ids:
-                raise FatalRxError(f"rx buffer id {rid} posted twice")
-            gi, entry_now, view = post(gref)
-            self.posted_ids.add(rid)
-            self.posted.append(rid)
-            self.posted_grefs.append(gi)
-            self.posted_exps.append(entry_now)
-            self.posted_views.append(view)
+        if n:
+            rids, grefs = [], []
+            cons = ring.req_cons
+            for i in range(n):
+                rid, _pad, gref = _unpack_req(buf, entry(cons + i))
+                rids.append(rid)
+                grefs.append(gref)
+            ring.req_cons = (cons + n) & MASK32
+            ids = self.posted_ids
+            if len(set(rids)) != n or not ids.isdisjoint(rids):
+                seen = set(ids)
+                for rid in rids:
+                    if rid in seen:
+                        raise FatalRxError(f"rx buffer id {rid} posted twice")
+                    seen.add(rid)
+            gis, exps, targets = self.mech.post(grefs)
+            ids.update(rids)
+            self.posted.extend(rids)
+            self.posted_grefs.extend(gis)
+            self.posted_exps.extend(exps)
+            self.posted_views.extend(targets)
         self.stats.grants_active = len(self.posted)
         return n
 
@@ -121,16 +142,11 @@ class RxPath:
             self.refill()
         return len(self.posted) >= want
 
-    def _pick(self, at: list[int]) -> tuple[list, list, list]:
-        """Views, grant indexes and validated entries of the posted buffers ``at``."""
-        return ([self.posted_views[i] for i in at], [self.posted_grefs[i] for i in at],
-                [self.posted_exps[i] for i in at])
-
     def action(self, budget: int = 64) -> bool:
         """Move up to ``budget`` frames from the vif. True if it stopped on the budget."""
-        posted, st, gntmap = self.posted, self.stats, self.gntmap
-        vnet, write, vif_fd = self.vnet, gntmap.rx.write, self.vif_fd
-        direct = [0, *range(2, NEED)]  # the second buffer is kept for a GSO extra slot
+        posted, st, mech = self.posted, self.stats, self.mech
+        vnet, vif_fd, layout = self.vnet, self.vif_fd, self._layout
+        queues = (self.posted_views, self.posted_grefs, self.posted_exps)
         for _ in range(budget):
             if self.held:
                 if not self._place_held():
@@ -142,7 +158,7 @@ class RxPath:
                     return False
             if len(posted) < NEED:  # into the bounce area, held until it fits
                 try:
-                    n = os.readv(vif_fd, [vnet, gntmap.rx.bounce()])
+                    n = os.readv(vif_fd, [vnet, mech.bounce()])
                 except BlockingIOError:
                     return False
                 if n > VNET_HDR.size:
@@ -150,36 +166,17 @@ class RxPath:
                     self.held_need = self._need(self.held)
                 continue
             try:
-                w = write(vif_fd, vnet, *self._pick(direct), NEED - 1)
+                w = mech.write(vif_fd, vnet, *queues, PREDICTED, layout)
             except BlockingIOError:
                 return False
             if w.revoked:
-                self._retire([direct[i] for i in w.revoked])
+                self._retire(w.revoked)
                 if w.n:  # read, but a buffer it needed was revoked: dropped
                     st.drops += 1
                     st.drops_error += 1
                 continue
-            length = w.n - VNET_HDR.size
-            if length <= 0:
-                continue
-            need = self._need(length)
-            if not need:
-                continue
-            if need > 1 and not self._gso and not self.by_id:
-                # stock order cannot skip the second buffer: move pages 2.. down by one
-                bounce = gntmap.rx.bounce()
-                for k in range(1, need):
-                    bounce[(k - 1) * PAGE_SIZE:k * PAGE_SIZE] = self.posted_views[k + 1]
-                bad = gntmap.rx.copy_in(1, need, self.posted_views, self.posted_grefs,
-                                        self.posted_exps)
-                if bad:
-                    self._retire(bad)
-                    st.drops += 1
-                    st.drops_error += 1
-                    continue
-                self._respond(length, range(need))
-            else:
-                self._respond(length, [0, *range(2, need + (not self._gso))])
+            if w.data:
+                self._respond(w.n - VNET_HDR.size, w.data)
         st.grants_active = len(posted)
         return True
 
@@ -197,8 +194,20 @@ class RxPath:
         self._gso = xgso
         return nbufs + (1 if xgso else 0)
 
+    def _layout(self, length: int) -> list[int] | range | None:
+        """The posted positions a frame of ``length`` fills, in frame order (None: dropped):
+        with a GSO extra, the first buffer and then from the third on (the second is the
+        extra slot's); a multi-page frame without one takes consecutive buffers in stock
+        order, and skips the second with feature-rx-by-id."""
+        need = self._need(length)
+        if not need:
+            return None
+        if need > 1 and not self._gso and not self.by_id:
+            return range(need)
+        return [0, *range(2, need + (not self._gso))]
+
     def _place_held(self) -> bool:
-        """Grant-copy the held frame into posted buffers once as many as it needs are."""
+        """Copy the held frame into posted buffers once as many as it needs are."""
         need = self.held_need
         if len(self.posted) < need:
             self.refill()
@@ -207,9 +216,9 @@ class RxPath:
         length = self.held
         self.held = self.held_need = 0
         data = [0, *range(2 if self._gso else 1, need)]
-        bad = self.gntmap.rx.copy_in(0, len(data), *self._pick(data))
+        bad = self.mech.copy_in(data, self.posted_views, self.posted_grefs, self.posted_exps)
         if bad:
-            self._retire([data[i] for i in bad])
+            self._retire(bad)
             self.stats.drops += 1
             self.stats.drops_error += 1
             return True
@@ -224,7 +233,8 @@ class RxPath:
         vflags, _vgso, _hl, gso_size, _cs, _co, _nb = VNET_HDR.unpack_from(self.vnet)
         xgso = self._gso
         if self.capture.on:  # the frame's pages, in frame order, before they are answered
-            _views, cgrefs, cexps = self._pick(list(data))
+            cgrefs = [self.posted_grefs[i] for i in data]
+            cexps = [self.posted_exps[i] for i in data]
             self.capture.into(self.gntmap, cgrefs, cexps, length)
         flags = 0
         if vflags & VIRTIO_NET_HDR_F_NEEDS_CSUM:

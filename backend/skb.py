@@ -3,28 +3,37 @@
 Building one costs a copy of the header bytes and nothing per fragment: a fragment is a
 (gref, frame, offset, size) reference into the frontend's pages, its frame resolved once when
 it was attached. Handing it to the vif passes those references as iovecs (the device's DMA,
-not a CPU map). Only ``payload()`` - something reading the bytes - maps the fragments into the
-CPU view (by the attached frame, never the grant entry again), which is lazy mapping
-(``backend/txmodes.py``).
-``free()`` runs the destructor that releases the fragment slots back to the frontend, whether
-the packet was sent, dropped or filtered: that release is the flow control of the TX ring.
+not a CPU map). What a TX mechanism (``backend/txmodes/``) does with the fragments - hold their
+grants, map them, copy them - it records here (``hold_flags``, ``mapped``), so that freeing
+the packet undoes exactly that, whatever state it was left in.
+
+``payload()`` is how any backend code reads the bytes: through the CPU view, mapping each
+fragment not mapped yet (a map *on touch*, counted in ``touched``). That is lazy mapping's
+touch, and it is the same for every mechanism: code that reads bytes must map them.
+Freeing the packet (``TxPath``, at the end of its ring pass) releases its fragment slots back
+to the frontend, whether it was sent, dropped or filtered: that release is the TX ring's flow
+control.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from backend.txmodes import payload
+if TYPE_CHECKING:
+    from backend.gntmap import GntMap
+
+#: SkBuff.hold_flags of fragments whose grants are not held (copy, or not attached yet)
+NOT_HELD = -2
 
 
 class SkBuff:
     """One packet inside netback. Slotted: the TX path builds one per packet."""
 
     __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras",
-                 "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "destructor",
-                 "transmitted", "hold_flags", "hdrs", "linear", "idx", "zc")
+                 "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "touched",
+                 "transmitted", "flags0", "hold_flags", "hdrs", "linear", "idx", "zc", "vnet")
 
-    def __init__(self, head: bytes, destructor: Callable[[SkBuff], None]) -> None:
+    def __init__(self, head: bytes = b"") -> None:
         self.head = head
         self.size = len(head)
         #: the fragments, as columns (gref, frame, offset, size): attached, not mapped
@@ -39,35 +48,55 @@ class SkBuff:
         self.gso_size = 0
         self.csum_blank = False
         self.data_validated = False
-        #: indexes of fragments mapped into the CPU view (unmapped on free)
+        #: indexes of fragments mapped into the CPU view (unmapped when freed)
         self.mapped: list[int] = []
-        self.destructor = destructor
+        #: of those, the maps made because something read the bytes (``payload``)
+        self.touched = 0
         self.transmitted = False
         #: counted in tx_zerocopy_sent: payload bytes were left in the fragments (by reference)
         self.zc = False
-        #: the grants' common flags when held with one strided store (-1: held one by one)
-        self.hold_flags = -1
+        #: the fragments' grant entries' common flags as resolved (-1: not alike)
+        self.flags0 = -1
+        #: the grants' common flags when held with one strided store, -1 when held one by
+        #: one, NOT_HELD when not held (``backend/txgrants.py``)
+        self.hold_flags = NOT_HELD
         #: the header walk of the pulled head (shared.headers.Headers; None: not IP/malformed)
         self.hdrs = None
         #: the whole frame as a payload rule read it: then this copy is what is sent
         self.linear: bytes | None = None
         #: the ring index of its first request (for the log line of a drop)
         self.idx = -1
+        #: its virtio_net_hdr for the vif write (checksum and GSO), set by the checksum set-up
+        self.vnet = b""
 
-    def payload(self, gntmap) -> bytes:
-        """The whole packet's bytes through the CPU view: lazy mapping
-        (``backend/txmodes.payload``)."""
-        return payload(self, gntmap)
+    def map_frags(self, gntmap: GntMap, which: list[int] | range, touch: bool = False) -> None:
+        """Map fragments ``which`` into the CPU view (those not mapped yet), remembering them
+        for ``unmap_frags``."""
+        mapped, grefs, frames = self.mapped, self.grefs, self.frames
+        for i in which:
+            if i not in mapped:
+                gntmap.map(grefs[i], frames[i], touch=touch)
+                mapped.append(i)
+                self.touched += touch
 
-    def linearize(self, gntmap) -> bytes:
+    def unmap_frags(self, gntmap: GntMap) -> None:
+        """Undo every map of this packet's fragments."""
+        grefs, frames = self.grefs, self.frames
+        for i in self.mapped:
+            gntmap.unmap(grefs[i], frames[i])
+        self.mapped = []
+
+    def payload(self, gntmap: GntMap) -> bytes:
+        """The whole packet's bytes, read through the CPU view; maps every fragment not
+        mapped yet (once: it stays mapped until the skb is freed)."""
+        self.map_frags(gntmap, range(len(self.grefs)), touch=True)
+        page = gntmap.page
+        return b"".join([self.head, *(bytes(page(f)[o:o + n]) for f, o, n in
+                                      zip(self.frames, self.offs, self.sizes, strict=True))])
+
+    def linearize(self, gntmap: GntMap) -> bytes:
         """The frame's bytes for a rule to judge, read once; the skb then sends exactly this
         copy, never the live shared pages a concurrent writer could change after the check."""
         if self.linear is None:
             self.linear = self.payload(gntmap)
         return self.linear
-
-    def free(self) -> None:
-        """kfree_skb: run the destructor exactly once."""
-        destructor, self.destructor = self.destructor, None
-        if destructor is not None:
-            destructor(self)

@@ -111,7 +111,7 @@ def agreement(header_slots: bool = True, persistent: bool = False, rx_by_id: boo
 
 def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = False,
               filters: list[str] | None = None, size: int = 4 << 20,
-              rx_by_id: bool = False, **stock: bool) -> Pair:
+              rx_by_id: bool = False, rx_mode: str = "copy", **stock: bool) -> Pair:
     fd, mem = create_memfd(size)
     front_region = Region.create(mem)
     region, own_fd = attach_region(fd, mem)
@@ -126,7 +126,8 @@ def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = 
     views = Views(own_fd, mem, region, bst[0], shared=True)
     btx = TxPath(region, GntMap(region, views, 0, bst[0], persistent), vif.fileno(), bst[0],
                  mode, header_slots, pf, ag)
-    brx = RxPath(region, GntMap(region, views, 0, bst[1], persistent), vif.fileno(), bst[1], ag)
+    brx = RxPath(region, GntMap(region, views, 0, bst[1], persistent), vif.fileno(), bst[1], ag,
+                 rx_mode)
     pair = Pair(region, front_region, tx, rx, btx, brx, guest, wire, fst, bst)
     pair._keep = (tap, vif)  # type: ignore[attr-defined]
     return pair

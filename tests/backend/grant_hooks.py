@@ -5,7 +5,6 @@ carry no hook and their fast paths stay as they are."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import islice
 
 from backend.gntmap import GntMap
 
@@ -14,11 +13,11 @@ HOOK_POINTS = ("tx_hold", "tx_map", "tx_pull", "tx_submit", "rx_write")
 Hook = Callable[[str, int], None]
 
 
-def install(gntmap: GntMap, hook: Hook) -> None:
-    """From now on ``hook(point, gref)`` runs just before ``gntmap`` accesses ``gref``."""
-    tx, rx = gntmap.tx, gntmap.rx
+def install(gntmap: GntMap, hook: Hook, rx=None) -> None:
+    """From now on ``hook(point, gref)`` runs just before ``gntmap`` accesses ``gref``;
+    ``rx``: the RX grant copy mechanism of the same ring (``RxPath.mech``), if RX."""
+    tx = gntmap.tx
     hold, map_, pull, iovecs = tx.hold, gntmap.map, gntmap.pull, gntmap.tx_iovecs
-    write, spill = rx.write, rx._rx_spill
 
     def hooked_hold(grefs, *a, **kw):
         for g in grefs:
@@ -38,17 +37,21 @@ def install(gntmap: GntMap, hook: Hook) -> None:
             hook("tx_submit", g)
         return iovecs(grefs, *a, **kw)
 
-    def hooked_write(fd, vnet, views, grefs, exps, maxbufs):
-        for g in islice(grefs, min(rx.window, maxbufs)):  # the buffers it validates first
-            hook("rx_write", g)
-        return write(fd, vnet, views, grefs, exps, maxbufs)
+    hooks = [(tx, "hold", hooked_hold), (gntmap, "map", hooked_map),
+             (gntmap, "pull", hooked_pull), (gntmap, "tx_iovecs", hooked_iovecs)]
+    if rx is not None:
+        write, spill = rx.write, rx._rx_spill
 
-    def hooked_spill(n, k, nbufs, views, grefs, exps, *a, **kw):
-        for g in islice(grefs, k, nbufs):  # the buffers a spill validates
-            hook("rx_write", g)
-        return spill(n, k, nbufs, views, grefs, exps, *a, **kw)
+        def hooked_write(fd, vnet, views, grefs, exps, predicted, layout):
+            for p in predicted[:min(rx.window, len(predicted))]:  # validated first
+                hook("rx_write", grefs[p])
+            return write(fd, vnet, views, grefs, exps, predicted, layout)
 
-    for obj, name, wrapper in ((tx, "hold", hooked_hold), (gntmap, "map", hooked_map),
-                               (gntmap, "pull", hooked_pull), (gntmap, "tx_iovecs", hooked_iovecs),
-                               (rx, "write", hooked_write), (rx, "_rx_spill", hooked_spill)):
+        def hooked_spill(k, nbufs, predicted, views, grefs, exps):
+            for p in predicted[k:nbufs]:  # the buffers a spill validates
+                hook("rx_write", grefs[p])
+            return spill(k, nbufs, predicted, views, grefs, exps)
+
+        hooks += [(rx, "write", hooked_write), (rx, "_rx_spill", hooked_spill)]
+    for obj, name, wrapper in hooks:
         setattr(obj, name, wrapper)  # on the instance: its own methods find the wrapper

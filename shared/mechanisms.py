@@ -1,0 +1,84 @@
+"""The registry of data-path mechanisms: the one place a mechanism is named.
+
+A *mechanism* is how one direction moves a packet's payload between the frontend's pages and
+the vif: on TX lazy mapping, eager maps, a copy, Linux's copy-then-map; on RX a grant copy or a
+mapping receiver. Each lives in one module (``backend/txmodes/<name>.py``,
+``backend/rxmodes/<name>.py``) behind one small protocol (``backend/txmodes/base.py``,
+``backend/rxmodes/base.py``); this table says which names exist, where each lives, and what it
+does in one line. Everything that lists mechanisms reads it: netback's ``--tx-mode`` and
+``--rx-mode`` (which import the module named here), the topology's validation, the bench's and
+the paper's mode lists, their ``--help`` texts and the tests, which run the shared behavioural
+tests over every entry. Nothing here imports a mechanism: the lab (which must not import the
+drivers) reads names and summaries only.
+
+Adding a mechanism is one module plus one line below (README: Adding a mechanism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One registered mechanism."""
+
+    #: what users write (``tx_mode: lazy``, ``--rx-mode map``, a bench mode's first word)
+    name: str
+    #: the module holding its class (``MECHANISM`` in that module), imported by netback only
+    module: str
+    #: one line for --help texts, the README table and the bench's legend
+    summary: str
+    #: a source it reproduces, if any (shown beside the summary)
+    source: str = ""
+
+
+TX: tuple[Mechanism, ...] = (
+    Mechanism("lazy", "backend.txmodes.lazy",
+              "fragments attached unmapped; a page is mapped only when something reads it "
+              "(the vif write goes by DMA)", "Santos/Pratt, xen-devel 2007"),
+    Mechanism("map", "backend.txmodes.map",
+              "every fragment grant-mapped at attach, unmapped when the packet is freed",
+              "classic netback"),
+    Mechanism("copy", "backend.txmodes.copy",
+              "the payload copied through the CPU view (map, copy, unmap), slots answered at "
+              "once", "Snabb's 'just copy'"),
+    Mechanism("linux", "backend.txmodes.linux",
+              "the first 128 bytes grant-copied by the header pull, every fragment with bytes "
+              "left after it mapped", "Linux xen-netback, XEN_NETBACK_TX_COPY_LEN"),
+)
+"""TX mechanisms, in the order lists show them (the first is the default)."""
+
+RX: tuple[Mechanism, ...] = (
+    Mechanism("copy", "backend.rxmodes.copy",
+              "the frame read from the vif straight into the posted buffers (a grant copy)",
+              "Linux xen-netback (rx.c)"),
+    Mechanism("map", "backend.rxmodes.map",
+              "each posted buffer mapped through the CPU view, the frame copied in by the CPU, "
+              "unmapped", "Menon et al. 2006; Santos et al. 2008"),
+)
+"""RX mechanisms (the first is the default)."""
+
+SIDES = {"tx": TX, "rx": RX}
+
+
+def names(side: str) -> tuple[str, ...]:
+    """The registered names of one side, in order."""
+    return tuple(m.name for m in SIDES[side])
+
+
+def default(side: str) -> str:
+    return SIDES[side][0].name
+
+
+def find(side: str, name: str) -> Mechanism:
+    """The registered mechanism ``name`` of ``side``; ValueError naming the valid ones."""
+    for m in SIDES[side]:
+        if m.name == name:
+            return m
+    raise ValueError(f"{side} mechanism {name!r}: must be one of {', '.join(names(side))}")
+
+
+def help_text(side: str) -> str:
+    """``name: summary`` for every mechanism of a side, for an argparse help."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in SIDES[side])
