@@ -206,3 +206,27 @@ def test_header_slot_flag_on_the_ring_without_negotiation_disconnects(tmp_path):
     finally:
         h.close()
         b.stop()
+
+
+@pytest.mark.parametrize("ext,use", [
+    ("feature-header-slots", lambda h: h.packet(1000, header_slot=True)),
+    ("feature-persistent", lambda h: h.packet(6000, header_slot=False, persistent=True)),
+    ("feature-persistent", lambda h: h.post_rx(4, persistent=True)),
+], ids=["header-slot", "persistent-tx", "persistent-rx"])
+def test_an_extension_offered_but_not_taken_is_judged_by_the_agreement(tmp_path, ext, use):
+    """The backend offers every extension; this frontend takes none and then uses one on
+    the ring anyway. What binds is the agreement (offered *and* taken), not the offer: the
+    backend disconnects it (not_negotiated), naming the key."""
+    b = BackendThread(tmp_path)
+    h = HostileFrontend(str(b.ev), "liar", b.domid)
+    try:
+        assert b.nb.offered[ext]
+        h.connect(dict(BASIC, **{ext: False}))
+        assert not h.chosen[ext]
+        use(h)
+        h.push()
+        wait_for(lambda: b.nb.counters["not_negotiated"] == 1, 5, "the refusal counted")
+        assert b.nb.counters["malformed"] == 1 and ext in b.nb.last_error
+    finally:
+        h.close()
+        b.stop()

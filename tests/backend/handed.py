@@ -1,0 +1,160 @@
+"""Test-only: what the data path *hands* each party, recorded in order - the way to prove a
+mechanism does its own work and no other's without trusting its counters.
+
+``TxSpy`` wraps, on one in-process pair: the CPU view's ``map``/``unmap`` (page-table work),
+the TX mechanism's four hooks, the slot answers (``TxRelease.release``) and the vif
+``writev`` - each iovec classified as a slice of the frontend's memory (the DMA view, with its
+byte offset) or the backend's own bytes. ``RxSpy`` does the same for RX: the reads from the
+vif (where each iovec points) and the CPU view's maps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+
+from shared.netif import PAGE_SIZE
+from tests.conftest import Pair
+
+
+def _address(buf) -> int:
+    obj = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(obj)
+    finally:
+        del obj
+
+
+@dataclass
+class Piece:
+    """One iovec of a vif write or read: the frontend's memory (``offset`` into the region,
+    i.e. frame * 4096 + offset in the page) or the backend's own (``offset`` None)."""
+
+    offset: int | None
+    data: bytes
+
+    @property
+    def frame(self) -> int:
+        return self.offset // PAGE_SIZE
+
+
+@dataclass
+class Attached:
+    """A packet as the mechanism's ``attach`` received it (fragments before the pull)."""
+
+    idx: int
+    frames: list[int]
+    offs: list[int]
+    sizes: list[int]
+
+
+@dataclass
+class TxSpy:
+    pair: Pair
+    #: ("map", frame), ("unmap", frame), ("hook", name), ("answer", ids), ("write", n)
+    events: list[tuple] = field(default_factory=list)
+    writes: list[list[Piece]] = field(default_factory=list)
+    attached: list[Attached] = field(default_factory=list)
+    #: per packet at ``pulled``: its fragments' sizes after the header pull
+    pulled: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        p = self.pair
+        btx = p.btx
+        mem = p.front_region.mem
+        self._base, self._size = _address(memoryview(mem)), len(mem)
+        cpu, mech, release = btx.gntmap.cpu, btx.mech, btx.release
+        self._wrap(cpu, "map", lambda frame, *a: self.events.append(("map", frame)))
+        self._wrap(cpu, "unmap", lambda frame: self.events.append(("unmap", frame)))
+        self._wrap(release, "release",
+                   lambda ids, extras: self.events.append(("answer", list(ids))))
+        for hook in ("attach", "pulled", "xmit", "free"):
+            self._wrap(mech, hook, self._hooked(hook))
+        real, vif = os.writev, btx.vif_fd
+
+        def writev(fd, iov):
+            if fd == vif:
+                self.writes.append([self._piece(b) for b in iov])
+                self.events.append(("write", len(self.writes) - 1))
+            return real(fd, iov)
+
+        self._writev = (real, writev)
+
+    def _hooked(self, name: str):
+        def record(skbs):
+            self.events.append(("hook", name))
+            if name == "attach":
+                self.attached += [Attached(s.idx, list(s.frames), list(s.offs), list(s.sizes))
+                                  for s in skbs]
+            elif name == "pulled":
+                self.pulled += [list(s.sizes) for s in skbs]
+        return record
+
+    @staticmethod
+    def _wrap(obj, name: str, before) -> None:
+        real = getattr(obj, name)
+
+        def wrapped(*a, **kw):
+            before(*a, **kw)
+            return real(*a, **kw)
+        setattr(obj, name, wrapped)
+
+    def _piece(self, buf) -> Piece:
+        data = bytes(buf)
+        if isinstance(buf, memoryview) and not buf.readonly and len(buf):
+            at = _address(buf) - self._base
+            if 0 <= at < self._size:
+                return Piece(at, data)
+        return Piece(None, data)
+
+    def run(self, monkeypatch, frames: list[bytes]) -> list[bytes]:
+        """Send ``frames`` through the pair with the vif's writev watched; the wire's frames."""
+        monkeypatch.setattr(os, "writev", self._writev[1])
+        for f in frames:
+            self.pair.send(f)
+        self.pair.run_tx()
+        monkeypatch.setattr(os, "writev", self._writev[0])
+        return self.pair.wire_frames()
+
+    def between(self, start: str, end: str | None) -> list[tuple]:
+        """The events after the first hook ``start`` and before the next hook ``end``."""
+        out, inside = [], False
+        for ev in self.events:
+            if ev == ("hook", start):
+                inside = True
+                continue
+            if inside and end is not None and ev == ("hook", end):
+                break
+            if inside:
+                out.append(ev)
+        return out
+
+    def maps(self, events: list[tuple] | None = None) -> list[int]:
+        return [f for kind, f in (self.events if events is None else events) if kind == "map"]
+
+
+def payload_offsets(a: Attached, sizes_after_pull: list[int]) -> list[tuple[int, int]]:
+    """(region offset, size) of what the pull left of each fragment, skipping empty ones."""
+    out = []
+    for frame, off, size, left in zip(a.frames, a.offs, a.sizes, sizes_after_pull,
+                                      strict=True):
+        if left:
+            out.append((frame * PAGE_SIZE + off + size - left, left))
+    return out
+
+
+def spans(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, size) ranges with touching neighbours merged: the bytes a list of iovecs
+    covers, however the DMA view split or joined them."""
+    out: list[list[int]] = []
+    for off, size in pieces:
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1][1] += size
+        else:
+            out.append([off, size])
+    return [(o, s) for o, s in out]
+
+
+#: frames for the own-work tests: no payload, within the header copy, one page, many pages
+FRAMES_SIZES = (60, 100, 1400, 5000, 30000, 65000)
