@@ -171,7 +171,10 @@ class RxPath:
                 return False
             if w.revoked:
                 self._retire(w.revoked)
-                if w.n:  # read, but a buffer it needed was revoked: dropped
+                if w.kept:  # still whole in the mechanism's own memory: held, not lost
+                    self.held = w.n - VNET_HDR.size
+                    self.held_need = self._need(self.held)
+                elif w.n:  # read, but a buffer it needed was revoked: dropped
                     st.drops += 1
                     st.drops_error += 1
                 continue
@@ -217,10 +220,9 @@ class RxPath:
         self.held = self.held_need = 0
         data = [0, *range(2 if self._gso else 1, need)]
         bad = self.mech.copy_in(data, self.posted_views, self.posted_grefs, self.posted_exps)
-        if bad:
+        if bad:  # nothing was copied: the frame waits, whole, for buffers still granted
             self._retire(bad)
-            self.stats.drops += 1
-            self.stats.drops_error += 1
+            self.held, self.held_need = length, need
             return True
         self._respond(length, data)
         return True

@@ -45,12 +45,15 @@ Layout = Callable[[int], "Sequence[int] | None"]
 @dataclass
 class RxWrite:
     """What ``write`` did: bytes read (incl. the vnet header; 0: nothing read), the positions
-    of posted buffers found revoked (with n > 0: the frame was read and dropped), and the
-    positions its pages were written to, in frame order (empty: nothing to answer)."""
+    of posted buffers found revoked (with n > 0: the frame was read and is dropped, unless
+    ``kept``), and the positions its pages were written to, in frame order (empty: nothing
+    to answer). ``kept``: the frame is still whole in ``bounce()``, so the core holds it and
+    copies it in later, into buffers that are still granted."""
 
     n: int
     revoked: list[int]
     data: Sequence[int] = field(default_factory=list)
+    kept: bool = False
 
 
 class RxMechanism:

@@ -32,7 +32,7 @@ class MapReceiver(RxMechanism):
         if not data:
             return RxWrite(n, [])
         bad = self.copy_in(data, targets, grefs, exps)
-        return RxWrite(n, bad, [] if bad else data)
+        return RxWrite(n, bad, [] if bad else data, kept=bool(bad))
 
     def copy_in(self, positions: Sequence[int], targets, grefs, exps) -> list[int]:
         """Bounce pages 0.. into the posted buffers at ``positions``: each validated, marked

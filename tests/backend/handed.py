@@ -158,3 +158,49 @@ def spans(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 #: frames for the own-work tests: no payload, within the header copy, one page, many pages
 FRAMES_SIZES = (60, 100, 1400, 5000, 30000, 65000)
+
+
+@dataclass
+class RxSpy:
+    """RX: every read from the vif (where each iovec points) and the CPU view's maps, in
+    order: ("read", index into ``reads``), ("map", frame, writable), ("unmap", frame)."""
+
+    pair: Pair
+    events: list[tuple] = field(default_factory=list)
+    reads: list[list[Piece]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        p = self.pair
+        brx = p.brx
+        mem = p.front_region.mem
+        self._base, self._size = _address(memoryview(mem)), len(mem)
+        cpu = brx.gntmap.cpu
+        TxSpy._wrap(cpu, "map", lambda frame, write=False: self.events.append(
+            ("map", frame, write)))
+        TxSpy._wrap(cpu, "unmap", lambda frame: self.events.append(("unmap", frame)))
+        real, vif = os.readv, brx.vif_fd
+
+        def readv(fd, iov):
+            n = real(fd, iov)
+            if fd == vif:
+                self.reads.append([self._where(b) for b in iov])
+                self.events.append(("read", len(self.reads) - 1))
+            return n
+
+        self._readv = (real, readv)
+
+    def _where(self, buf) -> Piece:
+        at = _address(buf) - self._base if len(buf) else -1
+        return Piece(at if 0 <= at < self._size else None, b"")
+
+    def run(self, monkeypatch, frames: list[bytes], vnets: list[bytes] | None = None):
+        """Frames from the wire to the guest with the vif's reads watched; what arrived."""
+        monkeypatch.setattr(os, "readv", self._readv[1])
+        for i, f in enumerate(frames):
+            self.pair.wire.send((vnets[i] if vnets else bytes(12)) + f)
+        self.pair.run_rx()
+        monkeypatch.setattr(os, "readv", self._readv[0])
+        return [g[12:] for g in self.pair.guest_frames()]
+
+    def maps(self) -> list[tuple]:
+        return [ev for ev in self.events if ev[0] == "map"]

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from shared.grant import GRANT_ENTRY, GrantError, GTF_permit_access, GTF_readonly
+from shared.mechanisms import names
 from tests.backend.test_netback import close
 from tests.backend.txhand import Slot, drain, page, put_packet, wire
 from tests.conftest import frame, make_pair
@@ -87,7 +88,7 @@ def run(mode: str, f: bytes, flipper_for) -> tuple[int, int, int]:
     return sent, dropped, fatal
 
 
-@pytest.mark.parametrize("mode", ["lazy", "map"])
+@pytest.mark.parametrize("mode", names("tx"))
 def test_payload_flipped_while_judged_never_escapes(mode, fast_switching):
     f = frame(b"x" * 1500 + b"SECRXT" + b"y" * 500)
     at = f.index(b"SECRXT") - CUT + 4  # the byte that makes it SECRET, inside the fragment
@@ -102,7 +103,7 @@ def test_payload_flipped_while_judged_never_escapes(mode, fast_switching):
     assert dropped > 0 and sent > 0  # the race was really run: both versions were judged
 
 
-@pytest.mark.parametrize("mode", ["lazy", "map"])
+@pytest.mark.parametrize("mode", names("tx"))
 def test_grant_entry_flipped_while_judged_never_escapes(mode, fast_switching):
     clean = frame(b"x" * 2000)
     dirty = clean[:1000] + b"SECRET" + clean[1006:]

@@ -13,6 +13,7 @@ import pytest
 from backend import dmaview
 from backend.cpuview import CpuView, NotMapped
 from backend.xenbus import attach_region
+from shared.mechanisms import names
 from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR
 from shared.region import Region
 from shared.stats import RingStats
@@ -152,7 +153,7 @@ def dma_fenced(monkeypatch):
     return served
 
 
-@pytest.mark.parametrize("mode", ["lazy", "map", "copy"])
+@pytest.mark.parametrize("mode", names("tx"))
 def test_filter_checksum_and_copy_mode_use_only_the_cpu_view(dma_fenced, mode):
     p = make_pair(mode, header_slots=False,
                   filters=["drop payload=text:SECRET", "drop dst_port=9999"])

@@ -1,5 +1,7 @@
-"""Netback RX through the in-process pair: frames of any size land in posted buffers intact,
-GSO metadata survives, and a bad posting is fatal."""
+"""Netback RX through the in-process pair, in every registered RX mechanism: frames of any size
+land in posted buffers intact, GSO metadata survives, a buffer revoked after posting is never
+written, and a bad posting is fatal. (What each mechanism does on the way:
+tests/backend/rxmodes/.)"""
 
 import pytest
 from hypothesis import given, settings
@@ -9,6 +11,7 @@ from backend.rx import FatalRxError
 from shared.netif import RX_REQUEST
 from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
 from shared.ring import MASK32
+from shared.mechanisms import names
 from tests.conftest import frame, make_pair
 
 
@@ -20,9 +23,10 @@ def close(p):
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.lists(st.integers(14, 65535 + 14), min_size=1, max_size=10),
        by_id=st.booleans())
-def test_any_frame_size_is_received(sizes, by_id):
+@pytest.mark.parametrize("rx_mode", names("rx"))
+def test_any_frame_size_is_received(rx_mode, sizes, by_id):
     """Stock order and feature-rx-by-id alike (jumbo frames without GSO included)."""
-    p = make_pair(rx_by_id=by_id)
+    p = make_pair(rx_by_id=by_id, rx_mode=rx_mode)
     frames = [bytes([n % 253]) * n for n in sizes]
     for f in frames:
         p.wire.send(bytes(VNET_HDR.size) + f)
@@ -34,8 +38,9 @@ def test_any_frame_size_is_received(sizes, by_id):
     close(p)
 
 
-def test_gso_and_checksum_metadata_survive():
-    p = make_pair()
+@pytest.mark.parametrize("rx_mode", names("rx"))
+def test_gso_and_checksum_metadata_survive(rx_mode):
+    p = make_pair(rx_mode=rx_mode)
     f = frame(b"z" * 30000, proto=6)
     vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448,
                          34, 16, 0)
@@ -51,8 +56,9 @@ def test_gso_and_checksum_metadata_survive():
     close(p)
 
 
-def test_same_buffer_posted_twice_is_fatal():
-    p = make_pair()
+@pytest.mark.parametrize("rx_mode", names("rx"))
+def test_same_buffer_posted_twice_is_fatal(rx_mode):
+    p = make_pair(rx_mode=rx_mode)
     ring = p.rx.ring
     p.front_region.grants.grant(8, 0, p.front_region.layout.payload_page)
     for _ in range(2):
@@ -64,8 +70,9 @@ def test_same_buffer_posted_twice_is_fatal():
     close(p)
 
 
-def test_read_only_buffer_is_refused():
-    p = make_pair()
+@pytest.mark.parametrize("rx_mode", names("rx"))
+def test_read_only_buffer_is_refused(rx_mode):
+    p = make_pair(rx_mode=rx_mode)
     ring = p.rx.ring
     p.front_region.grants.grant(8, 0, p.front_region.layout.payload_page, readonly=True)
     RX_REQUEST.pack_into(ring.buf, ring.entry(ring.req_prod_pvt), 7, 0, 8)
@@ -76,10 +83,11 @@ def test_read_only_buffer_is_refused():
     close(p)
 
 
-def test_a_frontend_posting_ten_buffers_receives_every_frame_that_fits():
+@pytest.mark.parametrize("rx_mode", names("rx"))
+def test_a_frontend_posting_ten_buffers_receives_every_frame_that_fits(rx_mode):
     """A frame needs only the slots its size requires: with ten buffers posted, frames of up
     to nine pages (or eight and a GSO extra) arrive; a bigger one waits for more buffers."""
-    p = make_pair()
+    p = make_pair(rx_mode=rx_mode)
     gso = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448, 34, 16,
                         0)
     fits = [(bytes(VNET_HDR.size), frame(b"a" * 60)),
@@ -103,4 +111,26 @@ def test_a_frontend_posting_ten_buffers_receives_every_frame_that_fits():
     (g,) = p.guest_frames()
     assert g[VNET_HDR.size:] == big[1]
     assert VNET_HDR.unpack_from(g)[1] == VIRTIO_NET_HDR_GSO_TCPV4
+    close(p)
+
+
+@pytest.mark.parametrize("rx_mode", names("rx"))
+def test_a_buffer_revoked_after_posting_is_never_written(rx_mode):
+    """Validated at posting, checked again when written: the frontend revokes its first
+    posted buffer before a frame arrives; the buffer keeps its bytes, is answered
+    XEN_NETIF_RSP_ERROR (rx_grant_revoked), and the frame arrives in the next one."""
+    p = make_pair(rx_mode=rx_mode)
+    p.rx.refill()
+    p.rx.ring.push_requests()
+    p.brx.refill()
+    first = p.brx.posted[0]
+    page = p.front_region.page(p.rx.frames[first])
+    page[:] = b"\xee" * len(page)
+    assert p.front_region.grants.end_access(p.rx.refs[first])
+    sent = frame(b"r" * 3000)
+    p.wire.send(bytes(VNET_HDR.size) + sent)
+    p.run_rx()
+    assert bytes(page) == b"\xee" * len(page)
+    assert p.bstats[1].rx_grant_revoked == 1
+    assert [g[VNET_HDR.size:] for g in p.guest_frames()] == [sent]
     close(p)
