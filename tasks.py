@@ -16,6 +16,8 @@ from typing import Any
 
 from invoke import Context, Exit, task
 
+from shared.lab.bench.options import HELP as BENCH_HELP
+
 TOPOLOGY_HELP = (
     "topology YAML (default: the running lab's, else shared/lab/topologies/default.yaml)"
 )
@@ -241,29 +243,17 @@ def accel(c: Context):
         raise Exit(code=code)
 
 
-@task(help={
-    "quick": "one round of 2 s runs over every path and workload (under 5 minutes)",
-    "seconds": "seconds per run (default 5; quick 2)",
-    "rounds": "repetitions, interleaved over paths; the median is reported (default 3; quick 1)",
-    "paths": ("comma list of paths (default: all registered: veth,pvnet-netns,virtio-net,"
-              "pvnet-qemu,virtio-net-g2g,pvnet-qemu-g2g)"),
-    "modes": ("comma list of pvnet modes (lazy,map,copy,lazy-noslots,lazy-persistent,"
-              "map-persistent; QEMU also lazy-poll,lazy-doorbell)"),
-    "workloads": "comma list of workloads (tcp,tcp-nogso,udp64,rr)",
-    "json": "also write the records as a JSON list to this file",
-    "results": "results directory (default results/bench-<timestamp>/)",
-    "no_plot": "skip the PNG plot",
-})
+@task(help=BENCH_HELP)
 def bench(c: Context, quick: bool = False, seconds: float | None = None,
           rounds: int | None = None, paths: str | None = None, modes: str | None = None,
           workloads: str | None = None, json: str | None = None, results: str | None = None,
-          no_plot: bool = False):
+          no_plot: bool = False, prefix: str | None = None):
     """Benchmark every path (veth, pvnet-netns modes, ...): table, targets, JSON, plot."""
     from shared.lab.bench.runner import config_from, run_bench
 
     code = run_bench(config_from(quick=quick, seconds=seconds, rounds=rounds, paths=paths,
                                  modes=modes, workloads=workloads, json=json, results=results,
-                                 no_plot=no_plot))
+                                 no_plot=no_plot, prefix=prefix))
     if code:
         raise Exit(code=code)
 

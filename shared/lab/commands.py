@@ -47,8 +47,8 @@ def backend_base(topo: Topology, g: Guest) -> list[str]:
 
 
 def backend_options(topo: Topology, g: Guest) -> list[str]:
-    """netback's control socket, TX mode and filter rules: the same in both placements."""
-    argv = ["--ctl", str(topo.backend_ctl(g)), "--tx-mode", g.tx_mode]
+    """netback's control socket, mechanisms and filter rules: the same in both placements."""
+    argv = ["--ctl", str(topo.backend_ctl(g)), "--tx-mode", g.tx_mode, "--rx-mode", g.rx_mode]
     for rule in g.filters:
         argv += ["--filter", rule]
     return argv

@@ -19,11 +19,11 @@ from typing import Any
 import yaml
 
 from shared.filter_rules import FilterError, Rule
+from shared.mechanisms import default, names
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "default.yaml"
 DEFAULT_STATE_DIR = Path("/run/pvnet")
 
-TX_MODES = ("lazy", "map", "copy")
 EVENT_KINDS = ("serial", "doorbell")
 NIC_KINDS = ("pvnet", "virtio-net")
 PAGE = 4096
@@ -64,7 +64,8 @@ class Guest:
     ip: ipaddress.IPv4Interface
     memory: int = 512  # MiB (QEMU placement)
     region_size: int = 8 << 20  # bytes of grant region
-    tx_mode: str = "lazy"
+    tx_mode: str = default("tx")  # a TX mechanism of shared/mechanisms.py
+    rx_mode: str = default("rx")  # an RX mechanism of shared/mechanisms.py
     header_slots: bool = True
     persistent: bool = False
     event: str = "serial"  # QEMU placement only
@@ -244,7 +245,7 @@ def parse_size(text: Any) -> int:
 
 _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
 _WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
-_GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode",
+_GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode", "rx_mode",
                "header_slots", "persistent", "event", "filters", "nic", "gso",
                "poll_us")
 
@@ -307,7 +308,8 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
         ip=f.interface("ip"),
         memory=f.integer("memory", 512, lo=64, hi=1 << 20),
         region_size=region,
-        tx_mode=f.choice("tx_mode", "lazy", TX_MODES),
+        tx_mode=f.choice("tx_mode", default("tx"), names("tx")),
+        rx_mode=f.choice("rx_mode", default("rx"), names("rx")),
         header_slots=f.boolean("header_slots", True),
         persistent=f.boolean("persistent", False),
         event=f.choice("event", "serial", EVENT_KINDS),

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backend.rx import FatalRxError
+from shared.mechanisms import names
 from shared.netif import RX_REQUEST
 from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
 from shared.ring import MASK32
-from shared.mechanisms import names
 from tests.conftest import frame, make_pair
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from shared.lab.bench import report
+from shared.lab.bench.modes import parse, qemu_defaults
 from shared.lab.bench.paths import PathContext
-from shared.lab.bench.qemu import QEMU_MODES, topology_yaml
+from shared.lab.bench.qemu import topology_yaml
 from shared.lab.bench.record import Record, add_ratios
 from shared.lab.bench.registry import build_paths
 from shared.lab.commands import GUEST_MIN_TSO_SEGS, frontend_argv, guest_spec
@@ -60,7 +61,7 @@ def test_issue_13_targets_judge_tcp_rr_g2g_and_report_udp():
 
 def test_every_qemu_mode_and_the_two_guest_topology_make_valid_labs():
     ctx = PathContext(prefix="pvbq", subnet="10.98.0")
-    for keys in QEMU_MODES.values():
+    for keys in (parse(m).guest_keys() for m in qemu_defaults()):
         for guests in (1, 2):
             topo = loads(topology_yaml(ctx, "pvnet", keys, True, guests),
                          state_dir="/tmp/pvbq-state")

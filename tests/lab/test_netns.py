@@ -79,7 +79,7 @@ def test_default_command_lines() -> None:
         ["ip", "netns", "exec", "pvhost", py, "-m", "backend"],
         {"--vif": ["vif1.0"], "--domid": ["1"], "--bridge": ["pvbr0"],
          "--listen": ["/run/pvnet/vif1.0.ev"], "--ctl": ["/run/pvnet/vif1.0.ctl"],
-         "--tx-mode": ["lazy"]}, set())
+         "--tx-mode": ["lazy"], "--rx-mode": ["copy"]}, set())
     assert split_command(front) == (
         ["ip", "netns", "exec", "g1", py, "-m", "frontend"],
         {"--name": ["g1"], "--connect": ["/run/pvnet/vif1.0.ev"], "--tap": ["eth0"],

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from shared.lab.topology import DEFAULT_TOPOLOGY, TopologyError, load, loads, parse
+from shared.mechanisms import names
 
 
 def base() -> dict[str, Any]:
@@ -101,7 +102,10 @@ def mutate(path: str, value: Any) -> dict[str, Any]:
 DELETE = object()
 
 CASES = [
-    ("guests.1.tx_mode", "mapp", "guests[1].tx_mode: must be one of lazy, map, copy (got 'mapp')"),
+    ("guests.1.tx_mode", "mapp",
+     f"guests[1].tx_mode: must be one of {', '.join(names('tx'))} (got 'mapp')"),
+    ("guests.0.rx_mode", "grant", f"guests[0].rx_mode: must be one of {', '.join(names('rx'))} "
+                                  "(got 'grant')"),
     ("guests.0.event", "irq", "guests[0].event: must be one of serial, doorbell (got 'irq')"),
     ("guests.0.tx_mod", "map", "guests[0]: unknown key 'tx_mod'; did you mean 'tx_mode'?"),
     ("guests.0.zzz", 1, "guests[0]: unknown key 'zzz' (known: name, domid"),
@@ -172,7 +176,8 @@ def test_brief_example_message_exactly() -> None:
     with pytest.raises(TopologyError) as info:
         parse(d, "topology.yaml")
     assert str(info.value) == (
-        "topology.yaml: guests[1].tx_mode: must be one of lazy, map, copy (got 'mapp')")
+        f"topology.yaml: guests[1].tx_mode: must be one of {', '.join(names('tx'))} "
+        "(got 'mapp')")
 
 
 def test_top_level_must_be_mapping() -> None:

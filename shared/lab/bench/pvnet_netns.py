@@ -19,31 +19,19 @@ from pathlib import Path as FsPath
 
 from shared.control import query
 from shared.lab.bench.measure import Sample, read_proc
+from shared.lab.bench.modes import parse, select
 from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext
 from shared.lab.bench.veth import ensure_ethtool, ethtool, offload_summary
 from shared.lab.commands import default_commands
 from shared.lab.netns import Lab
 from shared.lab.topology import Guest, Topology, loads
 
-MODES: dict[str, dict[str, object]] = {
-    "lazy": {"tx_mode": "lazy"},
-    "map": {"tx_mode": "map"},
-    "copy": {"tx_mode": "copy"},
-    "lazy-noslots": {"tx_mode": "lazy", "header_slots": False},
-    "lazy-persistent": {"tx_mode": "lazy", "persistent": True},
-    "map-persistent": {"tx_mode": "map", "persistent": True},
-    "lazy+capture": {"tx_mode": "lazy"},
-    "lazy+capture-s128": {"tx_mode": "lazy"},
-}
-#: modes that run `pvnet capture` on the vif for the whole session (-s: 0 = whole frames), to
-#: set the cost of a capture beside the same mode without one
-CAPTURE_SNAPLEN = {"lazy+capture": 0, "lazy+capture-s128": 128}
-
 
 def topology_yaml(ctx: PathContext, mode: str) -> str:
-    """A one-guest topology in `ctx`'s names and subnet, with `mode`'s guest keys."""
+    """A one-guest topology in `ctx`'s names and subnet, with `mode`'s guest keys
+    (``shared.lab.bench.modes``: a mechanism and its options)."""
     pre = ctx.prefix
-    keys = "".join(f", {k}: {str(v).lower()}" for k, v in MODES[mode].items())
+    keys = "".join(f", {k}: {str(v).lower()}" for k, v in parse(mode).guest_keys().items())
     return (f"bridge: {pre}br0\nhost_netns: {pre}-host\n"
             f"wire: {{netns: {pre}-wire, ip: {ctx.ip(1)}/24, iperf_server: true, "
             f"host_if: {pre}br0-wire}}\n"
@@ -92,8 +80,8 @@ class PvnetNetnsPath:
             ethtool(topo.wire.netns, "-K", topo.wire.dev, "tso", "off", "gso", "off", "gro", "off")
             self.note = ("gso off: netfront --no-gso; peer "
                          + offload_summary(topo.wire.netns, topo.wire.dev))
-        if self.mode in CAPTURE_SNAPLEN:
-            self._start_capture(topo, g)
+        if parse(self.mode).capture is not None:  # a reader for the whole session, to set
+            self._start_capture(topo, g)           # the cost of a capture beside the same mode
         return Endpoints(NetnsEndpoint(g.netns, str(g.ip.ip)),
                          NetnsEndpoint(topo.wire.netns, str(topo.wire.ip.ip)))
 
@@ -101,7 +89,7 @@ class PvnetNetnsPath:
         """A real reader on the vif, writing pcapng to /dev/null, attached before traffic."""
         self._capture = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "capture", g.vif, "--dir", str(topo.state_dir),
-             "-s", str(CAPTURE_SNAPLEN[self.mode]), "--buffer-kb", "8192", "-w", os.devnull],
+             "-s", str(parse(self.mode).capture), "--buffer-kb", "8192", "-w", os.devnull],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 10
         while query(str(topo.backend_ctl(g)), {"cmd": "stats"})["counters"].get(
@@ -109,7 +97,7 @@ class PvnetNetnsPath:
             if time.monotonic() > deadline or self._capture.poll() is not None:
                 raise RuntimeError("pvnet capture did not attach")
             time.sleep(0.05)
-        self.note += f"; capture -s {CAPTURE_SNAPLEN[self.mode]}"
+        self.note += f"; capture -s {parse(self.mode).capture}"
 
     def _stop_capture(self) -> None:
         cap, self._capture = self._capture, None
@@ -154,5 +142,4 @@ class PvnetNetnsPath:
 
 
 def pvnet_netns_paths(ctx: PathContext) -> list[Path]:
-    modes = [m for m in MODES if ctx.modes is None or m in ctx.modes]
-    return [PvnetNetnsPath(ctx, m) for m in modes]
+    return [PvnetNetnsPath(ctx, m.name) for m in select(ctx.modes)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from shared.control import query
 from shared.lab.bench.measure import Sample, read_proc
+from shared.lab.bench.modes import select
 from shared.lab.bench.paths import (
     CmdResult,
     Endpoints,
@@ -32,16 +33,6 @@ from shared.lab.commands import GUEST_TAP
 from shared.lab.guest_handles import SshRunner, load_handles
 from shared.lab.topology import Topology, loads
 from shared.lab.vms import VmLab
-
-QEMU_MODES: dict[str, dict[str, object]] = {
-    "lazy": {"tx_mode": "lazy"},
-    # the netfront polls 1 ms after work before arming events and sleeping (NAPI-like)
-    "lazy-poll": {"tx_mode": "lazy", "poll_us": 1000},
-    "lazy-persistent": {"tx_mode": "lazy", "persistent": True},
-    "map-persistent": {"tx_mode": "map", "persistent": True},
-    # kicks through ivshmem-doorbell (MSI-X via VFIO) instead of the virtio-serial port
-    "lazy-doorbell": {"tx_mode": "lazy", "event": "doorbell"},
-}
 
 
 def topology_yaml(ctx: PathContext, nic: str, keys: dict[str, object], gso: bool,
@@ -176,8 +167,8 @@ def virtio_paths(ctx: PathContext) -> list[Path]:
 
 
 def pvnet_qemu_paths(ctx: PathContext) -> list[Path]:
-    modes = [m for m in QEMU_MODES if ctx.modes is None or m in ctx.modes]
-    return [QemuPath(ctx, "pvnet-qemu", m, "pvnet", QEMU_MODES[m]) for m in modes]
+    return [QemuPath(ctx, "pvnet-qemu", m.name, "pvnet", m.guest_keys())
+            for m in select(ctx.modes, qemu=True)]
 
 
 def virtio_g2g_paths(ctx: PathContext) -> list[Path]:
@@ -185,7 +176,6 @@ def virtio_g2g_paths(ctx: PathContext) -> list[Path]:
 
 
 def pvnet_g2g_paths(ctx: PathContext) -> list[Path]:
-    modes = [m for m in QEMU_MODES if ctx.modes is None or m in ctx.modes]
-    return [QemuPath(ctx, "pvnet-qemu-g2g", m, "pvnet", QEMU_MODES[m], guests=2)
-            for m in modes]
+    return [QemuPath(ctx, "pvnet-qemu-g2g", m.name, "pvnet", m.guest_keys(), guests=2)
+            for m in select(ctx.modes, qemu=True)]
 

@@ -22,6 +22,7 @@ from typing import TextIO
 
 from shared.lab.bench import report
 from shared.lab.bench.measure import derive
+from shared.lab.bench.options import QUICK_ROUNDS, QUICK_SECONDS, ROUNDS, SECONDS
 from shared.lab.bench.paths import Endpoints, Path, PathContext
 from shared.lab.bench.record import Record, add_ratios, combine
 from shared.lab.bench.registry import build_paths
@@ -36,9 +37,9 @@ STEP_OVERHEAD_S = 0.4  # per run: process start, connect, iperf3's result exchan
 class BenchConfig:
     """Everything a run is parameterised by (the task and `python -m shared.lab.bench`)."""
 
-    #: 5 s runs x 3 rounds keeps the full run (QEMU guests under TCG included) under 30 min
-    seconds: float = 5.0
-    rounds: int = 3
+    #: the default run (QEMU guests under TCG included) stays under 30 min (README)
+    seconds: float = SECONDS
+    rounds: int = ROUNDS
     paths: list[str] | None = None  # None: every registered path
     modes: list[str] | None = None  # None: every mode of multi-mode paths
     workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
@@ -50,8 +51,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw: object) -> BenchConfig:
-        """Every path and workload, one round of 2 s runs (under 5 minutes here)."""
-        return cls(**{"seconds": 2.0, "rounds": 1, **kw})  # type: ignore[arg-type]
+        """Every path and workload, one round of short runs."""
+        return cls(**{"seconds": QUICK_SECONDS, "rounds": QUICK_ROUNDS, **kw})  # type: ignore[arg-type]
 
 
 class Progress:

@@ -1,0 +1,148 @@
+"""The bench's pvnet modes: a registered mechanism plus orthogonal options, named by a grammar.
+
+A mode name is ``<tx>[-noslots][-persistent][-poll][-doorbell][+rx-<rx>][+capture[-s<N>]]``:
+``<tx>`` a TX mechanism and ``<rx>`` an RX mechanism of ``shared/mechanisms.py``, then the
+options that are not mechanisms - header slots off, persistent grants, the netfront's poll
+budget and ivshmem doorbells (QEMU placement only), a ``pvnet capture`` reader attached for
+the whole session (whole frames, or ``-s N`` bytes). The names the bench has always used
+(``lazy``, ``map-persistent``, ``lazy+capture-s128``, ``lazy-doorbell``...) are names of this
+grammar, so users' scripts keep working.
+
+No list of modes is written out anywhere else: the default runs, the whole cross product
+(``--modes all``) and every ``--help`` are built here from the registry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from shared.mechanisms import default, names
+
+_OPTIONS = ("noslots", "persistent", "poll", "doorbell")
+_NAME = re.compile(r"^(?P<tx>[a-z0-9_]+)(?P<opts>(?:-(?:" + "|".join(_OPTIONS) + r"))*)"
+                   r"(?:\+rx-(?P<rx>[a-z0-9_]+))?(?:\+capture(?:-s(?P<snap>\d+))?)?$")
+#: the netfront's poll budget in the ``-poll`` modes (µs)
+POLL_US = 1000
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One bench mode, parsed."""
+
+    name: str
+    tx: str
+    rx: str
+    header_slots: bool = True
+    persistent: bool = False
+    poll: bool = False
+    doorbell: bool = False
+    #: a capture reader's snaplen for the whole session (0: whole frames); None: no capture
+    capture: int | None = None
+
+    def guest_keys(self) -> dict[str, object]:
+        """The topology guest keys that set this mode up (defaults left out)."""
+        keys: dict[str, object] = {"tx_mode": self.tx}
+        if self.rx != default("rx"):
+            keys["rx_mode"] = self.rx
+        if not self.header_slots:
+            keys["header_slots"] = False
+        if self.persistent:
+            keys["persistent"] = True
+        if self.poll:
+            keys["poll_us"] = POLL_US
+        if self.doorbell:
+            keys["event"] = "doorbell"
+        return keys
+
+
+def parse(name: str) -> Mode:
+    """A mode name -> Mode; ValueError saying what a valid name looks like."""
+    m = _NAME.match(name)
+    if not m or m["tx"] not in names("tx") or (m["rx"] and m["rx"] not in names("rx")):
+        raise ValueError(f"mode {name!r}: expected <tx>[-{']['.join(_OPTIONS)}][+rx-<rx>]"
+                         f"[+capture[-sN]] with tx one of {', '.join(names('tx'))} and rx one "
+                         f"of {', '.join(names('rx'))}")
+    opts = set(re.findall(r"-([a-z]+)", m["opts"] or ""))
+    capture = None if "+capture" not in name else int(m["snap"] or 0)
+    return Mode(name, m["tx"], m["rx"] or default("rx"), header_slots="noslots" not in opts,
+                persistent="persistent" in opts, poll="poll" in opts,
+                doorbell="doorbell" in opts, capture=capture)
+
+
+def name_of(tx: str, rx: str | None = None, *, noslots: bool = False,
+            persistent: bool = False, poll: bool = False, doorbell: bool = False,
+            capture: int | None = None) -> str:
+    """The mode name of these choices (the inverse of ``parse``)."""
+    name = tx + "".join(f"-{o}" for o, on in (("noslots", noslots), ("persistent", persistent),
+                                               ("poll", poll), ("doorbell", doorbell)) if on)
+    if rx and rx != default("rx"):
+        name += f"+rx-{rx}"
+    if capture is not None:
+        name += "+capture" + (f"-s{capture}" if capture else "")
+    return name
+
+
+def netns_defaults() -> list[str]:
+    """The namespace placement's default run: every mechanism on its own (TX mechanisms
+    with the default RX, RX mechanisms with the default TX), then the options where the
+    sources measured them - header slots off and persistent grants on the default mechanism,
+    persistent map (the persistent-grant RFC's comparison), kept-mapped RX buffers (the RX
+    map mechanism with persistent grants), and a capture reader (whole frames, 128 bytes)."""
+    tx0, rx0 = default("tx"), default("rx")
+    out = [name_of(t) for t in names("tx")]
+    out += [name_of(tx0, r) for r in names("rx") if r != rx0]
+    out += [name_of(tx0, noslots=True), name_of(tx0, persistent=True),
+            name_of("map", persistent=True)]
+    out += [name_of(tx0, r, persistent=True) for r in names("rx") if r != rx0]
+    out += [name_of(tx0, capture=0), name_of(tx0, capture=128)]
+    return list(dict.fromkeys(out))
+
+
+def qemu_defaults() -> list[str]:
+    """The QEMU placement's default run (each guest boot is dear under TCG): the default
+    mechanism, with the poll budget, with persistent grants, with doorbells, and persistent
+    map."""
+    tx0 = default("tx")
+    return [tx0, name_of(tx0, poll=True), name_of(tx0, persistent=True),
+            name_of("map", persistent=True), name_of(tx0, doorbell=True)]
+
+
+def cross_product(qemu: bool = False) -> list[str]:
+    """Every mechanism pair with every option (``--modes all``): many hours of bench."""
+    flags = ([False, True],) * (4 if qemu else 2)
+    captures = [None] if qemu else [None, 0, 128]
+    out = []
+    for tx, rx, opts, cap in itertools.product(names("tx"), names("rx"),
+                                               itertools.product(*flags), captures):
+        noslots, persistent, *rest = opts
+        poll, doorbell = rest if qemu else (False, False)
+        out.append(name_of(tx, rx, noslots=noslots, persistent=persistent, poll=poll,
+                           doorbell=doorbell, capture=cap))
+    return out
+
+
+def select(asked: tuple[str, ...] | None, qemu: bool = False) -> list[Mode]:
+    """The modes a path runs: its placement's defaults (None), the cross product ("all"),
+    or those asked for that the placement can run (the namespace placement has no poll
+    budget or doorbell; the QEMU paths attach no capture). Every name asked is parsed, so a
+    typo fails whichever paths run."""
+    if asked is None:
+        wanted = qemu_defaults() if qemu else netns_defaults()
+    elif "all" in asked:
+        wanted = cross_product(qemu)
+    else:
+        wanted = list(asked)
+    modes = [parse(n) for n in wanted]
+    if qemu:
+        return [m for m in modes if m.capture is None]
+    return [m for m in modes if not (m.poll or m.doorbell)]
+
+
+def help_text() -> str:
+    """For ``--modes`` in every command that takes it."""
+    return (f"comma list of pvnet modes: <tx>[-noslots][-persistent][+rx-<rx>][+capture[-sN]] "
+            f"(QEMU paths also -poll, -doorbell), tx one of {', '.join(names('tx'))}, rx one "
+            f"of {', '.join(names('rx'))}; 'all' for the whole cross product. Default: "
+            f"{', '.join(netns_defaults())} (namespaces); {', '.join(qemu_defaults())} (QEMU)")

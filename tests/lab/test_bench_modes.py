@@ -1,0 +1,60 @@
+"""The bench's modes come from the mechanism registry: every default mode parses to the
+mechanisms and options its name says, names round-trip, the cross product covers every
+registered pair, and a bad name says what a good one looks like."""
+
+import pytest
+
+from shared.lab.bench.modes import (
+    cross_product,
+    help_text,
+    name_of,
+    netns_defaults,
+    parse,
+    qemu_defaults,
+    select,
+)
+from shared.lab.bench.options import HELP
+from shared.mechanisms import default, names
+
+
+def test_every_mechanism_runs_by_default_and_the_old_names_mean_what_they_meant():
+    defaults = netns_defaults()
+    assert set(names("tx")) <= set(defaults)
+    assert all(name_of(default("tx"), r) in defaults for r in names("rx"))
+    old = {"lazy": ("lazy", True, False, None), "lazy-noslots": ("lazy", False, False, None),
+           "map-persistent": ("map", True, True, None),
+           "lazy+capture-s128": ("lazy", True, False, 128),
+           "lazy+capture": ("lazy", True, False, 0)}
+    for name, (tx, slots, persistent, capture) in old.items():
+        m = parse(name)
+        assert (m.tx, m.rx, m.header_slots, m.persistent, m.capture) == (
+            tx, default("rx"), slots, persistent, capture)
+    assert parse("lazy-doorbell").guest_keys() == {"tx_mode": "lazy", "event": "doorbell"}
+    assert "lazy-poll" in qemu_defaults()
+
+
+def test_names_round_trip_and_the_cross_product_has_every_pair():
+    every = cross_product() + cross_product(qemu=True)
+    for name in every:
+        m = parse(name)
+        assert name_of(m.tx, m.rx, noslots=not m.header_slots, persistent=m.persistent,
+                       poll=m.poll, doorbell=m.doorbell, capture=m.capture) == name
+    pairs = {(parse(n).tx, parse(n).rx) for n in cross_product()}
+    assert pairs == {(t, r) for t in names("tx") for r in names("rx")}
+
+
+def test_a_placement_runs_what_it_can_and_a_typo_fails():
+    assert [m.name for m in select(("lazy", "lazy-poll", "lazy+capture"))] == [
+        "lazy", "lazy+capture"]
+    assert [m.name for m in select(("lazy", "lazy-poll", "lazy+capture"), qemu=True)] == [
+        "lazy", "lazy-poll"]
+    with pytest.raises(ValueError, match="tx one of lazy, map, copy, linux"):
+        select(("lazzy",))
+    with pytest.raises(ValueError, match="rx one of copy, map"):
+        parse("lazy+rx-flip")
+
+
+def test_the_help_texts_are_built_from_the_registry():
+    assert HELP["modes"] == help_text()
+    for name in (*names("tx"), *names("rx"), *netns_defaults()):
+        assert name in HELP["modes"]
