@@ -5,17 +5,18 @@ slot), each with a grant reference of its own; a frame is read straight into one
 ids are fixed: page ``p`` of chunk ``c`` always has id ``c * CHUNK_PAGES + p`` and header slot
 ``s`` id ``SLOT_ID_BASE + s``, so an id says what a response releases. That also lets a chunk's
 fragment requests and grant entries be built once (``req_tmpl``, ``gnt_tmpl``): per packet the
-frontend copies a slice of them onto the ring and into the grant table (``grant``, inlined in
-the TX pump). When every page of a chunk is answered the chunk's grants are revoked
-(``release``), refused while the backend still holds one. Persistent grants are granted once,
-here, for the life of the connection.
+frontend copies a slice of them onto the ring, and the grant policy in force
+(``frontend/grants/``) copies the grant entries into the table - per packet, or once for the
+life of the connection. When every page of a chunk is answered its grants are revoked by the
+policy (``release``), refused while the backend still holds one.
 """
 
 from __future__ import annotations
 
 from frontend.faults import BackendError
+from frontend.grants.base import GrantPolicy
 from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_readonly
-from shared.netif import MAX_FRAME_PAGES, PAGE_SIZE, TX_REQUEST, NETTXF_more_data, ring_gref
+from shared.netif import MAX_FRAME_PAGES, PAGE_SIZE, TX_REQUEST, NETTXF_more_data
 from shared.region import Region
 
 #: pages per payload chunk: the largest frame (64 KiB + headers) without a header slot
@@ -29,11 +30,11 @@ _GE = GRANT_ENTRY.size
 class TxChunks:
     """The chunks of one TX queue, from payload page ``first_page`` on."""
 
-    def __init__(self, region: Region, first_page: int, persistent: bool,
+    def __init__(self, region: Region, first_page: int, policy: GrantPolicy,
                  backend_domid: int) -> None:
         lay = region.layout
         self.grants = region.grants
-        self.persistent = persistent
+        self.policy = policy
         count = min((lay.payload_pages - first_page) // CHUNK_PAGES, SLOT_ID_BASE // CHUNK_PAGES)
         if count < 2:
             raise ValueError("region too small for TX payload chunks")
@@ -51,20 +52,22 @@ class TxChunks:
             self.views.append(region.buf[f0 * PAGE_SIZE:(f0 + CHUNK_PAGES) * PAGE_SIZE])
             self.ref0.append(ref0)
             self.req_tmpl.append(memoryview(b"".join(
-                TX_REQUEST.pack(ring_gref(ref0 + p, persistent), 0, NETTXF_more_data,
+                TX_REQUEST.pack((ref0 + p) | policy.ref_bit, 0, NETTXF_more_data,
                                 c * CHUNK_PAGES + p, PAGE_SIZE) for p in range(CHUNK_PAGES))))
             entries = b"".join(GRANT_ENTRY.pack(_RO, backend_domid, f0 + p)
                                for p in range(CHUNK_PAGES))
             self.gnt_tmpl.append(memoryview(entries))
             self.gnt_span.append(self.grants.span(ref0, CHUNK_PAGES))
-            if persistent:  # granted once, for the life of the connection
-                self.gnt_span[c][:] = entries
+        policy.setup(list(zip(self.gnt_span, self.gnt_tmpl, strict=True)))
         self.free = list(range(count))
         self.out = [0] * count  # fragment responses still awaited per chunk
         self.used = [0] * count  # pages granted per chunk (to revoke)
 
-    def release(self, c: int) -> None:
-        """All of a chunk's pages are answered: revoke their grants (refused if in use)."""
-        if not self.persistent and not self.grants.end_access_run(self.ref0[c], self.used[c]):
-            raise BackendError(f"backend still holds a grant of chunk {c}")
-        self.free.append(c)
+    def release(self, done: list[int]) -> None:
+        """Every page of chunks ``done`` is answered: the policy revokes their grants
+        (refused if the backend still holds one)."""
+        ref0, used = self.ref0, self.used
+        if not self.policy.revoke([(ref0[c], used[c]) for c in done]):
+            bad = next(c for c in done if not self.policy.revoke([(ref0[c], used[c])]))
+            raise BackendError(f"backend still holds a grant of chunk {bad}")
+        self.free += done

@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass
 
 from frontend.faults import BackendError
+from frontend.mechanisms import grant_policy
 from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import TxQueue
 from frontend.txflow import REAP_INTERVAL
@@ -195,9 +196,10 @@ class Netfront(Endpoint[Connection]):
         offer, chosen, region = negotiated
         ag = Agreement.of(offer.features, chosen)
         self.tap.set_offload(tap_offloads(ag))
-        rx = RxQueue(region, self.tap.fd, self.rx_stats, ag.persistent, offer.backend_domid, ag)
+        policy = grant_policy(chosen, region.grants)  # the frontend's side of a mechanism
+        rx = RxQueue(region, self.tap.fd, self.rx_stats, policy, offer.backend_domid, ag)
         tx = TxQueue(region, self.tap.fd, self.tx_stats, RX_BUFFERS, ag.header_slots,
-                     ag.persistent, offer.backend_domid, ag)
+                     policy, offer.backend_domid, ag)
         self.tx, self.rx = tx, rx
         self.peer = offer.backend
         self.features = chosen

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 
 from frontend.faults import BackendError
-from frontend.rxstock import MULTI_FLAGS, RX_BUFFERS, RX_MASK, StockOrder
+from frontend.grants.base import GrantPolicy
+from frontend.rxstock import _GE, MULTI_FLAGS, RX_BUFFERS, RX_MASK, StockOrder
 from shared.grant import RESERVED_REFS
 from shared.netif import (
     EXTRA_INFO,
@@ -30,7 +31,6 @@ from shared.netif import (
     NETRXF_data_validated,
     NETRXF_extra_info,
     NETRXF_more_data,
-    ring_gref,
 )
 from shared.offload import (
     VIRTIO_NET_HDR_F_DATA_VALID,
@@ -51,7 +51,7 @@ _VNET_VALID = VNET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0)
 
 
 class RxQueue(StockOrder):
-    def __init__(self, region: Region, tap_fd: int, stats: RingStats, persistent: bool,
+    def __init__(self, region: Region, tap_fd: int, stats: RingStats, policy: GrantPolicy,
                  backend_domid: int = 0, agreement: Agreement | None = None) -> None:
         lay = region.layout
         ag = agreement
@@ -64,15 +64,11 @@ class RxQueue(StockOrder):
         self.tap_fd = tap_fd
         self.stats = stats
         self.grants = region.grants
-        self.persistent = persistent
+        self.policy = policy
         self.domid = backend_domid
         self.frames = [lay.payload_page + i for i in range(RX_BUFFERS)]
         self.views = [region.page(f) for f in self.frames]
-        refs = [RESERVED_REFS + i for i in range(RX_BUFFERS)]
-        self.refs = [ring_gref(r, persistent) for r in refs]
-        if persistent:
-            for r, f in zip(refs, self.frames, strict=True):
-                self.grants.grant(r, backend_domid, f)
+        self.refs = [(RESERVED_REFS + i) | policy.ref_bit for i in range(RX_BUFFERS)]
         self.posted = bytearray(RX_BUFFERS)
         self.free = list(range(RX_BUFFERS))
         self.vnet = bytearray(VNET_HDR.size)
@@ -116,19 +112,21 @@ class RxQueue(StockOrder):
         free, refs, posted = self.free, self.refs, self.posted
         n = min(len(free), ring.free_requests(), limit - (RX_BUFFERS - len(free)))
         prod = ring.req_prod_pvt
+        span, tmpl = self.gnt_span, self.gnt_tmpl
+        granted = []
         for _ in range(n):
             i = free.pop()
-            if not self.persistent:
-                self.grants.grant(refs[i], self.domid, self.frames[i])
+            granted.append((span[i * _GE:(i + 1) * _GE], tmpl[i * _GE:(i + 1) * _GE]))
             posted[i] = 1
             _pack_req(buf, entry(prod), i, 0, refs[i])
             prod += 1
+        self.policy.grant(granted)  # before the requests are published
         ring.req_prod_pvt = prod & MASK32
         self.stats.grants_active = RX_BUFFERS - len(free)
         return n
 
     def _release(self, rid: int) -> None:
-        if not self.persistent and not self.grants.end_access(self.refs[rid]):
+        if not self.policy.revoke([(RESERVED_REFS + rid, 1)]):
             raise BackendError(f"backend still holds rx gref {self.refs[rid]}")
         if self.by_id:
             self.free.append(rid)

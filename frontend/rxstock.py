@@ -58,6 +58,7 @@ class StockOrder:
         self.gnt_tmpl = b"".join(GRANT_ENTRY.pack(GTF_permit_access, backend_domid, f)
                                  for f in self.frames)
         self.gnt_span = self.grants.span(RESERVED_REFS, RX_BUFFERS)
+        self.policy.setup([(self.gnt_span, memoryview(self.gnt_tmpl))])
 
     def _refill_stock(self, limit: int = RX_BUFFERS) -> int:
         """Post buffers (not yet pushed) until ``limit`` are posted or held: position ``p``
@@ -70,9 +71,8 @@ class StockOrder:
         at = prod & RX_MASK
         for a, m in ((at, min(n, RX_BUFFERS - at)), (0, n - (RX_BUFFERS - at))):
             if m > 0:
-                if not self.persistent:  # GrantTable.grant for each, as one copy
-                    g0, g1 = a * _GE, (a + m) * _GE
-                    self.gnt_span[g0:g1] = self.gnt_tmpl[g0:g1]
+                g0, g1 = a * _GE, (a + m) * _GE  # the policy grants them, as one copy
+                self.policy.grant([(self.gnt_span[g0:g1], self.gnt_tmpl[g0:g1])])
                 r0, r1 = a * _REQ, (a + m) * _REQ
                 self.req_bytes[r0:r1] = self.req_tmpl[r0:r1]
         ring.req_prod_pvt = (prod + n) & MASK32
@@ -82,15 +82,12 @@ class StockOrder:
     def _release_run(self, pos: int, n: int) -> None:
         """Stock order: the ``n`` buffers from ring position ``pos`` on are back, each grant
         ended (``GrantTable.end_access_run``; one by one, to name the gref, if one is held)."""
-        if not self.persistent:
-            at = pos & RX_MASK
-            m = min(n, RX_BUFFERS - at)
-            grants = self.grants
-            if not (grants.end_access_run(RESERVED_REFS + at, m)
-                    and grants.end_access_run(RESERVED_REFS, n - m)):
-                for i in range(n):
-                    self._release((pos + i) & RX_MASK)
-                return
+        at = pos & RX_MASK
+        m = min(n, RX_BUFFERS - at)
+        if not self.policy.revoke([(RESERVED_REFS + at, m), (RESERVED_REFS, n - m)]):
+            for i in range(n):
+                self._release((pos + i) & RX_MASK)
+            return
         self.done = (self.done + n) & MASK32
 
     def _poll_stock(self, budget: int = 64) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from frontend.chunks import CHUNK_PAGES, SLOT_ID_BASE, TxChunks
+from frontend.grants.base import GrantPolicy
 from frontend.txflow import TxFlow
 from shared.grant import GRANT_ENTRY
 from shared.netif import (
@@ -30,7 +31,6 @@ from shared.netif import (
     NETTXF_extra_info,
     NETTXF_header_slot,
     NETTXF_more_data,
-    ring_gref,
 )
 from shared.offload import (
     VIRTIO_NET_HDR_F_MASK,
@@ -61,7 +61,7 @@ _XEN_GSO = tuple(VIRTIO_TO_XEN_GSO.get(i) for i in range(VIRTIO_NET_HDR_GSO_KIND
 
 class TxQueue:
     def __init__(self, region: Region, tap_fd: int, stats: RingStats, first_page: int,
-                 header_slots: bool, persistent: bool, backend_domid: int = 0,
+                 header_slots: bool, policy: GrantPolicy, backend_domid: int = 0,
                  agreement: Agreement | None = None) -> None:
         lay = region.layout
         #: what the backend accepts (its keys): multi-slot packets, which GSO kinds
@@ -71,9 +71,9 @@ class TxQueue:
         self.ring = FrontRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
         self.tap_fd, self.stats = tap_fd, stats
-        self.header_slots, self.persistent = header_slots, persistent
+        self.header_slots, self.policy = header_slots, policy
         self.slots = HeaderSlots(region.hdr, lay.hdr_slot_size, lay.hdr_slots)
-        self.chunks = TxChunks(region, first_page, persistent, backend_domid)
+        self.chunks = TxChunks(region, first_page, policy, backend_domid)
         self.flow = flow = TxFlow(self.ring, self.slots, self.chunks, stats)
         self.reap, self.arm_completions = flow.reap, flow.arm_completions
         self.can_send, self.in_flight = flow.can_send, flow.in_flight
@@ -110,8 +110,8 @@ class TxQueue:
         chunk_ref0, req_tmpl = chunks.ref0, chunks.req_tmpl
         gnt_tmpl, gnt_span = chunks.gnt_tmpl, chunks.gnt_span
         hs, ss = self.header_slots, self.slots.slot_size
-        grant = not self.persistent
-        pbit = ring_gref(0, self.persistent)  # the persistent bit, or-ed into grefs
+        pbit = self.policy.ref_bit  # or-ed into grefs (the persistent bit)
+        granted = []  # (table bytes, entries) of the pages named, for the grant policy
         readv, tap, unpack_vnet = os.readv, self.tap_fd, VNET_HDR.unpack_from
         room_needed = flow.room_needed
         xen_gso, fmask, kind = self.xen_gso, VIRTIO_NET_HDR_F_MASK, VIRTIO_NET_HDR_GSO_KIND
@@ -182,8 +182,7 @@ class TxQueue:
                               (chunk_ref0[chunk] + npages - 1) | pbit, 0, 0,
                               base + npages - 1, rest - (nfrag - 1) * PAGE_SIZE)
                 busy[base:base + npages] = _ONES[:npages]
-                if grant:  # GrantTable.grant for every page used, as one copy
-                    gnt_span[chunk][:npages * _GE] = gnt_tmpl[chunk][:npages * _GE]
+                granted.append((gnt_span[chunk][:npages * _GE], gnt_tmpl[chunk][:npages * _GE]))
                 free_chunks.pop()
                 chunks.out[chunk] = npages
                 chunks.used[chunk] = npages
@@ -191,6 +190,8 @@ class TxQueue:
             slots += prod - start
             nbytes += length
             sent += 1
+        if granted:  # before the requests are published (by the caller's push)
+            self.policy.grant(granted)
         st.slots_consumed += slots
         st.tx_packets += sent
         st.tx_bytes += nbytes

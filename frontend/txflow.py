@@ -95,8 +95,8 @@ class TxFlow:
                 if status != XEN_NETIF_RSP_OKAY:
                     st.drops += 1
                 done += 1
-            for c in finished:
-                chunks.release(c)
+            if finished:
+                chunks.release(finished)
             ring.rsp_cons = (cons + n) & MASK32
             st.slots_released += n
             if self.stopped and self.can_send():

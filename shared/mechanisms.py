@@ -2,13 +2,14 @@
 
 A *mechanism* is how one direction moves a packet's payload between the frontend's pages and
 the vif: on TX lazy mapping, eager maps, a copy, Linux's copy-then-map; on RX a grant copy or a
-mapping receiver. Each lives in one module (``backend/txmodes/<name>.py``,
-``backend/rxmodes/<name>.py``) behind one small protocol (``backend/txmodes/base.py``,
-``backend/rxmodes/base.py``); this table says which names exist, where each lives, and what it
-does in one line. Everything that lists mechanisms reads it: netback's ``--tx-mode`` and
-``--rx-mode`` (which import the module named here), the topology's validation, the bench's and
-the paper's mode lists, their ``--help`` texts and the tests, which run the shared behavioural
-tests over every entry. Nothing here imports a mechanism: the lab (which must not import the
+mapping receiver; on the frontend, how its pages are granted (per use, or persistently). Each
+lives in one module (``backend/txmodes/<name>.py``, ``backend/rxmodes/<name>.py``,
+``frontend/grants/<name>.py``) behind one small protocol (the ``base.py`` beside them); this
+table says which names exist, where each lives, and what it does in one line. Everything that
+lists mechanisms reads it: netback's ``--tx-mode`` and ``--rx-mode`` (which import the module
+named here), netfront's choice of grant policy, the topology's validation, the bench's mode
+lists, their ``--help`` texts and the tests, which run the shared behavioural tests over every
+entry. Nothing here imports a mechanism: the lab (which must not import the
 drivers) reads names and summaries only.
 
 Adding a mechanism is one module plus one line below (README: Adding a mechanism).
@@ -31,6 +32,8 @@ class Mechanism:
     summary: str
     #: a source it reproduces, if any (shown beside the summary)
     source: str = ""
+    #: the negotiated extension it needs (frontend grant policies: chosen by the agreement)
+    feature: str = ""
 
 
 TX: tuple[Mechanism, ...] = (
@@ -59,7 +62,18 @@ RX: tuple[Mechanism, ...] = (
 )
 """RX mechanisms (the first is the default)."""
 
-SIDES = {"tx": TX, "rx": RX}
+GRANTS: tuple[Mechanism, ...] = (
+    Mechanism("transient", "frontend.grants.transient",
+              "a page is granted when a request names it and revoked once it is answered",
+              "netif.h"),
+    Mechanism("persistent", "frontend.grants.persistent",
+              "every page granted once at connect, the gref's bit 31 says 'keep it mapped'",
+              "Pratt, xen-devel 2007; Martins 2015", feature="feature-persistent"),
+)
+"""The frontend's side: how netfront grants its pages (chosen by what was negotiated: the
+policy whose ``feature`` was agreed, else the first)."""
+
+SIDES = {"tx": TX, "rx": RX, "grants": GRANTS}
 
 
 def names(side: str) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from backend.gntmap import GntMap, Views
 from backend.netback import TxPath
 from backend.rx import RxPath
 from backend.xenbus import attach_region
+from frontend.mechanisms import grant_policy
 from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import TxQueue
 from shared.offload import VNET_HDR
@@ -120,8 +121,9 @@ def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = 
     vif, wire = dgram_pair()
     fst, bst = (RingStats(), RingStats()), (RingStats(), RingStats())
     ag = agreement(header_slots, persistent, rx_by_id, **stock)
-    rx = RxQueue(front_region, tap.fileno(), fst[1], persistent, 0, ag)
-    tx = TxQueue(front_region, tap.fileno(), fst[0], RX_BUFFERS, header_slots, persistent, 0, ag)
+    policy = grant_policy({"feature-persistent": persistent}, front_region.grants)
+    rx = RxQueue(front_region, tap.fileno(), fst[1], policy, 0, ag)
+    tx = TxQueue(front_region, tap.fileno(), fst[0], RX_BUFFERS, header_slots, policy, 0, ag)
     pf = Filter.parse(filters) if filters else None
     views = Views(own_fd, mem, region, bst[0], shared=True)
     btx = TxPath(region, GntMap(region, views, 0, bst[0], persistent), vif.fileno(), bst[0],

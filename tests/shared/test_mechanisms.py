@@ -5,6 +5,7 @@ mechanism's name (the core calls hooks; it never asks which mechanism it is)."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -12,21 +13,35 @@ import pytest
 from backend.mechanisms import load, own_counters
 from backend.rxmodes.base import RxMechanism
 from backend.txmodes.base import TxMechanism
-from shared.mechanisms import RX, SIDES, TX, default, find, help_text, names
+from frontend.grants.base import GrantPolicy
+from frontend.mechanisms import grant_policy
+from shared.grant import GrantTable
+from shared.mechanisms import GRANTS, RX, SIDES, TX, default, find, help_text, names
 
 ROOT = Path(__file__).resolve().parents[2]
-BASES = {"tx": TxMechanism, "rx": RxMechanism}
+#: each side's protocol and where its own-work tests live (mirroring the code)
+BASES = {"tx": (TxMechanism, "backend/txmodes"), "rx": (RxMechanism, "backend/rxmodes"),
+         "grants": (GrantPolicy, "frontend/grants")}
 
 
 @pytest.mark.parametrize("side,name", [(s, m.name) for s, ms in SIDES.items() for m in ms])
 def test_every_registered_mechanism_is_a_module_with_its_own_tests(side, name):
-    cls = load(side, name)
-    assert issubclass(cls, BASES[side])
-    assert find(side, name).module == cls.__module__
-    own = own_counters(cls)
-    assert set(own.as_dict()) == set(cls.COUNTERS.split())
-    tests = ROOT / "tests" / "backend" / f"{side}modes" / f"test_{name}.py"
+    base, folder = BASES[side]
+    cls = importlib.import_module(find(side, name).module).MECHANISM
+    assert issubclass(cls, base)
+    if side != "grants":
+        assert load(side, name) is cls
+        own = own_counters(cls)
+        assert set(own.as_dict()) == set(cls.COUNTERS.split())
+    tests = ROOT / "tests" / folder / f"test_{name}.py"
     assert tests.is_file(), f"{side} mechanism {name!r} has no own-work tests ({tests})"
+
+
+def test_the_frontend_policy_is_the_one_whose_feature_was_agreed():
+    table = GrantTable(memoryview(bytearray(4096)), 512)
+    for m in GRANTS:
+        agreed = {m.feature: True} if m.feature else {}
+        assert type(grant_policy(agreed, table)).__module__ == m.module
 
 
 def test_names_defaults_and_errors_come_from_the_table():
@@ -54,7 +69,7 @@ def _mode_compares(tree: ast.AST, registered: set[str]) -> list[int]:
 
 def test_no_code_outside_a_mechanism_branches_on_its_name():
     registered = {m.name for ms in SIDES.values() for m in ms}
-    mechanism_dirs = {ROOT / "backend" / "txmodes", ROOT / "backend" / "rxmodes"}
+    mechanism_dirs = {ROOT / folder for _base, folder in BASES.values()}
     found = []
     for top in ("backend", "frontend", "shared"):
         for path in sorted((ROOT / top).rglob("*.py")):

@@ -1,0 +1,46 @@
+"""The frontend's side of a mechanism: how netfront grants its pages to the backend.
+
+The TX pump and the RX refill name pages in requests; before those requests are published the
+pages must be granted, and once the backend has answered them they may be revoked. Both queues
+keep, per granted area, the grant entries that grant it (built once, ``GRANT_ENTRY`` each) and
+the grant table's bytes they go into; a policy decides what happens to them, always for a
+*batch* (the pages of one pump, one refill, one reap):
+
+- ``setup(runs)``: at connect, every area the queues will ever name.
+- ``grant(runs)``: the areas about to be named on the ring (before the requests go out).
+- ``revoke(runs)``: areas the backend has answered; False if a grant is still in use (the
+  backend holds it: its fault, the caller says which).
+- ``ref_bit``: or-ed into every gref the ring carries (``GREF_PERSISTENT``: "keep it").
+
+A *run* is ``(table_bytes, entries)`` for ``setup``/``grant`` - the entries copied in as one
+slice - and ``(first_ref, count)`` for ``revoke``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from shared.grant import GrantTable
+
+#: (the grant table's bytes, the entries to copy there)
+Run = tuple[memoryview, memoryview]
+#: (first grant reference, how many consecutive ones)
+RefRun = tuple[int, int]
+
+
+class GrantPolicy:
+    """The frontend's grants of one connection (its region's grant table)."""
+
+    ref_bit: ClassVar[int] = 0
+
+    def __init__(self, table: GrantTable) -> None:
+        self.table = table
+
+    def setup(self, runs: list[Run]) -> None:
+        """At connect: nothing by default."""
+
+    def grant(self, runs: list[Run]) -> None:
+        raise NotImplementedError
+
+    def revoke(self, runs: list[RefRun]) -> bool:
+        raise NotImplementedError
