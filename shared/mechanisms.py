@@ -96,3 +96,19 @@ def find(side: str, name: str) -> Mechanism:
 def help_text(side: str) -> str:
     """``name: summary`` for every mechanism of a side, for an argparse help."""
     return "; ".join(f"{m.name}: {m.summary}" for m in SIDES[side])
+
+
+def markdown_table() -> str:
+    """The README's table of mechanisms (``python -m shared.mechanisms`` prints it; a test
+    holds the README to it)."""
+    rows = ["| side | name | what it does | after |", "|---|---|---|---|"]
+    for side, label in (("tx", "TX (netback)"), ("rx", "RX (netback)"),
+                        ("grants", "grants (netfront)")):
+        for m in SIDES[side]:
+            after = m.source + (f"; needs `{m.feature}`" if m.feature else "")
+            rows.append(f"| {label} | `{m.name}` | {m.summary} | {after} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -16,7 +16,7 @@ from backend.txmodes.base import TxMechanism
 from frontend.grants.base import GrantPolicy
 from frontend.mechanisms import grant_policy
 from shared.grant import GrantTable
-from shared.mechanisms import GRANTS, RX, SIDES, TX, default, find, help_text, names
+from shared.mechanisms import GRANTS, RX, SIDES, TX, default, find, help_text, markdown_table, names
 
 ROOT = Path(__file__).resolve().parents[2]
 #: each side's protocol and where its own-work tests live (mirroring the code)
@@ -78,3 +78,10 @@ def test_no_code_outside_a_mechanism_branches_on_its_name():
             hits = _mode_compares(ast.parse(path.read_text()), registered)
             found += [f"{path.relative_to(ROOT)}:{line}" for line in hits]
     assert found == []
+
+
+def test_the_readme_table_is_the_registry():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- mechanisms:")
+    table = text[text.index("\n", start) + 1:text.index("<!-- /mechanisms -->")].strip()
+    assert table == markdown_table()
