@@ -15,10 +15,15 @@ the store buffer is full or its first record is ROTATE_TIMEOUT old; a watcher th
 capture rotates only after the data path has been idle that long (so a trickle arrives and
 the lock is almost never contended), answers flush requests and notices the reader leave.
 
-Payload: the header copy (``skb.head``) is the backend's own memory; anything beyond it is
-guest payload and is read (``_tx_frame``, ``_rx_frame``: the only places capture touches it)
-through the CPU view (backend/cpuview.py), mapping each page it needs: in lazy mode those maps
-show up (``grant_maps_on_touch``, and the packet becomes a ``tx_zerocopy_fail``). A snaplen within
+What is recorded is exactly what crossed the vif, never guest memory read afterwards (a guest
+can rewrite its pages, or a persistent RX buffer, at any time): capture reads only backend
+memory. TX: the data path asks ``out_caplen`` before the vif write; if the capture wants more
+than the header copy (``skb.head``), the frame is read once into backend memory
+(``SkBuff.linearize``: through the CPU view, so each page is mapped - in lazy mode those maps
+show up in ``grant_maps_on_touch`` and the packet is a ``tx_zerocopy_fail``) and that copy is
+both sent and recorded. RX: while a reader wants incoming frames, the data path reads each
+frame from the vif into its own memory first (``RxMechanism.bounce``), records it there and
+then copies it into the guest's buffers (``wants_in``). A snaplen within
 the header copy maps nothing. An RX frame has no header copy (netback reads it from the vif
 straight into the guest's buffers, a grant copy), so capturing RX maps its first page(s).
 """
@@ -32,13 +37,9 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Sequence
 
-from backend.gntmap import GntMap
 from backend.skb import SkBuff
 from shared.control_protocol import Handoff
-from shared.grant import WORD_FRAME_SHIFT
-from shared.netif import PAGE_SIZE
 from shared.stats import counters
 from shared.transport import create_memfd
 from shared.zbuf import HEADER, IN, MAX_BUFFER, MIN_BUFFER, OUT, RECORD, Buffer, Producer
@@ -58,53 +59,6 @@ Totals = counters(
     "Cumulative over every capture this netback served (the stats counters).")
 
 
-def _tx_frame(skb: SkBuff, gntmap: GntMap, caplen: int) -> list[Buffer]:
-    """The first ``caplen`` bytes of a TX frame: the header copy (backend memory), then
-    guest payload -- read through the CPU view, so each fragment needed is mapped by the
-    skb (``SkBuff.map_frags``: a map on touch), and unmapped when the skb is freed."""
-    if skb.linear is not None:  # a payload rule's checked copy is what was sent
-        return [skb.linear[:caplen]]
-    head = skb.head
-    if caplen <= len(head):
-        return [head[:caplen]]  # within the header copy: no payload page is touched
-    parts: list[Buffer] = [head] if head else []
-    left = caplen - len(head)
-    need = []
-    for i, size in enumerate(skb.sizes):
-        if left <= 0:
-            break
-        need.append(i)
-        left -= size
-    skb.map_frags(gntmap, need, touch=True)
-    left = caplen - len(head)
-    for i in need:
-        n = min(skb.sizes[i], left)
-        off = skb.offs[i]
-        parts.append(gntmap.page(skb.frames[i])[off:off + n])
-        left -= n
-    return parts
-
-
-def _rx_frame(gntmap: GntMap, grefs: Sequence[int], exps: Sequence[int], length: int,
-              caplen: int) -> list[Buffer]:
-    """An RX frame lies in posted buffers, whole pages from offset 0; each one's frame is the
-    one validated at posting (the entry as a u64, ``GrantTable.words``). The pages are read
-    through the CPU view: each mapped (a map on touch), copied out, unmapped at once."""
-    parts: list[Buffer] = []
-    left = min(caplen, length)
-    for gref, exp in zip(grefs, exps, strict=False):
-        if left <= 0:
-            break
-        frame, n = exp >> WORD_FRAME_SHIFT, min(PAGE_SIZE, left)
-        gntmap.map(gref, frame, touch=True)
-        try:
-            parts.append(bytes(gntmap.page(frame)[:n]))
-        finally:
-            gntmap.unmap(gref, frame)
-        left -= n
-    return parts
-
-
 class Capture:
     """One attached reader: its buffers, its socket and its watcher thread."""
 
@@ -122,7 +76,9 @@ class Capture:
         self._last = (0, 0, 0, 0)  # producer counters already added to the tap's totals
 
     # --- data path (never waits) ---------------------------------------------------------
-    def frame(self, direction: int, wirelen: int, read, *args) -> None:
+    def frame(self, direction: int, wirelen: int, data: Buffer) -> None:
+        """Record ``data`` (the frame's first bytes, in backend memory) of a frame of
+        ``wirelen`` bytes."""
         p = self.producer
         if not self.lock.acquire(False):  # the watcher is rotating: drop rather than wait
             p.drops += 1
@@ -131,12 +87,12 @@ class Capture:
         try:
             if self.closed:
                 return
-            caplen = min(self.snaplen, wirelen)
+            caplen = min(self.snaplen, wirelen, len(data))
             rotations = p.rotations
             if not p.room(caplen):
                 p.drops += 1
                 return
-            p.append(wirelen, direction, read(*args, caplen), caplen)
+            p.append(wirelen, direction, (data[:caplen],), caplen)
             if p.last - p.started >= ROTATE_TIMEOUT:  # traffic keeps coming: rotate here
                 p.rotate()
             if p.rotations != rotations:
@@ -236,18 +192,29 @@ class CaptureTap:
         self._attach_lock = threading.Lock()
 
     # --- hooks, data path --------------------------------------------------------------
-    def out(self, skb: SkBuff, gntmap: GntMap) -> None:
-        """A frame netback wrote to the vif (from the guest)."""
+    def out_caplen(self, wirelen: int) -> int:
+        """Before a vif write: the bytes a capture will record of this frame (0: none)."""
+        c = self.capture
+        return min(c.snaplen, wirelen) if c is not None and c.want_out else 0
+
+    def out(self, skb: SkBuff) -> None:
+        """A frame netback wrote to the vif (from the guest): recorded from the bytes that
+        were sent - the copy a payload read made, or the header copy - never from guest
+        pages. (A capture attached since ``out_caplen`` gets what the header copy holds.)"""
         c = self.capture
         if c is not None and c.want_out:
-            c.frame(OUT, skb.size, _tx_frame, skb, gntmap)
+            c.frame(OUT, skb.size, skb.linear if skb.linear is not None else skb.head)
 
-    def into(self, gntmap: GntMap, grefs: Sequence[int], exps: Sequence[int],
-             length: int) -> None:
-        """A frame netback read from the vif (to the guest) into the first posted buffers."""
+    def wants_in(self) -> bool:
+        """Does a capture want incoming frames (then they pass through backend memory)?"""
+        c = self.capture
+        return c is not None and c.want_in
+
+    def into(self, frame: Buffer, length: int) -> None:
+        """A frame netback read from the vif (to the guest), as read, from backend memory."""
         c = self.capture
         if c is not None and c.want_in:
-            c.frame(IN, length, _rx_frame, gntmap, grefs, exps, length)
+            c.frame(IN, length, frame)
 
     # --- control thread ------------------------------------------------------------------
     def attach(self, request: dict) -> Handoff:

@@ -273,8 +273,12 @@ class TxPath:
         return True
 
     def _write(self, skb: SkBuff) -> None:
-        """The vif write: the head, then the fragments as iovecs through the DMA view (or
-        the copy a payload rule judged, which is then what is sent)."""
+        """The vif write: the head, then the fragments as iovecs through the DMA view - or
+        the frame's copy in backend memory, when a payload rule judged it or a capture
+        records it, which is then what is sent."""
+        capture = self.capture
+        if capture.on and capture.out_caplen(skb.size) > len(skb.head):
+            skb.linearize(self.gntmap)  # read once: that copy is both sent and recorded
         if skb.linear is not None:
             iov = [skb.vnet, skb.linear]
         else:
@@ -286,8 +290,8 @@ class TxPath:
             skb.transmitted = True
         except OSError as e:  # vif down or queue full: dropped, slots still released
             self._count_drop("vif", f"ring[{skb.idx}]: vif write failed: {e}")
-        if self.capture.on and skb.transmitted:
-            self.capture.out(skb, self.gntmap)
+        if capture.on and skb.transmitted:
+            capture.out(skb)
 
     def log_drop(self, reason: str, why: str) -> None:
         """A log line per drop, at most LOG_PER_SECOND a second (net_ratelimit): a frontend

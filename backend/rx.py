@@ -144,7 +144,7 @@ class RxPath:
 
     def action(self, budget: int = 64) -> bool:
         """Move up to ``budget`` frames from the vif. True if it stopped on the budget."""
-        posted, st, mech = self.posted, self.stats, self.mech
+        posted, st, mech, capture = self.posted, self.stats, self.mech, self.capture
         vnet, vif_fd, layout = self.vnet, self.vif_fd, self._layout
         queues = (self.posted_views, self.posted_grefs, self.posted_exps)
         for _ in range(budget):
@@ -156,7 +156,9 @@ class RxPath:
                 self.refill()
                 if not posted:
                     return False
-            if len(posted) < NEED:  # into the bounce area, held until it fits
+            if len(posted) < NEED or capture.on and capture.wants_in():
+                # into the mechanism's own memory, held until it fits (and, while a capture
+                # records incoming frames, recorded from there: exactly what was read)
                 try:
                     n = os.readv(vif_fd, [vnet, mech.bounce()])
                 except BlockingIOError:
@@ -224,6 +226,8 @@ class RxPath:
             self._retire(bad)
             self.held, self.held_need = length, need
             return True
+        if self.capture.on:  # the frame as read from the vif, from backend memory
+            self.capture.into(self.mech.bounce()[:length], length)
         self._respond(length, data)
         return True
 
@@ -234,10 +238,6 @@ class RxPath:
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         vflags, _vgso, _hl, gso_size, _cs, _co, _nb = VNET_HDR.unpack_from(self.vnet)
         xgso = self._gso
-        if self.capture.on:  # the frame's pages, in frame order, before they are answered
-            cgrefs = [self.posted_grefs[i] for i in data]
-            cexps = [self.posted_exps[i] for i in data]
-            self.capture.into(self.gntmap, cgrefs, cexps, length)
         flags = 0
         if vflags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             flags = NETRXF_csum_blank | NETRXF_data_validated
