@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from backend.credit import parse_rate
 from backend.filter import Filter
 from backend.interface import RX_STALL_TIMEOUT, Netback, NetbackConfig
 from backend.xenbus import offered_features
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                    help="do not offer this implemented feature (e.g. feature-gso-tcpv6; "
                         "repeatable)")
     p.add_argument("--budget", type=int, default=64, help="packets per ring per wake-up")
+    p.add_argument("--rate", metavar="BYTES,USEC",
+                   help="limit TX from the frontend to BYTES every USEC microseconds, as "
+                        "Linux netback's 'rate' key (e.g. 625000,50000: 100 Mbit/s)")
     p.add_argument("--rx-stall-timeout", type=float, default=RX_STALL_TIMEOUT, metavar="S",
                    help="seconds without posted RX buffers before the vif's carrier goes off "
                         f"(Linux rx_stall_timeout; 0: never; default {RX_STALL_TIMEOUT:g})")
@@ -51,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
     if a.doorbell and not a.connect:
         p.error("--doorbell needs --connect (the QEMU placement)")
     try:
+        rate = parse_rate(a.rate) if a.rate else None
         Filter.parse(a.filter)
         offered_features(tuple(a.no_offer))
     except (FilterError, ValueError) as e:
@@ -61,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                          connect=a.connect, region_fd=a.region_fd, ctl=a.ctl,
                          doorbell=a.doorbell,
                          tx_mode=a.tx_mode, rx_mode=a.rx_mode, filters=a.filter,
-                         budget=a.budget,
+                         budget=a.budget, rate=rate,
                          rx_stall_timeout=a.rx_stall_timeout, no_offer=tuple(a.no_offer))
 
 

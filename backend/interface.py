@@ -80,6 +80,8 @@ class NetbackConfig:
     rx_stall_timeout: float = RX_STALL_TIMEOUT
     #: implemented features not to offer (--no-offer), e.g. to test a frontend against less
     no_offer: tuple[str, ...] = ()
+    #: Linux's ``rate`` key: TX limited to credit_bytes per credit_usec (None: unlimited)
+    rate: tuple[int, int] | None = None
 
 
 @dataclass
@@ -180,7 +182,7 @@ class Netback(Endpoint[Connection]):
         gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.tx_stats, ag.persistent)
         rx_gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.rx_stats, ag.persistent)
         tx = TxPath(neg.region, gntmap, self.vif.fd, self.tx_stats, self.cfg.tx_mode,
-                    ag.header_slots, self.filter, ag, self.tx_own)
+                    ag.header_slots, self.filter, ag, self.tx_own, self.cfg.rate)
         rx = RxPath(neg.region, rx_gntmap, self.vif.fd, self.rx_stats, ag, self.cfg.rx_mode,
                     self.rx_own)
         tx.capture = rx.capture = self.capture

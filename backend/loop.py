@@ -83,7 +83,8 @@ def serve(nb: Netback, conn: Connection) -> None:
         _publish(txr, chan, txs)
         rx_more = rx.action(budget)
         _publish(rxr, chan, rxs)
-        if not more:
+        wait = tx.credit_wait()  # rate-limited: come back when the next window opens
+        if not more and not wait:
             more = txr.final_check_for_requests()
         can_rx = rx.can_receive()
         if not can_rx:
@@ -102,6 +103,8 @@ def serve(nb: Netback, conn: Connection) -> None:
                 stall_at = time.monotonic() + stall_timeout
             vif_polled = can_rx
         timeout = 0 if (more or rx_more) else IDLE_MS
+        if wait:
+            timeout = min(timeout, int(wait * 1000) + 1)
         if kicked:
             if txr.req_cons != t0 or rxr.req_cons != r0:
                 spurious = 0

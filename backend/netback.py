@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from backend.capture import NO_CAPTURE
+from backend.credit import Credit
 from backend.gntmap import GntMap
 from backend.mechanisms import load, own_counters
 from backend.pull import HEADER_PULL_MAX, pull_headers
@@ -48,6 +49,7 @@ from shared.stats import RingStats
 from shared.xenbus import Agreement, gso_accepted
 
 log = logging.getLogger("netback")
+_unpack_req = TX_REQUEST.unpack_from
 #: drop log lines per second per connection
 LOG_PER_SECOND = 10
 #: slots a ring pass takes at most: its answers go out when it ends, not at the end of the
@@ -67,7 +69,8 @@ class TxPath:
 
     def __init__(self, region: Region, gntmap: GntMap, vif_fd: int, stats: RingStats,
                  mode: str, header_slots: bool, pkt_filter=None,
-                 agreement: Agreement | None = None, own: object | None = None) -> None:
+                 agreement: Agreement | None = None, own: object | None = None,
+                 rate: tuple[int, int] | None = None) -> None:
         self.ring = BackRing(region.tx_ring, TX_REQUEST.size)
         self.hdr = region.hdr
         self.gntmap, self.vif_fd, self.stats = gntmap, vif_fd, stats
@@ -76,6 +79,8 @@ class TxPath:
         self._log_t, self._logged = 0.0, 0
         self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
         self.release = TxRelease(self.ring, stats)
+        #: the vif's ``rate`` (credit_bytes, credit_usec), if limited (backend/credit.py)
+        self.credit = Credit(*rate, stats) if rate else None
         cls = load("tx", mode)
         #: the mechanism in force; ``own``: its counters (the netback keeps them per process)
         self.mech = cls(gntmap, stats, self.release, own_counters(cls) if own is None else own)
@@ -113,7 +118,11 @@ class TxPath:
                 release.flush()
                 publish()
         release.flush()
-        return ring.unconsumed_requests() > 0
+        return ring.unconsumed_requests() > 0 and not self.credit_wait()
+
+    def credit_wait(self) -> float:
+        """Seconds until the packet waiting for credit may go (0: none waits)."""
+        return self.credit.wait_s() if self.credit is not None else 0.0
 
     def push(self) -> bool:
         """Publish responses; True if the frontend asked to be notified."""
@@ -122,7 +131,7 @@ class TxPath:
     def _take(self, limit: int) -> tuple[list[SkBuff], int]:
         """One ring pass: build packets until ``limit`` packets or EARLY_SLOTS slots are
         consumed. Returns the packets built and how many were consumed (dropped ones too)."""
-        ring = self.ring
+        ring, credit = self.ring, self.credit
         skbs: list[SkBuff] = []
         start = ring.req_cons
         n = 0
@@ -130,6 +139,9 @@ class TxPath:
             avail = ring.unconsumed_requests()
             if not avail:
                 break
+            if credit is not None and credit.exceeded(
+                    _unpack_req(ring.buf, ring.entry(ring.req_cons))[4]):
+                break  # its requests stay on the ring until the next window
             skb = self._build(avail)
             n += 1
             if skb is not None:

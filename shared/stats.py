@@ -66,6 +66,8 @@ class RingStats:
     rx_grant_revoked: int = 0
     #: RX frames longer than the buffers marked for them, grant-copied on from a bounce buffer
     rx_spills: int = 0
+    #: TX packets that waited for the vif's rate credit (Linux: rate_limited), not dropped
+    tx_credit_waits: int = 0
     #: netfront, stock order: RX frames its batch did not take (partial when it looked, or
     #: not as a correct stock backend answers), delivered or judged one response at a time
     rx_unbatched: int = 0

@@ -51,6 +51,8 @@ def backend_options(topo: Topology, g: Guest) -> list[str]:
     argv = ["--ctl", str(topo.backend_ctl(g)), "--tx-mode", g.tx_mode, "--rx-mode", g.rx_mode]
     for rule in g.filters:
         argv += ["--filter", rule]
+    if g.rate is not None:
+        argv += ["--rate", f"{g.rate[0]},{g.rate[1]}"]
     return argv
 
 

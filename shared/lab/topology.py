@@ -37,6 +37,12 @@ _SIZE_RE = re.compile(r"^(\d+)\s*([KMG]?)i?B?$", re.IGNORECASE)
 _FILTER_RE = re.compile(r"^[a-z_]+( +[a-z_]+=\S+)+$")
 _NAME_WHAT = "must be lowercase letters, digits, '-' or '_', starting with a letter"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+#: xl's vif ``rate=`` syntax: <RATE>/s[@<INTERVAL>], RATE in B/KB/MB/GB or b/Kb/Mb/Gb
+_RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)([Bb])/s(?:@(\d+(?:\.\d+)?)(us|ms|s))?$")
+_DECIMAL = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+#: xl's default replenish interval
+RATE_INTERVAL_US = 50_000
 
 
 class TopologyError(ValueError):
@@ -64,6 +70,8 @@ class Guest:
     ip: ipaddress.IPv4Interface
     memory: int = 512  # MiB (QEMU placement)
     region_size: int = 8 << 20  # bytes of grant region
+    #: TX limit as Linux netback's ``rate`` key: (credit_bytes, credit_usec); None: unlimited
+    rate: tuple[int, int] | None = None
     tx_mode: str = default("tx")  # a TX mechanism of shared/mechanisms.py
     rx_mode: str = default("rx")  # an RX mechanism of shared/mechanisms.py
     header_slots: bool = True
@@ -247,7 +255,7 @@ _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
 _WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
 _GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode", "rx_mode",
                "header_slots", "persistent", "event", "filters", "nic", "gso",
-               "poll_us")
+               "poll_us", "rate")
 
 
 def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
@@ -318,7 +326,35 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
         gso=f.boolean("gso", True),
         poll_us=None if f.get("poll_us", None) is None
         else f.integer("poll_us", lo=0, hi=1_000_000),
+        rate=_rate(f),
     )
+
+
+def parse_rate(text: str) -> tuple[int, int]:
+    """xl's vif ``rate`` setting (``100Mb/s``, ``10MB/s@20ms``) -> Linux netback's ``rate``
+    key, (credit_bytes, credit_usec): bytes per second times the replenish interval (xl's
+    default 50 ms)."""
+    m = _RATE_RE.match(text.strip())
+    if not m:
+        raise ValueError("expected a rate like 100Mb/s or 10MB/s@20ms (xl's vif rate=)")
+    value, prefix, unit, ivalue, iunit = m.groups()
+    per_s = float(value) * _DECIMAL[prefix] / (8 if unit == "b" else 1)
+    usec = RATE_INTERVAL_US if ivalue is None else int(float(ivalue) * _SECONDS[iunit] * 1e6)
+    credit = int(per_s * usec / 1e6)
+    if usec <= 0 or credit <= 0:
+        raise ValueError("the rate and the interval must leave at least one byte per interval")
+    return credit, usec
+
+
+def _rate(f: _Fields) -> tuple[int, int] | None:
+    text = f.get("rate", None)
+    if text is None:
+        return None
+    try:
+        return parse_rate(str(text))
+    except ValueError as exc:
+        f.fail(f"{exc} (got {_show(text)})", "rate")
+    return None
 
 
 def parse(data: Any, source: str = "<topology>", state_dir: str | Path | None = None) -> Topology:

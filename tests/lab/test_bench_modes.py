@@ -58,3 +58,18 @@ def test_the_help_texts_are_built_from_the_registry():
     assert HELP["modes"] == help_text()
     for name in (*names("tx"), *names("rx"), *netns_defaults()):
         assert name in HELP["modes"]
+
+
+def test_a_rate_mode_limits_the_guest_and_the_report_checks_it_within_5_percent():
+    from shared.lab.bench import report
+    from shared.lab.bench.record import Record
+
+    m = parse("map-persistent+rate-100mbit+capture-s64")
+    assert (m.tx, m.persistent, m.rate_mbit, m.capture) == ("map", True, 100, 64)
+    assert m.guest_keys()["rate"] == "100Mb/s"
+    assert name_of("map", persistent=True, rate_mbit=100, capture=64) == m.name
+    recs = [Record("pvnet-netns", "lazy+rate-100mbit", "tcp", "tx", gbps=0.0981),
+            Record("pvnet-netns", "lazy+rate-50mbit", "tcp", "tx", gbps=0.056)]
+    got = {t.text: t.met for t in report.rate_targets(recs)}
+    assert got == {"pvnet-netns lazy+rate-100mbit: TCP tx within 5 % of 100 Mbit/s": True,
+                   "pvnet-netns lazy+rate-50mbit: TCP tx within 5 % of 50 Mbit/s": False}

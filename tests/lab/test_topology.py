@@ -220,3 +220,20 @@ def test_ten_line_custom_topology(tmp_path: Path) -> None:
 
 def test_base_fixture_is_valid() -> None:
     parse(copy.deepcopy(base()))
+
+
+def test_rate_is_xls_vif_syntax_and_becomes_linuxs_rate_key():
+    from shared.lab.commands import backend_options
+    from shared.lab.topology import parse_rate
+
+    assert parse_rate("100Mb/s") == (625_000, 50_000)  # xl's default interval: 50 ms
+    assert parse_rate("10MB/s@20ms") == (200_000, 20_000)
+    d = base()
+    d["guests"][0]["rate"] = "100Mb/s@10ms"
+    t = parse(d, "t.yaml")
+    assert t.guests[0].rate == (125_000, 10_000) and t.guests[1].rate is None
+    argv = backend_options(t, t.guests[0])
+    assert argv[argv.index("--rate") + 1] == "125000,10000"
+    d["guests"][0]["rate"] = "fast"
+    with pytest.raises(TopologyError, match=r"guests\[0\]\.rate: expected a rate like 100Mb/s"):
+        parse(d, "t.yaml")

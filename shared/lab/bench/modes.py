@@ -1,10 +1,12 @@
 """The bench's pvnet modes: a registered mechanism plus orthogonal options, named by a grammar.
 
-A mode name is ``<tx>[-noslots][-persistent][-poll][-doorbell][+rx-<rx>][+capture[-s<N>]]``:
+A mode name is
+``<tx>[-noslots][-persistent][-poll][-doorbell][+rx-<rx>][+rate-<N>mbit][+capture[-s<N>]]``:
 ``<tx>`` a TX mechanism and ``<rx>`` an RX mechanism of ``shared/mechanisms.py``, then the
 options that are not mechanisms - header slots off, persistent grants, the netfront's poll
-budget and ivshmem doorbells (QEMU placement only), a ``pvnet capture`` reader attached for
-the whole session (whole frames, or ``-s N`` bytes). The names the bench has always used
+budget and ivshmem doorbells (QEMU placement only), the vif's TX limited to N Mbit/s (Linux's
+``rate`` key), a ``pvnet capture`` reader attached for the whole session (whole frames, or
+``-s N`` bytes). The names the bench has always used
 (``lazy``, ``map-persistent``, ``lazy+capture-s128``, ``lazy-doorbell``...) are names of this
 grammar, so users' scripts keep working.
 
@@ -22,7 +24,8 @@ from shared.mechanisms import default, names
 
 _OPTIONS = ("noslots", "persistent", "poll", "doorbell")
 _NAME = re.compile(r"^(?P<tx>[a-z0-9_]+)(?P<opts>(?:-(?:" + "|".join(_OPTIONS) + r"))*)"
-                   r"(?:\+rx-(?P<rx>[a-z0-9_]+))?(?:\+capture(?:-s(?P<snap>\d+))?)?$")
+                   r"(?:\+rx-(?P<rx>[a-z0-9_]+))?(?:\+rate-(?P<rate>\d+)mbit)?"
+                   r"(?:\+capture(?:-s(?P<snap>\d+))?)?$")
 #: the netfront's poll budget in the ``-poll`` modes (µs)
 POLL_US = 1000
 
@@ -40,6 +43,8 @@ class Mode:
     doorbell: bool = False
     #: a capture reader's snaplen for the whole session (0: whole frames); None: no capture
     capture: int | None = None
+    #: the vif's TX limit in Mbit/s (Linux's ``rate``); None: unlimited
+    rate_mbit: int | None = None
 
     def guest_keys(self) -> dict[str, object]:
         """The topology guest keys that set this mode up (defaults left out)."""
@@ -54,6 +59,8 @@ class Mode:
             keys["poll_us"] = POLL_US
         if self.doorbell:
             keys["event"] = "doorbell"
+        if self.rate_mbit is not None:
+            keys["rate"] = f"{self.rate_mbit}Mb/s"
         return keys
 
 
@@ -61,24 +68,27 @@ def parse(name: str) -> Mode:
     """A mode name -> Mode; ValueError saying what a valid name looks like."""
     m = _NAME.match(name)
     if not m or m["tx"] not in names("tx") or (m["rx"] and m["rx"] not in names("rx")):
-        raise ValueError(f"mode {name!r}: expected <tx>[-{']['.join(_OPTIONS)}][+rx-<rx>]"
-                         f"[+capture[-sN]] with tx one of {', '.join(names('tx'))} and rx one "
-                         f"of {', '.join(names('rx'))}")
+        raise ValueError(f"mode {name!r}: expected <tx>[-{'][-'.join(_OPTIONS)}][+rx-<rx>]"
+                         f"[+rate-<N>mbit][+capture[-sN]] with tx one of "
+                         f"{', '.join(names('tx'))} and rx one of {', '.join(names('rx'))}")
     opts = set(re.findall(r"-([a-z]+)", m["opts"] or ""))
     capture = None if "+capture" not in name else int(m["snap"] or 0)
     return Mode(name, m["tx"], m["rx"] or default("rx"), header_slots="noslots" not in opts,
                 persistent="persistent" in opts, poll="poll" in opts,
-                doorbell="doorbell" in opts, capture=capture)
+                doorbell="doorbell" in opts, capture=capture,
+                rate_mbit=int(m["rate"]) if m["rate"] else None)
 
 
 def name_of(tx: str, rx: str | None = None, *, noslots: bool = False,
             persistent: bool = False, poll: bool = False, doorbell: bool = False,
-            capture: int | None = None) -> str:
+            capture: int | None = None, rate_mbit: int | None = None) -> str:
     """The mode name of these choices (the inverse of ``parse``)."""
     name = tx + "".join(f"-{o}" for o, on in (("noslots", noslots), ("persistent", persistent),
                                                ("poll", poll), ("doorbell", doorbell)) if on)
     if rx and rx != default("rx"):
         name += f"+rx-{rx}"
+    if rate_mbit is not None:
+        name += f"+rate-{rate_mbit}mbit"
     if capture is not None:
         name += "+capture" + (f"-s{capture}" if capture else "")
     return name
@@ -142,7 +152,8 @@ def select(asked: tuple[str, ...] | None, qemu: bool = False) -> list[Mode]:
 
 def help_text() -> str:
     """For ``--modes`` in every command that takes it."""
-    return (f"comma list of pvnet modes: <tx>[-noslots][-persistent][+rx-<rx>][+capture[-sN]] "
+    return (f"comma list of pvnet modes: <tx>[-noslots][-persistent][+rx-<rx>]"
+            f"[+rate-<N>mbit][+capture[-sN]] "
             f"(QEMU paths also -poll, -doorbell), tx one of {', '.join(names('tx'))}, rx one "
             f"of {', '.join(names('rx'))}; 'all' for the whole cross product. Default: "
             f"{', '.join(netns_defaults())} (namespaces); {', '.join(qemu_defaults())} (QEMU)")

@@ -150,6 +150,7 @@ def targets(records: list[Record]) -> list[TargetResult]:
             out.append(TargetResult(f"{p} {REF} UDP 64 B {d} >= 100k frames/s delivered",
                                     "n/a" if fps is None else f"{fps / 1e3:.1f}k",
                                     None if fps is None else fps >= 100e3))
+    out += rate_targets(records)
     if any(r.path == "pvnet-qemu" for r in records):
         out.append(_ratio_target(
             f"pvnet-qemu {REF} TCP guest->wire >= 1.0x virtio-net (same guest type)",
@@ -192,6 +193,21 @@ def targets_text(records: list[Record]) -> str:
                       *capture_lines(records), *mechanism_lines(records)])
 
 
+def rate_targets(records: list[Record]) -> list[TargetResult]:
+    """A vif limited to N Mbit/s (Linux's ``rate``) moves N Mbit/s of TCP guest->wire,
+    within 5 % (the limit counts whole frames; iperf3 counts payload)."""
+    out = []
+    for r in records:
+        limit = parse(r.mode).rate_mbit if r.mode != "-" else None
+        if limit is None or (r.workload, r.direction) != ("tcp", "tx") or r.gbps is None:
+            continue
+        ratio = r.gbps * 1e3 / limit
+        out.append(TargetResult(f"{r.path} {r.mode}: TCP tx within 5 % of {limit} Mbit/s",
+                                f"{r.gbps * 1e3:.1f} Mbit/s ({ratio:.3f}x)",
+                                abs(ratio - 1) <= 0.05))
+    return out
+
+
 def capture_lines(records: list[Record]) -> list[str]:
     """The cost of `pvnet capture`: each capture mode's primary figure over the same mode's
     without a capture, same workload and direction, same run."""
@@ -213,7 +229,8 @@ def mechanism_lines(records: list[Record]) -> list[str]:
     workload and direction, same run: the comparisons no target names."""
     out = []
     for r in records:
-        if r.path != "pvnet-netns" or r.mode == REF or "+capture" in r.mode:
+        if r.path != "pvnet-netns" or r.mode == REF or "+capture" in r.mode \
+                or "+rate-" in r.mode:
             continue
         base = _find(records, r.path, REF, r.workload, r.direction)
         if base is None or r.primary is None or not base.primary:
