@@ -14,11 +14,12 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 from shared.filter_rules import FilterError, Rule
+from shared.lab.units import parse_rate, parse_size
 from shared.mechanisms import default, names
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "default.yaml"
@@ -33,16 +34,8 @@ MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1, as in Xen
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_SIZE_RE = re.compile(r"^(\d+)\s*([KMG]?)i?B?$", re.IGNORECASE)
 _FILTER_RE = re.compile(r"^[a-z_]+( +[a-z_]+=\S+)+$")
 _NAME_WHAT = "must be lowercase letters, digits, '-' or '_', starting with a letter"
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-#: xl's vif ``rate=`` syntax: <RATE>/s[@<INTERVAL>], RATE in B/KB/MB/GB or b/Kb/Mb/Gb
-_RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)([Bb])/s(?:@(\d+(?:\.\d+)?)(us|ms|s))?$")
-_DECIMAL = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
-_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-#: xl's default replenish interval
-RATE_INTERVAL_US = 50_000
 
 
 class TopologyError(ValueError):
@@ -182,7 +175,7 @@ class _Fields:
     def field(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def fail(self, msg: str, key: str | None = None) -> None:
+    def fail(self, msg: str, key: str | None = None) -> NoReturn:
         where = self.field(key) if key is not None else (self.path or "(top level)")
         raise TopologyError(f"{self.src}: {where}: {msg}")
 
@@ -239,16 +232,6 @@ class _Fields:
 
 def _show(value: Any) -> str:
     return repr(value) if not isinstance(value, dict | list) else type(value).__name__
-
-
-def parse_size(text: Any) -> int:
-    """'8M' / '512K' / '1G' / 4096 -> bytes. Raises ValueError."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = _SIZE_RE.match(str(text).strip()) if isinstance(text, str) else None
-    if not m:
-        raise ValueError("expected a size like 8M, 512K or 1G")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
@@ -330,31 +313,12 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
     )
 
 
-def parse_rate(text: str) -> tuple[int, int]:
-    """xl's vif ``rate`` setting (``100Mb/s``, ``10MB/s@20ms``) -> Linux netback's ``rate``
-    key, (credit_bytes, credit_usec): bytes per second times the replenish interval (xl's
-    default 50 ms)."""
-    m = _RATE_RE.match(text.strip())
-    if not m:
-        raise ValueError("expected a rate like 100Mb/s or 10MB/s@20ms (xl's vif rate=)")
-    value, prefix, unit, ivalue, iunit = m.groups()
-    per_s = float(value) * _DECIMAL[prefix] / (8 if unit == "b" else 1)
-    usec = RATE_INTERVAL_US if ivalue is None else int(float(ivalue) * _SECONDS[iunit] * 1e6)
-    credit = int(per_s * usec / 1e6)
-    if usec <= 0 or credit <= 0:
-        raise ValueError("the rate and the interval must leave at least one byte per interval")
-    return credit, usec
-
-
 def _rate(f: _Fields) -> tuple[int, int] | None:
     text = f.get("rate", None)
-    if text is None:
-        return None
     try:
-        return parse_rate(str(text))
+        return None if text is None else parse_rate(str(text))
     except ValueError as exc:
         f.fail(f"{exc} (got {_show(text)})", "rate")
-    return None
 
 
 def parse(data: Any, source: str = "<topology>", state_dir: str | Path | None = None) -> Topology:

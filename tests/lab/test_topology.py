@@ -224,7 +224,7 @@ def test_base_fixture_is_valid() -> None:
 
 def test_rate_is_xls_vif_syntax_and_becomes_linuxs_rate_key():
     from shared.lab.commands import backend_options
-    from shared.lab.topology import parse_rate
+    from shared.lab.units import parse_rate
 
     assert parse_rate("100Mb/s") == (625_000, 50_000)  # xl's default interval: 50 ms
     assert parse_rate("10MB/s@20ms") == (200_000, 20_000)
