@@ -50,23 +50,55 @@ class Attached:
 
 
 @dataclass
-class TxSpy:
+class _Spy:
+    """What both spies share: the frontend's memory (to tell its iovecs from the backend's
+    own) and the CPU view's maps and unmaps, recorded in ``events``."""
+
     pair: Pair
-    #: ("map", frame), ("unmap", frame), ("hook", name), ("answer", ids), ("write", n)
     events: list[tuple] = field(default_factory=list)
+
+    def _watch(self, cpu) -> None:
+        mem = self.pair.front_region.mem
+        self._base, self._size = _address(memoryview(mem)), len(mem)
+        self._wrap(cpu, "map", lambda frame, write=False: self.events.append(
+            ("map", frame, write)))
+        self._wrap(cpu, "unmap", lambda frame: self.events.append(("unmap", frame)))
+
+    @staticmethod
+    def _wrap(obj, name: str, before) -> None:
+        real = getattr(obj, name)
+
+        def wrapped(*a, **kw):
+            before(*a, **kw)
+            return real(*a, **kw)
+        setattr(obj, name, wrapped)
+
+    def _piece(self, buf) -> Piece:
+        """An iovec: the frontend's memory (its offset there) or the backend's own bytes."""
+        data = bytes(buf)
+        if isinstance(buf, memoryview) and not buf.readonly and len(buf):
+            at = _address(buf) - self._base
+            if 0 <= at < self._size:
+                return Piece(at, data)
+        return Piece(None, data)
+
+    def maps(self, events: list[tuple] | None = None) -> list[int]:
+        return [ev[1] for ev in (self.events if events is None else events) if ev[0] == "map"]
+
+
+@dataclass
+class TxSpy(_Spy):
+    #: ("map", frame, writable), ("unmap", frame), ("hook", name), ("answer", ids),
+    #: ("write", n)
     writes: list[list[Piece]] = field(default_factory=list)
     attached: list[Attached] = field(default_factory=list)
     #: per packet at ``pulled``: its fragments' sizes after the header pull
     pulled: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        p = self.pair
-        btx = p.btx
-        mem = p.front_region.mem
-        self._base, self._size = _address(memoryview(mem)), len(mem)
-        cpu, mech, release = btx.gntmap.cpu, btx.mech, btx.release
-        self._wrap(cpu, "map", lambda frame, *a: self.events.append(("map", frame)))
-        self._wrap(cpu, "unmap", lambda frame: self.events.append(("unmap", frame)))
+        btx = self.pair.btx
+        mech, release = btx.mech, btx.release
+        self._watch(btx.gntmap.cpu)
         self._wrap(release, "release",
                    lambda ids, extras: self.events.append(("answer", list(ids))))
         for hook in ("attach", "pulled", "xmit", "free"):
@@ -91,23 +123,6 @@ class TxSpy:
                 self.pulled += [list(s.sizes) for s in skbs]
         return record
 
-    @staticmethod
-    def _wrap(obj, name: str, before) -> None:
-        real = getattr(obj, name)
-
-        def wrapped(*a, **kw):
-            before(*a, **kw)
-            return real(*a, **kw)
-        setattr(obj, name, wrapped)
-
-    def _piece(self, buf) -> Piece:
-        data = bytes(buf)
-        if isinstance(buf, memoryview) and not buf.readonly and len(buf):
-            at = _address(buf) - self._base
-            if 0 <= at < self._size:
-                return Piece(at, data)
-        return Piece(None, data)
-
     def run(self, monkeypatch, frames: list[bytes]) -> list[bytes]:
         """Send ``frames`` through the pair with the vif's writev watched; the wire's frames."""
         monkeypatch.setattr(os, "writev", self._writev[1])
@@ -129,10 +144,6 @@ class TxSpy:
             if inside:
                 out.append(ev)
         return out
-
-    def maps(self, events: list[tuple] | None = None) -> list[int]:
-        return [f for kind, f in (self.events if events is None else events) if kind == "map"]
-
 
 def payload_offsets(a: Attached, sizes_after_pull: list[int]) -> list[tuple[int, int]]:
     """(region offset, size) of what the pull left of each fragment, skipping empty ones."""
@@ -161,37 +172,25 @@ FRAMES_SIZES = (60, 100, 1400, 5000, 30000, 65000)
 
 
 @dataclass
-class RxSpy:
+class RxSpy(_Spy):
     """RX: every read from the vif (where each iovec points) and the CPU view's maps, in
     order: ("read", index into ``reads``), ("map", frame, writable), ("unmap", frame)."""
 
-    pair: Pair
-    events: list[tuple] = field(default_factory=list)
     reads: list[list[Piece]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        p = self.pair
-        brx = p.brx
-        mem = p.front_region.mem
-        self._base, self._size = _address(memoryview(mem)), len(mem)
-        cpu = brx.gntmap.cpu
-        TxSpy._wrap(cpu, "map", lambda frame, write=False: self.events.append(
-            ("map", frame, write)))
-        TxSpy._wrap(cpu, "unmap", lambda frame: self.events.append(("unmap", frame)))
+        brx = self.pair.brx
+        self._watch(brx.gntmap.cpu)
         real, vif = os.readv, brx.vif_fd
 
         def readv(fd, iov):
             n = real(fd, iov)
             if fd == vif:
-                self.reads.append([self._where(b) for b in iov])
+                self.reads.append([self._piece(b) for b in iov])
                 self.events.append(("read", len(self.reads) - 1))
             return n
 
         self._readv = (real, readv)
-
-    def _where(self, buf) -> Piece:
-        at = _address(buf) - self._base if len(buf) else -1
-        return Piece(at if 0 <= at < self._size else None, b"")
 
     def run(self, monkeypatch, frames: list[bytes], vnets: list[bytes] | None = None):
         """Frames from the wire to the guest with the vif's reads watched; what arrived."""
@@ -202,5 +201,17 @@ class RxSpy:
         monkeypatch.setattr(os, "readv", self._readv[0])
         return [g[12:] for g in self.pair.guest_frames()]
 
-    def maps(self) -> list[tuple]:
+    def map_events(self) -> list[tuple]:
         return [ev for ev in self.events if ev[0] == "map"]
+
+
+def tx_through(mode: str, header_slots: bool, monkeypatch) -> tuple[Pair, TxSpy]:
+    """Frames of every size (``FRAMES_SIZES``) through a pair in ``mode``, watched; they must
+    arrive intact."""
+    from tests.conftest import frame, make_pair
+
+    p = make_pair(mode, header_slots)
+    spy = TxSpy(p)
+    frames = [frame(bytes([i]) * n) for i, n in enumerate(FRAMES_SIZES)]
+    assert spy.run(monkeypatch, frames) == frames
+    return p, spy

@@ -20,7 +20,7 @@ def test_copy_reads_the_frame_straight_into_posted_buffers_and_maps_nothing(monk
     spy = RxSpy(p)
     frames = [frame(bytes([i]) * n) for i, n in enumerate(FRAMES_SIZES)]
     assert spy.run(monkeypatch, frames) == frames
-    assert spy.maps() == []
+    assert spy.map_events() == []
     posted = {p.rx.frames[i] * PAGE_SIZE for i in range(len(p.rx.frames))}
     for pieces in spy.reads:
         vnet, first, *_rest = pieces

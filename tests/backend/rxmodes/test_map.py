@@ -23,7 +23,7 @@ def test_map_reads_into_its_own_memory_and_maps_each_buffer_it_fills(monkeypatch
         assert all(piece.offset is None for piece in pieces)
     pages = sum(-(-len(f) // PAGE_SIZE) for f in frames)
     posted = set(p.rx.frames)
-    maps = spy.maps()
+    maps = spy.map_events()
     assert all(write and frame in posted for _k, frame, write in maps)
     if persistent:  # each buffer mapped once, kept until disconnect
         assert len(maps) == len({f for _k, f, _w in maps}) <= pages

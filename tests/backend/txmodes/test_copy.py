@@ -4,24 +4,20 @@ is handed only the backend's own bytes - nothing of the frontend's memory."""
 
 import pytest
 
-from tests.backend.handed import FRAMES_SIZES, TxSpy
-from tests.conftest import frame, make_pair
+from tests.backend.handed import tx_through
 
 
 @pytest.mark.parametrize("header_slots", [True, False])
 def test_copy_copies_through_the_cpu_view_and_answers_before_the_write(monkeypatch,
                                                                        header_slots):
-    p = make_pair("copy", header_slots)
-    spy = TxSpy(p)
-    frames = [frame(bytes([i]) * n) for i, n in enumerate(FRAMES_SIZES)]
-    assert spy.run(monkeypatch, frames) == frames
+    p, spy = tx_through("copy", header_slots, monkeypatch)
     assert spy.maps(spy.between("attach", "pulled")) == []
     during = spy.between("pulled", "xmit")
     every = [f for a in spy.attached for f in a.frames]
     # each fragment: map, unmap, in turn (a page is never held mapped across the copy)
-    assert [ev for ev in during if ev[0] in ("map", "unmap")] == \
+    assert [ev[:2] for ev in during if ev[0] in ("map", "unmap")] == \
         [(k, f) for f in every for k in ("map", "unmap")]
-    answered = [i for k, ids in during if k == "answer" for i in ids]
+    answered = [i for ev in during if ev[0] == "answer" for i in ev[1]]
     assert len(answered) == sum(len(a.frames) for a in spy.attached)
     for pieces in spy.writes:  # [vnet, the whole frame]: the backend's own memory only
         assert len(pieces) == 2 and all(x.offset is None for x in pieces)

@@ -4,18 +4,15 @@ ever mapped, and a page is mapped only when something reads it."""
 
 import pytest
 
-from tests.backend.handed import FRAMES_SIZES, TxSpy, payload_offsets, spans
+from tests.backend.handed import FRAMES_SIZES, TxSpy, payload_offsets, spans, tx_through
 from tests.conftest import frame, make_pair
 
 
 @pytest.mark.parametrize("header_slots", [True, False])
 def test_lazy_hands_the_vif_the_granted_frames_and_maps_nothing(monkeypatch, header_slots):
-    p = make_pair("lazy", header_slots)
-    spy = TxSpy(p)
-    frames = [frame(bytes([i]) * n) for i, n in enumerate(FRAMES_SIZES)]
-    assert spy.run(monkeypatch, frames) == frames
+    p, spy = tx_through("lazy", header_slots, monkeypatch)
     assert spy.maps() == []  # not one page-table change
-    assert len(spy.writes) == len(frames) == len(spy.attached) == len(spy.pulled)
+    assert len(spy.writes) == len(FRAMES_SIZES) == len(spy.attached) == len(spy.pulled)
     for pieces, a, left in zip(spy.writes, spy.attached, spy.pulled, strict=True):
         vnet, head, *rest = pieces
         rest = [x for x in rest if x.data]  # a fragment the pull emptied is a 0-byte iovec
@@ -35,5 +32,5 @@ def test_lazy_maps_a_page_only_when_something_reads_it(monkeypatch):
     # the payload rule read the frame: each fragment mapped once, during the filter (after
     # the pull, before the write), unmapped when the packet was freed
     assert sorted(spy.maps(spy.between("pulled", "xmit"))) == sorted(a.frames)
-    assert sorted(f for k, f in spy.between("free", None) if k == "unmap") == sorted(a.frames)
+    assert sorted(f for k, f, *_ in spy.between("free", None) if k == "unmap") == sorted(a.frames)
     assert p.bstats[0].grant_maps_on_touch == len(a.frames)

@@ -4,20 +4,16 @@ itself still goes by reference (the DMA view), as a NIC reads mapped pages."""
 
 import pytest
 
-from tests.backend.handed import FRAMES_SIZES, TxSpy, payload_offsets, spans
-from tests.conftest import frame, make_pair
+from tests.backend.handed import payload_offsets, spans, tx_through
 
 
 @pytest.mark.parametrize("header_slots", [True, False])
 def test_map_maps_every_fragment_at_attach_and_unmaps_at_free(monkeypatch, header_slots):
-    p = make_pair("map", header_slots)
-    spy = TxSpy(p)
-    frames = [frame(bytes([i]) * n) for i, n in enumerate(FRAMES_SIZES)]
-    assert spy.run(monkeypatch, frames) == frames
+    p, spy = tx_through("map", header_slots, monkeypatch)
     every = sorted(f for a in spy.attached for f in a.frames)
     assert sorted(spy.maps(spy.between("attach", "pulled"))) == every
     assert spy.maps(spy.between("pulled", None)) == []
-    unmapped = sorted(f for k, f in spy.between("free", None) if k == "unmap")
+    unmapped = sorted(f for k, f, *_ in spy.between("free", None) if k == "unmap")
     assert unmapped == every
     for pieces, a, left in zip(spy.writes, spy.attached, spy.pulled, strict=True):
         rest = [x for x in pieces[2:] if x.data]
