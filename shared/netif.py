@@ -83,10 +83,6 @@ GREF_PERSISTENT = 1 << 31
 GREF_MASK = GREF_PERSISTENT - 1
 
 
-def ring_gref(ref: int, persistent: bool) -> int:
-    """The gref as a frontend puts it on the ring: with GREF_PERSISTENT if the grant is kept."""
-    return ref | GREF_PERSISTENT if persistent else ref
-
 # --- negotiated feature keys (xenbus names) -------------------------------------------------
 # netif.h gives each key a direction: what the backend writes says what it accepts on TX (and
 # that it can copy on RX); what the frontend writes says what it accepts on RX.
