@@ -10,8 +10,12 @@ before is a hole (absent), one never mapped is still ``PROT_NONE``; a map into a
 ``MAP_FIXED_NOREPLACE``, so it can never clobber a mapping that is not ours (it fails instead).
 Why holes rather than ``mmap(PROT_NONE, MAP_FIXED)`` back over the page: on this machine that
 doubles the cost of both operations (each FIXED mapping over another is an unmap plus a map),
-measured by ``python -m backend.cpuview``. A raw read of an unmapped page faults (SIGSEGV, see
-``tests/backend/test_cpuview.py``); the accessor below refuses first.
+measured by ``python -m backend.cpuview``. A hole is free address space, though: the kernel may
+place any later mapping of this process there (a Python arena fits a run of unmapped RX
+buffers). ``MAP_FIXED_NOREPLACE`` then fails (EEXIST) rather than clobber it, and the page is
+mapped wherever the kernel likes instead (``_away``), at the same cost, until it is unmapped.
+A raw read of an unmapped page faults (SIGSEGV, see ``tests/backend/test_cpuview.py``); the
+accessor below refuses first.
 
 The persistent areas (grant table, rings, header slots) are not here: the backend maps them
 once at connect (``Region`` over a prefix mapping of the memfd). The DMA view (the vif write and
@@ -35,6 +39,7 @@ connection - stays in ``backend/gntmap.GntMap``, the only caller):
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import time
@@ -89,6 +94,8 @@ class CpuView:
         self._refs = bytearray(self.count)  # nested maps per page (u8: at most 255 deep)
         self._write = bytearray(self.count)
         self._holes = bytearray(self.count)  # unmapped after a map: absent, not PROT_NONE
+        #: pages mapped elsewhere because their place was taken: index -> (address, view)
+        self._away: dict[int, tuple[int, memoryview]] = {}
         self.outstanding = 0
 
     def _index(self, frame: int) -> int:
@@ -107,19 +114,28 @@ class CpuView:
             if not write or self._write[i]:
                 return
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
-        # over the reservation (never mapped yet, or a remap for writing), else into our hole
+        # over the reservation (never mapped yet) or our own mapping (a remap for writing),
+        # else into our hole - unless something else has been placed there meanwhile
+        away = self._away.get(i)
+        addr = away[0] if away else self.base + i * PAGE_SIZE
         how = MAP_FIXED if refs or not self._holes[i] else MAP_FIXED_NOREPLACE
-        addr = self.base + i * PAGE_SIZE
         t = _now()
-        got = _check(_mmap(addr, PAGE_SIZE, prot, mmap.MAP_SHARED | how, self.fd,
-                           frame * PAGE_SIZE), f"mapping frame {frame}")
+        got = _mmap(addr, PAGE_SIZE, prot, mmap.MAP_SHARED | how, self.fd, frame * PAGE_SIZE)
+        if got in (None, MAP_FAILED) and ctypes.get_errno() == errno.EEXIST:
+            got = _mmap(None, PAGE_SIZE, prot, mmap.MAP_SHARED, self.fd, frame * PAGE_SIZE)
+            if got not in (None, MAP_FAILED):
+                view = memoryview((ctypes.c_char * PAGE_SIZE).from_address(got)).cast("B")
+                self._away[i] = away = (got, view)
+                addr = got
+        _check(got, f"mapping frame {frame}")
         st = self.stats
         st.map_ns += _now() - t
         st.grant_maps += 1
         if got != addr:  # an old kernel ignoring NOREPLACE: never use a page elsewhere
             _munmap(got, PAGE_SIZE)
             raise OSError(f"payload frame {frame}: its place in the CPU view is taken")
-        self._holes[i] = 0
+        if not away:
+            self._holes[i] = 0
         if not refs:
             self._refs[i] = 1
             self.outstanding += 1
@@ -135,8 +151,11 @@ class CpuView:
             self._unmap(i)
 
     def _unmap(self, i: int) -> None:
+        away = self._away.pop(i, None)
+        if away:
+            away[1].release()
         t = _now()
-        if _munmap(self.base + i * PAGE_SIZE, PAGE_SIZE):
+        if _munmap(away[0] if away else self.base + i * PAGE_SIZE, PAGE_SIZE):
             _check(None, "unmapping a payload page")
         st = self.stats
         st.unmap_ns += _now() - t
@@ -154,6 +173,9 @@ class CpuView:
         i = frame - self.first
         if not (0 <= i < self.count and self._refs[i]):
             raise NotMapped(f"payload frame {frame} read through the CPU view while unmapped")
+        away = self._away.get(i) if self._away else None
+        if away:
+            return away[1][:]
         return self._raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
 
     def close(self) -> None:
@@ -161,6 +183,10 @@ class CpuView:
         if self.base is None:
             return
         self._raw.release()
+        for addr, view in self._away.values():
+            view.release()
+            _munmap(addr, PAGE_SIZE)
+        self._away.clear()
         _munmap(self.base, self.size)
         self.base = None
         self.outstanding = 0

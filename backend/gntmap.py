@@ -93,10 +93,15 @@ class GntMap:
         if gref & GREF_PERSISTENT:
             if not self.kept.needs_map(gref, frame):
                 return  # mapped once, kept for good
+            try:
+                self.cpu.map(frame, write)
+            except BaseException:
+                del self.kept.mapped[gref]  # not kept after all
+                raise
         else:
+            self.cpu.map(frame, write)  # first: a refused map leaves no book entry behind
             key = (gref, frame)
             self.mapped[key] = self.mapped.get(key, 0) + 1
-        self.cpu.map(frame, write)
         self.stats.maps_outstanding += 1
         if touch:
             self.stats.grant_maps_on_touch += 1

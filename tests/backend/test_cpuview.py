@@ -2,6 +2,7 @@
 unmap), an unmapped one faults; lazy mode maps only on touch; the DMA view is used only by the
 vif submit and the grant copies."""
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import textwrap
 
 import pytest
 
-from backend import dmaview
+from backend import cpuview, dmaview
 from backend.cpuview import CpuView, NotMapped
 from backend.xenbus import attach_region
 from shared.mechanisms import names
@@ -64,6 +65,42 @@ def test_a_map_is_a_real_mapping_and_the_accessor_refuses_unmapped_pages():
         cpu.page(frame_no)
     with pytest.raises(NotMapped):
         cpu.page(region.layout.tx_ring_page)  # not a payload page at all
+    cpu.close()
+    region.close()
+    os.close(own)
+    os.close(fd)
+
+
+def test_a_hole_taken_by_another_mapping_is_never_clobbered():
+    """An unmapped page leaves a hole the kernel may give to any later mmap of this process
+    (here: one placed there on purpose). Mapping that frame again must not clobber it: the
+    frame is mapped elsewhere, read and written there, unmapped from there."""
+    fd, mem = create_memfd(1 << 20)
+    Region.create(mem)
+    region, own = attach_region(fd, mem)
+    st = RingStats()
+    cpu = CpuView(own, region.layout, st)
+    frame_no = region.layout.payload_page + 5
+    mem[frame_no * 4096:frame_no * 4096 + 5] = b"guest"
+    cpu.map(frame_no)
+    cpu.unmap(frame_no)  # a hole now
+    hole = cpu.base + 5 * 4096
+    intruder = cpuview._mmap(hole, 4096, 3, cpuview._NONE_FLAGS | cpuview.MAP_FIXED_NOREPLACE,
+                             -1, 0)
+    assert intruder == hole  # someone else's page sits in our hole
+    ctypes.memmove(hole, b"mine!", 5)
+    cpu.map(frame_no, write=True)
+    assert bytes(cpu.page(frame_no)[:5]) == b"guest"
+    cpu.page(frame_no)[:5] = b"wrote"
+    assert bytes(mem[frame_no * 4096:frame_no * 4096 + 5]) == b"wrote"
+    assert ctypes.string_at(hole, 5) == b"mine!"  # untouched
+    assert st.grant_maps == 2 and cpu.outstanding == 1
+    cpu.unmap(frame_no)
+    assert cpu.outstanding == 0 and st.grant_unmaps == 2
+    with pytest.raises(NotMapped):
+        cpu.page(frame_no)
+    assert ctypes.string_at(hole, 5) == b"mine!"
+    cpuview._munmap(hole, 4096)
     cpu.close()
     region.close()
     os.close(own)
