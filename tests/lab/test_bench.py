@@ -258,11 +258,12 @@ def test_rr_tool_runs_over_loopback():
 
 def test_every_pvnet_mode_makes_a_valid_topology_and_no_gso_reaches_the_frontend():
     ctx = PathContext(prefix="pvbx", subnet="10.99.0")
-    for mode in netns_defaults():
+    for mode in [*netns_defaults(), "map-persistent+rate-100mbit"]:
         topo = loads(topology_yaml(ctx, mode), state_dir="/tmp/pvbx-state")
         g, m = topo.guests[0], parse(mode)
         assert (g.tx_mode, g.rx_mode, g.header_slots, g.persistent) == (
             m.tx, m.rx, m.header_slots, m.persistent)
+        assert g.rate == (None if m.rate_mbit is None else (625_000, 50_000))
         assert topo.namespaces == ("pvbx-host", "pvbx-wire", "pvbx-g1")
         back, front = no_gso_commands(topo, g)
         assert front[-1] == "--no-gso" and "--no-gso" not in back

@@ -46,6 +46,10 @@ class Mode:
     #: the vif's TX limit in Mbit/s (Linux's ``rate``); None: unlimited
     rate_mbit: int | None = None
 
+    def guest_yaml(self) -> str:
+        """``guest_keys`` as the tail of a YAML flow mapping (``, tx_mode: lazy, ...``)."""
+        return yaml_keys(self.guest_keys())
+
     def guest_keys(self) -> dict[str, object]:
         """The topology guest keys that set this mode up (defaults left out)."""
         keys: dict[str, object] = {"tx_mode": self.tx}
@@ -62,6 +66,14 @@ class Mode:
         if self.rate_mbit is not None:
             keys["rate"] = f"{self.rate_mbit}Mb/s"
         return keys
+
+
+def yaml_keys(keys: dict[str, object]) -> str:
+    """Topology keys as the tail of a YAML flow mapping: booleans as YAML's, strings quoted
+    (a rate's ``Mb`` is bits, ``MB`` bytes: its case matters)."""
+    return "".join(f", {k}: " + (str(v).lower() if isinstance(v, bool) else
+                                 f'"{v}"' if isinstance(v, str) else str(v))
+                   for k, v in keys.items())
 
 
 def parse(name: str) -> Mode:

@@ -31,7 +31,7 @@ def topology_yaml(ctx: PathContext, mode: str) -> str:
     """A one-guest topology in `ctx`'s names and subnet, with `mode`'s guest keys
     (``shared.lab.bench.modes``: a mechanism and its options)."""
     pre = ctx.prefix
-    keys = "".join(f", {k}: {str(v).lower()}" for k, v in parse(mode).guest_keys().items())
+    keys = parse(mode).guest_yaml()
     return (f"bridge: {pre}br0\nhost_netns: {pre}-host\n"
             f"wire: {{netns: {pre}-wire, ip: {ctx.ip(1)}/24, iperf_server: true, "
             f"host_if: {pre}br0-wire}}\n"

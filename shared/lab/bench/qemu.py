@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from shared.control import query
 from shared.lab.bench.measure import Sample, read_proc
-from shared.lab.bench.modes import select
+from shared.lab.bench.modes import select, yaml_keys
 from shared.lab.bench.paths import (
     CmdResult,
     Endpoints,
@@ -38,7 +38,7 @@ from shared.lab.vms import VmLab
 def topology_yaml(ctx: PathContext, nic: str, keys: dict[str, object], gso: bool,
                   guests: int = 1) -> str:
     pre = ctx.prefix
-    extra = "".join(f", {k}: {str(v).lower()}" for k, v in keys.items())
+    extra = yaml_keys(keys)
     text = (f"bridge: {pre}qbr0\nhost_netns: {pre}-qhost\n"
             f"wire: {{netns: {pre}-qwire, ip: {ctx.ip(1)}/24, iperf_server: true, "
             f"host_if: {pre}qbr0-wire}}\nguests:\n")
