@@ -24,7 +24,7 @@ from backend.txmodes import TxFrags
 from backend.txrelease import TxRelease
 from backend.txreq import TxRequests
 from shared.grant import GrantError
-from shared.headers import CSUM_OFFSET
+from shared.headers import CSUM_OFFSET, ETH_P_IPV6
 from shared.netif import (
     TX_REQUEST,
     XEN_NETIF_RSP_OKAY,
@@ -68,6 +68,8 @@ class TxPath:
         self.hdr = region.hdr
         self.gntmap, self.vif_fd, self.stats = gntmap, vif_fd, stats
         self.mode, self.filter = mode, pkt_filter
+        #: csum_blank on IPv6 only if this backend wrote feature-ipv6-csum-offload
+        self.csum_v6 = agreement is None or agreement.tx_csum_v6
         self.vnet = bytearray(VNET_HDR.size)
         self._log_t, self._logged = 0.0, 0
         self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
@@ -192,6 +194,10 @@ class TxPath:
                 self._drop_skb(skb, "csum", f"ring[{skb.idx}].flags: csum_blank frame "
                                "without a TCP/UDP header "
                                f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
+                return
+            if h.ethertype == ETH_P_IPV6 and not self.csum_v6:
+                self._drop_skb(skb, "not_negotiated", f"ring[{skb.idx}].flags: csum_blank "
+                               "IPv6 frame without feature-ipv6-csum-offload")
                 return
             vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
             cstart, coff = h.l4, CSUM_OFFSET[h.ip_proto]
