@@ -190,7 +190,7 @@ class TxPath:
         cstart = coff = 0
         if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
             h = skb.hdrs
-            if h is None or h.l4 is None or h.fragment:
+            if h is None or h.l4 is None or h.fragment or h.ip_proto not in CSUM_OFFSET:
                 self._drop_skb(skb, "csum", f"ring[{skb.idx}].flags: csum_blank frame "
                                "without a TCP/UDP header "
                                f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
@@ -205,10 +205,10 @@ class TxPath:
             vflags = VIRTIO_NET_HDR_F_DATA_VALID
         VNET_HDR.pack_into(self.vnet, 0, vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0,
                            skb.gso_size, cstart, coff, 0)
-        if self.filter is not None and self.filter.drops(skb, self.gntmap):
+        if self.filter is not None and (why := self.filter.drops(skb, self.gntmap, st)):
             st.drops += 1
             st.drops_filtered += 1
-            self.log_drop("filtered", f"ring[{skb.idx}]: a filter rule matched")
+            self.log_drop("filtered", f"ring[{skb.idx}]: {why}")
             skb.free()
             return
         if skb.linear is not None:  # a payload rule judged this copy: it is what is sent

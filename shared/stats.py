@@ -39,6 +39,11 @@ class RingStats:
     queue_stops: int = 0
     drops: int = 0
     drops_filtered: int = 0
+    #: filter verdicts no rule decided (each also counts in drops and drops_filtered): headers
+    #: a header rule needs that cannot be walked; a later IP fragment whose datagram's first
+    #: fragment did not pass (backend/filter.py)
+    drops_unparsed: int = 0
+    drops_fragment: int = 0
     drops_error: int = 0
     drops_no_buffer: int = 0
     #: TX drops by reason (each also counts in drops and drops_error): 19-20 follow-on slots,
