@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from itertools import islice
 
-from backend.gntmap import GntMap
+from backend.gntmap import GntMap, MapError
 from backend.skb import SkBuff
 from shared.control_protocol import Handoff
 from shared.grant import WORD_FRAME_SHIFT
@@ -140,7 +140,12 @@ class Capture:
             if not p.room(caplen):
                 p.drops += 1
                 return
-            p.append(wirelen, direction, read(*args, caplen), caplen)
+            try:
+                data = read(*args, caplen)
+            except MapError:  # the kernel refused a map: this frame is not captured
+                p.drops += 1
+                return
+            p.append(wirelen, direction, data, caplen)
             if p.last - p.started >= ROTATE_TIMEOUT:  # traffic keeps coming: rotate here
                 p.rotate()
             if p.rotations != rotations:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 
+from backend.gntmap import MapError
 from backend.skb import SkBuff
 from shared.filter_rules import Rule
 from shared.headers import HeaderError, NeedMore, walk
@@ -90,7 +91,8 @@ class Filter:
 
     def drops(self, skb: SkBuff, gntmap, stats: RingStats | None = None) -> str:
         """Why ``skb`` is dropped ('' to send it). Drops the rules did not decide count in
-        ``stats``: ``drops_unparsed``, ``drops_fragment``."""
+        ``stats``: ``drops_unparsed``, ``drops_fragment``, ``drops_map`` (a payload rule's
+        read needed a map the kernel refused)."""
         h = skb.hdrs
         if self.need >= 0 and h is None:  # cut short or impossible: nothing can be judged
             if stats is not None:
@@ -109,7 +111,12 @@ class Filter:
         for i, rule in enumerate(self.rules):
             if rule.field == "payload":
                 if data is None:
-                    data = skb.linearize(gntmap)  # judged and sent: the same bytes
+                    try:
+                        data = skb.linearize(gntmap)  # judged and sent: the same bytes
+                    except MapError as e:  # unread, so unjudged: not sent
+                        if stats is not None:
+                            stats.drops_map += 1
+                        return f"payload not readable for a payload rule: {e}"
                 hit = rule.value in data
             else:
                 if fields is None:  # the walk of the pulled private head

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from backend.capture import NO_CAPTURE
-from backend.gntmap import GntMap
+from backend.gntmap import GntMap, MapError
 from backend.pull import HEADER_PULL_MAX, pull_headers
 from backend.skb import SkBuff
 from backend.txmodes import TxFrags
@@ -155,12 +155,19 @@ class TxPath:
             except GrantError as e:  # fatal (fatal_grant): say which packet
                 raise GrantError(f"ring[{cons & MASK32}..{(pkt.end - 1) & MASK32}].gref: "
                                  f"{e}") from e
+            except MapError as e:  # map mode: the kernel refused a map; this packet's loss
+                self._drop_skb(skb, "map", f"ring[{cons & MASK32}]: {e}")
+                return None
         if not pull_headers(skb, self.gntmap.pull):
             self._drop_skb(skb, "headers", f"ring[{cons & MASK32}]: headers run past "
                                            f"{HEADER_PULL_MAX} bytes")
             return None
         if self.mode == "copy" and skb.grefs:
-            self.frags.copy_rest(skb)
+            try:
+                self.frags.copy_rest(skb)
+            except MapError as e:
+                self._drop_skb(skb, "map", f"ring[{cons & MASK32}]: {e}")
+                return None
         return skb
 
     def _drop_skb(self, skb: SkBuff, reason: str, why: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from backend.dmaview import DmaView
-from shared.grant import WORD_FLAGS, GrantTable, GTF_writing
+from shared.grant import WORD_FLAGS, WORD_FRAME_SHIFT, GrantTable, GTF_writing
 from shared.netif import GREF_MASK, MAX_FRAME_PAGES, PAGE_SIZE
 from shared.stats import RingStats
 
@@ -62,7 +62,12 @@ class RxCopy:
         must still be at write time -, the page as a DMA target)."""
         frame = self.check(gref, True)
         gi = gref & GREF_MASK
-        return gi, self._q[gi], self._dma.rx_target(frame)
+        word = self._q[gi]
+        if word >> WORD_FRAME_SHIFT != frame:  # rewritten since the check (or a persistent
+            # grant's entry since it was kept): expect the frame validated, so the write finds
+            # it changed (not written: revoked), and nothing maps the unvalidated one
+            word = (frame << WORD_FRAME_SHIFT) | (word & ((1 << WORD_FRAME_SHIFT) - 1))
+        return gi, word, self._dma.rx_target(frame)
 
     def write(self, fd: int, vnet: bytearray, views: deque, grefs: deque, exps: deque,
               maxbufs: int) -> RxWrite:

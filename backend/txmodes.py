@@ -74,9 +74,9 @@ class TxFrags:
         skb.hold_flags = gntmap.tx.hold(grefs, frames, flags0)  # GTF_reading until freed
         skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = grefs, frames, offs, sizes, ids
         if self.mode == "map":
-            for gref, frame in zip(grefs, frames, strict=True):
+            for i, (gref, frame) in enumerate(zip(grefs, frames, strict=True)):
                 gntmap.map(gref, frame)
-            skb.mapped.extend(range(n))
+                skb.mapped.append(i)  # one by one: a refused map leaves the rest to free
 
     def copy_rest(self, skb: SkBuff) -> None:
         """Copy mode: the CPU copies what the header pull left (map, copy through the CPU

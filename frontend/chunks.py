@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from frontend.faults import BackendError
 from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_readonly
-from shared.netif import MAX_FRAME_PAGES, PAGE_SIZE, TX_REQUEST, NETTXF_more_data, ring_gref
+from shared.netif import (
+    MAX_FRAME_PAGES,
+    MAX_PERSISTENT_GRANTS,
+    PAGE_SIZE,
+    TX_REQUEST,
+    NETTXF_more_data,
+    ring_gref,
+)
 from shared.region import Region
 
 #: pages per payload chunk: the largest frame (64 KiB + headers) without a header slot
@@ -35,6 +42,8 @@ class TxChunks:
         self.grants = region.grants
         self.persistent = persistent
         count = min((lay.payload_pages - first_page) // CHUNK_PAGES, SLOT_ID_BASE // CHUNK_PAGES)
+        if persistent:  # the backend keeps at most this many persistent grants per ring
+            count = min(count, MAX_PERSISTENT_GRANTS // CHUNK_PAGES)
         if count < 2:
             raise ValueError("region too small for TX payload chunks")
         self.views: list[memoryview] = []

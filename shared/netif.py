@@ -83,6 +83,13 @@ GREF_PERSISTENT = 1 << 31
 GREF_MASK = GREF_PERSISTENT - 1
 
 
+#: pvnet addition: the most persistent grants a backend keeps per ring; one more is fatal for
+#: the frontend. At least a recycling pool of twice the ring (2 x 256); pvnet's netfront grants
+#: a chunk of MAX_FRAME_PAGES per TX packet in flight, and 120 such chunks fill 2040 of them.
+#: Linux's blkback caps its persistent grants likewise (1056).
+MAX_PERSISTENT_GRANTS = 2048
+
+
 def ring_gref(ref: int, persistent: bool) -> int:
     """The gref as a frontend puts it on the ring: with GREF_PERSISTENT if the grant is kept."""
     return ref | GREF_PERSISTENT if persistent else ref

@@ -54,6 +54,9 @@ class RingStats:
     drops_csum: int = 0
     #: TX frames the vif refused (queue full, device down)
     drops_vif: int = 0
+    #: TX frames a map of whose pages the kernel refused (a filter's read counts in
+    #: drops_filtered too)
+    drops_map: int = 0
     #: frames the other end did not negotiate (too many slots without feature-sg, a GSO kind
     #: it does not accept): dropped here instead of being sent
     drops_not_negotiated: int = 0
