@@ -60,6 +60,8 @@ class RingStats:
     #: frames the other end did not negotiate (too many slots without feature-sg, a GSO kind
     #: it does not accept): dropped here instead of being sent
     drops_not_negotiated: int = 0
+    #: netfront: RX frames whose GSO extra says size 0 (xennet_set_skb_gso drops them)
+    drops_gso: int = 0
     #: grant operations, counted and timed (ns totals) for the bench's op_us
     grant_maps_on_touch: int = 0
     grant_unmaps: int = 0
