@@ -113,18 +113,24 @@ def gso_accepted(ag: Agreement | None, rx: bool) -> frozenset[int]:
                                      (XEN_NETIF_GSO_TYPE_TCPV6, v6)) if on)
 
 
-#: keys already logged as ignored (a line per key per process, however often it comes back)
+#: keys already logged as ignored (a line per key per process, however often it comes back),
+#: at most IGNORED_LOGGED_MAX of them: a peer inventing keys at every handshake gets no more
+#: lines and no more memory
 _IGNORED_LOGGED: set[str] = set()
+IGNORED_LOGGED_MAX = 256
 
 
 def log_ignored(log: logging.Logger, keys: list[str], who: str) -> None:
     """Log the keys a peer wrote that this end does not know, each once per process (as
     Linux, which reads only the keys it knows, ignores the rest - never fatal)."""
-    new = [k for k in keys if k not in _IGNORED_LOGGED]
+    room = IGNORED_LOGGED_MAX - len(_IGNORED_LOGGED)
+    new = [k for k in keys if k not in _IGNORED_LOGGED][:max(room, 0)]
     if new:
         _IGNORED_LOGGED.update(new)
-        log.info("ignoring %s feature keys this end does not know: %s", who,
-                 ", ".join(printable(k, 64) for k in new[:16]))
+        full = len(_IGNORED_LOGGED) >= IGNORED_LOGGED_MAX
+        log.info("ignoring %s feature keys this end does not know: %s%s", who,
+                 ", ".join(printable(k, 64) for k in new[:16]),
+                 "; no more such keys will be logged" if full else "")
 
 
 def choose(offered: dict[str, object], wanted: dict[str, object]) -> dict[str, object]:

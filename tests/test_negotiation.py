@@ -9,6 +9,7 @@ import logging
 import pytest
 
 import frontend.xenbus
+import shared.xenbus
 from backend.xenbus import IMPLEMENTED, offered_features
 from frontend.faults import BackendError
 from frontend.netfront import tap_offloads
@@ -76,7 +77,9 @@ def test_an_extension_that_was_not_offered_is_refused(ext):
     assert check_request(offered_features(), dict(STOCK, **{ext: True}))[ext] is True
 
 
-def test_no_request_rx_copy_is_refused_and_an_unknown_key_is_ignored_once(caplog):
+def test_no_request_rx_copy_is_refused_and_an_unknown_key_is_ignored_once(caplog,
+                                                                          monkeypatch):
+    monkeypatch.setattr(shared.xenbus, "_IGNORED_LOGGED", set())
     with pytest.raises(NegotiationError, match="request-rx-copy"):
         check_request(offered_features(), dict(STOCK, **{"request-rx-copy": False}))
     odd = dict(LINUX, **{"feature-rx-flip": True, "feature-zz-unknown": 7,
@@ -92,6 +95,19 @@ def test_no_request_rx_copy_is_refused_and_an_unknown_key_is_ignored_once(caplog
             log_ignored(log, ["feature-zz-once", "feature-zz-twice"], "frontend")
     lines = [r.getMessage() for r in caplog.records if r.name == "test-keys"]
     assert len(lines) == 1 and "feature-zz-once, feature-zz-twice" in lines[0]
+
+
+def test_a_peer_inventing_keys_gets_bounded_memory_and_lines(caplog, monkeypatch):
+    monkeypatch.setattr(shared.xenbus, "_IGNORED_LOGGED", set())
+    log = logging.getLogger("test-keys")
+    with caplog.at_level(logging.INFO, "test-keys"):
+        for round_ in range(100):  # a reconnecting frontend with 1000 new keys each time
+            keys = [f"x-{round_}-{i}" for i in range(1000)]
+            check_request(offered_features(), dict(LINUX, **dict.fromkeys(keys, True)))
+            log_ignored(log, keys, "frontend")
+    assert len(shared.xenbus._IGNORED_LOGGED) == shared.xenbus.IGNORED_LOGGED_MAX
+    lines = [r.getMessage() for r in caplog.records if r.name == "test-keys"]
+    assert len(lines) == 1 and "no more such keys will be logged" in lines[0]
 
 
 def test_backend_accepts_every_key_a_linux_netfront_writes():
