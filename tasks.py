@@ -55,13 +55,14 @@ def up(c: Context, no_vm: bool = False, topology: str | None = None, timeout: in
 
     from shared.lab import deps
     from shared.lab.netns import Lab
-    from shared.lab.state import resolve_topology
+    from shared.lab.state import refuse_if_up, resolve_topology
 
     t0 = time.monotonic()
     ok = False
     try:
-        deps.ensure(["iperf3", "iproute2", "procps"] if no_vm else None)
         topo = resolve_topology(topology)
+        refuse_if_up(topo)  # before anything slow: apt, the image, a boot
+        deps.ensure(["iperf3", "iproute2", "procps"] if no_vm else None)
         print(f"topology {topo.source}", flush=True)
         if no_vm:
             Lab(topo).up(timeout=timeout)

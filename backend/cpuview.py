@@ -10,12 +10,16 @@ before is a hole (absent), one never mapped is still ``PROT_NONE``; a map into a
 ``MAP_FIXED_NOREPLACE``, so it can never clobber a mapping that is not ours (it fails instead).
 Why holes rather than ``mmap(PROT_NONE, MAP_FIXED)`` back over the page: on this machine that
 doubles the cost of both operations (each FIXED mapping over another is an unmap plus a map),
-measured by ``python -m backend.cpuview``. A hole is free address space, though: the kernel may
-place any later mapping of this process there (a Python arena fits a run of unmapped RX
-buffers). ``MAP_FIXED_NOREPLACE`` then fails (EEXIST) rather than clobber it, and the page is
-mapped wherever the kernel likes instead (``_away``), at the same cost, until it is unmapped.
-A raw read of an unmapped page faults (SIGSEGV, see ``tests/backend/test_cpuview.py``); the
-accessor below refuses first.
+measured by ``python -m backend.cpuview``. A raw read of an unmapped page faults (SIGSEGV, see
+``tests/backend/test_cpuview.py``); the accessor below refuses first. Each hole splits the
+reservation (one more VMA), and a process has at most ``vm.max_map_count`` (65530) of them: a
+frontend granting scattered pages could make every later mmap of this process fail, Python's
+own allocations included. So at most HOLE_LIMIT holes are left; past that an unmap puts
+``PROT_NONE`` back over the page instead (the dearer way, which merges with the reservation).
+A hole is free address space, though: the kernel may place any later mapping of this process
+there (a Python arena fits a run of unmapped RX buffers). ``MAP_FIXED_NOREPLACE`` then fails
+(EEXIST) rather than clobber it, and the page is mapped wherever the kernel likes instead
+(``_away``), at the same cost, until it is unmapped.
 
 The persistent areas (grant table, rings, header slots) are not here: the backend maps them
 once at connect (``Region`` over a prefix mapping of the memfd). The DMA view (the vif write and
@@ -43,6 +47,7 @@ import errno
 import mmap
 import os
 import time
+from array import array
 
 from shared.faults import OwnFault
 from shared.netif import PAGE_SIZE
@@ -63,6 +68,9 @@ MAP_FIXED_NOREPLACE = 0x100000  # Linux >= 4.17
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MAP_FAILED = ctypes.c_void_p(-1).value
 _NONE_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+#: holes left in the reservation at most (each one a VMA more; see the module's docstring):
+#: more than an honest frontend's TX chunks and RX buffers, far below vm.max_map_count
+HOLE_LIMIT = 8192
 _now = time.perf_counter_ns
 
 
@@ -91,11 +99,13 @@ class CpuView:
         # one view over the whole range; slicing it touches nothing, reading an unmapped
         # page through it faults, so only ``page`` hands slices out, after checking
         self._raw = memoryview((ctypes.c_char * self.size).from_address(self.base)).cast("B")
-        self._refs = bytearray(self.count)  # nested maps per page (u8: at most 255 deep)
+        #: nested maps per page (u32: persistent grants of one frame are each a map)
+        self._refs = array("I", bytes(4 * self.count))
         self._write = bytearray(self.count)
         self._holes = bytearray(self.count)  # unmapped after a map: absent, not PROT_NONE
         #: pages mapped elsewhere because their place was taken: index -> (address, view)
         self._away: dict[int, tuple[int, memoryview]] = {}
+        self.holes = 0
         self.outstanding = 0
 
     def _index(self, frame: int) -> int:
@@ -108,8 +118,6 @@ class CpuView:
         i = self._index(frame)
         refs = self._refs[i]
         if refs:
-            if refs == 255:
-                raise NotMapped(f"frame {frame} mapped 255 times over")
             self._refs[i] = refs + 1
             if not write or self._write[i]:
                 return
@@ -134,8 +142,9 @@ class CpuView:
         if got != addr:  # an old kernel ignoring NOREPLACE: never use a page elsewhere
             _munmap(got, PAGE_SIZE)
             raise OSError(f"payload frame {frame}: its place in the CPU view is taken")
-        if not away:
+        if not away and self._holes[i]:
             self._holes[i] = 0
+            self.holes -= 1
         if not refs:
             self._refs[i] = 1
             self.outstanding += 1
@@ -152,15 +161,27 @@ class CpuView:
 
     def _unmap(self, i: int) -> None:
         away = self._away.pop(i, None)
-        if away:
+        if away:  # mapped elsewhere: its place stays the hole someone else took
             away[1].release()
-        t = _now()
-        if _munmap(away[0] if away else self.base + i * PAGE_SIZE, PAGE_SIZE):
-            _check(None, "unmapping a payload page")
+            t = _now()
+            if _munmap(away[0], PAGE_SIZE):
+                _check(None, "unmapping a payload page")
+        else:
+            addr = self.base + i * PAGE_SIZE
+            hole = self.holes < HOLE_LIMIT
+            t = _now()
+            if hole:
+                if _munmap(addr, PAGE_SIZE):
+                    _check(None, "unmapping a payload page")
+            else:  # PROT_NONE back over it: no hole, no VMA more
+                _check(_mmap(addr, PAGE_SIZE, PROT_NONE, _NONE_FLAGS | MAP_FIXED, -1, 0),
+                       "unmapping a payload page")
         st = self.stats
         st.unmap_ns += _now() - t
         st.grant_unmaps += 1
-        self._holes[i] = 1
+        if not away:
+            self._holes[i] = hole
+            self.holes += hole
         self._write[i] = 0
         self.outstanding -= 1
 
@@ -189,8 +210,8 @@ class CpuView:
         self._away.clear()
         _munmap(self.base, self.size)
         self.base = None
-        self.outstanding = 0
-        self._refs = bytearray(self.count)
+        self.outstanding = self.holes = 0
+        self._refs = array("I", bytes(4 * self.count))
 
 
 def _microbench(rounds: int = 20000) -> dict[str, float]:

@@ -20,6 +20,7 @@ netback does not know which kind of mapping is in force:
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import time
@@ -28,12 +29,20 @@ from backend.cpuview import CpuView
 from backend.dmaview import DmaView
 from backend.persistent import PersistentGrants
 from backend.txgrants import TxGrants
+from shared.faults import PeerFault, kind_of
 from shared.grant import GrantTable
 from shared.netif import GREF_PERSISTENT
 from shared.region import Region
 from shared.stats import RingStats
 
+log = logging.getLogger("netback")
 _now = time.perf_counter_ns
+
+
+class MapError(PeerFault):
+    """The kernel refused a map (``mmap``: ENOMEM past ``vm.max_map_count``, a place taken):
+    the peer's grants asked for it, so it is the peer's fault for that packet - dropped and
+    counted (``drops_map``; a capture's frame: ``capture_drops``) - never a process exit."""
 
 
 class Views:
@@ -89,17 +98,19 @@ class GntMap:
     def map(self, gref: int, frame: int, touch: bool = False, write: bool = False) -> None:
         """Map a payload page for CPU access, by the frame resolved at attach; pair with
         ``unmap``. ``touch``: this map is lazy mapping's, done because something read.
-        ``write``: writable (an RX buffer the CPU copies a frame into)."""
-        if gref & GREF_PERSISTENT:
-            if not self.kept.needs_map(gref, frame):
-                return  # mapped once, kept for good
-            try:
-                self.cpu.map(frame, write)
-            except BaseException:
-                del self.kept.mapped[gref]  # not kept after all
-                raise
+        ``write``: writable (an RX buffer the CPU copies a frame into). Raises MapError
+        (nothing recorded) if the kernel refuses."""
+        persistent = gref & GREF_PERSISTENT
+        if persistent and self.kept.is_mapped(gref, frame):
+            return  # mapped once, kept for good
+        try:
+            self.cpu.map(frame, write)
+        except OSError as e:
+            raise MapError(f"mapping frame {frame} of gref {gref & ~GREF_PERSISTENT}: "
+                           f"{e}") from e
+        if persistent:
+            self.kept.note_mapped(gref, frame)
         else:
-            self.cpu.map(frame, write)  # first: a refused map leaves no book entry behind
             key = (gref, frame)
             self.mapped[key] = self.mapped.get(key, 0) + 1
         self.stats.maps_outstanding += 1
@@ -161,11 +172,22 @@ class GntMap:
 
     # --- disconnect ---------------------------------------------------------------------
     def unmap_all(self) -> None:
-        """Disconnect: drop every mapping and persistent grant this ring still holds."""
-        for (gref, frame), n in list(self.mapped.items()):
+        """Disconnect: drop every mapping and persistent grant this ring still holds. Never
+        raises (teardown must finish): a mapping that cannot be undone is logged, and goes
+        with the whole CPU view when it is closed."""
+        mapped, self.mapped = self.mapped, {}
+        for (gref, frame), n in mapped.items():
             self.table.unmark(gref)
-            for _ in range(n):
-                self.cpu.unmap(frame)
             self.stats.maps_outstanding -= n
-        self.mapped.clear()
-        self.kept.release_all(self.cpu)
+            for _ in range(n):
+                _quietly(self.cpu.unmap, frame)
+        self.kept.release_all(lambda frame: _quietly(self.cpu.unmap, frame))
+
+
+def _quietly(undo, frame: int) -> None:
+    """Teardown's undo of one mapping: a failure is logged (with its fault kind), not
+    raised."""
+    try:
+        undo(frame)
+    except Exception as e:  # noqa: BLE001 - teardown goes on whatever one mapping says
+        log.warning("teardown: frame %d: %s (%s fault)", frame, e, kind_of(e))

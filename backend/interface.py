@@ -44,7 +44,7 @@ from shared.netdev import NetDevice, offload_flags
 from shared.region import LayoutError, Region
 from shared.ring import RingError
 from shared.transport import TransportError, connect_unix, map_memfd
-from shared.xenbus import NegotiationError, NotNegotiated, XenbusState
+from shared.xenbus import Agreement, NegotiationError, NotNegotiated, XenbusState
 
 log = logging.getLogger("netback")
 VIF_MAC = "fe:ff:ff:ff:ff:ff"
@@ -194,7 +194,7 @@ class Netback(Endpoint[Connection]):
         self.tx, self.rx = tx, rx
         self.peer = neg.name
         self.features = neg.features
-        self._set_offload(neg.features)
+        self._set_offload(ag)
         self.set_carrier(True)
         log.info("%s: frontend %s connected, features %s", self.cfg.vif, neg.name,
                  ",".join(k for k, v in neg.features.items() if v))
@@ -254,11 +254,11 @@ class Netback(Endpoint[Connection]):
         self.set_carrier(False)
 
     # --- the vif --------------------------------------------------------------------------
-    def _set_offload(self, features: dict[str, bool]) -> None:
+    def _set_offload(self, ag: Agreement) -> None:
         """What the vif may hand us follows what the frontend negotiated (Linux netback's
-        xenvif_fix_features): without feature-gso-tcpv4/6 the bridge must segment first."""
-        flags = offload_flags(bool(features.get("feature-gso-tcpv4")),
-                              bool(features.get("feature-gso-tcpv6")))
+        xenvif_fix_features): without feature-gso-tcpv4/6 the bridge must segment first,
+        without partial checksums of both families (``offload_flags``) checksum too."""
+        flags = offload_flags(ag.rx_gso_tcpv4, ag.rx_gso_tcpv6, ag.rx_csum)
         try:
             self.vif.set_offload(flags)
         except OSError as e:

@@ -27,6 +27,9 @@ SPURIOUS_LIMIT = 16
 MAX_EVENT_DELAY = 0.1
 #: poll timeout when idle (ms): also the period of the lost-wake-up check
 IDLE_MS = 1000
+#: how often the RX ring is looked at, while it has no buffers, for a frontend that does not
+#: notify for RX requests (no feature-rx-notify: Linux netback's drain_timeout of 30 ms)
+RX_POLL_MS = 30
 
 
 def serve(nb: Netback, conn: Connection) -> None:
@@ -48,7 +51,9 @@ def serve(nb: Netback, conn: Connection) -> None:
     spurious = 0  # consecutive notified wake-ups that found no work
     resume_at = 0.0  # deferred events: when to listen to the channel again
     listen_at = 0.0  # accept() failed: when to poll the event listener again
-    stall_timeout = nb.cfg.rx_stall_timeout
+    # without feature-rx-notify the RX ring is polled and stall detection is off (Linux)
+    rx_notify = conn.features.get("feature-rx-notify") is True
+    stall_timeout = nb.cfg.rx_stall_timeout if rx_notify else 0.0
     stall_at = time.monotonic() + stall_timeout  # RX has no buffers yet
     t0 = r0 = 0
     tx_publish = functools.partial(_publish, txr, chan, txs)
@@ -71,7 +76,8 @@ def serve(nb: Netback, conn: Connection) -> None:
             if kicked:
                 t0, r0 = txr.req_cons, rxr.req_cons
         elif timeout and chan_polled:  # the timer, not the peer, woke us
-            if txr.unconsumed_requests() or (not vif_polled and rxr.unconsumed_requests()):
+            if txr.unconsumed_requests() or (not vif_polled and rx_notify
+                                             and rxr.unconsumed_requests()):
                 nb.found_unannounced(cfd, "requests")
         if listen_at and time.monotonic() >= listen_at:
             poller.register(lfd, select.POLLIN)
@@ -102,7 +108,7 @@ def serve(nb: Netback, conn: Connection) -> None:
                 rxs.queue_stops += 1
                 stall_at = time.monotonic() + stall_timeout
             vif_polled = can_rx
-        timeout = 0 if (more or rx_more) else IDLE_MS
+        timeout = 0 if (more or rx_more) else IDLE_MS if vif_polled or rx_notify else RX_POLL_MS
         if wait:
             timeout = min(timeout, int(wait * 1000) + 1)
         if kicked:

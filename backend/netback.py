@@ -20,14 +20,14 @@ from collections.abc import Callable
 
 from backend.capture import NO_CAPTURE
 from backend.credit import Credit
-from backend.gntmap import GntMap
+from backend.gntmap import GntMap, MapError
 from backend.mechanisms import load, own_counters
 from backend.pull import HEADER_PULL_MAX, pull_headers
 from backend.skb import SkBuff
 from backend.txrelease import TxRelease
 from backend.txreq import TxRequests
 from shared.grant import GrantError
-from shared.headers import CSUM_OFFSET
+from shared.headers import CSUM_OFFSET, ETH_P_IPV6
 from shared.netif import (
     MAX_SKB_FRAGS,
     TX_REQUEST,
@@ -75,7 +75,8 @@ class TxPath:
         self.hdr = region.hdr
         self.gntmap, self.vif_fd, self.stats = gntmap, vif_fd, stats
         self.mode, self.filter = mode, pkt_filter
-        self.vnet = bytearray(VNET_HDR.size)
+        #: csum_blank on IPv6 only if this backend wrote feature-ipv6-csum-offload
+        self.csum_v6 = agreement is None or agreement.tx_csum_v6
         self._log_t, self._logged = 0.0, 0
         self.capture = NO_CAPTURE  # the netback's CaptureTap (backend/capture.py)
         self.release = TxRelease(self.ring, stats)
@@ -160,16 +161,26 @@ class TxPath:
                 mech.attach(skbs)
             except GrantError as e:  # fatal (fatal_grant): say which packets
                 raise GrantError(f"ring[{skbs[0].idx}..]: {e}") from e
-            live = [skb for skb in skbs if self._pull(skb)]
+            live = [skb for skb in self._alive(skbs) if self._pull(skb)]
             mech.pulled(live)
-            live = [skb for skb in live if self._check(skb)]
+            live = [skb for skb in self._alive(live) if self._check(skb)]
             mech.xmit(live)
-            for skb in live:
+            for skb in self._alive(live):
                 self._write(skb)
         except BaseException:
             mech.free(skbs)
             raise
         self._free(skbs)
+
+    def _alive(self, skbs: list[SkBuff]) -> list[SkBuff]:
+        """The packets a hook left alive; one it dropped (``skb.drop``: a map the kernel
+        refused, say) is counted and logged here, and freed with the pass."""
+        if all(skb.drop is None for skb in skbs):
+            return skbs
+        for skb in skbs:
+            if skb.drop is not None:
+                self._count_drop(*skb.drop)
+        return [skb for skb in skbs if skb.drop is None]
 
     def _free(self, skbs: list[SkBuff]) -> None:
         """kfree_skb for a pass: the zerocopy verdicts, the mechanism's ``free``, then the
@@ -266,10 +277,14 @@ class TxPath:
         cstart = coff = 0
         if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
             h = skb.hdrs
-            if h is None or h.l4 is None or h.fragment:
+            if h is None or h.l4 is None or h.fragment or h.ip_proto not in CSUM_OFFSET:
                 self._count_drop("csum", f"ring[{skb.idx}].flags: csum_blank frame "
                                  "without a TCP/UDP header "
                                  f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
+                return False
+            if h.ethertype == ETH_P_IPV6 and not self.csum_v6:
+                self._count_drop("not_negotiated", f"ring[{skb.idx}].flags: csum_blank IPv6 "
+                                 "frame without feature-ipv6-csum-offload")
                 return False
             vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
             cstart, coff = h.l4, CSUM_OFFSET[h.ip_proto]
@@ -277,10 +292,10 @@ class TxPath:
             vflags = VIRTIO_NET_HDR_F_DATA_VALID
         skb.vnet = VNET_HDR.pack(vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0, skb.gso_size,
                                  cstart, coff, 0)
-        if self.filter is not None and self.filter.drops(skb, self.gntmap):
+        if self.filter is not None and (why := self.filter.drops(skb, self.gntmap, st)):
             st.drops += 1
             st.drops_filtered += 1
-            self.log_drop("filtered", f"ring[{skb.idx}]: a filter rule matched")
+            self.log_drop("filtered", f"ring[{skb.idx}]: {why}")
             return False
         return True
 
@@ -290,7 +305,11 @@ class TxPath:
         records it, which is then what is sent."""
         capture = self.capture
         if capture.on and capture.out_caplen(skb.size) > len(skb.head):
-            skb.linearize(self.gntmap)  # read once: that copy is both sent and recorded
+            try:
+                skb.linearize(self.gntmap)  # read once: that copy is both sent and recorded
+            except MapError as e:  # the kernel refused a map: this packet's loss
+                self._count_drop("map", f"ring[{skb.idx}]: {e}")
+                return
         if skb.linear is not None:
             iov = [skb.vnet, skb.linear]
         else:

@@ -4,15 +4,18 @@ A gref with ``GREF_PERSISTENT`` (bit 31) on the ring says "keep it": the first t
 meets it, it validates the entry, marks it in use (GTF_reading/GTF_writing, so the frontend
 cannot revoke it) and remembers its frame; afterwards a lookup finds it (``persistent_hits``),
 as Pratt's mail proposes. It is CPU-mapped on first use and stays mapped. At disconnect every
-one is unmarked and unmapped (``release_all``). Transient grants are ``backend/txgrants.py``'s
-(TX) and ``backend/rxcopy.py``'s (RX).
+one is unmarked and unmapped (``release_all``). A ring keeps at most MAX_PERSISTENT_GRANTS
+(Linux's blkback caps them too): one more is a fatal grant error for the frontend, so what a
+frontend can make the backend keep (entries, mappings, VMAs) is bounded. Transient grants are
+``backend/txgrants.py``'s (TX) and ``backend/rxcopy.py``'s (RX).
 """
 
 from __future__ import annotations
 
-from backend.cpuview import CpuView
-from shared.grant import GrantTable
-from shared.netif import GREF_MASK, GREF_PERSISTENT
+from collections.abc import Callable
+
+from shared.grant import GrantError, GrantTable
+from shared.netif import GREF_MASK, GREF_PERSISTENT, MAX_PERSISTENT_GRANTS
 from shared.stats import RingStats
 from shared.xenbus import NotNegotiated
 
@@ -43,25 +46,30 @@ class PersistentGrants:
             return frame
         if not self.negotiated:
             raise NotNegotiated(f"gref {gref:#x} marked persistent without feature-persistent")
+        if len(self.kept) >= MAX_PERSISTENT_GRANTS:
+            raise GrantError(f"gref {gref & GREF_MASK}: more than {MAX_PERSISTENT_GRANTS} "
+                             "persistent grants on one ring")
         frame = self.table.check(gref & GREF_MASK, self.domid, write, self.frames)
         self.table.mark(gref & GREF_MASK, write)  # held until disconnect
         self.kept[gref] = frame
         self.stats.grants_in_use += 1
         return frame
 
-    def needs_map(self, gref: int, frame: int) -> bool:
-        """A CPU map of ``frame`` is asked for: True the first time (then it is kept)."""
-        if self.mapped.get(gref) == frame:
-            return False
-        self.mapped[gref] = frame
-        return True
+    def is_mapped(self, gref: int, frame: int) -> bool:
+        """Is ``gref`` already CPU-mapped (to ``frame``, the one it was validated with)?"""
+        return self.mapped.get(gref) == frame
 
-    def release_all(self, cpu: CpuView) -> None:
-        """Disconnect: unmark every kept grant and unmap every kept mapping."""
+    def note_mapped(self, gref: int, frame: int) -> None:
+        """``gref`` was just CPU-mapped: kept so until disconnect."""
+        self.mapped[gref] = frame
+
+    def release_all(self, unmap: Callable[[int], None]) -> None:
+        """Disconnect: unmark every kept grant and unmap (``unmap(frame)``, which must not
+        raise) every kept mapping."""
         for gref in self.kept:
             self.table.unmark(gref & GREF_MASK)
         for frame in self.mapped.values():
-            cpu.unmap(frame)
+            unmap(frame)
         self.stats.maps_outstanding -= len(self.mapped)
         self.stats.grants_in_use -= len(self.kept)
         self.kept.clear()

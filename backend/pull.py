@@ -43,7 +43,9 @@ def pull_headers(skb: SkBuff, pull: Pull) -> bool:
         except NeedMore as e:
             if len(head) >= size:  # a frame shorter than its own headers
                 break
-            want = min(e.need, size)
+            # at least double what is pulled (up to the limit): a long header chain costs a
+            # few walks, not one per extension header
+            want = min(max(e.need, min(2 * len(head), HEADER_PULL_MAX)), size)
         except HeaderError:
             break
     skb.head = head

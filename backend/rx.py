@@ -91,6 +91,9 @@ class RxPath:
         self.by_id = ag is not None and ag.rx_by_id
         self.sg = ag is None or ag.rx_sg
         self.gso_ok = gso_accepted(ag, rx=True)
+        #: partial checksums (csum_blank) only if the frontend takes them for both families:
+        #: else the vif was told to hand none over (``shared.netdev.offload_flags``)
+        self.csum_ok = ag is None or ag.rx_csum
         #: posted buffers, validated, in posting order: ids, grant indexes, the grant entries
         #: as validated (a u64 each), the mechanism's targets
         self.posted: deque[int] = deque()
@@ -187,10 +190,11 @@ class RxPath:
 
     def _need(self, length: int) -> int:
         """Slots this frame takes (0: dropped, counted, as the frontend cannot take it)."""
-        vgso = VNET_HDR.unpack_from(self.vnet)[1]
+        vflags, vgso = VNET_HDR.unpack_from(self.vnet)[:2]
         xgso = VIRTIO_TO_XEN_GSO.get(vgso & ~VIRTIO_NET_HDR_GSO_ECN, -1) if vgso else 0
         nbufs = -(-length // PAGE_SIZE)
-        if (xgso and xgso not in self.gso_ok) or (nbufs > 1 and not self.sg):
+        if (xgso and xgso not in self.gso_ok) or (nbufs > 1 and not self.sg) \
+                or (vflags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.csum_ok):
             st = self.stats
             st.drops += 1
             st.drops_not_negotiated += 1

@@ -17,10 +17,7 @@ control.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from backend.gntmap import GntMap
+from backend.gntmap import GntMap, MapError
 
 #: SkBuff.hold_flags of fragments whose grants are not held (copy, or not attached yet)
 NOT_HELD = -2
@@ -31,7 +28,8 @@ class SkBuff:
 
     __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras",
                  "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "touched",
-                 "transmitted", "flags0", "hold_flags", "hdrs", "linear", "idx", "zc", "vnet")
+                 "transmitted", "flags0", "hold_flags", "drop", "hdrs", "linear", "idx", "zc",
+                 "vnet")
 
     def __init__(self, head: bytes = b"") -> None:
         self.head = head
@@ -66,18 +64,27 @@ class SkBuff:
         self.linear: bytes | None = None
         #: the ring index of its first request (for the log line of a drop)
         self.idx = -1
+        #: (reason, log line) once a hook dropped it (``txreq.DROP_REASONS``): the core counts
+        #: it and frees it with its pass
+        self.drop: tuple[str, str] | None = None
         #: its virtio_net_hdr for the vif write (checksum and GSO), set by the checksum set-up
         self.vnet = b""
 
-    def map_frags(self, gntmap: GntMap, which: list[int] | range, touch: bool = False) -> None:
+    def map_frags(self, gntmap: GntMap, which: list[int] | range, touch: bool = False) -> bool:
         """Map fragments ``which`` into the CPU view (those not mapped yet), remembering them
-        for ``unmap_frags``."""
+        for ``unmap_frags``. A map the kernel refuses drops the packet (``drop``: the peer's
+        grants asked for it): False, and what was mapped stays for ``unmap_frags``."""
         mapped, grefs, frames = self.mapped, self.grefs, self.frames
         for i in which:
             if i not in mapped:
-                gntmap.map(grefs[i], frames[i], touch=touch)
+                try:
+                    gntmap.map(grefs[i], frames[i], touch=touch)
+                except MapError as e:
+                    self.drop = ("map", f"ring[{self.idx}]: {e}")
+                    return False
                 mapped.append(i)
                 self.touched += touch
+        return True
 
     def unmap_frags(self, gntmap: GntMap) -> None:
         """Undo every map of this packet's fragments."""
@@ -89,7 +96,8 @@ class SkBuff:
     def payload(self, gntmap: GntMap) -> bytes:
         """The whole packet's bytes, read through the CPU view; maps every fragment not
         mapped yet (once: it stays mapped until the skb is freed)."""
-        self.map_frags(gntmap, range(len(self.grefs)), touch=True)
+        if not self.map_frags(gntmap, range(len(self.grefs)), touch=True):
+            raise MapError(self.drop[1] if self.drop else "map refused")
         page = gntmap.page
         return b"".join([self.head, *(bytes(page(f)[o:o + n]) for f, o, n in
                                       zip(self.frames, self.offs, self.sizes, strict=True))])

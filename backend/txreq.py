@@ -38,8 +38,10 @@ from shared.xenbus import NotNegotiated
 
 #: why a TX packet was dropped (RingStats counter drops_<reason>); Linux drops these without
 #: disconnecting: 19 or 20 follow-on slots, a size outside the frame limits, headers that cannot
-#: be pulled within HEADER_PULL_MAX, a csum_blank frame whose checksum cannot be set up
-DROP_REASONS = ("slots", "size", "headers", "csum", "vif")
+#: be pulled within HEADER_PULL_MAX, a csum_blank frame whose checksum cannot be set up; and
+#: a csum_blank IPv6 frame this backend did not offer feature-ipv6-csum-offload for, a map the
+#: kernel refused (backend/gntmap.MapError)
+DROP_REASONS = ("slots", "size", "headers", "csum", "vif", "not_negotiated", "map")
 #: why a frontend was disconnected (Netback counter fatal_<reason>)
 FATAL_REASONS = ("slots_unpublished", "too_many_slots", "page_boundary", "id_reused",
                  "extra_info", "size", "header_slot", "grant", "tx_malformed")

@@ -4,6 +4,7 @@ ends the connection with a "Closing" message naming the problem, never with a cr
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import select
@@ -12,12 +13,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.netif import BACKEND_KEYS, EXTENSIONS, PAGE_SIZE
+from shared.netif import BACKEND_KEYS, EXTENSIONS, NUM_QUEUES_KEY, PAGE_SIZE
 from shared.region import Layout, Region
 from shared.text import printable
 from shared.transport import TransportError, map_memfd
-from shared.xenbus import Agreement, NegotiationError, XenbusState, check_request
+from shared.xenbus import (
+    FRONTEND_READ,
+    Agreement,
+    NegotiationError,
+    XenbusState,
+    check_request,
+    log_ignored,
+    unknown_keys,
+)
 
+log = logging.getLogger("netback")
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -153,6 +163,8 @@ class Handshake:
             raise NegotiationError(f"frontend says domid {msg.get('domid')!r}, "
                                    f"this vif serves domid {self.domid}")
         features = check_request(self.offered, msg.get("features"))
+        log_ignored(log, unknown_keys(msg["features"], (*FRONTEND_READ, NUM_QUEUES_KEY)),
+                    "frontend")
         region_msg = msg.get("region")
         if not isinstance(region_msg, dict) or not isinstance(region_msg.get("size"), int):
             raise NegotiationError("region must be an object with an integer size")

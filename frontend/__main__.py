@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                    help="ask for feature-rx-by-id (RX buffers completed in any order)")
     p.add_argument("--no-gso", action="store_true",
                    help="do not negotiate GSO: MTU-sized frames only")
+    p.add_argument("--no-ipv6-csum-offload", action="store_true",
+                   help="do not write feature-ipv6-csum-offload: the backend then completes "
+                        "the checksums of IPv6 frames before they reach us")
     p.add_argument("--budget", type=int, default=64, help="frames per ring per wake-up")
     p.add_argument("--poll-us", type=int, default=None,
                    help="after work, keep polling ring and TAP this many µs before arming "
@@ -72,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                           channel=a.channel, region=region, doorbell=a.doorbell,
                           region_size=a.region_size, header_slots=not a.no_header_slots,
                           persistent=a.persistent, gso=not a.no_gso, rx_by_id=a.rx_by_id,
+                          ipv6_csum_offload=not a.no_ipv6_csum_offload,
                           budget=a.budget,
                           poll_us=a.poll_us or 0)
 

@@ -36,6 +36,8 @@ class TxChunks:
         self.grants = region.grants
         self.policy = policy
         count = min((lay.payload_pages - first_page) // CHUNK_PAGES, SLOT_ID_BASE // CHUNK_PAGES)
+        if policy.max_grants:  # e.g. the backend keeps only so many persistent grants
+            count = min(count, policy.max_grants // CHUNK_PAGES)
         if count < 2:
             raise ValueError("region too small for TX payload chunks")
         self.views: list[memoryview] = []

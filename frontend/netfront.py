@@ -82,6 +82,8 @@ class NetfrontConfig:
     persistent: bool = False
     gso: bool = True
     rx_by_id: bool = False  # pvnet extension feature-rx-by-id (out-of-order RX completion)
+    #: write feature-ipv6-csum-offload (as Linux does): IPv6 RX frames may come csum_blank
+    ipv6_csum_offload: bool = True
     budget: int = 64
     #: NAPI-like poll budget (µs): after a round that did work, keep polling ring and TAP
     #: (events unarmed) until this long has passed without work; 0: arm and sleep at once.
@@ -131,6 +133,7 @@ class Netfront(Endpoint[Connection]):
         w["feature-persistent"] = c.persistent
         w["feature-rx-by-id"] = c.rx_by_id
         w["feature-gso-tcpv4"] = w["feature-gso-tcpv6"] = c.gso
+        w["feature-ipv6-csum-offload"] = c.ipv6_csum_offload
         return w
 
     # --- control socket ------------------------------------------------------------------
@@ -320,8 +323,10 @@ class Netfront(Endpoint[Connection]):
 
 def tap_offloads(ag: Agreement) -> int:
     """What the guest stack may hand us follows what the backend offered (netfront's
-    xennet_fix_features): no TSO kind the backend's feature-gso-* keys do not accept."""
-    return offload_flags(ag.tx_gso_tcpv4, ag.tx_gso_tcpv6)
+    xennet_fix_features): no TSO kind the backend's feature-gso-* keys do not accept, and no
+    partial checksum without its feature-ipv6-csum-offload (a TAP has one switch for both
+    families: the guest kernel then completes every checksum itself)."""
+    return offload_flags(ag.tx_gso_tcpv4, ag.tx_gso_tcpv6, ag.tx_csum)
 
 def _push(ring: FrontRing, chan: EventChannel, stats: RingStats) -> None:
     kick_if(ring.push_requests(), chan, stats)

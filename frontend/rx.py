@@ -7,7 +7,8 @@ response's id and may complete in any order; the extra slot names its buffer in
 ``gso.features``. A frame spanning several buffers (``NETRXF_more_data``) is written
 with one ``writev`` straight out of the shared pages. Every response is checked first: an
 unknown or duplicate id, or a size past the buffer, marks the device broken instead of
-writing anywhere it should not.
+writing anywhere it should not. A frame whose GSO extra says size 0 is dropped (counted
+``drops_gso``), as Linux's ``xennet_set_skb_gso`` drops it: never handed to the TAP.
 
 In stock order the common frames go through a batched path (``frontend/rxstock.py``); this
 module holds the per-response path that takes the rest and names every fault.
@@ -216,6 +217,9 @@ class RxQueue(StockOrder):
                     self._take(retired, pos)
                     self.ids.append(retired)
                     self.gso = (XEN_TO_VIRTIO_GSO[gtype], gsize)
+                    if not gsize:  # xennet_set_skb_gso: "GSO size must not be zero"
+                        self.bad = True
+                        self.stats.drops_gso += 1
                 if flags & NETRXF_more_data:
                     if not self.sg:
                         raise BackendError("multi-slot rx frame without this frontend's "

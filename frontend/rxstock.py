@@ -145,8 +145,8 @@ class StockOrder:
                     break
                 etype, _ef, gsize, gtype, _pad, _ret = EXTRA_INFO.unpack_from(
                     self.buf, ring.entry(cons + j))
-                if etype != XEN_NETIF_EXTRA_TYPE_GSO or gtype not in self.gso_ok:
-                    break
+                if etype != XEN_NETIF_EXTRA_TYPE_GSO or gtype not in self.gso_ok or not gsize:
+                    break  # the per-response path names the fault or drops the frame
                 gtype = XEN_TO_VIRTIO_GSO[gtype]
                 j += 1
             first = views[rid][off:off + status]

@@ -68,6 +68,10 @@ class TxQueue:
         self.sg = agreement is None or agreement.tx_sg
         ok = gso_accepted(agreement, rx=False) | {XEN_NETIF_GSO_TYPE_NONE}
         self.xen_gso = tuple(g if g in ok else None for g in _XEN_GSO)
+        #: without the backend's feature-ipv6-csum-offload the TAP takes no partial checksum
+        #: (``tap_offloads``); one that still comes (queued before) is not sent: None
+        self.tx_flags = _TX_FLAGS if agreement is None or agreement.tx_csum else tuple(
+            None if f & NETTXF_csum_blank else f for f in _TX_FLAGS)
         self.ring = FrontRing(region.tx_ring, TX_REQUEST.size)
         self.buf = self.ring.buf
         self.tap_fd, self.stats = tap_fd, stats
@@ -115,6 +119,7 @@ class TxQueue:
         readv, tap, unpack_vnet = os.readv, self.tap_fd, VNET_HDR.unpack_from
         room_needed = flow.room_needed
         xen_gso, fmask, kind = self.xen_gso, VIRTIO_NET_HDR_F_MASK, VIRTIO_NET_HDR_GSO_KIND
+        tx_flags = self.tx_flags
         # without the backend's feature-sg a packet is one data slot (after its header slot)
         one_slot = MAX_PACKET if self.sg else (ss if hs else 0) + PAGE_SIZE
         iov = [vnet, None, None] if hs else [vnet, None]
@@ -141,11 +146,12 @@ class TxQueue:
                 st.drops_error += 1
                 continue
             vflags, vgso, _hl, gso_size, _cs, _co, _nb = unpack_vnet(vnet)
-            flags = _TX_FLAGS[vflags & fmask]
+            flags = tx_flags[vflags & fmask]
             xgso = xen_gso[vgso & kind]
-            if xgso is None or length > one_slot:
-                # a GSO kind netif cannot carry (UDP) or the backend did not offer, or more
-                # slots than it accepts: the TAP's offloads should have prevented it
+            if xgso is None or flags is None or length > one_slot:
+                # a GSO kind netif cannot carry (UDP) or the backend did not offer, a partial
+                # checksum it did not agree to, or more slots than it accepts: the TAP's
+                # offloads should have prevented it
                 st.drops += 1
                 st.drops_not_negotiated += 1
                 continue

@@ -4,6 +4,7 @@ the backend answers, choose features from its offer, hand over the region, wait 
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import time
@@ -11,9 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.channel import ChannelClosed, EventChannel
+from shared.netif import BACKEND_KEYS, EXTENSIONS
 from shared.region import Region
 from shared.transport import TransportError
-from shared.xenbus import NegotiationError, XenbusState, choose
+from shared.xenbus import NegotiationError, XenbusState, choose, log_ignored, unknown_keys
+
+log = logging.getLogger("netfront")
+#: the backend's keys this frontend reads (multi-queue-max-queues: to write its queue count)
+BACKEND_READ = (*BACKEND_KEYS, *EXTENSIONS, "multi-queue-max-queues")
 
 HELLO_INTERVAL = 1.0
 #: DOMID_FIRST_RESERVED - 1
@@ -64,9 +70,10 @@ class Handshake:
 
     def run(self, make_region: Callable[[dict[str, bool], int],
                                         tuple[Region, dict, tuple[int, ...]]],
-            timeout: float | None = None) -> tuple[Offer, dict[str, bool], Region]:
+            timeout: float | None = None) -> tuple[Offer, dict[str, object], Region]:
         """``make_region`` lays out a fresh region and says how to describe/pass it."""
         offer = parse_offer(self._wait("InitWait", timeout, hello=True))
+        log_ignored(log, unknown_keys(offer.features, BACKEND_READ), "backend")
         chosen = choose(offer.features, self.wanted)
         region, desc, fds = make_region(chosen, offer.backend_domid)
         try:

@@ -175,20 +175,23 @@ class EventChannel:
         if not self._buf and chunk.count(NOTIFY) == len(chunk):
             got.kicks += len(chunk)  # the data-path common case: only kicks
             return
+        start = len(self._buf)  # no newline before it: each byte is looked at once
         self._buf += chunk
         while self._buf:
             if self._buf[0] == NOTIFY[0]:
                 n = len(self._buf) - len(self._buf.lstrip(NOTIFY))
                 got.kicks += n
                 del self._buf[:n]
+                start = 0
                 continue
-            end = self._buf.find(b"\n")
+            end = self._buf.find(b"\n", start)
             if end < 0:
                 if len(self._buf) > MAX_MESSAGE:
                     raise ChannelError("control message longer than 64 KiB")
                 return
             line = bytes(self._buf[:end])
             del self._buf[: end + 1]
+            start = 0
             try:
                 message = jsonline.loads(line)
             except ValueError as e:

@@ -224,8 +224,15 @@ class Endpoint(ABC, Generic[Conn]):
             send_quietly(chan, {"state": "Closing", "error": tell})
 
     def _detach(self, conn: Conn) -> None:
+        """Teardown never raises: a step that fails is logged and counted (as an internal
+        error of its kind), and the end goes on to serve the next peer."""
         try:
             self.detach(conn)
+        except Exception as e:  # noqa: BLE001 - a teardown bug must not take the end down
+            self.counters[f"faults_{kind_of(e)}"] += 1
+            self.counters["internal_errors"] += 1
+            self.log.error("%s: teardown of the connection to %s failed", self.name,
+                           self.peer or "?", exc_info=e)
         finally:
             if self.state == XenbusState.Connected:
                 self.counters["disconnects"] += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from shared import jsonline
@@ -61,11 +62,19 @@ def query(path: str | os.PathLike[str], request: dict, timeout: float = 2.0) -> 
         except OSError as exc:
             raise ControlError(f"{path}: {_connect_hint(exc)}") from None
         sock.sendall(line)
+        # the whole reply within ``timeout``, each byte looked at once: a process that
+        # trickles a long reply cannot keep us (it is not trusted either)
+        deadline = time.monotonic() + timeout
         buf = bytearray()
-        while b"\n" not in buf:
+        nl = -1
+        while nl < 0:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             chunk = sock.recv(65536)
             if not chunk:
                 raise ControlError(f"{path}: connection closed before a reply")
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                nl += len(buf)
             buf += chunk
             if len(buf) > MAX_REPLY:
                 raise ControlError(f"{path}: reply longer than {MAX_REPLY} bytes")
@@ -78,7 +87,7 @@ def query(path: str | os.PathLike[str], request: dict, timeout: float = 2.0) -> 
     finally:
         sock.close()
     try:
-        reply = jsonline.loads(buf[: buf.index(b"\n")])
+        reply = jsonline.loads(buf[:nl])
     except ValueError as exc:  # the replying process is not trusted either
         raise ControlError(f"{path}: malformed reply: {exc}") from None
     if not isinstance(reply, dict) or "ok" not in reply:

@@ -54,10 +54,12 @@ class PortControl:
                     buf.clear()
                     time.sleep(0.1)
                     continue
+                start = len(buf)  # no newline before it: each byte is looked at once
                 buf += data
-                while (nl := buf.find(b"\n")) >= 0:
+                while (nl := buf.find(b"\n", start)) >= 0:
                     line = bytes(buf[:nl])
                     del buf[:nl + 1]
+                    start = 0
                     reply = (answer(self.handler, line) if len(line) <= MAX_LINE
                              else TOO_LONG)
                     if isinstance(reply, Handoff):  # no descriptors over a serial port

@@ -218,13 +218,15 @@ class ControlServer:
             else:
                 self._sel.modify(conn.sock, selectors.EVENT_WRITE, None)
             return
+        start = len(conn.inbuf)  # no newline before it: each byte is looked at once
         conn.inbuf += data
         while True:
-            nl = conn.inbuf.find(b"\n")
+            nl = conn.inbuf.find(b"\n", start)
             if nl < 0:
                 break
             line = bytes(conn.inbuf[:nl])
             del conn.inbuf[: nl + 1]
+            start = 0
             if conn.discarding:
                 conn.discarding = False  # the tail of an oversized line: already answered
                 continue

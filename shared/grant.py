@@ -69,7 +69,10 @@ class GrantTable:
         #: ``words[ref]``: entry ``ref`` as one u64 (see WORD_FLAGS, WORD_FRAME_SHIFT)
         self.words = table.cast("Q")
         assert self.words.itemsize == GRANT_ENTRY.size
-        self._no_flags = memoryview(array("H", bytes(2 * count)))  # end_access_run's source
+        #: end_access_run's source of zeros: built on first use, as long as the longest run
+        #: revoked (a frontend's chunk), never per declared entry - the backend, which never
+        #: revokes, builds nothing per entry of a table whose size the frontend declares
+        self._no_flags = memoryview(array("H"))
         self._views = (table, self.flags, self.ref_flags, self.words)
 
     def release(self) -> None:
@@ -112,7 +115,9 @@ class GrantTable:
         # GTF_reading/GTF_writing are the only flag bits >= 8: one max() checks them all
         if n and max(flags) >= GTF_reading:
             return False
-        flags[:] = self._no_flags[:n]
+        if len(self._no_flags) < len(flags):
+            self._no_flags = memoryview(array("H", bytes(2 * len(flags))))
+        flags[:] = self._no_flags[:len(flags)]
         return True
 
     def in_use(self, ref: int) -> bool:

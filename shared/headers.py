@@ -1,6 +1,8 @@
 """One walker over a frame's headers: Ethernet, VLAN/QinQ tags, IPv4 (with options), IPv6 with
-its extension-header chain (Hop-by-Hop, Routing, Fragment, Destination Options, AH), then the
-TCP (with options) or UDP header.
+its extension-header chain (Hop-by-Hop, Routing, Fragment, Destination Options, AH: any number
+of them, as ip6tables/nft walk them - each is at least 8 bytes, so the walk is linear in the
+bytes given and bounded by them), then the L4 header: TCP (with options), UDP, or the other
+protocols with ports at the same place (UDP-Lite, SCTP, DCCP).
 
 Why one: the backend's filter, its checksum set-up and the header pull must agree on where the
 L4 header is. Two walkers that disagree are a filter bypass (a Fragment header the filter did
@@ -17,13 +19,14 @@ from shared.faults import PeerFault
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
+#: L4 protocols whose header starts with the 16-bit source and destination ports, and the
+#: least each header is (TCP: 20 + its options, read from the header)
+PORT_HEADERS = {IPPROTO_TCP: 20, IPPROTO_UDP: 8, 136: 8, 132: 12, 33: 12}  # UDP-Lite, SCTP, DCCP
 #: IPv6 extension headers whose length is (hdr[1] + 1) * 8: Hop-by-Hop, Routing, Dest. Options
 _IPV6_EXT8 = frozenset({0, 43, 60})
 _IPV6_FRAG, _IPV6_AH, _IPV6_NONXT = 44, 51, 59
 #: most VLAN tags walked (802.1ad outer + 802.1Q inner, and one spare)
 MAX_VLAN_TAGS = 3
-#: most IPv6 extension headers walked; a longer chain is refused (``HeaderError``)
-MAX_IPV6_EXT = 8
 #: offset of the checksum field inside the L4 header
 CSUM_OFFSET = {IPPROTO_TCP: 16, IPPROTO_UDP: 6}
 
@@ -38,7 +41,7 @@ class NeedMore(Exception):
 
 
 class HeaderError(PeerFault, ValueError):
-    """Headers that no frame can legally have (an IHL below 5, a chain too long)."""
+    """Headers that no frame can legally have (an IHL below 5, more VLAN tags than allowed)."""
 
 
 @dataclass(slots=True)
@@ -52,13 +55,24 @@ class Headers:
     ethertype: int
     l3: int
     ip_proto: int | None = None
-    #: offset of the TCP/UDP header (None: not TCP/UDP, or a later fragment)
+    #: offset of the L4 header with ports (None: a protocol without them, or a later fragment)
     l4: int | None = None
     end: int = 0
     #: part of a fragmented IP datagram (first or later)
     fragment: bool = False
     #: a later fragment: no L4 header in this frame
     later_fragment: bool = False
+    #: a fragment: offset of its identification (IPv4: 2 bytes in the IP header; IPv6: 4 in
+    #: the Fragment header)
+    frag_id_at: int = 0
+
+    def datagram(self) -> bytes:
+        """A fragment's reassembly key, as the receiver's: addresses, identification and (IPv4)
+        protocol; every fragment of one datagram has the same one."""
+        b, o, i = self.buf, self.l3, self.frag_id_at
+        if self.ethertype == ETH_P_IP:
+            return bytes(b[o + 12:o + 20]) + bytes(b[i:i + 2]) + bytes([b[o + 9]])
+        return bytes(b[o + 8:o + 40]) + bytes(b[i:i + 4])
 
     @property
     def src_ip(self) -> bytes | None:
@@ -118,6 +132,7 @@ def walk(buf: bytes | memoryview) -> Headers:
                 raise NeedMore(off)
             etype = (buf[off - 2] << 8) | buf[off - 1]
     fragment = later = False
+    frag_at = 0
     if etype == ETH_P_IP:
         if n < off + 20:
             raise NeedMore(off + 20)
@@ -130,14 +145,14 @@ def walk(buf: bytes | memoryview) -> Headers:
         proto: int | None = buf[off + 9]
         frag = ((buf[off + 6] << 8) | buf[off + 7]) & 0x3FFF  # MF + offset
         if frag:
-            fragment, later = True, (frag & 0x1FFF) != 0
+            fragment, later, frag_at = True, (frag & 0x1FFF) != 0, off + 4
         l3, off = off, off + ihl
     elif etype == ETH_P_IPV6:
         if n < off + 40:
             raise NeedMore(off + 40)
         proto = buf[off + 6]
         l3, off = off, off + 40
-        for _ in range(MAX_IPV6_EXT + 1):
+        while True:  # each header is 8 bytes or more: at most len(buf) / 8 rounds
             if proto in _IPV6_EXT8 or proto == _IPV6_AH:
                 if n < off + 2:
                     raise NeedMore(off + 2)
@@ -146,31 +161,32 @@ def walk(buf: bytes | memoryview) -> Headers:
             elif proto == _IPV6_FRAG:
                 if n < off + 8:
                     raise NeedMore(off + 8)
-                fragment = True
+                fragment, frag_at = True, off + 4
                 later = (((buf[off + 2] << 8) | buf[off + 3]) & 0xFFF8) != 0
                 proto, off = buf[off], off + 8
+                if later:  # what follows is the datagram's middle, not headers
+                    break
             else:
                 break
             if n < off:
                 raise NeedMore(off)
-        else:
-            raise HeaderError(f"more than {MAX_IPV6_EXT} IPv6 extension headers")
         if proto == _IPV6_NONXT:
             proto = None
     else:
         return Headers(buf, etype, off, end=off)
-    if later or (proto != IPPROTO_TCP and proto != IPPROTO_UDP):
-        return Headers(buf, etype, l3, proto, None, off, fragment, later)
-    if proto == IPPROTO_TCP:
-        if n < off + 20:
-            raise NeedMore(off + 20)
-        doff = (buf[off + 12] >> 4) * 4
-        end = off + (doff if doff > 20 else 20)
-    else:
-        end = off + 8
+    least = PORT_HEADERS.get(proto) if not later else None  # type: ignore[arg-type]
+    if least is None:
+        return Headers(buf, etype, l3, proto, None, off, fragment, later, frag_at)
+    end = off + least
     if n < end:
         raise NeedMore(end)
-    return Headers(buf, etype, l3, proto, off, end, fragment, later)
+    if proto == IPPROTO_TCP:
+        doff = (buf[off + 12] >> 4) * 4
+        if doff > 20:
+            end = off + doff
+            if n < end:
+                raise NeedMore(end)
+    return Headers(buf, etype, l3, proto, off, end, fragment, later, frag_at)
 
 
 def header_len(buf: bytes | memoryview, size: int) -> int:

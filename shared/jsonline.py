@@ -4,20 +4,31 @@
 not a ValueError - and kill whichever thread parsed them, or get booked as our own internal
 error. ``loads`` refuses deep nesting before the parser sees it, so every bad line is a
 ValueError: the peer's malformed input.
+
+Every step is linear in the line's size and runs in C (a regular expression that never
+backtracks and never restarts inside a string - an unterminated one runs to the end of the
+line -, ``bytes.translate``, a running sum): a hostile line costs what reading it costs, 1 MiB
+in tens of milliseconds. (The guard it replaces restarted its string scan at every quote: a
+32 KiB line of escaped quotes cost 4-5 s of CPU.)
 """
 
 from __future__ import annotations
 
 import json
 import re
+from array import array
+from itertools import accumulate
 from typing import Any
 
 from shared.faults import PeerFault
 
 #: deepest nesting accepted (stats replies are 4 levels deep; requests 1)
 MAX_DEPTH = 32
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_BRACKETS = re.compile(rb"[\[\]{}]")
+#: a JSON string, or an unterminated one to the end of the line (possessive: no backtracking)
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?')
+#: every byte but the brackets (deleted by ``translate``), and the brackets as +1 / -1
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
 class TooDeep(PeerFault, ValueError):
@@ -26,14 +37,8 @@ class TooDeep(PeerFault, ValueError):
 
 def depth(line: bytes) -> int:
     """The deepest nesting of brackets outside strings (an upper bound for malformed input)."""
-    d = deepest = 0
-    for m in _BRACKETS.finditer(_STRING.sub(b'""', line)):
-        if m.group() in (b"[", b"{"):
-            d += 1
-            deepest = max(deepest, d)
-        else:
-            d -= 1
-    return deepest
+    brackets = _STRING.sub(b"", line).translate(None, _NOT_BRACKETS)
+    return max(accumulate(array("b", brackets.translate(_SIGNS))), default=0)
 
 
 def loads(line: bytes | str, max_depth: int = MAX_DEPTH) -> Any:

@@ -26,10 +26,15 @@ from shared.tap import (
 TUNSETCARRIER = 0x400454E2
 
 
-def offload_flags(tso4: bool, tso6: bool) -> int:
-    """TUNSETOFFLOAD flags for what the peer accepts: checksum offload always (both ends
-    take CHECKSUM_PARTIAL), TSO only of the kinds negotiated (xenvif_fix_features,
-    xennet_fix_features)."""
+def offload_flags(tso4: bool, tso6: bool, csum: bool = True) -> int:
+    """TUNSETOFFLOAD flags for what the peer accepts: checksum offload if it takes partial
+    checksums of both IPv4 and IPv6 (TUN_F_CSUM is one switch, NETIF_F_HW_CSUM: the TAP
+    cannot take IPv4 partial checksums and refuse IPv6 ones), TSO only of the kinds
+    negotiated and only with checksum offload, as the kernel requires (xenvif_fix_features,
+    xennet_fix_features, netdev_fix_features). Without it the kernel completes every
+    checksum before it hands a frame over."""
+    if not csum:
+        return 0
     flags = TUN_F_CSUM | (TUN_F_TSO4 if tso4 else 0) | (TUN_F_TSO6 if tso6 else 0)
     return flags | (TUN_F_TSO_ECN if tso4 or tso6 else 0)
 

@@ -83,14 +83,35 @@ GREF_PERSISTENT = 1 << 31
 GREF_MASK = GREF_PERSISTENT - 1
 
 
+#: pvnet addition: the most persistent grants a backend keeps per ring; one more is fatal for
+#: the frontend. At least a recycling pool of twice the ring (2 x 256); pvnet's netfront grants
+#: a chunk of MAX_FRAME_PAGES per TX packet in flight, and 120 such chunks fill 2040 of them.
+#: Linux's blkback caps its persistent grants likewise (1056).
+MAX_PERSISTENT_GRANTS = 2048
+
 # --- negotiated feature keys (xenbus names) -------------------------------------------------
 # netif.h gives each key a direction: what the backend writes says what it accepts on TX (and
-# that it can copy on RX); what the frontend writes says what it accepts on RX.
-#: netif.h keys the backend may write
-BACKEND_KEYS = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-rx-copy")
-#: netif.h keys the frontend may write
-FRONTEND_KEYS = ("request-rx-copy", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6")
+# that it can copy on RX); what the frontend writes says what it accepts on RX. A missing key
+# means 0 (off).
+#: netif.h keys the backend may write and pvnet implements (Linux netback_probe writes these
+#: and the NOT_IMPLEMENTED ones). feature-ipv6-csum-offload: it accepts IPv6 csum_blank TX.
+BACKEND_KEYS = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
+                "feature-ipv6-csum-offload", "feature-rx-copy")
+#: netif.h keys a frontend writes, all of them true: what Linux 6.x ``talk_to_netback`` writes
+#: (feature-rx-notify: it notifies for RX requests; feature-ipv6-csum-offload: it accepts
+#: IPv6 csum_blank RX frames)
+FRONTEND_KEYS = ("request-rx-copy", "feature-rx-notify", "feature-sg", "feature-gso-tcpv4",
+                 "feature-gso-tcpv6", "feature-ipv6-csum-offload")
+#: netif.h keys a frontend may also write, which Linux netback reads: feature-no-csum-offload
+#: (it cannot take partial IPv4 checksums on RX; FreeBSD's netfront writes it),
+#: request-multicast-control (only meaningful with the backend's feature-multicast-control,
+#: which pvnet does not offer: accepted and not in force)
+FRONTEND_OPTIONAL = ("feature-no-csum-offload", "request-multicast-control")
+#: the frontend's queue count (an integer, written only to a backend that writes
+#: multi-queue-max-queues): pvnet has one queue, so only 1 is accepted, as Linux refuses more
+#: than its maximum
+NUM_QUEUES_KEY = "multi-queue-num-queues"
 #: pvnet's own extensions: used only when the backend offers and the frontend accepts them.
 #: feature-rx-by-id: RX responses may complete posted buffers in any order, found by id.
 EXTENSIONS = ("feature-header-slots", "feature-persistent", "feature-rx-by-id")
-FEATURES = tuple(dict.fromkeys(BACKEND_KEYS + FRONTEND_KEYS + EXTENSIONS))
+FEATURES = tuple(dict.fromkeys(BACKEND_KEYS + FRONTEND_KEYS + FRONTEND_OPTIONAL + EXTENSIONS))

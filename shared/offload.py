@@ -48,6 +48,6 @@ def checksum_setup(hdr: bytes | memoryview) -> tuple[int, int] | None:
         h = walk(hdr)
     except (NeedMore, HeaderError):
         return None
-    if h.l4 is None or h.fragment:
+    if h.l4 is None or h.fragment or h.ip_proto not in CSUM_OFFSET:
         return None
     return h.l4, CSUM_OFFSET[h.ip_proto]

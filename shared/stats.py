@@ -39,6 +39,11 @@ class RingStats:
     queue_stops: int = 0
     drops: int = 0
     drops_filtered: int = 0
+    #: filter verdicts no rule decided (each also counts in drops and drops_filtered): headers
+    #: a header rule needs that cannot be walked; a later IP fragment whose datagram's first
+    #: fragment did not pass (backend/filter.py)
+    drops_unparsed: int = 0
+    drops_fragment: int = 0
     drops_error: int = 0
     drops_no_buffer: int = 0
     #: TX drops by reason (each also counts in drops and drops_error): 19-20 follow-on slots,
@@ -49,9 +54,14 @@ class RingStats:
     drops_csum: int = 0
     #: TX frames the vif refused (queue full, device down)
     drops_vif: int = 0
+    #: TX frames a map of whose pages the kernel refused (a filter's read counts in
+    #: drops_filtered too)
+    drops_map: int = 0
     #: frames the other end did not negotiate (too many slots without feature-sg, a GSO kind
     #: it does not accept): dropped here instead of being sent
     drops_not_negotiated: int = 0
+    #: netfront: RX frames whose GSO extra says size 0 (xennet_set_skb_gso drops them)
+    drops_gso: int = 0
     #: grant operations, counted and timed (ns totals) for the bench's op_us
     grant_maps_on_touch: int = 0
     grant_unmaps: int = 0

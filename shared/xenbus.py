@@ -14,15 +14,19 @@ Either side may send {"state": "Closing"} and close; the other goes back to the 
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 
 from shared.faults import PeerFault
 from shared.netif import (
     EXTENSIONS,
     FRONTEND_KEYS,
+    FRONTEND_OPTIONAL,
+    NUM_QUEUES_KEY,
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
 )
+from shared.text import printable
 
 
 class XenbusState(enum.IntEnum):
@@ -46,7 +50,8 @@ class NotNegotiated(NegotiationError):
 @dataclass(frozen=True)
 class Agreement:
     """What each direction may use, computed the same way by both ends from the backend's
-    offer and the frontend's keys (netif.h: a key's meaning depends on who wrote it)."""
+    offer and the frontend's keys (netif.h: a key's meaning depends on who wrote it; a key
+    not written is off)."""
 
     #: frontend -> backend (the backend's keys): multi-slot packets, GSO kinds
     tx_sg: bool
@@ -60,16 +65,43 @@ class Agreement:
     header_slots: bool
     persistent: bool
     rx_by_id: bool
+    #: csum_blank on IPv6 TX: the backend wrote feature-ipv6-csum-offload (IPv4 always)
+    tx_csum_v6: bool = True
+    #: csum_blank on RX: IPv4 unless the frontend wrote feature-no-csum-offload, IPv6 only if
+    #: it wrote feature-ipv6-csum-offload
+    rx_csum_v4: bool = True
+    rx_csum_v6: bool = True
+    #: the frontend notifies for new RX requests (feature-rx-notify); without it the backend
+    #: polls for them, as Linux netback does
+    rx_notify: bool = True
 
     @classmethod
-    def of(cls, offered: dict[str, bool], requested: dict[str, bool]) -> Agreement:
+    def of(cls, offered: dict[str, object], requested: dict[str, object]) -> Agreement:
         def ext(k: str) -> bool:
-            return bool(offered.get(k)) and bool(requested.get(k))
-        return cls(bool(offered.get("feature-sg")), bool(offered.get("feature-gso-tcpv4")),
-                   bool(offered.get("feature-gso-tcpv6")), bool(requested.get("feature-sg")),
-                   bool(requested.get("feature-gso-tcpv4")),
-                   bool(requested.get("feature-gso-tcpv6")), ext("feature-header-slots"),
-                   ext("feature-persistent"), ext("feature-rx-by-id"))
+            return offered.get(k) is True and requested.get(k) is True
+
+        def fe(k: str) -> bool:
+            return requested.get(k) is True
+        return cls(offered.get("feature-sg") is True, offered.get("feature-gso-tcpv4") is True,
+                   offered.get("feature-gso-tcpv6") is True, fe("feature-sg"),
+                   fe("feature-gso-tcpv4"), fe("feature-gso-tcpv6"),
+                   ext("feature-header-slots"), ext("feature-persistent"),
+                   ext("feature-rx-by-id"),
+                   tx_csum_v6=offered.get("feature-ipv6-csum-offload") is True,
+                   rx_csum_v4=not fe("feature-no-csum-offload"),
+                   rx_csum_v6=fe("feature-ipv6-csum-offload"),
+                   rx_notify=fe("feature-rx-notify"))
+
+    @property
+    def tx_csum(self) -> bool:
+        """May TX frames of every family carry csum_blank? (A TAP has one checksum-offload
+        switch for both families: ``shared.netdev.offload_flags``.)"""
+        return self.tx_csum_v6
+
+    @property
+    def rx_csum(self) -> bool:
+        """May RX frames of every family carry csum_blank?"""
+        return self.rx_csum_v4 and self.rx_csum_v6
 
 
 def gso_accepted(ag: Agreement | None, rx: bool) -> frozenset[int]:
@@ -81,33 +113,69 @@ def gso_accepted(ag: Agreement | None, rx: bool) -> frozenset[int]:
                                      (XEN_NETIF_GSO_TYPE_TCPV6, v6)) if on)
 
 
-def choose(offered: dict[str, bool], wanted: dict[str, bool]) -> dict[str, bool]:
+#: keys already logged as ignored (a line per key per process, however often it comes back),
+#: at most IGNORED_LOGGED_MAX of them: a peer inventing keys at every handshake gets no more
+#: lines and no more memory
+_IGNORED_LOGGED: set[str] = set()
+IGNORED_LOGGED_MAX = 256
+
+
+def log_ignored(log: logging.Logger, keys: list[str], who: str) -> None:
+    """Log the keys a peer wrote that this end does not know, each once per process (as
+    Linux, which reads only the keys it knows, ignores the rest - never fatal)."""
+    room = IGNORED_LOGGED_MAX - len(_IGNORED_LOGGED)
+    new = [k for k in keys if k not in _IGNORED_LOGGED][:max(room, 0)]
+    if new:
+        _IGNORED_LOGGED.update(new)
+        full = len(_IGNORED_LOGGED) >= IGNORED_LOGGED_MAX
+        log.info("ignoring %s feature keys this end does not know: %s%s", who,
+                 ", ".join(printable(k, 64) for k in new[:16]),
+                 "; no more such keys will be logged" if full else "")
+
+
+def choose(offered: dict[str, object], wanted: dict[str, object]) -> dict[str, object]:
     """The frontend's keys: its own RX capabilities as it wants them (netif.h: they do not
     depend on the backend's), ``request-rx-copy`` (the only RX mode there is, so a backend
-    that does not offer ``feature-rx-copy`` cannot be used), and each extension it wants
-    only if the backend offered it."""
-    if not offered.get("feature-rx-copy"):
+    that does not offer ``feature-rx-copy`` cannot be used), each extension it wants only if
+    the backend offered it, and ``multi-queue-num-queues`` = 1 to a backend that writes
+    ``multi-queue-max-queues`` (as Linux's netfront with one queue does)."""
+    if offered.get("feature-rx-copy") is not True:
         raise NegotiationError("backend does not offer feature-rx-copy (flipping is not "
                                "implemented)")
-    out = {k: bool(wanted.get(k)) for k in FRONTEND_KEYS}
+    out: dict[str, object] = {k: wanted.get(k) is True for k in FRONTEND_KEYS}
+    out.update({k: True for k in FRONTEND_OPTIONAL if wanted.get(k) is True})
     out["request-rx-copy"] = True
     for k in EXTENSIONS:
-        out[k] = bool(wanted.get(k)) and bool(offered.get(k))
+        out[k] = wanted.get(k) is True and offered.get(k) is True
+    if "multi-queue-max-queues" in offered:
+        out[NUM_QUEUES_KEY] = 1
     return out
 
 
+def unknown_keys(keys: dict[str, object], known: tuple[str, ...]) -> list[str]:
+    """The keys of ``keys`` not in ``known``, sorted: what a peer wrote that is ignored."""
+    return sorted(k for k in keys if k not in known)
+
+
+#: every key a frontend may write that this backend reads
+FRONTEND_READ = (*FRONTEND_KEYS, *FRONTEND_OPTIONAL, *EXTENSIONS)
+
+
 def check_request(offered: dict[str, bool], requested: object) -> dict[str, bool]:
-    """The backend's check of the frontend's keys: only frontend keys and offered extensions,
-    and request-rx-copy (Linux netback refuses a frontend without it, too)."""
+    """The backend's check of the frontend's keys (Linux ``read_xenbus_vif_flags`` and
+    ``connect``): request-rx-copy is required (Linux refuses a frontend without it, too), an
+    extension must have been offered, the queue count must be 1, and the netif.h keys take
+    true or false. Any other key is ignored (``unknown_keys``), never fatal. Returns the keys
+    read, each true or false."""
     if not isinstance(requested, dict):
         raise NegotiationError("features must be an object")
-    known = set(FRONTEND_KEYS) | set(EXTENSIONS)
-    unknown = set(requested) - known
-    if unknown:
-        raise NegotiationError(f"unknown feature keys: {sorted(unknown)}")
-    if any(not isinstance(v, bool) for v in requested.values()):
+    if any(not isinstance(requested[k], bool) for k in FRONTEND_READ if k in requested):
         raise NegotiationError("feature values must be true or false")
-    chosen = {k: bool(requested.get(k)) for k in (*FRONTEND_KEYS, *EXTENSIONS)}
+    queues = requested.get(NUM_QUEUES_KEY, 1)
+    if queues != 1 or isinstance(queues, bool):
+        raise NegotiationError(f"{NUM_QUEUES_KEY} {printable(repr(queues), 32)}: this backend "
+                               "has one queue (it writes no multi-queue-max-queues)")
+    chosen = {k: requested.get(k) is True for k in FRONTEND_READ}
     refused = [k for k in EXTENSIONS if chosen[k] and not offered.get(k)]
     if refused:
         raise NotNegotiated(f"features not offered: {refused}")

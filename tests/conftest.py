@@ -132,7 +132,25 @@ def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = 
                  rx_mode)
     pair = Pair(region, front_region, tx, rx, btx, brx, guest, wire, fst, bst)
     pair._keep = (tap, vif)  # type: ignore[attr-defined]
+    pair._views = views  # type: ignore[attr-defined]
+    _OPEN.append(pair)
     return pair
+
+
+#: every pair made during the running test, closed after it (``_close_pairs``)
+_OPEN: list[Pair] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_pairs():
+    """Whatever a test did with its pairs, their descriptors and mappings go after it: a
+    hypothesis test makes dozens, and a process has 1024 fds for select()."""
+    yield
+    while _OPEN:
+        p = _OPEN.pop()
+        for s in (p.guest, p.wire, *p._keep):
+            s.close()
+        p._views.close()
 
 
 @pytest.fixture

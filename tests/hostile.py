@@ -50,7 +50,8 @@ from shared.region import Region
 from shared.ring import HEADER_SIZE, MASK32, BackRing, FrontRing
 from shared.transport import connect_unix, create_memfd, listen_unix
 
-BASIC = {"feature-sg": True, "feature-header-slots": True, "request-rx-copy": True}
+BASIC = {"feature-sg": True, "feature-header-slots": True, "request-rx-copy": True,
+         "feature-rx-notify": True}
 
 
 

@@ -28,14 +28,16 @@ from tests.conftest import dgram_pair
 
 
 class StandIn(NetDevice):
-    """A datagram socket standing in for a TAP: frames pass, offloads and carrier are
-    no-ops, and the socket stays the test's to close."""
+    """A datagram socket standing in for a TAP: frames pass, offloads are only remembered
+    (``offload``: the last TUNSETOFFLOAD flags asked for), the carrier is a no-op, and the
+    socket stays the test's to close."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock.fileno(), f"standin{sock.fileno()}")
+        self.offload: int | None = None
 
     def set_offload(self, flags: int) -> None:
-        pass
+        self.offload = flags
 
     def set_carrier(self, on: bool) -> None:
         pass
@@ -94,6 +96,12 @@ def memfd_maps(pid: int | str = "self") -> int:
     """memfd mappings of a process (a grant region is one): the leak the kernel sees."""
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "/memfd:" in line)
+
+
+def thread_state(native_id: int) -> str:
+    """A thread's scheduler state ('R' running, 'S' asleep, e.g. in poll)."""
+    raw = Path(f"/proc/self/task/{native_id}/stat").read_text()
+    return raw[raw.rindex(")") + 2]
 
 
 def thread_cpu(native_id: int) -> float:

@@ -47,10 +47,24 @@ GNT = struct.Struct("<HHI")  # flags, domid, frame
 GTF_PERMIT, GTF_READONLY = 1, 4
 RESERVED = 8
 
+#: what Linux xen-netback's netback_probe writes (6.x; multi-queue-max-queues is its
+#: xenvif_max_queues, the host's CPUs), implemented by this stock backend or not
 BACKEND_KEYS = {"feature-sg": True, "feature-gso-tcpv4": True, "feature-gso-tcpv6": True,
-                "feature-rx-copy": True}
-FRONTEND_KEYS = {"request-rx-copy": True, "feature-sg": True, "feature-gso-tcpv4": True,
-                 "feature-gso-tcpv6": True}
+                "feature-ipv6-csum-offload": True, "feature-rx-copy": True,
+                "feature-rx-flip": False, "feature-multicast-control": True,
+                "feature-dynamic-multicast-control": True,
+                "feature-split-event-channels": True, "multi-queue-max-queues": 4,
+                "feature-ctrl-ring": True, "feature-xdp-headroom": True}
+#: what Linux xen-netfront's talk_to_netback writes (6.x, one queue, no XDP)
+FRONTEND_KEYS = {"request-rx-copy": True, "feature-rx-notify": True, "feature-sg": True,
+                 "feature-gso-tcpv4": True, "feature-gso-tcpv6": True,
+                 "feature-ipv6-csum-offload": True}
+#: what a frontend written from netif.h before feature-rx-notify and IPv6 checksum offload
+#: writes (the keys every stock netfront knows)
+OLD_FRONTEND_KEYS = {"request-rx-copy": True, "feature-sg": True, "feature-gso-tcpv4": True,
+                     "feature-gso-tcpv6": True}
+#: the boolean keys Linux netback's read_xenbus_vif_flags reads from a frontend
+BACKEND_READS = {*FRONTEND_KEYS, "feature-no-csum-offload", "request-multicast-control"}
 
 
 @dataclass
@@ -140,10 +154,14 @@ class StockBackend(Peer):
         init = self.wait("Initialised")
         self.keys = init["features"]
         for k, v in self.keys.items():
-            if v and k not in FRONTEND_KEYS:
+            if k == "multi-queue-num-queues":  # connect(): at most multi-queue-max-queues
+                if not 1 <= v <= BACKEND_KEYS["multi-queue-max-queues"]:
+                    self.violations.append(f"frontend asked for {v} queues")
+            elif v and k not in BACKEND_READS:
                 self.violations.append(f"frontend wrote {k}, which no stock backend offers")
-        if not self.keys.get("request-rx-copy"):
-            self.violations.append("frontend did not request-rx-copy")
+        for k in FRONTEND_KEYS:  # a Linux netfront writes each of these, all true
+            if self.keys.get(k) is not True:
+                self.violations.append(f"frontend did not write {k} (Linux netfront does)")
         fd = self.fds[0]
         self._map(mmap.mmap(fd, os.fstat(fd).st_size))
         os.close(fd)
@@ -258,8 +276,9 @@ class StockFrontend(Peer):
         for ring in (self.tx, self.rx):  # SHARED_RING_INIT
             ring.set(REQ_EVENT, 1)
             ring.set(RSP_EVENT, 1)
+        self.keys = keys or FRONTEND_KEYS
         self.chan.send({"state": "Initialised", "name": "stock-netfront", "domid": self.domid,
-                        "features": keys or FRONTEND_KEYS, "region": {"size": size}}, (fd,))
+                        "features": self.keys, "region": {"size": size}}, (fd,))
         os.close(fd)
         self.wait("Connected")
         self.chan.send({"state": "Connected"})
@@ -287,7 +306,9 @@ class StockFrontend(Peer):
             self._gnt(RESERVED + i, self.lay.payload_page + i, False)
             RX_REQ.pack_into(self.rx.page, self.rx.at(self.req_prod_rx), i, 0, RESERVED + i)
             self.req_prod_rx += 1
-        if push_notify(self.rx, REQ_PROD, self.req_prod_rx):
+        # a frontend without feature-rx-notify never notifies for RX requests (netif.h)
+        if push_notify(self.rx, REQ_PROD, self.req_prod_rx) \
+                and self.keys.get("feature-rx-notify"):
             self.chan.notify()
 
     def send(self, f: Frame) -> None:

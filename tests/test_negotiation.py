@@ -4,28 +4,51 @@ and each end checks on the ring what was negotiated."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import frontend.xenbus
+import shared.xenbus
 from backend.xenbus import IMPLEMENTED, offered_features
 from frontend.faults import BackendError
+from frontend.netfront import tap_offloads
+from shared.netdev import offload_flags
 from shared.netif import (
     EXTENSIONS,
     FEATURES,
     GREF_PERSISTENT,
+    NUM_QUEUES_KEY,
     RX_REQUEST,
     TX_REQUEST,
     XEN_NETIF_GSO_TYPE_TCPV4,
     NETTXF_header_slot,
 )
-from shared.offload import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR
-from shared.xenbus import Agreement, NegotiationError, NotNegotiated, check_request, choose
-from tests.conftest import frame, make_pair
+from shared.offload import (
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VNET_HDR,
+)
+from shared.xenbus import (
+    FRONTEND_READ,
+    Agreement,
+    NegotiationError,
+    NotNegotiated,
+    check_request,
+    choose,
+    log_ignored,
+    unknown_keys,
+)
+from tests.conftest import frame, frame6, make_pair
 from tests.hostile import BASIC, HostileFrontend
 from tests.inproc import BackendThread, FrontendThread, wait_for
 
 STOCK = {"request-rx-copy": True, "feature-sg": True, "feature-gso-tcpv4": True,
          "feature-gso-tcpv6": True}
+#: what Linux 6.x xen-netfront writes (talk_to_netback), and what pvnet's netfront writes
+LINUX = dict(STOCK, **{"feature-rx-notify": True, "feature-ipv6-csum-offload": True})
 
 
 def close(p):
@@ -54,11 +77,73 @@ def test_an_extension_that_was_not_offered_is_refused(ext):
     assert check_request(offered_features(), dict(STOCK, **{ext: True}))[ext] is True
 
 
-def test_no_request_rx_copy_or_an_unknown_key_is_refused():
+def test_no_request_rx_copy_is_refused_and_an_unknown_key_is_ignored_once(caplog,
+                                                                          monkeypatch):
+    monkeypatch.setattr(shared.xenbus, "_IGNORED_LOGGED", set())
     with pytest.raises(NegotiationError, match="request-rx-copy"):
         check_request(offered_features(), dict(STOCK, **{"request-rx-copy": False}))
-    with pytest.raises(NegotiationError, match="unknown"):
-        check_request(offered_features(), dict(STOCK, **{"feature-rx-flip": True}))
+    odd = dict(LINUX, **{"feature-rx-flip": True, "feature-zz-unknown": 7,
+                        "ctrl-ring-ref": "12", "feature-split-event-channels": True})
+    got = check_request(offered_features(), odd)  # never fatal (Linux reads what it knows)
+    assert "feature-zz-unknown" not in got and got["feature-rx-notify"] is True
+    assert unknown_keys(odd, (*FRONTEND_READ, NUM_QUEUES_KEY)) == [
+        "ctrl-ring-ref", "feature-rx-flip", "feature-split-event-channels",
+        "feature-zz-unknown"]
+    log = logging.getLogger("test-keys")
+    with caplog.at_level(logging.INFO, "test-keys"):
+        for _ in range(3):
+            log_ignored(log, ["feature-zz-once", "feature-zz-twice"], "frontend")
+    lines = [r.getMessage() for r in caplog.records if r.name == "test-keys"]
+    assert len(lines) == 1 and "feature-zz-once, feature-zz-twice" in lines[0]
+
+
+def test_a_peer_inventing_keys_gets_bounded_memory_and_lines(caplog, monkeypatch):
+    monkeypatch.setattr(shared.xenbus, "_IGNORED_LOGGED", set())
+    log = logging.getLogger("test-keys")
+    with caplog.at_level(logging.INFO, "test-keys"):
+        for round_ in range(100):  # a reconnecting frontend with 1000 new keys each time
+            keys = [f"x-{round_}-{i}" for i in range(1000)]
+            check_request(offered_features(), dict(LINUX, **dict.fromkeys(keys, True)))
+            log_ignored(log, keys, "frontend")
+    assert len(shared.xenbus._IGNORED_LOGGED) == shared.xenbus.IGNORED_LOGGED_MAX
+    lines = [r.getMessage() for r in caplog.records if r.name == "test-keys"]
+    assert len(lines) == 1 and "no more such keys will be logged" in lines[0]
+
+
+def test_backend_accepts_every_key_a_linux_netfront_writes():
+    """netif.h keys a frontend writes, as Linux netback reads them (read_xenbus_vif_flags):
+    feature-rx-notify, feature-ipv6-csum-offload and feature-no-csum-offload set how RX
+    checksums are delivered, multi-queue-num-queues may be 1 (one queue, no
+    multi-queue-max-queues offered), request-multicast-control is read and not in force."""
+    off = offered_features()
+    assert off["feature-ipv6-csum-offload"] is True
+    for extra in ({}, {"feature-no-csum-offload": True},
+                  {"request-multicast-control": True}, {NUM_QUEUES_KEY: 1}):
+        got = check_request(off, dict(LINUX, **extra))
+        assert all(got[k] for k in LINUX)
+    with pytest.raises(NegotiationError, match=NUM_QUEUES_KEY):
+        check_request(off, dict(LINUX, **{NUM_QUEUES_KEY: 4}))
+    with pytest.raises(NegotiationError, match="true or false"):
+        check_request(off, dict(LINUX, **{"feature-rx-notify": 1}))
+
+
+def test_ipv6_checksum_offload_has_a_direction_and_partial_checksums_follow_it():
+    """netif.h: the backend's feature-ipv6-csum-offload is about TX, the frontend's about RX;
+    a key not written is off. A TAP has one checksum switch: partial checksums cross only
+    where both families may carry them, and TSO only with them."""
+    ag = Agreement.of(offered_features(), check_request(offered_features(), LINUX))
+    assert (ag.tx_csum, ag.rx_csum, ag.rx_notify) == (True, True, True)
+    assert tap_offloads(ag) == offload_flags(True, True) != 0
+    old = Agreement.of(offered_features(), check_request(offered_features(), STOCK))
+    assert (old.tx_csum_v6, old.rx_csum_v4, old.rx_csum_v6, old.rx_notify) == (
+        True, True, False, False)
+    assert offload_flags(old.rx_gso_tcpv4, old.rx_gso_tcpv6, old.rx_csum) == 0
+    noff = offered_features(("feature-ipv6-csum-offload",))
+    ag = Agreement.of(noff, check_request(noff, dict(LINUX, **{
+        "feature-no-csum-offload": True})))
+    assert (ag.tx_csum_v6, ag.rx_csum_v4, ag.rx_csum_v6) == (False, False, True)
+    assert tap_offloads(ag) == 0
+    assert choose(noff, dict.fromkeys(FEATURES, True))["feature-ipv6-csum-offload"] is True
 
 
 def test_frontend_never_chooses_what_was_not_offered():
@@ -124,6 +209,53 @@ def test_backend_rx_sends_only_what_the_frontend_accepts():
     p.run_rx()
     assert [len(g) - VNET_HDR.size for g in p.guest_frames()] == [1042]
     assert p.bstats[1].drops_not_negotiated == p.bstats[1].drops == 2
+    close(p)
+
+
+def csum(start: int, off: int) -> bytes:
+    return VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, start, off, 0)
+
+
+def test_backend_drops_ipv6_csum_blank_tx_it_did_not_offer(caplog):
+    """Decided (README, Negotiation): a csum_blank IPv6 frame without the backend's
+    feature-ipv6-csum-offload is dropped - counted drops_not_negotiated, the frontend stays -
+    as any frame whose checksum this backend does not set up; IPv4 is unaffected."""
+    p = make_pair(header_slots=False)
+    p.btx.csum_v6 = False  # the backend did not write feature-ipv6-csum-offload
+    p.send(frame6(b"6" * 500), csum(54, 6))
+    p.send(frame(b"4" * 500), csum(34, 6))
+    p.send(frame6(b"v" * 500))
+    p.run_tx()
+    assert [len(f) for f in p.wire_frames()] == [542, 562]
+    st = p.bstats[0]
+    assert st.drops == st.drops_error == st.drops_not_negotiated == 1
+    assert st.slots_consumed == st.slots_released
+    assert any("feature-ipv6-csum-offload" in r.getMessage() for r in caplog.records)
+    close(p)
+
+
+def test_frontend_sends_no_partial_checksum_the_backend_did_not_agree_to():
+    p = make_pair(header_slots=False, tx_csum_v6=False)
+    p.send(frame6(b"6" * 500), csum(54, 6))
+    p.send(frame(b"4" * 500), csum(34, 6))  # the TAP was told no partial checksums at all
+    p.send(frame(b"p" * 500))
+    p.run_tx()
+    assert [len(f) for f in p.wire_frames()] == [542]
+    assert p.fstats[0].drops == p.fstats[0].drops_not_negotiated == 2
+    close(p)
+
+
+def test_backend_sets_no_csum_blank_for_a_frontend_without_ipv6_csum_offload():
+    """The vif is told no partial checksums (TUNSETOFFLOAD 0, the kernel completes them); one
+    that still comes (queued before) is not delivered csum_blank: dropped, counted."""
+    p = make_pair(rx_csum_v6=False)
+    p.wire.send(csum(54, 6) + frame6(b"6" * 300))
+    p.wire.send(VNET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0)
+                + frame6(b"v" * 300))
+    p.run_rx()
+    got = [VNET_HDR.unpack_from(g) for g in p.guest_frames()]
+    assert [(h[0], h[1]) for h in got] == [(VIRTIO_NET_HDR_F_DATA_VALID, 0)]
+    assert p.bstats[1].drops_not_negotiated == p.bstats[1].drops == 1
     close(p)
 
 

@@ -4,12 +4,16 @@ from the right enum, RX in ring order with the extra in its own slot, few RX buf
 
 from __future__ import annotations
 
+import logging
 import socket
+import time
 
 import pytest
 
+import shared.xenbus
 from shared.channel import EventChannel
-from shared.netif import EXTENSIONS
+from shared.netdev import offload_flags
+from shared.netif import EXTENSIONS, NUM_QUEUES_KEY
 from shared.offload import (
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -18,11 +22,13 @@ from shared.offload import (
     VNET_HDR,
 )
 from shared.transport import connect_unix, listen_unix
-from tests.conftest import frame
-from tests.inproc import BackendThread, FrontendThread, wait_for
+from tests.conftest import frame, frame6
+from tests.inproc import BackendThread, FrontendThread, thread_state, wait_for
 from tests.stocknetif import (
+    FRONTEND_KEYS,
     GSO_TCPV4,
     GSO_TCPV6,
+    OLD_FRONTEND_KEYS,
     RXF_CSUM_BLANK,
     RXF_DATA_VALIDATED,
     TXF_CSUM_BLANK,
@@ -31,14 +37,6 @@ from tests.stocknetif import (
     StockBackend,
     StockFrontend,
 )
-
-
-def frame6(payload: bytes) -> bytes:
-    """Ethernet/IPv6/TCP around ``payload`` (checksum not filled)."""
-    tcp = (5201).to_bytes(2, "big") * 2 + bytes(8) + b"\x50\x10" + bytes(6)
-    ip = (b"\x60" + bytes(3) + (len(tcp) + len(payload)).to_bytes(2, "big") + b"\x06\x40"
-          + bytes(15) + b"\x01" + bytes(15) + b"\x02")
-    return bytes(6) + bytes.fromhex("00163e000001") + b"\x86\xdd" + ip + tcp + payload
 
 
 def vnet(flags: int = 0, gso: int = 0, size: int = 0, start: int = 0, off: int = 0) -> bytes:
@@ -80,11 +78,14 @@ def netfront_and_stock_backend(tmp_path):
     lst.close()
 
 
-def test_netfront_against_a_stock_backend_both_ways(netfront_and_stock_backend):
+def test_netfront_against_a_stock_backend_both_ways(netfront_and_stock_backend, caplog):
     f, sb = netfront_and_stock_backend
     assert not any(f.nf.features.get(k) for k in EXTENSIONS), f.nf.features
+    # it wrote what Linux's netfront writes (the stock backend checks: no violation), one
+    # queue to a backend with multi-queue-max-queues, and ignored the keys it does not know
+    assert all(sb.keys[k] is True for k in FRONTEND_KEYS) and sb.keys[NUM_QUEUES_KEY] == 1
     big4 = frame(b"4" * 30000, proto=6)
-    big6 = frame6(b"6" * 20000)
+    big6 = frame6(b"6" * 20000, proto=6)
     sent = [(frame(b"a" * 60), vnet()),
             (frame(b"b" * 3000), vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6)),
             (big4, vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)),
@@ -115,6 +116,30 @@ def test_netfront_against_a_stock_backend_both_ways(netfront_and_stock_backend):
     assert f.nf.counters["broken"] == 0, f.nf.last_error
 
 
+def test_netfront_logs_the_keys_of_a_linux_backend_it_does_not_know(tmp_path, caplog,
+                                                                  monkeypatch):
+    monkeypatch.setattr(shared.xenbus, "_IGNORED_LOGGED", set())  # none logged yet
+    lst = listen_unix(str(tmp_path / "ev"))
+    with caplog.at_level(logging.INFO, "netfront"):
+        f = FrontendThread(tmp_path / "ev", tmp_path / "f.ctl")
+        lst.settimeout(10)
+        sock, _ = lst.accept()
+        sb = StockBackend(EventChannel(sock=sock))
+        try:
+            sb.handshake()
+            f.connected()
+        finally:
+            f.stop()
+            sb.close()
+            lst.close()
+    lines = [r.getMessage() for r in caplog.records if "ignoring backend" in r.getMessage()]
+    unknown = ("feature-ctrl-ring", "feature-dynamic-multicast-control",
+               "feature-multicast-control", "feature-rx-flip", "feature-split-event-channels",
+               "feature-xdp-headroom")
+    assert len(lines) == 1 and all(k in lines[0] for k in unknown), lines
+    assert f.nf.counters["broken"] == 0
+
+
 @pytest.fixture
 def netback_and_stock_frontend(tmp_path):
     b = BackendThread(tmp_path)
@@ -130,23 +155,28 @@ def netback_and_stock_frontend(tmp_path):
 def test_netback_against_a_stock_frontend_both_ways_with_ten_rx_buffers(
         netback_and_stock_frontend):
     b, sf, offer = netback_and_stock_frontend
-    for k in ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-rx-copy"):
+    for k in ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
+              "feature-ipv6-csum-offload", "feature-rx-copy"):
         assert offer["features"][k] is True
     assert not any(b.nb.features.get(k) for k in EXTENSIONS)
+    assert all(b.nb.features[k] for k in FRONTEND_KEYS)  # Linux's keys, accepted
+    assert b.nb.vif.offload == offload_flags(True, True)
     sf.keep_posted(10)  # fewer than the 18 the largest frame needs
     big4 = frame(b"4" * 30000, proto=6)  # 8 pages + its extra slot: fits 10
     wire = [(frame(b"s" * 80), vnet(VIRTIO_NET_HDR_F_DATA_VALID)),
             (frame(b"j" * 9000), vnet()),
             (big4, vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16)),
-            (frame(b"t" * 200), vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6))]
+            (frame(b"t" * 200), vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 34, 6)),
+            (frame6(b"6" * 200), vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 54, 6))]
     got = cross(b.wire, sf, sf.rx_frames, wire)
     both = RXF_CSUM_BLANK | RXF_DATA_VALIDATED
-    assert [g.flags for g in got] == [RXF_DATA_VALIDATED, 0, both, both]
-    assert [g.gso for g in got] == [None, None, (GSO_TCPV4, 1448), None]
+    assert [g.flags for g in got] == [RXF_DATA_VALIDATED, 0, both, both, both]
+    assert [g.gso for g in got] == [None, None, (GSO_TCPV4, 1448), None, None]
     assert sf.violations == []
 
     out = [Frame(frame(b"u" * 70)),
-           Frame(frame6(b"6" * 20000), TXF_CSUM_BLANK | TXF_DATA_VALIDATED, (GSO_TCPV6, 1440)),
+           Frame(frame6(b"6" * 20000, proto=6), TXF_CSUM_BLANK | TXF_DATA_VALIDATED,
+                 (GSO_TCPV6, 1440)),
            Frame(frame(b"w" * 5000, proto=6), TXF_DATA_VALIDATED)]
     for fr in out:
         sf.send(fr)
@@ -161,3 +191,32 @@ def test_netback_against_a_stock_frontend_both_ways_with_ten_rx_buffers(
     wait_for(lambda: (sf.pump(), sf.tx_done == 1 + 5 + 2)[1], 5, "tx responses")
     assert sf.violations == []
     assert b.nb.counters["malformed"] == 0, b.nb.last_error
+
+
+def test_netback_against_an_older_stock_frontend_without_the_linux_keys(tmp_path):
+    """A frontend that writes neither feature-ipv6-csum-offload nor feature-rx-notify: the
+    vif is told to hand over no partial checksum (the kernel completes them), a partial one
+    that comes anyway is not delivered csum_blank, and RX buffers posted without a
+    notification are found by polling (Linux: drain_timeout 30 ms), not by the idle timer."""
+    b = BackendThread(tmp_path)
+    sf = StockFrontend(connect_unix(str(b.ev), timeout=10))
+    try:
+        sf.handshake(keys=OLD_FRONTEND_KEYS)
+        wait_for(lambda: b.nb.tx is not None, 5, "backend Connected")
+        assert b.nb.vif.offload == 0
+        assert not b.nb.features["feature-rx-notify"]
+        b.wire.send(vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 54, 6) + frame6(b"6" * 200))
+        full = [(frame6(b"c" * 200), vnet()), (frame(b"d" * 300), vnet())]
+        # the backend has armed req_event and sleeps: nothing will kick it
+        wait_for(lambda: thread_state(b.thread.native_id) == "S", 5, "the backend asleep")
+        t0 = time.monotonic()
+        sf.keep_posted(10)  # no notification (the stock frontend has no feature-rx-notify)
+        got = cross(b.wire, sf, sf.rx_frames, full)
+        took = time.monotonic() - t0
+        assert [g.flags for g in got] == [0, 0]
+        assert b.nb.rx_stats.drops_not_negotiated == 1
+        assert took < 0.9 and b.nb.counters["lost_wakeups"] == 0, took
+        assert sf.violations == []
+    finally:
+        sf.close()
+        b.stop()

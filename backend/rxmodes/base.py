@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from backend.gntmap import GntMap
-from shared.grant import WORD_FLAGS
+from shared.grant import WORD_FLAGS, WORD_FRAME_SHIFT
 from shared.netif import GREF_MASK, MAX_FRAME_PAGES, PAGE_SIZE
 from shared.stats import RingStats
 
@@ -86,8 +86,13 @@ class RxMechanism:
         for gref in grefs:
             frame = check(gref, True)
             gi = gref & GREF_MASK
+            word = q[gi]
+            if word >> WORD_FRAME_SHIFT != frame:  # rewritten since the check (or a kept
+                # grant's entry since it was kept): expect the frame validated, so the write
+                # finds the entry changed (revoked) and nothing reaches the unvalidated one
+                word = (frame << WORD_FRAME_SHIFT) | (word & ((1 << WORD_FRAME_SHIFT) - 1))
             gis.append(gi)
-            exps.append(q[gi])
+            exps.append(word)
             targets.append(target(gref, frame))
         return gis, exps, targets
 

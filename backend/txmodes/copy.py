@@ -8,6 +8,7 @@ pages back before the vif write. Its grants are never held: each is mapped only 
 
 from __future__ import annotations
 
+from backend.gntmap import MapError
 from backend.skb import SkBuff
 from backend.txmodes.base import TxMechanism
 
@@ -24,12 +25,16 @@ class Copy(TxMechanism):
             if not skb.grefs:
                 continue
             parts = [skb.head]
-            for gref, frame, off, size in zip(skb.grefs, skb.frames, skb.offs, skb.sizes,
-                                              strict=True):
-                cmap(gref, frame)
-                parts.append(bytes(page(frame)[off:off + size]))
-                cunmap(gref, frame)
-                copied += size
+            try:
+                for gref, frame, off, size in zip(skb.grefs, skb.frames, skb.offs, skb.sizes,
+                                                  strict=True):
+                    cmap(gref, frame)
+                    parts.append(bytes(page(frame)[off:off + size]))
+                    cunmap(gref, frame)
+                    copied += size
+            except MapError as e:  # the kernel refused a map: this packet's loss
+                skb.drop = ("map", f"ring[{skb.idx}]: {e}")
+                continue
             skb.head = b"".join(parts)
             release.release(skb.ids, skb.extras)
             skb.extras = 0

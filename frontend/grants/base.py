@@ -11,6 +11,7 @@ the grant table's bytes they go into; a policy decides what happens to them, alw
 - ``revoke(runs)``: areas the backend has answered; False if a grant is still in use (the
   backend holds it: its fault, the caller says which).
 - ``ref_bit``: or-ed into every gref the ring carries (``GREF_PERSISTENT``: "keep it").
+- ``max_grants``: how many the backend keeps per ring, if it limits them.
 
 A *run* is ``(table_bytes, entries)`` for ``setup``/``grant`` - the entries copied in as one
 slice - and ``(first_ref, count)`` for ``revoke``.
@@ -32,6 +33,9 @@ class GrantPolicy:
     """The frontend's grants of one connection (its region's grant table)."""
 
     ref_bit: ClassVar[int] = 0
+    #: the most grants of this kind the backend keeps per ring (0: no limit): the queues
+    #: grant no more pages than that
+    max_grants: ClassVar[int] = 0
 
     def __init__(self, table: GrantTable) -> None:
         self.table = table

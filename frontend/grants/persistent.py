@@ -6,11 +6,12 @@ proposal; Martins' "persistent grant maps" for netif). Nothing is done per packe
 from __future__ import annotations
 
 from frontend.grants.base import GrantPolicy, RefRun, Run
-from shared.netif import GREF_PERSISTENT
+from shared.netif import GREF_PERSISTENT, MAX_PERSISTENT_GRANTS
 
 
 class Persistent(GrantPolicy):
     ref_bit = GREF_PERSISTENT
+    max_grants = MAX_PERSISTENT_GRANTS
 
     def setup(self, runs: list[Run]) -> None:
         for dst, entries in runs:

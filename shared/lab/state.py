@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.lab import procs
+from shared.lab.errors import LabError
 from shared.lab.topology import DEFAULT_STATE_DIR, Topology, TopologyError, load
 
 
@@ -55,3 +57,28 @@ def resolve_topology(path: str | None) -> Topology:
         except TopologyError:
             pass
     return load()
+
+
+def running(topo: Topology) -> list[str]:
+    """What of `topo`'s lab runs now: "<name> (pid N)" for each live process its state dir
+    has a pidfile of (netbacks, netfronts, QEMU guests, iperf3 servers). Reads files only."""
+    if not topo.state_dir.is_dir():
+        return []
+    out = []
+    for pidfile in sorted(topo.state_dir.glob("*.pid")):
+        rec = procs.read_pidfile(pidfile)
+        if rec is not None and rec.alive():
+            out.append(f"{pidfile.stem} (pid {rec.pid})")
+    return out
+
+
+def refuse_if_up(topo: Topology) -> None:
+    """`up` on a lab that is up (either placement) would start its processes again over the
+    running ones: refuse, saying what runs and how to take it down (LabError)."""
+    up = running(topo)
+    if up:
+        placement = "QEMU guests" if any(u.startswith("qemu-") for u in up) else "namespaces"
+        # `invoke down` finds a lab in the default state dir by itself (resolve_topology)
+        more = f" --topology {topo.source}" if topo.state_dir != DEFAULT_STATE_DIR else ""
+        raise LabError(f"the lab is already up ({placement}, state dir {topo.state_dir}): "
+                       f"{', '.join(up)}; run `invoke down{more}` first")

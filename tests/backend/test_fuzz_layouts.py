@@ -13,7 +13,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.filter import Filter, header_fields
+from backend.filter import Filter
 from backend.pull import HEADER_PULL_MAX, TX_COPY_LEN
 from shared.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
 from shared.netif import PAGE_SIZE, NETTXF_csum_blank
@@ -74,8 +74,9 @@ def layouts(draw, f: bytes, header_slot: bool) -> list[Slot]:
 
 
 def expected(f: bytes, rules: list[str], csum: bool) -> str:
-    """The verdict the rules give the whole frame: drops_headers, drops_csum, filtered or
-    sent."""
+    """The verdict the rules give the whole frame: drops_headers, drops_csum, filtered (a rule,
+    headers a header rule cannot walk: unparsed, a later fragment with no first one seen:
+    fragment) or sent."""
     try:
         h = walk(f)
         if max(h.end, min(len(f), TX_COPY_LEN)) > HEADER_PULL_MAX:
@@ -86,10 +87,16 @@ def expected(f: bytes, rules: list[str], csum: bool) -> str:
         h = None
     except HeaderError:
         h = None
-    if csum and (h is None or h.l4 is None or h.fragment):
+    if csum and (h is None or h.l4 is None or h.fragment or h.ip_proto not in CSUM_OFFSET):
         return "csum"
-    fields = h.fields() if h is not None else header_fields(f)
-    for rule in Filter.parse(rules).rules:
+    parsed = Filter.parse(rules).rules
+    fields_needed = [r.field for r in parsed if r.field != "payload"]
+    if fields_needed and h is None:
+        return "unparsed"
+    if h is not None and h.later_fragment and set(fields_needed) - {"ethertype"}:
+        return "fragment"
+    fields = h.fields() if h is not None else {}
+    for rule in parsed:
         hit = rule.value in f if rule.field == "payload" else fields.get(rule.field) == rule.value
         if hit:
             return "filtered"
@@ -123,6 +130,8 @@ def test_any_layout_gets_the_verdict_of_its_whole_frame(data, mode, header_slot,
             assert out == [] and st_.drops == 1
             counter = {"filtered": "drops_filtered"}.get(want, f"drops_{want}")
             assert getattr(st_, counter) == 1, (want, st_)
+            if want in ("unparsed", "fragment"):  # the filter's verdicts
+                assert st_.drops_filtered == 1, st_
         assert st_.maps_outstanding == 0 and st_.grants_in_use == 0
     finally:
         close(p)

@@ -5,8 +5,8 @@ import pytest
 
 from frontend.faults import BackendError
 from shared.netif import RX_RESPONSE, NETRXF_more_data
-from shared.offload import VNET_HDR
-from tests.conftest import make_pair
+from shared.offload import VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
+from tests.conftest import frame, make_pair
 from tests.publish import publish
 
 
@@ -48,6 +48,28 @@ def test_unknown_id_or_overflow_breaks_the_device(posted, bad):
     with pytest.raises(BackendError):
         posted.rx.poll()
     assert posted.guest_frames() == []
+
+
+@pytest.mark.parametrize("size", [30000, 3000, 200])
+def test_a_gso_frame_of_size_0_is_dropped_not_handed_to_the_tap(posted, size):
+    """Finding 8 (issue 22): a backend's GSO extra with size 0 went on to the TAP, in the
+    batched (stock) and the per-response (by-id) path alike. Verdict, as Linux's
+    xennet_set_skb_gso: dropped, counted (drops, drops_gso), the device not broken; the
+    next frame is delivered."""
+    p = posted
+    bad = VNET_HDR.pack(1, VIRTIO_NET_HDR_GSO_TCPV4, 54, 0, 34, 16, 0) + frame(
+        b"g" * size, proto=6)
+    good = VNET_HDR.pack(1, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1448, 34, 16, 0) + frame(
+        b"h" * 3000, proto=6)
+    p.wire.send(bad)
+    p.wire.send(good)
+    p.run_rx()
+    got = p.guest_frames()
+    assert [g[VNET_HDR.size:] for g in got] == [good[VNET_HDR.size:]]
+    assert VNET_HDR.unpack_from(got[0])[3] == 1448
+    st = p.fstats[1]
+    assert st.drops == st.drops_gso == 1 and st.rx_packets == 1
+    assert p.rx.held() == 0
 
 
 def test_duplicate_id_breaks_the_device(posted):

@@ -6,12 +6,13 @@ import os
 import resource
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from shared import jsonline
-from shared.control import query
+from shared.control import ControlError, query
 from shared.control_server import MAX_CLIENTS, ControlServer
 from tests.inproc import fd_count, wait_for
 from tests.shared.test_control import raw, stats_handler
@@ -35,6 +36,94 @@ def test_deep_nesting_is_the_clients_malformed_input_and_the_thread_lives(server
 def test_brackets_inside_strings_do_not_count() -> None:
     assert jsonline.loads(b'{"a":"' + b"[" * 100 + b'"}') == {"a": "[" * 100}
     assert jsonline.depth(b'[[{"x":"]]]]"}]]') == 3
+    assert jsonline.depth(b'[[{"x":"\\"[[\\\\"}]]') == 3  # escapes inside strings
+    assert jsonline.loads(b'[[{"x":"]]]]"}]]', max_depth=3) == [[{"x": "]]]]"}]]
+    with pytest.raises(jsonline.TooDeep):
+        jsonline.loads(b'[[{"x":["[[["]}]]', max_depth=3)
+
+
+MIB = 1 << 20
+#: 1 MiB lines a peer may send: deep, unterminated strings full of escaped quotes (the old
+#: nesting guard restarted its string scan at every quote: 4-5 s for 32 KiB), wide, and
+#: just within or past the cap
+HOSTILE_LINES = {
+    "open brackets": b"[" * MIB,
+    "open objects": b'{"a":' * (MIB // 5),
+    "escaped quotes, unterminated": b'"' + b'\\"' * (MIB // 2),
+    "quotes in brackets": b'["' + b'\\"[' * (MIB // 3),
+    "bare quotes": b'"' * MIB,
+    "wide and shallow": b"[" + b"[[],{}]," * (MIB // 8) + b"0]",
+    "32 deep, wide": b"[" * 32 + b"0," * (MIB // 2 - 40) + b"0" + b"]" * 32,
+    "33 deep, wide": b"[" * 33 + b"0," * (MIB // 2 - 40) + b"0" + b"]" * 33,
+    "long string": b'"' + b"x" * MIB + b'"',
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_LINES)
+def test_a_1mib_line_is_parsed_or_refused_in_linear_time(name) -> None:
+    """Finding 5 (issue 22): the nesting guard was quadratic. Every 1 MiB line is now decided
+    (parsed, or refused as the peer's malformed input: a ValueError, TooDeep for nesting) in
+    well under a second (measured: 1-250 ms of CPU each on the 2-core machine, the most
+    for parsing 390,000 small lists; the old guard took 5 s for 32 KiB)."""
+    line = HOSTILE_LINES[name]
+    t = time.process_time()
+    try:
+        value = jsonline.loads(line)
+        verdict = "parsed"
+    except jsonline.TooDeep:
+        verdict = "too deep"
+    except ValueError:
+        verdict = "malformed"
+    spent = time.process_time() - t
+    want = {"open brackets": "too deep", "open objects": "too deep",
+            "33 deep, wide": "too deep", "32 deep, wide": "parsed",
+            "wide and shallow": "parsed", "long string": "parsed"}.get(name, "malformed")
+    assert verdict == want, (name, verdict)
+    assert spent < 0.75, f"{name}: {spent:.3f} s of CPU for 1 MiB"
+    if verdict == "parsed":
+        assert value is not None
+
+
+def test_a_hostile_1mib_reply_does_not_hang_pvnet_stats(tmp_path) -> None:
+    """A control reply (a guest's: not trusted) of 1 MiB of quotes in brackets, and one
+    trickled a byte every 10 ms without end (each read succeeds well within the timeout, so
+    only an overall deadline ends it): `pvnet stats`'s query gives up with a ControlError,
+    within its 1 s timeout (plus slack for a loaded machine), not after hours."""
+    path = str(tmp_path / "evil.ctl")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(2)
+    stop = threading.Event()
+
+    def serve(reply: bytes, trickle: bool) -> None:
+        conn, _ = lst.accept()
+        with conn:
+            conn.recv(4096)
+            try:
+                if not trickle:
+                    conn.sendall(reply)
+                    return
+                conn.sendall(reply)
+                while not stop.wait(0.01):  # a byte every 10 ms until the client hangs up
+                    conn.send(b"y")
+            except OSError:
+                pass  # the client gave up: what it should do
+
+    try:
+        for reply, trickle, match in ((HOSTILE_LINES["quotes in brackets"] + b"\n", False,
+                                       "malformed reply"),
+                                      (b'{"ok": true, "x": "', True, "no reply within 1 s")):
+            th = threading.Thread(target=serve, args=(reply, trickle), daemon=True)
+            th.start()
+            t = time.monotonic()
+            with pytest.raises(ControlError, match=match):
+                query(path, {"cmd": "stats"}, timeout=1.0)
+            assert time.monotonic() - t < 4.0
+            th.join(20)
+            assert not th.is_alive()
+    finally:
+        stop.set()
+        lst.close()
 
 
 def test_clients_beyond_the_cap_wait_in_the_backlog(server) -> None:
