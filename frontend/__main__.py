@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
     p.add_argument("--rx-by-id", action="store_true",
                    help="ask for feature-rx-by-id (RX buffers completed in any order)")
     p.add_argument("--no-gso", action="store_true",
-                   help="do not negotiate GSO: MTU-sized frames only")
+                   help="no GSO either way: withdraw the RX GSO keys and offer the guest "
+                        "stack no TSO on the TAP (MTU-sized frames in both directions)")
     p.add_argument("--no-ipv6-csum-offload", action="store_true",
                    help="do not write feature-ipv6-csum-offload: the backend then completes "
                         "the checksums of IPv6 frames before they reach us")

@@ -198,7 +198,7 @@ class Netfront(Endpoint[Connection]):
     def attach(self, chan: EventChannel, negotiated) -> Connection:
         offer, chosen, region = negotiated
         ag = Agreement.of(offer.features, chosen)
-        self.tap.set_offload(tap_offloads(ag))
+        self.tap.set_offload(tap_offloads(ag, self.cfg.gso))
         policy = grant_policy(chosen, region.grants)  # the frontend's side of a mechanism
         rx = RxQueue(region, self.tap.fd, self.rx_stats, policy, offer.backend_domid, ag)
         tx = TxQueue(region, self.tap.fd, self.tx_stats, RX_BUFFERS, ag.header_slots,
@@ -321,12 +321,15 @@ class Netfront(Endpoint[Connection]):
         if waiting:
             self.found_unannounced(cfd, "responses")
 
-def tap_offloads(ag: Agreement) -> int:
+def tap_offloads(ag: Agreement, gso: bool = True) -> int:
     """What the guest stack may hand us follows what the backend offered (netfront's
     xennet_fix_features): no TSO kind the backend's feature-gso-* keys do not accept, and no
     partial checksum without its feature-ipv6-csum-offload (a TAP has one switch for both
-    families: the guest kernel then completes every checksum itself)."""
-    return offload_flags(ag.tx_gso_tcpv4, ag.tx_gso_tcpv6, ag.tx_csum)
+    families: the guest kernel then completes every checksum itself). With ``--no-gso`` (gso
+    False) the TAP offers no TSO at all, whatever the backend offers: the guest stack then
+    segments before the TAP, so TX frames are MTU-sized like RX ones (the bench's tcp-nogso
+    workload measured 63 KB TX frames while only the RX keys were off)."""
+    return offload_flags(ag.tx_gso_tcpv4 and gso, ag.tx_gso_tcpv6 and gso, ag.tx_csum)
 
 def _push(ring: FrontRing, chan: EventChannel, stats: RingStats) -> None:
     kick_if(ring.push_requests(), chan, stats)
