@@ -88,15 +88,23 @@ def test_every_third_party_import_is_declared():
     assert not problems, "\n".join(problems)
 
 
+#: lab packages that are programs the lab runs rather than modules it imports: where it runs it
+LAB_PROGRAMS = {"py-spy": "shared/lab/bench/profiler.py"}
+
+
 def test_the_lab_extra_is_what_the_lab_imports():
     """No lab package sneaks back among the drivers' dependencies, and each is used."""
     core, lab = declared()
     assert core == {"pyroute2"}
-    assert lab == {"pyyaml", "paramiko", "cryptography", "invoke", "qemu-qmp", "matplotlib"}
+    assert lab == {"pyyaml", "paramiko", "cryptography", "invoke", "qemu-qmp", "matplotlib",
+                   "py-spy"}
     dists = packages_distributions()
     used = {canonical(d) for p in product_files() if is_lab(p)
             for top in third_party_imports(p) for d in dists.get(top, ())}
-    assert lab <= used, f"declared for the lab, imported nowhere: {sorted(lab - used)}"
+    modules = lab - set(LAB_PROGRAMS)
+    assert modules <= used, f"declared for the lab, imported nowhere: {sorted(modules - used)}"
+    for program, where in LAB_PROGRAMS.items():
+        assert f'"{program}"' in (REPO / where).read_text(), f"{program} is run nowhere"
 
 
 def test_the_scan_sees_lazy_imports(tmp_path):

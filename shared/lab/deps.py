@@ -24,6 +24,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "pgrep": ("procps", "finding lab processes"),
     "ethtool": ("ethtool", "offload settings in the benchmark"),
     "tcpdump": ("tcpdump", "reading captures back (pvnet capture -w - | tcpdump -r -)"),
+    "trafgen": ("netsniff-ng", "the bench's packet-rate workloads (pps64, pps1496)"),
 }
 
 
