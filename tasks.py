@@ -248,13 +248,13 @@ def accel(c: Context):
 def bench(c: Context, quick: bool = False, seconds: float | None = None,
           rounds: int | None = None, paths: str | None = None, modes: str | None = None,
           workloads: str | None = None, json: str | None = None, results: str | None = None,
-          no_plot: bool = False, prefix: str | None = None):
+          no_plot: bool = False, prefix: str | None = None, profile_hz: int | None = None):
     """Benchmark every path (veth, pvnet-netns modes, ...): table, targets, JSON, plot."""
     from shared.lab.bench.runner import config_from, run_bench
 
     code = run_bench(config_from(quick=quick, seconds=seconds, rounds=rounds, paths=paths,
                                  modes=modes, workloads=workloads, json=json, results=results,
-                                 no_plot=no_plot, prefix=prefix))
+                                 no_plot=no_plot, prefix=prefix, profile_hz=profile_hz))
     if code:
         raise Exit(code=code)
 

@@ -9,6 +9,7 @@ says what differs (domid, tx_mode, memory, ...).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -87,3 +88,19 @@ def write_topology(directory: Path, yaml: str) -> tuple[Path, Topology]:
     path = directory / "topology.yaml"
     path.write_text(yaml)
     return path, load(path)
+
+
+def tiny_bench(tmp_path: Path, workloads: list[str], prefix: str) -> list[dict]:
+    """A real `invoke bench` of 2 s runs, one round, over veth and pvnet-netns lazy, in its
+    own namespaces (`prefix`); its JSON records. The bench's exit status must be 0: every
+    record measured something and none was refused."""
+    from shared.lab.bench import runner
+
+    out = tmp_path / "bench.json"
+    cfg = runner.BenchConfig(seconds=2, rounds=1, paths=["veth", "pvnet-netns"], modes=["lazy"],
+                             workloads=workloads, prefix=prefix, state_dir=tmp_path / "st",
+                             results=tmp_path / "res", json_out=out)
+    code = runner.run_bench(cfg)
+    data = json.loads(out.read_text())
+    assert code == 0, [(d["path"], d["workload"], d["direction"], d["error"]) for d in data]
+    return data

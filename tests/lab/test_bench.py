@@ -28,6 +28,7 @@ from shared.lab.bench.registry import REGISTRY, build_paths
 from shared.lab.bench.rr import percentile, summarize
 from shared.lab.bench.workloads import RunResult, Workload, parse_iperf, parse_rr
 from shared.lab.topology import loads
+from tests.lab.labs import tiny_bench
 
 REQUIRED = ("path", "mode", "workload", "direction", "gbps", "fps", "p50_us", "p99_us",
             "vs_veth", "vs_virtio", "cpu_front_s_per_gb", "cpu_back_s_per_gb", "notify_per_pkt",
@@ -354,11 +355,24 @@ def test_ctrl_c_mid_run_tears_down_and_keeps_what_was_measured(monkeypatch, tmp_
     assert [(r.direction, r.gbps) for r in records] == [("tx", 8.0)]
 
 
-def test_a_no_gso_run_with_big_frames_is_flagged():
-    r = rec("pvnet-netns", "lazy", "tcp-nogso", "rx", gbps=5.0, fps=10e3, note="gso off")
-    assert "WARNING" in runner._check_mtu_frames(r)
-    r.fps = 450e3
-    assert runner._check_mtu_frames(r) == "gso off"
+def test_a_no_gso_run_with_big_frames_is_refused_and_says_why(monkeypatch, tmp_path):
+    """5 Gbit/s over 10k frames/s is 62.5 KB per frame: GSO frames, not MTU ones. The run
+    becomes an error naming the size; the same run at MTU-sized frames is reported."""
+    fps = {"tx": 10e3, "rx": 450e3}  # 62500 and 1389 payload bytes per frame
+
+    def run(ends, d, s):
+        return RunResult(seconds=s, payload_bytes=1e9, gbps=5.0, fps=fps[d])
+
+    monkeypatch.setattr(runner, "WORKLOADS", {
+        "tcp-nogso": Workload("tcp-nogso", False, ("tx", "rx"), "gbps", run, "fake")})
+    cfg = runner.BenchConfig(seconds=1, rounds=1, workloads=["tcp-nogso"], profile_hz=0)
+    with open(tmp_path / "log", "w") as log:
+        by = {r.direction: r for r in runner.Bench(cfg, [FakePath()], log).run()}
+    assert by["tx"].error.startswith("refused: 62500 payload bytes per frame is above the 1500")
+    assert by["rx"].error is None
+    table = report.markdown_table([by["tx"], by["rx"]])
+    assert "error: refused: 62500" in table and "| 5.000 |" in table.splitlines()[-1]
+    assert report.find([by["tx"]], "veth", "-", "tcp-nogso", "tx") is None  # never a figure
 
 
 def test_options_map_to_the_config():
@@ -378,13 +392,7 @@ def test_options_map_to_the_config():
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("iperf3") is None,
                     reason="the bench needs root and iperf3")
 def test_tiny_bench_yields_complete_plausible_records(tmp_path: Path):
-    out = tmp_path / "bench.json"
-    cfg = runner.BenchConfig(seconds=2, rounds=1, paths=["veth", "pvnet-netns"], modes=["lazy"],
-                             workloads=["tcp", "rr"], prefix="pvbt", state_dir=tmp_path / "st",
-                             results=tmp_path / "res", json_out=out)
-    code = runner.run_bench(cfg)
-    data = json.loads(out.read_text())
-    assert code == 0, [d["error"] for d in data if d["error"]]
+    data = tiny_bench(tmp_path, ["tcp", "rr"], "pvbt")
     keys = {(d["path"], d["mode"], d["workload"], d["direction"]) for d in data}
     assert keys == {(p, m, w, d) for p, m in (("veth", "-"), ("pvnet-netns", "lazy"))
                     for w, d in (("tcp", "tx"), ("tcp", "rx"), ("rr", "both"))}

@@ -6,10 +6,19 @@ Modules, each holding one thing:
   veth.py         the `veth` path (host-stack ceiling)
   pvnet_netns.py  the `pvnet-netns` path in its five modes
   qemu.py         the QEMU guest paths (virtio-net, pvnet-qemu, and their guest->guest runs)
-  workloads.py    tcp, tcp-nogso, udp64, rr: what runs between the ends
+  workloads.py    tcp, tcp-nogso, udp64, rr, pps64, pps1496: what runs between the ends
   rr.py           our stdlib-only 1-byte TCP ping-pong (runs in namespaces and guests by path)
-  measure.py      /proc and counter samples -> CPU per GB, notifications/maps/copies per packet
-  record.py       the record, median of repetitions, ratios to veth and virtio-net
+  pps.py          the packet-rate workloads: trafgen frames of 64/1496 bytes, counted received
+  placement.py    which core runs what (the ends, clients, servers, the generator)
+  observe.py      everything measured around one run, from outside the data path
+  measure.py      /proc and counter samples -> CPU per GB and per frame, per-packet figures
+  hostcpu.py      the whole machine: /proc/stat CPU per frame, load, the neighbours' share
+  profiler.py     py-spy on the ends during a run
+  stages.py       the stage table: a sampled stack -> ring / grant / device / notify / other
+  checks.py       what a record must satisfy (no-GSO frames at most an MTU; pps sanity)
+  interval.py     95 % intervals over the interleaved rounds
+  record.py       the record, median of repetitions, intervals, ratios to veth and virtio-net
   report.py       markdown table, targets, JSON, plot
+  perframe.py     the per-frame cost table and issue 20's figures
   runner.py       the loop, progress lines, teardown on failure and Ctrl-C
 """

@@ -9,7 +9,7 @@ from shared.lab.bench.options import HELP
 from shared.lab.bench.runner import config_from, run_bench
 
 FLAGS = ("quick", "no_plot")
-NUMBERS = {"seconds": float, "rounds": int}
+NUMBERS = {"seconds": float, "rounds": int, "profile_hz": int}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ class ProcSample:
 
     cpu_s: float
     hwm_kb: int
+    pid: int = 0
 
 
 def read_proc(pid: int) -> ProcSample | None:
@@ -42,7 +43,7 @@ def read_proc(pid: int) -> ProcSample | None:
         if line.startswith("VmHWM:"):
             hwm = int(line.split()[1])
             break
-    return ProcSample(ticks / CLK_TCK, hwm)
+    return ProcSample(ticks / CLK_TCK, hwm, pid)
 
 
 @dataclass
@@ -77,18 +78,22 @@ def _per(num: float, den: float, digits: int = 3) -> float | None:
 
 
 def derive(before: Sample, after: Sample, direction: str, payload_bytes: float,
-           seconds: float) -> dict[str, float | None]:
+           seconds: float, delivered: float | None = None) -> dict[str, float | None]:
     """The bench fields one run yields: fps (path counters), CPU, notify/map/copy per packet, RSS.
 
     `payload_bytes` is what the workload delivered (iperf3's receiver bytes), used for CPU s per
-    GB; `seconds` is the workload's own duration, used for frames per second.
+    GB; `seconds` is the workload's own duration, used for frames per second. CPU per frame
+    divides by `delivered` frames when the workload counted them at the receiver (pps*), else
+    by the frames the path counted in the measured direction(s).
     """
     dirs = ("tx", "rx") if direction not in ("tx", "rx") else (direction,)
     out: dict[str, float | None] = {}
+    frames = delivered
     if all(d in before.frames and d in after.frames for d in dirs):
-        frames = sum(after.frames[d] - before.frames[d] for d in dirs)
-        out["frames"] = frames
-        out["fps"] = round(frames / seconds, 1) if seconds > 0 else None
+        counted = sum(after.frames[d] - before.frames[d] for d in dirs)
+        out["fps"] = round(counted / seconds, 1) if seconds > 0 else None
+        frames = counted if frames is None else frames
+    out["frames"] = frames
     wall = after.t - before.t
     for role in ("front", "back"):
         a, b = after.procs.get(role), before.procs.get(role)
@@ -98,6 +103,8 @@ def derive(before: Sample, after: Sample, direction: str, payload_bytes: float,
         out[f"cpu_{role}_s_per_gb"] = (round(cpu / (payload_bytes / 1e9), 2)
                                        if cpu is not None and big else None)
         out[f"rss_{role}_mb"] = round(a.hwm_kb / 1024, 1) if a is not None else None
+        out[f"cpu_{role}_us_per_frame"] = (round(1e6 * cpu / frames, 2)
+                                           if cpu is not None and frames else None)
     if before.rings and after.rings:
         rings = _rings_for(direction)
         packets = sum(_ring_delta(before, after, "back", r, f"{r}_packets") for r in rings)

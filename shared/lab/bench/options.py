@@ -8,6 +8,7 @@ the path, workload and mode lists in the texts are read from their registries.
 from __future__ import annotations
 
 from shared.lab.bench.modes import help_text as modes_help
+from shared.lab.bench.profiler import DEFAULT_HZ
 from shared.lab.bench.registry import REGISTRY
 from shared.lab.bench.workloads import WORKLOADS
 
@@ -19,8 +20,8 @@ QUICK_SECONDS, QUICK_ROUNDS = 2.0, 1
 HELP: dict[str, str] = {
     "quick": f"one round of {QUICK_SECONDS:g} s runs over every path and workload",
     "seconds": f"seconds per run (default {SECONDS:g}; quick {QUICK_SECONDS:g})",
-    "rounds": f"repetitions, interleaved over the paths; the median is reported (default "
-              f"{ROUNDS}; quick {QUICK_ROUNDS})",
+    "rounds": f"repetitions, interleaved over the paths; the median is reported, with a 95 % "
+              f"interval over them (default {ROUNDS}; quick {QUICK_ROUNDS})",
     "paths": f"comma list of paths (default: all registered: {','.join(REGISTRY)})",
     "modes": modes_help(),
     "workloads": "comma list of workloads (default: all: "
@@ -29,5 +30,7 @@ HELP: dict[str, str] = {
     "results": "results directory (default results/bench-<timestamp>/)",
     "no_plot": "skip the PNG plot",
     "prefix": "name prefix of the bench's namespaces and devices (default pvb)",
+    "profile_hz": f"py-spy samples per second per end for the stage breakdown (default "
+                  f"{DEFAULT_HZ}; 0: none)",
 }
 """Every option of the bench command, by its Python name (``no_plot`` is ``--no-plot``)."""

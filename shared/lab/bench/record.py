@@ -11,8 +11,15 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-PRIMARY = {"tcp": "gbps", "tcp-nogso": "gbps", "udp64": "fps", "rr": "tps"}
+from shared.lab.bench.interval import ci95, rounded
+
+PRIMARY = {"tcp": "gbps", "tcp-nogso": "gbps", "udp64": "fps", "rr": "tps", "pps64": "fps",
+           "pps1496": "fps"}
 """The higher-is-better figure each workload's ratios are taken on."""
+
+CI_FIELDS = ("gbps", "fps", "tps", "p50_us", "cpu_front_us_per_frame", "cpu_back_us_per_frame",
+             "cpu_machine_us_per_frame")
+"""The figures that get a 95 % interval over rounds (where the rounds have them)."""
 
 
 @dataclass
@@ -27,6 +34,17 @@ class Record:
     undo), fault (a first-touch round trip), grant_copy_kb (per KiB grant-copied), notify.
     cpu_*_s_per_gb divides process CPU time by payload delivered; null where there is no such
     process (veth) or too little payload.
+
+    Per frame (issue 20): cpu_front/back_us_per_frame is each end's CPU per data frame of the
+    run (frames counted on the path; delivered frames for pps*); cpu_machine_us_per_frame the
+    whole machine's busy CPU per frame (/proc/stat, hostcpu.py); cpu_gen_us_per_frame the
+    pps generator's own share of it. stages: end -> stage -> share of that end's sampled CPU
+    (stages.py), stage_samples the working samples behind each end's shares. load1,
+    busy_pct, outside_pct, kthreads_pct, steal_pct: the machine during the run
+    (hostcpu.py). cpus: where the ends and tools ran (placement.py). ci95: figure -> [low,
+    high], the 95 % interval of the mean over rounds (interval.py); the figures themselves
+    are the median round's.
+    offered_fps / frame_bytes: pps* only (pps.py).
     """
 
     path: str
@@ -39,6 +57,8 @@ class Record:
     fps: float | None = None
     tps: float | None = None
     loss_pct: float | None = None
+    offered_fps: float | None = None
+    frame_bytes: float | None = None
     p50_us: float | None = None
     p99_us: float | None = None
     vs_veth: float | None = None
@@ -53,6 +73,19 @@ class Record:
     copy_bytes_per_pkt: float | None = None
     rss_front_mb: float | None = None
     rss_back_mb: float | None = None
+    cpu_front_us_per_frame: float | None = None
+    cpu_back_us_per_frame: float | None = None
+    cpu_machine_us_per_frame: float | None = None
+    cpu_gen_us_per_frame: float | None = None
+    stages: dict[str, dict[str, float]] | None = None
+    stage_samples: dict[str, int] | None = None
+    load1: float | None = None
+    busy_pct: float | None = None
+    outside_pct: float | None = None
+    kthreads_pct: float | None = None
+    steal_pct: float | None = None
+    cpus: str = ""
+    ci95: dict[str, list[float]] | None = None
     #: mean µs per operation (map, unmap, fault, grant_copy_kb, notify; null: none done)
     op_us: dict[str, float | None] | None = None
     spread_pct: float | None = None  # (max - min) / median of the primary figure over reps
@@ -94,7 +127,20 @@ def median_of(reps: list[Record]) -> Record:
     out.reps = len(good)
     lo, hi, mid = good[0].primary, good[-1].primary, out.primary
     out.spread_pct = round(100 * (hi - lo) / mid, 1) if len(good) > 1 and mid else None
+    out.ci95 = intervals(good)
     return out
+
+
+def intervals(reps: list[Record]) -> dict[str, list[float]] | None:
+    """The 95 % interval over rounds of each CI_FIELDS figure every repetition has."""
+    out = {}
+    for name in CI_FIELDS:
+        values = [getattr(r, name) for r in reps]
+        if all(v is not None for v in values):
+            iv = rounded(ci95(values))
+            if iv is not None:
+                out[name] = iv
+    return out or None
 
 
 def combine(runs: Iterable[Record]) -> list[Record]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path as FsPath
 
 from shared.lab.bench.modes import name_of, parse
-from shared.lab.bench.record import Record
+from shared.lab.bench.record import PRIMARY, Record
 from shared.lab.bench.workloads import WORKLOADS
 from shared.mechanisms import default
 
@@ -21,20 +21,21 @@ PVNET_PATHS = ("pvnet-netns", "pvnet-qemu")
 Column = tuple[str, Callable[[Record], str]]
 
 
-def _num(v: float | None, fmt: str = ".2f", scale: float = 1.0) -> str:
+def cell(v: float | None, fmt: str = ".2f", scale: float = 1.0) -> str:
+    """A figure as a table cell: "-" when there is none."""
     return "-" if v is None else format(v * scale, fmt)
 
 
 def _pair(a: float | None, b: float | None, fmt: str = ".1f") -> str:
     if a is None and b is None:
         return "-"
-    return f"{_num(a, fmt)} / {_num(b, fmt)}"
+    return f"{cell(a, fmt)} / {cell(b, fmt)}"
 
 
 def _ops(ops: dict[str, float | None] | None) -> str:
     if not ops:
         return "-"
-    return " / ".join(_num(ops.get(k), ".2f") for k in OP_KEYS)
+    return " / ".join(cell(ops.get(k), ".2f") for k in OP_KEYS)
 
 
 OP_KEYS = ("map", "unmap", "fault", "grant_copy_kb", "notify")
@@ -44,22 +45,39 @@ COLUMNS: list[Column] = [
     ("mode", lambda r: r.mode),
     ("workload", lambda r: r.workload),
     ("dir", lambda r: r.direction),
-    ("Gbit/s", lambda r: _num(r.gbps, ".3f")),
-    ("kframes/s", lambda r: _num(r.fps, ".1f", 1e-3)),
-    ("loss %", lambda r: _num(r.loss_pct, ".1f")),
-    ("p50 µs", lambda r: _num(r.p50_us, ".1f")),
-    ("p99 µs", lambda r: _num(r.p99_us, ".1f")),
-    ("vs veth", lambda r: _num(r.vs_veth, ".2f")),
-    ("vs virtio", lambda r: _num(r.vs_virtio, ".2f")),
+    ("Gbit/s", lambda r: cell(r.gbps, ".3f")),
+    ("kframes/s", lambda r: cell(r.fps, ".1f", 1e-3)),
+    ("offered kframes/s", lambda r: cell(r.offered_fps, ".1f", 1e-3)),
+    ("loss %", lambda r: cell(r.loss_pct, ".1f")),
+    ("p50 µs", lambda r: cell(r.p50_us, ".1f")),
+    ("p99 µs", lambda r: cell(r.p99_us, ".1f")),
+    ("vs veth", lambda r: cell(r.vs_veth, ".2f")),
+    ("vs virtio", lambda r: cell(r.vs_virtio, ".2f")),
     ("CPU s/GB f / b", lambda r: _pair(r.cpu_front_s_per_gb, r.cpu_back_s_per_gb)),
     ("CPU % f / b", lambda r: _pair(r.cpu_front_pct, r.cpu_back_pct, ".0f")),
-    ("notif/pkt", lambda r: _num(r.notify_per_pkt, ".3f")),
-    ("maps/pkt", lambda r: _num(r.maps_per_pkt, ".2f")),
-    ("copy B/pkt", lambda r: _num(r.copy_bytes_per_pkt, ".0f")),
+    ("notif/pkt", lambda r: cell(r.notify_per_pkt, ".3f")),
+    ("maps/pkt", lambda r: cell(r.maps_per_pkt, ".2f")),
+    ("copy B/pkt", lambda r: cell(r.copy_bytes_per_pkt, ".0f")),
     ("op µs map / unmap / fault / copy KB / notify", lambda r: _ops(r.op_us)),
     ("RSS MB f / b", lambda r: _pair(r.rss_front_mb, r.rss_back_mb, ".0f")),
-    ("± %", lambda r: _num(r.spread_pct, ".0f")),
+    ("95 % CI", lambda r: ci_text(r)),
 ]
+
+#: how the table shows each figure an interval may be of: (scale, format)
+CI_SHOWN = {"gbps": (1.0, ".3f"), "fps": (1e-3, ".1f"), "tps": (1e-3, ".2f"),
+            "p50_us": (1.0, ".1f")}
+
+
+def ci_text(r: Record) -> str:
+    """The 95 % interval over rounds of the row's headline figure, in its column's unit:
+    the primary figure, or p50 for rr (whose primary, transactions/s, is its inverse)."""
+    name = "p50_us" if r.workload == "rr" else PRIMARY.get(r.workload, "gbps")
+    iv = (r.ci95 or {}).get(name)
+    if iv is None:
+        return "-"
+    scale, fmt = CI_SHOWN.get(name, (1.0, ".3g"))
+    unit = {"fps": "k", "tps": "k tps", "p50_us": " µs p50"}.get(name, "")
+    return f"{iv[0] * scale:{fmt}}-{iv[1] * scale:{fmt}}{unit}"
 
 
 def markdown_table(records: list[Record]) -> str:
@@ -67,7 +85,7 @@ def markdown_table(records: list[Record]) -> str:
     head = [name for name, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
-        if r.error and r.primary is None:
+        if r.error:
             cells = [r.path, r.mode, r.workload, r.direction, f"error: {r.error}"]
             cells += [""] * (len(COLUMNS) - len(cells))
         else:
@@ -77,11 +95,13 @@ def markdown_table(records: list[Record]) -> str:
 
 
 LEGEND = (
-    "vs veth / vs virtio: Gbit/s for tcp*, delivered frames/s for udp64, transactions/s for rr, "
-    "each over the same workload and direction on that path. kframes/s for tcp and rr: frames "
-    "counted on the path (a GSO frame counts once; rr counts both directions). f / b: frontend "
-    "/ backend process. notif/pkt: notifications either end sent on either ring per data "
-    "packet. ± %: spread of the repetitions around the median.")
+    "vs veth / vs virtio: Gbit/s for tcp*, delivered frames/s for udp64 and pps*, "
+    "transactions/s for rr, each over the same workload and direction on that path. kframes/s "
+    "for tcp and rr: frames counted on the path (a GSO frame counts once; rr counts both "
+    "directions); for pps*: delivered at the receiver, beside what trafgen offered. f / b: "
+    "frontend / backend process. notif/pkt: notifications either end sent on either ring per "
+    "data packet. Figures are the median round's; 95 % CI: the interval of the mean over the "
+    "rounds (Student's t; p50 for rr).")
 
 
 @dataclass(frozen=True)
@@ -98,11 +118,12 @@ class TargetResult:
         return f"- {self.text}: {self.value} -- {mark}"
 
 
-def _find(records: list[Record], path: str, mode: str, workload: str,
-          direction: str) -> Record | None:
+def find(records: list[Record], path: str, mode: str, workload: str,
+         direction: str) -> Record | None:
+    """The record of that key, if it measured something (a refused record did not)."""
     for r in records:
         if (r.path, r.mode, r.workload, r.direction) == (path, mode, workload, direction):
-            return r if r.error is None or r.primary is not None else None
+            return r if r.error is None else None
     return None
 
 
@@ -136,16 +157,16 @@ def targets(records: list[Record]) -> list[TargetResult]:
     p = "pvnet-netns"
     if any(r.path == p for r in records) or not any(r.path == "pvnet-qemu" for r in records):
         for d in ("tx", "rx"):
-            lazy = _find(records, p, REF, "tcp", d)
-            veth = _find(records, "veth", "-", "tcp", d)
+            lazy = find(records, p, REF, "tcp", d)
+            veth = find(records, "veth", "-", "tcp", d)
             out.append(_ratio_target(f"{p} {REF} TCP {d} >= 0.6x veth", lazy, veth, "gbps", 0.6))
         for num, den, workload, goal, why in CLAIMS:  # what the seeds claim
             out.append(_ratio_target(f"{p} {num} >= {goal}x {den}, {why} ({workload} tx)",
-                                     _find(records, p, num, workload, "tx"),
-                                     _find(records, p, den, workload, "tx"),
+                                     find(records, p, num, workload, "tx"),
+                                     find(records, p, den, workload, "tx"),
                                      WORKLOADS[workload].primary, goal))
         for d in ("tx", "rx"):
-            r = _find(records, p, REF, "udp64", d)
+            r = find(records, p, REF, "udp64", d)
             fps = r.fps if r else None
             out.append(TargetResult(f"{p} {REF} UDP 64 B {d} >= 100k frames/s delivered",
                                     "n/a" if fps is None else f"{fps / 1e3:.1f}k",
@@ -154,8 +175,8 @@ def targets(records: list[Record]) -> list[TargetResult]:
     if any(r.path == "pvnet-qemu" for r in records):
         out.append(_ratio_target(
             f"pvnet-qemu {REF} TCP guest->wire >= 1.0x virtio-net (same guest type)",
-            _find(records, "pvnet-qemu", REF, "tcp", "tx"),
-            _find(records, "virtio-net", "-", "tcp", "tx"), "gbps", 1.0))
+            find(records, "pvnet-qemu", REF, "tcp", "tx"),
+            find(records, "virtio-net", "-", "tcp", "tx"), "gbps", 1.0))
         out += _guest_targets(records)
     return out
 
@@ -164,10 +185,10 @@ def _guest_targets(records: list[Record]) -> list[TargetResult]:
     """Issue 13: the guest path within reach of virtio-net in the same guest (same run)."""
     q, v = "pvnet-qemu", "virtio-net"
     out = [_ratio_target(f"{q} {REF} TCP {arrow} >= {goal}x virtio-net",
-                         _find(records, q, REF, "tcp", d), _find(records, v, "-", "tcp", d),
+                         find(records, q, REF, "tcp", d), find(records, v, "-", "tcp", d),
                          "gbps", goal)
            for d, arrow, goal in (("tx", "guest->wire", 0.6), ("rx", "wire->guest", 0.5))]
-    a, b = _find(records, q, REF, "rr", "both"), _find(records, v, "-", "rr", "both")
+    a, b = find(records, q, REF, "rr", "both"), find(records, v, "-", "rr", "both")
     pa, pb = (a.p50_us if a else None), (b.p50_us if b else None)
     text = f"{q} {REF} rr p50 <= 3x virtio-net's"
     out.append(TargetResult(text, "n/a", None) if pa is None or not pb
@@ -175,12 +196,12 @@ def _guest_targets(records: list[Record]) -> list[TargetResult]:
                                  pa <= 3 * pb))
     for d in ("tx", "rx"):
         out.append(_ratio_target(f"{q}-g2g {REF} TCP guest->guest ({d}) >= 0.5x virtio-net-g2g",
-                                 _find(records, q + "-g2g", REF, "tcp", d),
-                                 _find(records, v + "-g2g", "-", "tcp", d), "gbps", 0.5))
+                                 find(records, q + "-g2g", REF, "tcp", d),
+                                 find(records, v + "-g2g", "-", "tcp", d), "gbps", 0.5))
     for d in ("tx", "rx"):  # reported, no goal: the ratio is the figure
         r = _ratio_target(f"{q} {REF} UDP 64 B {d} frames/s vs virtio-net (reported)",
-                          _find(records, q, REF, "udp64", d),
-                          _find(records, v, "-", "udp64", d), "fps", 0.0)
+                          find(records, q, REF, "udp64", d),
+                          find(records, v, "-", "udp64", d), "fps", 0.0)
         out.append(TargetResult(r.text, r.value, None, reported=True))
     return out
 
@@ -216,7 +237,7 @@ def capture_lines(records: list[Record]) -> list[str]:
         if r.path != "pvnet-netns" or "+capture" not in r.mode:
             continue
         plain = r.mode.split("+capture")[0]
-        base = _find(records, r.path, plain, r.workload, r.direction)
+        base = find(records, r.path, plain, r.workload, r.direction)
         if base is None or r.primary is None or not base.primary:
             continue
         out.append(f"- capture cost: {r.mode} {r.workload} {r.direction}: "
@@ -232,7 +253,7 @@ def mechanism_lines(records: list[Record]) -> list[str]:
         if r.path != "pvnet-netns" or r.mode == REF or "+capture" in r.mode \
                 or "+rate-" in r.mode:
             continue
-        base = _find(records, r.path, REF, r.workload, r.direction)
+        base = find(records, r.path, REF, r.workload, r.direction)
         if base is None or r.primary is None or not base.primary:
             continue
         out.append(f"- {r.mode} {r.workload} {r.direction}: {r.primary / base.primary:.2f}x "
@@ -254,7 +275,8 @@ def _label(r: Record) -> str:
 
 
 def plot(records: list[Record], out: FsPath) -> FsPath | None:
-    """Three panels (TCP Gbit/s, UDP 64 B kframes/s, rr latency); None if no matplotlib."""
+    """Four panels (TCP Gbit/s, UDP 64 B and trafgen kframes/s, rr latency); None if no
+    matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -270,6 +292,8 @@ def plot(records: list[Record], out: FsPath) -> FsPath | None:
         ("TCP, one stream (Gbit/s)", "gbps", 1.0,
          [("tcp", "tx"), ("tcp", "rx"), ("tcp-nogso", "tx"), ("tcp-nogso", "rx")]),
         ("UDP 64 B delivered (kframes/s)", "fps", 1e-3, [("udp64", "tx"), ("udp64", "rx")]),
+        ("trafgen frames delivered (kframes/s)", "fps", 1e-3,
+         [("pps64", "tx"), ("pps64", "rx"), ("pps1496", "tx"), ("pps1496", "rx")]),
         ("1-byte TCP request/response (µs)", None, 1.0, [("rr", "both")]),
     ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.4 * len(labels)), 11))

@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import TextIO
 
-from shared.lab.bench import report
-from shared.lab.bench.measure import derive
+from shared.lab.bench import perframe, report
+from shared.lab.bench.checks import mtu_refusal, pps_warnings
+from shared.lab.bench.observe import observe
 from shared.lab.bench.options import QUICK_ROUNDS, QUICK_SECONDS, ROUNDS, SECONDS
 from shared.lab.bench.paths import Endpoints, Path, PathContext
+from shared.lab.bench.pps import SIZES
+from shared.lab.bench.profiler import DEFAULT_HZ
 from shared.lab.bench.record import Record, add_ratios, combine
 from shared.lab.bench.registry import build_paths
 from shared.lab.bench.workloads import WORKLOADS, Workload
@@ -48,6 +51,7 @@ class BenchConfig:
     results: FsPath | None = None  # default: <repo>/results/bench-<timestamp>/
     json_out: FsPath | None = None
     plot: bool = True
+    profile_hz: int = DEFAULT_HZ  # py-spy samples per second per end; 0: no stage breakdown
 
     @classmethod
     def quick(cls, **kw: object) -> BenchConfig:
@@ -113,6 +117,9 @@ def _summary(r: Record) -> str:
     if r.workload == "udp64":
         fps = f"{r.fps / 1e3:.1f}k frames/s" if r.fps is not None else "- frames/s"
         return f"{fps}, loss {r.loss_pct}%"
+    if r.offered_fps is not None and r.fps is not None:
+        return (f"{r.fps / 1e3:.1f}k of {r.offered_fps / 1e3:.1f}k frames/s offered, "
+                f"{r.frame_bytes} B/frame")
     return f"{r.gbps:.3f} Gbit/s"
 
 
@@ -179,26 +186,25 @@ class Bench:
     def _measure(self, path: Path, ends: Endpoints, w: Workload, direction: str) -> Record:
         rec = Record(path.path, path.mode, w.name, direction, reps=1, note=path.note)
         try:
-            before = path.sample()
-            res = w.run(ends, direction, self.cfg.seconds)
-            after = path.sample()
+            obs = observe(path, ends, w, direction, self.cfg.seconds, self.cfg.profile_hz)
         except KeyboardInterrupt:
             raise
         except Exception as exc:
             rec.error = f"{type(exc).__name__}: {_brief(exc)}"
             return rec
+        res = obs.result
         rec.seconds = round(res.seconds, 3)
         rec.gbps, rec.fps, rec.tps, rec.loss_pct = res.gbps, res.fps, res.tps, res.loss_pct
+        rec.offered_fps, rec.frame_bytes = res.offered_fps, res.frame_bytes
         rec.p50_us, rec.p99_us, rec.error = res.p50_us, res.p99_us, res.error
+        for key, value in obs.fields.items():
+            if hasattr(rec, key):
+                setattr(rec, key, value)
         if res.error is None:
-            for key, value in derive(before, after, direction, res.payload_bytes,
-                                     res.seconds).items():
-                if key == "fps" and rec.fps is not None:
-                    continue  # udp64: delivered at the receiver beats counted on the path
-                if hasattr(rec, key):
-                    setattr(rec, key, value)
             if not w.gso:
-                rec.note = _check_mtu_frames(rec)
+                rec.error = mtu_refusal(rec)
+            notes = [*obs.notes, *pps_warnings(rec)]
+            rec.note = "; ".join([rec.note, *notes]) if rec.note else "; ".join(notes)
         return rec
 
 
@@ -210,7 +216,7 @@ def config_from(quick: bool = False, seconds: float | None = None, rounds: int |
                 paths: str | None = None, modes: str | None = None,
                 workloads: str | None = None, json: str | None = None,
                 results: str | None = None, no_plot: bool = False,
-                prefix: str | None = None) -> BenchConfig:
+                prefix: str | None = None, profile_hz: int | None = None) -> BenchConfig:
     """Command-line style options (comma lists, strings) -> BenchConfig; shared with tasks.py."""
     cfg = BenchConfig.quick() if quick else BenchConfig()
     if seconds is not None:
@@ -224,20 +230,9 @@ def config_from(quick: bool = False, seconds: float | None = None, rounds: int |
     cfg.plot = not no_plot
     if prefix:
         cfg.prefix = prefix
+    if profile_hz is not None:
+        cfg.profile_hz = int(profile_hz)
     return cfg
-
-
-MTU_PAYLOAD_MAX = 2000
-"""Average payload bytes per frame above which a no-GSO run evidently carried GSO frames."""
-
-
-def _check_mtu_frames(rec: Record) -> str:
-    """Flag a no-GSO record whose frames are bigger than an MTU: GSO was on after all."""
-    if rec.gbps and rec.fps:
-        per_frame = rec.gbps * 1e9 / 8 / rec.fps
-        if per_frame > MTU_PAYLOAD_MAX:
-            return f"{rec.note}; WARNING {per_frame:.0f} B/frame: not MTU-sized"
-    return rec.note
 
 
 def default_results_dir() -> FsPath:
@@ -251,7 +246,8 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout) -> int:
         return 1
     from shared.lab import deps
 
-    deps.ensure(["iperf3", "iproute2", "procps"])
+    deps.ensure(["iperf3", "iproute2", "procps"]
+                + (["netsniff-ng"] if any(w in SIZES for w in cfg.workloads) else []))
     unknown = [w for w in cfg.workloads if w not in WORKLOADS]
     if unknown:
         print(f"error: unknown workload(s) {', '.join(unknown)} "
@@ -286,8 +282,11 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout) -> int:
 
 def _report(records: list[Record], results: FsPath, cfg: BenchConfig, interrupted: bool,
             out: TextIO) -> int:
+    issue20 = ["Issue 20 (per-frame cost, the netns pair):",
+               *(t.line() for t in perframe.issue20(records))]
     text = "\n\n".join([report.markdown_table(records), report.LEGEND,
-                         report.targets_text(records)])
+                         perframe.cost_table(records), perframe.LEGEND,
+                         report.targets_text(records), "\n".join(issue20)])
     print(text, file=out)
     (results / "table.md").write_text(text + "\n")
     report.write_json(records, results / "results.json")

@@ -2,7 +2,10 @@
 
 Clients always run on the guest end (with iperf3 -R for peer->guest), servers on the peer end,
 so a guest only has to be able to run a bounded command -- which is all a QEMU guest over ssh
-offers. Every run is bounded: iperf3 by -t plus a kill timeout, rr.py by its own deadline.
+offers. The packet-rate workloads (pps.py) run their generator at the sending end, which is
+also a bounded command. Every run is bounded: iperf3 by -t plus a kill timeout, rr.py by its
+own deadline, trafgen by timeout(1). Clients and servers on host ends are pinned to the
+workload's placement's cores (placement.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 
-from shared.lab.bench.paths import IPERF_PORT, Endpoints
+from shared.lab.bench import placement
+from shared.lab.bench.paths import IPERF_PORT, Endpoint, Endpoints, NetnsEndpoint
+from shared.lab.bench.pps import SIZES, run_pps
 
 RR_SCRIPT = str(FsPath(__file__).with_name("rr.py"))
 RR_PORT = 7777
@@ -28,8 +33,11 @@ class RunResult:
     seconds: float = 0.0
     payload_bytes: float = 0.0
     gbps: float | None = None
-    fps: float | None = None  # delivered datagrams/s (udp64); else the path counters give it
+    fps: float | None = None  # delivered datagrams/s (udp64, pps*); else the path counters
     loss_pct: float | None = None
+    offered_fps: float | None = None  # pps*: what the generator handed its device
+    frame_bytes: float | None = None  # pps*: bytes per frame at the receiving device
+    gen_cpu_s: float | None = None  # pps*: the generator's own CPU seconds
     tps: float | None = None
     p50_us: float | None = None
     p99_us: float | None = None
@@ -50,11 +58,12 @@ class Workload:
     primary: str
     run: Runner
     what: str
+    placement: str = placement.SPLIT  # which core runs what (placement.py)
 
 
 def _iperf(ends: Endpoints, direction: str, seconds: float, udp: bool) -> RunResult:
     argv = ["iperf3", "-c", ends.peer.ip, "-p", str(IPERF_PORT), "-t", str(max(1, round(seconds))),
-            "-J", "--connect-timeout", "3000"]
+            "-J", "--connect-timeout", "3000", "-A", _affinity(ends)]
     if direction == "rx":
         argv.append("-R")
     if udp:
@@ -70,6 +79,18 @@ def _iperf(ends: Endpoints, direction: str, seconds: float, udp: bool) -> RunRes
             parsed.error = (res.err.strip().splitlines() or [f"exit status {res.rc}"])[-1]
         return parsed
     return parsed
+
+
+def _affinity(ends: Endpoints) -> str:
+    """iperf3 -A: the client on the guest core, a host-side server on the host core (a
+    server in a guest has that guest's one vCPU: it keeps it)."""
+    guest, host = placement.cpus()
+    return f"{guest},{host}" if isinstance(ends.peer, NetnsEndpoint) else str(guest)
+
+
+def _pinned(end: Endpoint, cpu: int, argv: list[str]) -> list[str]:
+    """`argv` under taskset on a host end; a guest end runs it as it is (one vCPU)."""
+    return ["taskset", "-c", str(cpu), *argv] if isinstance(end, NetnsEndpoint) else argv
 
 
 def parse_iperf(text: str, udp: bool) -> RunResult:
@@ -103,12 +124,14 @@ def _udp(ends: Endpoints, direction: str, seconds: float) -> RunResult:
 
 
 def _rr(ends: Endpoints, direction: str, seconds: float) -> RunResult:
-    stop = ends.peer.start([ends.peer.python, RR_SCRIPT, "server", "--port", str(RR_PORT),
-                            "--seconds", str(seconds + SLACK)])
+    guest, host = placement.cpus()
+    stop = ends.peer.start(_pinned(ends.peer, host, [
+        ends.peer.python, RR_SCRIPT, "server", "--port", str(RR_PORT),
+        "--seconds", str(seconds + SLACK)]))
     try:
-        res = ends.guest.run([ends.guest.python, RR_SCRIPT, "client", ends.peer.ip,
-                              "--port", str(RR_PORT), "--seconds", str(seconds)],
-                             timeout=seconds + SLACK)
+        res = ends.guest.run(_pinned(ends.guest, guest, [
+            ends.guest.python, RR_SCRIPT, "client", ends.peer.ip, "--port", str(RR_PORT),
+            "--seconds", str(seconds)]), timeout=seconds + SLACK)
     finally:
         stop()
     return parse_rr(res.out, res.err)
@@ -128,6 +151,19 @@ def parse_rr(text: str, err: str = "") -> RunResult:
                      p99_us=float(raw["p99_us"]))
 
 
+def _pps(name: str) -> Runner:
+    def run(ends: Endpoints, direction: str, seconds: float) -> RunResult:
+        try:
+            r = run_pps(ends, direction, seconds, SIZES[name])
+        except RuntimeError as exc:
+            return RunResult(error=f"{name}: {exc}")
+        return RunResult(seconds=r.seconds, payload_bytes=r.delivered * SIZES[name],
+                         fps=round(r.fps, 1), loss_pct=r.loss_pct,
+                         offered_fps=round(r.offered_fps, 1), frame_bytes=r.frame_bytes,
+                         gen_cpu_s=r.gen_cpu_s)
+    return run
+
+
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("tcp", True, ("tx", "rx"), "gbps", _tcp, "one TCP stream, GSO on"),
     Workload("tcp-nogso", False, ("tx", "rx"), "gbps", _tcp,
@@ -136,4 +172,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              f"UDP {UDP_LEN}-byte datagrams, unlimited rate; frames/s delivered"),
     Workload("rr", True, ("both",), "tps", _rr,
              "1-byte TCP ping-pong (TCP_NODELAY), guest client"),
+    *(Workload(name, True, ("tx", "rx"), "fps", _pps(name),
+               f"{size}-byte UDP frames from trafgen, one unshaped core; delivered frames/s",
+               placement.PATH) for name, size in SIZES.items()),
 )}

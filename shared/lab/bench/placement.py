@@ -1,0 +1,89 @@
+"""Which core runs what during a run, so that runs are comparable on this 2-core machine.
+
+Two placements, chosen by the workload (``Workload.placement``):
+
+    split   (tcp, tcp-nogso, rr): a guest core and a host core, as a Xen guest and its
+            driver domain would have. CPU 0: the netfront, the guest-side client (iperf3 -c,
+            rr.py client) and a QEMU guest's vCPU threads. CPU 1: the netback, the wire-side
+            server (iperf3 -s via the client's ``-A 0,1``, rr.py server) and QEMU's other
+            threads (its device model: virtio-net's backend, the pvnet ports).
+    path    (pps64, pps1496): a generator core and a path core. CPU 0: trafgen alone (it
+            pins its one worker to CPU 0 itself). CPU 1: every process of the path (netfront,
+            netback, QEMU with all its threads). An unshaped generator needs a core of its
+            own; see pps.py for why it is not paced.
+
+Pinning is os.sched_setaffinity on every thread of a process, done before each run (a
+restarted end is pinned again). A machine with one allowed CPU runs everything on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+SPLIT, PATH = "split", "path"
+GUEST_CPU_INDEX, HOST_CPU_INDEX = 0, 1
+
+
+def cpus() -> tuple[int, int]:
+    """(guest/generator CPU, host/path CPU) among the CPUs this process may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[GUEST_CPU_INDEX], allowed[min(HOST_CPU_INDEX, len(allowed) - 1)]
+
+
+def threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def thread_name(tid: int) -> str:
+    try:
+        return Path(f"/proc/{tid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def is_qemu(pid: int) -> bool:
+    return thread_name(pid).startswith("qemu")
+
+
+def is_vcpu(name: str) -> bool:
+    """QEMU names its vCPU threads "CPU <n>/TCG" or "CPU <n>/KVM"."""
+    return name.startswith("CPU ") and "/" in name
+
+
+def _pin(tid: int, cpu: int) -> None:
+    with contextlib.suppress(OSError):  # a thread may exit between listing and pinning
+        os.sched_setaffinity(tid, {cpu})
+
+
+def pin_process(pid: int, cpu: int, vcpu: int | None = None) -> None:
+    """Every thread of `pid` onto `cpu`; a QEMU's vCPU threads onto `vcpu` if given."""
+    for tid in threads(pid):
+        on_vcpu = vcpu is not None and is_vcpu(thread_name(tid))
+        _pin(tid, vcpu if on_vcpu and vcpu is not None else cpu)
+
+
+def pin_ends(pids: Mapping[str, int], placement: str) -> str:
+    """Pin a path's processes (role "front"/"back" -> pid) for `placement`; what was done,
+    as the record's ``cpus`` text."""
+    guest, host = cpus()
+    done = []
+    for role, pid in sorted(pids.items()):
+        if placement == PATH:
+            pin_process(pid, host)
+            done.append(f"{role} {host}")
+        elif is_qemu(pid):
+            pin_process(pid, host, vcpu=guest)
+            done.append(f"{role} (QEMU) vCPU {guest}, rest {host}")
+        else:
+            cpu = guest if role == "front" else host
+            pin_process(pid, cpu)
+            done.append(f"{role} {cpu}")
+    tools = (f"generator {guest}" if placement == PATH
+             else f"client {guest}, server {host}")
+    return ", ".join([*done, tools])
