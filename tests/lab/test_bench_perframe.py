@@ -75,6 +75,7 @@ def test_machine_fields_take_the_samplers_cpu_out_and_split_ours_kernel_and_outs
     assert out["cpu_machine_us_per_frame"] == 280.0  # (3.0 - 0.2) s over 10k frames
     assert out["busy_pct"] == 70.0  # 2.8 of 4 CPU-seconds
     assert out["kthreads_pct"] == 5.0 and out["outside_pct"] == 15.0  # 2.8 - 2.0 - 0.2
+    assert out["cpu_ours_us_per_frame"] == 220.0  # (2.2 - 0.2 ours + 0.2 kthreads) / 10k
     assert (out["steal_pct"], out["load1"]) == (5.0, 2.25)
     assert hostcpu.derive(s0, s1, frames=None)["cpu_machine_us_per_frame"] is None
 
@@ -103,6 +104,8 @@ def test_median_record_carries_the_interval_of_each_figure_every_round_has():
     assert m.fps == 11e3 and m.ci95 is not None
     lo, hi = m.ci95["fps"]
     assert lo < 11e3 < hi and "cpu_machine_us_per_frame" not in m.ci95  # one round lacks it
+    wild = median_of([rec("veth", "-", "tcp", "tx", gbps=g) for g in (0.1, 9.0)])
+    assert wild.ci95["gbps"][0] == 0.0  # a mean's interval below zero says only "noisy"
     assert median_of(reps[:1]).ci95 is None
     assert report.ci_text(m) == f"{lo / 1e3:.1f}-{hi / 1e3:.1f}k"
 
@@ -311,7 +314,7 @@ def test_cost_table_shows_per_frame_cpu_stages_and_load_per_measured_record():
     assert lines[0].startswith("| path | mode | workload | dir | kframes/s | CPU µs/frame f / b")
     assert len(lines) == 2 + 4  # the failed record has no row here
     row = next(line for line in lines if "| lazy | pps64 | tx |" in line)
-    for cell in ("| 30.0 |", "| 6.0 / 22.0 / 60.0 |", "| 20.0 |",
+    for cell in ("| 30.0 |", "| 6.0 / 22.0 / - / 60.0 |", "| 20.0 |",
                  "| 20/10/30/20/20 (n=250) |", "| 1.8 / 90 / 20 / 3 |", "| back 1, front 1 |"):
         assert cell in row, cell
     main = report.markdown_table(cost_records())
@@ -348,6 +351,7 @@ def test_pps_and_nogso_through_veth_and_pvnet_netns(tmp_path: Path):
     for d in data:
         key = (d["path"], d["workload"], d["direction"])
         assert d["error"] is None and d["cpu_machine_us_per_frame"] > 0, key
+        assert d["cpu_ours_us_per_frame"] > 0, key
         assert d["load1"] >= 0 and d["busy_pct"] > 0 and d["outside_pct"] >= 0, key
         if d["workload"] == "tcp-nogso":  # accepted: MTU-sized frames both ways
             assert d["gbps"] * 1e9 / 8 / d["fps"] <= checks.MTU, key

@@ -6,7 +6,8 @@ interval would be far too narrow (with 3 rounds t is 4.30 where the normal is 1.
 are interleaved over the paths, so a burst of load from a neighbour falls on one round of
 every path rather than on every round of one: the rounds are as independent as this shared
 machine allows. The table shows the median round's figure with this interval beside it; one
-round gives no interval.
+round gives no interval. Every figure it is used on is non-negative, so the record clips a
+lower bound below zero to 0: such an interval says only that the rounds disagree widely.
 """
 
 from __future__ import annotations

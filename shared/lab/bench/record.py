@@ -18,7 +18,7 @@ PRIMARY = {"tcp": "gbps", "tcp-nogso": "gbps", "udp64": "fps", "rr": "tps", "pps
 """The higher-is-better figure each workload's ratios are taken on."""
 
 CI_FIELDS = ("gbps", "fps", "tps", "p50_us", "cpu_front_us_per_frame", "cpu_back_us_per_frame",
-             "cpu_machine_us_per_frame")
+             "cpu_machine_us_per_frame", "cpu_ours_us_per_frame")
 """The figures that get a 95 % interval over rounds (where the rounds have them)."""
 
 
@@ -37,7 +37,8 @@ class Record:
 
     Per frame (issue 20): cpu_front/back_us_per_frame is each end's CPU per data frame of the
     run (frames counted on the path; delivered frames for pps*); cpu_machine_us_per_frame the
-    whole machine's busy CPU per frame (/proc/stat, hostcpu.py); cpu_gen_us_per_frame the
+    whole machine's busy CPU per frame (/proc/stat, hostcpu.py), cpu_ours_us_per_frame the
+    same without the neighbours' processes (ours and kernel threads); cpu_gen_us_per_frame the
     pps generator's own share of it. stages: end -> stage -> share of that end's sampled CPU
     (stages.py), stage_samples the working samples behind each end's shares. load1,
     busy_pct, outside_pct, kthreads_pct, steal_pct: the machine during the run
@@ -76,6 +77,7 @@ class Record:
     cpu_front_us_per_frame: float | None = None
     cpu_back_us_per_frame: float | None = None
     cpu_machine_us_per_frame: float | None = None
+    cpu_ours_us_per_frame: float | None = None
     cpu_gen_us_per_frame: float | None = None
     stages: dict[str, dict[str, float]] | None = None
     stage_samples: dict[str, int] | None = None
@@ -139,7 +141,7 @@ def intervals(reps: list[Record]) -> dict[str, list[float]] | None:
         if all(v is not None for v in values):
             iv = rounded(ci95(values))
             if iv is not None:
-                out[name] = iv
+                out[name] = [max(0.0, iv[0]), iv[1]]  # every such figure is >= 0
     return out or None
 
 
