@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.lab.bench import placement, report, runner
 from shared.lab.bench import record as rec_mod
-from shared.lab.bench import report, runner
 from shared.lab.bench.measure import ProcSample, Sample, derive, op_us
 from shared.lab.bench.modes import netns_defaults, parse
 from shared.lab.bench.paths import CmdResult, Endpoints, PathContext
@@ -32,7 +32,11 @@ from tests.lab.labs import tiny_bench
 
 REQUIRED = ("path", "mode", "workload", "direction", "gbps", "fps", "p50_us", "p99_us",
             "vs_veth", "vs_virtio", "cpu_front_s_per_gb", "cpu_back_s_per_gb", "notify_per_pkt",
-            "maps_per_pkt", "copy_bytes_per_pkt", "rss_front_mb", "rss_back_mb")
+            "maps_per_pkt", "copy_bytes_per_pkt", "rss_front_mb", "rss_back_mb",
+            "offered_fps", "frame_bytes", "cpu_front_us_per_frame", "cpu_back_us_per_frame",
+            "cpu_machine_us_per_frame", "cpu_ours_us_per_frame", "cpu_gen_us_per_frame",
+            "stages", "stage_samples", "load1", "busy_pct", "outside_pct", "kthreads_pct",
+            "cpus", "ci95")
 
 
 def rec(path: str, mode: str, workload: str, direction: str, **kw: object) -> Record:
@@ -413,6 +417,10 @@ def test_tiny_bench_yields_complete_plausible_records(tmp_path: Path):
         assert d["maps_per_pkt"] is not None and d["maps_per_pkt"] >= 0
         if d["workload"] == "tcp":
             assert d["cpu_front_s_per_gb"] > 0 and d["cpu_back_s_per_gb"] > 0
+        assert d["cpu_front_us_per_frame"] > 0 and d["cpu_back_us_per_frame"] > 0
+        guest, host = placement.cpus()
+        assert d["cpus"] == f"back {host}, front {guest}, client {guest}, server {host}"
+        assert d["stage_samples"]["back"] > 0 and "ring" in d["stages"]["back"]
     assert (tmp_path / "res" / "results.json").exists()
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "pvbt-" not in left  # every namespace of the bench is gone
