@@ -332,9 +332,16 @@ def test_issue_20_figures_carry_interval_and_veth_ratio_and_judge_the_64_byte_go
     assert res["issue 20: rr p50 µs"].value == "n/a"
 
 
-def test_options_reach_the_profiler_rate():
+def test_options_reach_the_profiler_rate_and_both_helps_print(capsys):
     assert runner.config_from(profile_hz="0").profile_hz == 0
     assert runner.config_from().profile_hz == 100
+    from shared.lab.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--profile-hz" in out and "95 % interval" in out
+    assert "pps1496" in out
 
 
 # -- full tier: the workloads for real ---------------------------------------------------------

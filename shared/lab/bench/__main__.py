@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "`invoke bench`): table, targets, JSON, plot.")
     for name, text in HELP.items():
         flag = "--" + name.replace("_", "-")
+        text = text.replace("%", "%%")  # argparse formats help with %; invoke does not
         if name in FLAGS:
             p.add_argument(flag, action="store_true", help=text)
         else:
