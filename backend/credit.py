@@ -50,7 +50,9 @@ class Credit:
         if self.wait_until and now < self.wait_until:
             return True
         if now >= self.window_start + self.window:  # a window has passed: tx_add_credit
-            self.window_start = now
+            # the windows keep their phase: a late wake-up (the loop sleeps in whole ms)
+            # must not stretch every window, or the rate would fall short by the lateness
+            self.window_start += (now - self.window_start) // self.window * self.window
             self.remaining = min(self.remaining + self.credit_bytes,
                                  max(MIN_BURST, self.credit_bytes))
             self.wait_until = 0.0
