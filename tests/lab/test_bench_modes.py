@@ -30,7 +30,8 @@ def test_every_mechanism_runs_by_default_and_the_old_names_mean_what_they_meant(
         assert (m.tx, m.rx, m.header_slots, m.persistent, m.capture) == (
             tx, default("rx"), slots, persistent, capture)
     assert parse("lazy-doorbell").guest_keys() == {"tx_mode": "lazy", "event": "doorbell"}
-    assert "lazy-poll" in qemu_defaults()
+    assert qemu_defaults() == ["lazy"]  # each boot is dear: the rest on request
+    assert parse("lazy-poll").guest_keys() == {"tx_mode": "lazy", "poll_us": 1000}
 
 
 def test_names_round_trip_and_the_cross_product_has_every_pair():
@@ -73,3 +74,24 @@ def test_a_rate_mode_limits_the_guest_and_the_report_checks_it_within_5_percent(
     got = {t.text: t.met for t in report.rate_targets(recs)}
     assert got == {"pvnet-netns lazy+rate-100mbit: TCP tx within 5 % of 100 Mbit/s": True,
                    "pvnet-netns lazy+rate-50mbit: TCP tx within 5 % of 50 Mbit/s": False}
+
+
+def test_the_default_run_measures_each_mode_where_it_differs_within_30_minutes():
+    import io
+
+    from shared.lab.bench import plan
+    from shared.lab.bench.paths import PathContext
+    from shared.lab.bench.registry import build_paths
+    from shared.lab.bench.runner import Bench, BenchConfig
+
+    paths = build_paths(list(plan.DEFAULT_PATHS), PathContext())
+    bench = Bench(BenchConfig(), paths, io.StringIO())
+    assert bench.estimate_s() < 30 * 60
+    todo = {(p.path, p.mode): [w.name for w in bench.todo[id(p)]] for p in paths}
+    assert todo[("veth", "-")] == todo[("pvnet-netns", "lazy")] == list(plan.ALL)
+    for tx in names("tx")[1:]:
+        assert "tcp-nogso" in todo[("pvnet-netns", tx)]
+    assert todo[("pvnet-netns", "lazy-noslots")] == ["pps64"]
+    assert ("pvnet-qemu", "lazy") in todo and ("pvnet-qemu-g2g", "lazy") not in todo
+    asked = Bench(BenchConfig(workloads=["tcp"]), paths, io.StringIO())
+    assert all([w.name for w in ws] == ["tcp"] for ws in asked.todo.values())

@@ -8,6 +8,7 @@ the path, workload and mode lists in the texts are read from their registries.
 from __future__ import annotations
 
 from shared.lab.bench.modes import help_text as modes_help
+from shared.lab.bench.plan import DEFAULT_PATHS
 from shared.lab.bench.profiler import DEFAULT_HZ
 from shared.lab.bench.registry import REGISTRY
 from shared.lab.bench.workloads import WORKLOADS
@@ -22,10 +23,13 @@ HELP: dict[str, str] = {
     "seconds": f"seconds per run (default {SECONDS:g}; quick {QUICK_SECONDS:g})",
     "rounds": f"repetitions, interleaved over the paths; the median is reported, with a 95 % "
               f"interval over them (default {ROUNDS}; quick {QUICK_ROUNDS})",
-    "paths": f"comma list of paths (default: all registered: {','.join(REGISTRY)})",
+    "paths": f"comma list of paths, of {','.join(REGISTRY)} (default: "
+             f"{','.join(DEFAULT_PATHS)})",
     "modes": modes_help(),
-    "workloads": "comma list of workloads (default: all: "
-                 + "; ".join(f"{w.name}: {w.what}" for w in WORKLOADS.values()) + ")",
+    "workloads": "comma list of workloads, run on every path and mode (default: each its "
+                 "plan, shared/lab/bench/plan.py: every workload on veth and the reference "
+                 "mode, the ones where a mechanism or option differs elsewhere): "
+                 + "; ".join(f"{w.name}: {w.what}" for w in WORKLOADS.values()),
     "json": "also write the records as a JSON list to this file",
     "results": "results directory (default results/bench-<timestamp>/)",
     "no_plot": "skip the PNG plot",

@@ -144,7 +144,7 @@ CLAIMS = (
     (REF, "map", "tcp", 1.5, "64 KB GSO frames (Santos)"),
     (REF, "copy", "tcp", 1.1, "64 KB GSO frames (Snabb's 'just copy' costs a copy)"),
     ("map-persistent", "map", "tcp-nogso", 1.2, "MTU frames (persistent-grant RFC)"),
-    (REF, name_of(REF, noslots=True), "udp64", 1.0, "header slots, UDP 64 B"),
+    (REF, name_of(REF, noslots=True), "pps64", 1.0, "header slots, 64-byte frames"),
 )
 for _claim in CLAIMS:  # a renamed mechanism fails here, not silently in a report
     parse(_claim[0]), parse(_claim[1])

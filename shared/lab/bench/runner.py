@@ -16,11 +16,11 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import TextIO
 
-from shared.lab.bench import perframe, report
+from shared.lab.bench import perframe, plan, report
 from shared.lab.bench.checks import mtu_refusal, pps_warnings
 from shared.lab.bench.observe import observe
 from shared.lab.bench.options import QUICK_ROUNDS, QUICK_SECONDS, ROUNDS, SECONDS
@@ -32,7 +32,6 @@ from shared.lab.bench.registry import build_paths
 from shared.lab.bench.workloads import WORKLOADS, Workload
 
 REPO_ROOT = FsPath(__file__).resolve().parents[3]
-SETUP_GUESS_S = 1.5  # per session (up + down), for the up-front time estimate
 STEP_OVERHEAD_S = 0.4  # per run: process start, connect, iperf3's result exchange
 
 
@@ -43,9 +42,10 @@ class BenchConfig:
     #: the default run (QEMU guests under TCG included) stays under 30 min (README)
     seconds: float = SECONDS
     rounds: int = ROUNDS
-    paths: list[str] | None = None  # None: every registered path
-    modes: list[str] | None = None  # None: every mode of multi-mode paths
-    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    paths: list[str] | None = None  # None: the default run's (``plan.DEFAULT_PATHS``)
+    modes: list[str] | None = None  # None: each multi-mode path's default modes
+    #: None: each path and mode its planned workloads (``shared.lab.bench.plan``)
+    workloads: list[str] | None = None
     prefix: str = "pvb"
     state_dir: FsPath = FsPath("/run/pvnet-bench")
     results: FsPath | None = None  # default: <repo>/results/bench-<timestamp>/
@@ -128,16 +128,19 @@ class Bench:
 
     def __init__(self, cfg: BenchConfig, paths: list[Path], log: TextIO) -> None:
         self.cfg, self.paths, self.log = cfg, paths, log
-        self.workloads: list[Workload] = [WORKLOADS[n] for n in cfg.workloads]
-        steps = sum(len(w.directions) for w in self.workloads)
-        self.progress = Progress(cfg.rounds * len(paths) * steps)
+        #: what each path (and mode) measures: the plan, or the workloads asked for everywhere
+        self.todo: dict[int, list[Workload]] = {
+            id(p): [WORKLOADS[n] for n in (cfg.workloads or plan.workloads(p.path, p.mode))
+                    if n in WORKLOADS] for p in paths}
+        steps = sum(len(w.directions) for ws in self.todo.values() for w in ws)
+        self.progress = Progress(cfg.rounds * steps)
         self.raw: list[Record] = []
         self.interrupted = False
 
     def estimate_s(self) -> float:
-        sessions = len({w.gso for w in self.workloads}) * len(self.paths) * self.cfg.rounds
-        return (self.progress.total * (self.cfg.seconds + STEP_OVERHEAD_S)
-                + sessions * SETUP_GUESS_S)
+        setups = sum(len({w.gso for w in self.todo[id(p)]}) * plan.setup_s(p.path)
+                     for p in self.paths) * self.cfg.rounds
+        return self.progress.total * (self.cfg.seconds + STEP_OVERHEAD_S) + setups
 
     def run(self) -> list[Record]:
         """Run everything; Ctrl-C/SIGTERM ends early. Returns median records with ratios."""
@@ -145,7 +148,7 @@ class Bench:
             for rnd in range(1, self.cfg.rounds + 1):
                 for path in self.paths:
                     for gso in (True, False):
-                        todo = [w for w in self.workloads if w.gso == gso]
+                        todo = [w for w in self.todo[id(path)] if w.gso == gso]
                         if todo:
                             self._session(path, gso, todo, rnd)
         except KeyboardInterrupt:
@@ -224,7 +227,7 @@ def config_from(quick: bool = False, seconds: float | None = None, rounds: int |
     if rounds is not None:
         cfg.rounds = int(rounds)
     cfg.paths, cfg.modes = _csv(paths), _csv(modes)
-    cfg.workloads = _csv(workloads) or cfg.workloads
+    cfg.workloads = _csv(workloads)
     cfg.json_out = FsPath(json) if json else None
     cfg.results = FsPath(results) if results else None
     cfg.plot = not no_plot
@@ -247,8 +250,9 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout) -> int:
     from shared.lab import deps
 
     deps.ensure(["iperf3", "iproute2", "procps"]
-                + (["netsniff-ng"] if any(w in SIZES for w in cfg.workloads) else []))
-    unknown = [w for w in cfg.workloads if w not in WORKLOADS]
+                + (["netsniff-ng"] if any(w in SIZES for w in cfg.workloads or plan.ALL)
+                   else []))
+    unknown = [w for w in cfg.workloads or () if w not in WORKLOADS]
     if unknown:
         print(f"error: unknown workload(s) {', '.join(unknown)} "
               f"(known: {', '.join(WORKLOADS)})", file=sys.stderr)
@@ -263,7 +267,7 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout) -> int:
                           modes=tuple(cfg.modes) if cfg.modes else None,
                           log=lambda line: print(line, file=log, flush=True))
         try:
-            paths = build_paths(cfg.paths, ctx)
+            paths = build_paths(cfg.paths or list(plan.DEFAULT_PATHS), ctx)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
