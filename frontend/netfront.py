@@ -80,6 +80,10 @@ class NetfrontConfig:
     region_size: int = 8 << 20
     header_slots: bool = True
     persistent: bool = False
+    #: the grant policy to use where no extension decides (``recycle``); "" the default
+    grants: str = ""
+    #: recycling's pool, in rings' worth of pages (``frontend/grants/recycle.py``)
+    recycle_pool: int = 2
     gso: bool = True
     rx_by_id: bool = False  # pvnet extension feature-rx-by-id (out-of-order RX completion)
     #: write feature-ipv6-csum-offload (as Linux does): IPv6 RX frames may come csum_blank
@@ -130,7 +134,7 @@ class Netfront(Endpoint[Connection]):
         c = self.cfg
         w = dict.fromkeys((*FRONTEND_KEYS, *EXTENSIONS), True)
         w["feature-header-slots"] = c.header_slots
-        w["feature-persistent"] = c.persistent
+        w["feature-persistent"] = c.persistent or c.grants == "persistent"
         w["feature-rx-by-id"] = c.rx_by_id
         w["feature-gso-tcpv4"] = w["feature-gso-tcpv6"] = c.gso
         w["feature-ipv6-csum-offload"] = c.ipv6_csum_offload
@@ -199,16 +203,22 @@ class Netfront(Endpoint[Connection]):
         offer, chosen, region = negotiated
         ag = Agreement.of(offer.features, chosen)
         self.tap.set_offload(tap_offloads(ag, self.cfg.gso))
-        policy = grant_policy(chosen, region.grants)  # the frontend's side of a mechanism
-        rx = RxQueue(region, self.tap.fd, self.rx_stats, policy, offer.backend_domid, ag)
+        rx = RxQueue(region, self.tap.fd, self.rx_stats, self._policy(chosen, region,
+                     self.rx_stats), offer.backend_domid, ag)
         tx = TxQueue(region, self.tap.fd, self.tx_stats, RX_BUFFERS, ag.header_slots,
-                     policy, offer.backend_domid, ag)
+                     self._policy(chosen, region, self.tx_stats), offer.backend_domid, ag)
         self.tx, self.rx = tx, rx
         self.peer = offer.backend
         self.features = chosen
         log.info("%s: connected to %s, features %s", self.cfg.name, offer.backend,
                  ",".join(k for k, v in chosen.items() if v))
         return Connection(chan, region, tx, rx)
+
+    def _policy(self, chosen: dict[str, bool], region, stats):
+        """One queue's grant policy (the frontend's side of a mechanism), on its counters."""
+        c = self.cfg
+        opts = {"pool_rings": c.recycle_pool} if c.grants == "recycle" else {}
+        return grant_policy(chosen, region.grants, stats, c.grants, **opts)
 
     def serve(self, conn: Connection) -> None:
         conn.rx.refill()

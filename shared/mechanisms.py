@@ -69,6 +69,10 @@ GRANTS: tuple[Mechanism, ...] = (
     Mechanism("persistent", "frontend.grants.persistent",
               "every page granted once at connect, the gref's bit 31 says 'keep it mapped'",
               "Pratt, xen-devel 2007; Martins 2015", feature="feature-persistent"),
+    Mechanism("recycle", "frontend.grants.recycle",
+              "answered pages stay granted in a pool of N rings' pages and their grefs are "
+              "reused; the oldest idle ones are revoked when it is full (hit rate counted)",
+              "Martins, UEK 'xen-netfront: generalize recycling for grants'"),
 )
 """The frontend's side: how netfront grants its pages (chosen by what was negotiated: the
 policy whose ``feature`` was agreed, else the first)."""

@@ -81,6 +81,13 @@ class RingStats:
     #: netfront, stock order: RX frames its batch did not take (partial when it looked, or
     #: not as a correct stock backend answers), delivered or judged one response at a time
     rx_unbatched: int = 0
+    #: netfront, grant recycling (``frontend/grants/recycle.py``): pages named on the ring
+    #: whose grant was still in the pool (reused: no grant written) and those granted afresh;
+    #: the hit rate is recycled / (recycled + fresh)
+    grants_recycled: int = 0
+    grants_fresh: int = 0
+    #: netfront: pool grants ended because the pool was full (the oldest idle ones)
+    grants_evicted: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

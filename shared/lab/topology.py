@@ -1,10 +1,9 @@
-"""Lab topology as data: a small YAML file parsed into frozen dataclasses.
-
-A user describes a lab in ten lines (a bridge, the wire peer, the guests with their pvnet knobs)
-and every other piece -- `invoke up/down/iperf`, `pvnet stats`, the tests -- derives device,
-namespace, socket and log names from it, so they always agree and `down` can find everything
-`up` made. Validation is strict and names the offending field (``guests[1].tx_mode``), because a
-typo silently replaced by a default would make a benchmark measure the wrong thing.
+"""Lab topology as data: a small YAML file parsed into frozen dataclasses. A user describes
+a lab in ten lines (a bridge, the wire peer, the guests with their pvnet knobs) and every other
+piece -- `invoke up/down/iperf`, `pvnet stats`, the tests -- derives device, namespace, socket
+and log names from it, so they always agree and `down` can find everything `up` made.
+Validation is strict and names the offending field (``guests[1].tx_mode``), because a typo
+silently replaced by a default would make a benchmark measure the wrong thing.
 """
 
 from __future__ import annotations
@@ -69,12 +68,13 @@ class Guest:
     rx_mode: str = default("rx")  # an RX mechanism of shared/mechanisms.py
     header_slots: bool = True
     persistent: bool = False
+    grants: str = ""  # netfront's grant policy where no extension decides (recycle: its pool)
+    recycle_pool: int = 2
     event: str = "serial"  # QEMU placement only
     filters: tuple[str, ...] = ()
     #: pvnet, or virtio-net: the same guest type with QEMU's own NIC instead (the baseline)
     nic: str = "pvnet"
-    #: negotiate GSO (64 KiB segments); false: MTU-sized frames only
-    gso: bool = True
+    gso: bool = True  # negotiate GSO (64 KiB segments); false: MTU-sized frames only
     #: netfront poll budget in µs (QEMU placement); None: the netfront's default
     poll_us: int | None = None
 
@@ -237,8 +237,8 @@ def _show(value: Any) -> str:
 _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
 _WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
 _GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode", "rx_mode",
-               "header_slots", "persistent", "event", "filters", "nic", "gso",
-               "poll_us", "rate")
+               "header_slots", "persistent", "grants", "recycle_pool", "event", "filters",
+               "nic", "gso", "poll_us", "rate")
 
 
 def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
@@ -303,6 +303,8 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
         rx_mode=f.choice("rx_mode", default("rx"), names("rx")),
         header_slots=f.boolean("header_slots", True),
         persistent=f.boolean("persistent", False),
+        grants=f.choice("grants", "", ("", *names("grants"))),
+        recycle_pool=f.integer("recycle_pool", 2, lo=1, hi=8),
         event=f.choice("event", "serial", EVENT_KINDS),
         filters=tuple(r.strip() for r in filters),
         nic=f.choice("nic", "pvnet", NIC_KINDS),
@@ -314,9 +316,8 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
 
 
 def _rate(f: _Fields) -> tuple[int, int] | None:
-    text = f.get("rate", None)
     try:
-        return None if text is None else parse_rate(str(text))
+        return None if (text := f.get("rate", None)) is None else parse_rate(str(text))
     except ValueError as exc:
         f.fail(f"{exc} (got {_show(text)})", "rate")
 
