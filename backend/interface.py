@@ -31,6 +31,7 @@ from backend.listener import EventListener
 from backend.mechanisms import load, own_counters
 from backend.netback import TxPath
 from backend.rx import FatalRxError, RxPath
+from backend.staging import premap
 from backend.txreq import FATAL_REASONS, FatalTxError
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
 from shared.channel import ChannelClosed, ChannelError, EventChannel
@@ -181,6 +182,14 @@ class Netback(Endpoint[Connection]):
                       shared=neg.dma_mem is self.shared_region)
         gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.tx_stats, ag.persistent)
         rx_gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.rx_stats, ag.persistent)
+        try:
+            if ag.staging:  # the frontend's pools, mapped before the first packet
+                premap(neg.pools, gntmap, rx_gntmap)
+        except BaseException:
+            gntmap.unmap_all()
+            rx_gntmap.unmap_all()
+            views.close()
+            raise
         tx = TxPath(neg.region, gntmap, self.vif.fd, self.tx_stats, self.cfg.tx_mode,
                     ag.header_slots, self.filter, ag, self.tx_own, self.cfg.rate)
         rx = RxPath(neg.region, rx_gntmap, self.vif.fd, self.rx_stats, ag, self.cfg.rx_mode,

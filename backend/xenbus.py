@@ -10,10 +10,10 @@ import os
 import select
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.netif import BACKEND_KEYS, EXTENSIONS, NUM_QUEUES_KEY, PAGE_SIZE
+from shared.netif import BACKEND_KEYS, EXTENSIONS, NUM_QUEUES_KEY, PAGE_SIZE, STAGING_POOL_KEYS
 from shared.region import Layout, Region
 from shared.text import printable
 from shared.transport import TransportError, map_memfd
@@ -50,6 +50,19 @@ class Negotiated:
     fd: int
     offered: dict[str, bool]
     agreement: Agreement
+    #: staging grants: the frontend's pool lists (``tx-pool-ref``... from its region message)
+    pools: dict[str, int] = field(default_factory=dict)
+
+
+def pool_keys(region_msg: dict) -> dict[str, int]:
+    """Staging grants: the pool lists' keys (integers; a missing size is an empty pool)."""
+    out = {}
+    for k in STAGING_POOL_KEYS:
+        v = region_msg.get(k, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise NegotiationError(f"{k} must be a non-negative integer (got {v!r})")
+        out[k] = v
+    return out
 
 
 def attach_region(fd: int, mem: mmap.mmap) -> tuple[Region, int]:
@@ -185,6 +198,8 @@ class Handshake:
                 mem.close()  # unmapped now, not whenever the traceback is collected
             raise
         name = msg.get("name")
+        ag = Agreement.of(self.offered, features)
         # the name is the frontend's to choose: escaped once here, for every log line
         return Negotiated(printable(str(name), 64) if name else "?", self.domid, features,
-                          region, mem, own_fd, self.offered, Agreement.of(self.offered, features))
+                          region, mem, own_fd, self.offered, ag,
+                          pool_keys(region_msg) if ag.staging else {})

@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass
 
 from frontend.faults import BackendError
+from frontend.grants.staging import write_pools
 from frontend.mechanisms import grant_policy
 from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import TxQueue
@@ -135,6 +136,7 @@ class Netfront(Endpoint[Connection]):
         w = dict.fromkeys((*FRONTEND_KEYS, *EXTENSIONS), True)
         w["feature-header-slots"] = c.header_slots
         w["feature-persistent"] = c.persistent or c.grants == "persistent"
+        w["feature-staging-grants"] = c.grants == "staging"
         w["feature-rx-by-id"] = c.rx_by_id
         w["feature-gso-tcpv4"] = w["feature-gso-tcpv6"] = c.gso
         w["feature-ipv6-csum-offload"] = c.ipv6_csum_offload
@@ -184,7 +186,14 @@ class Netfront(Endpoint[Connection]):
         return chan
 
     def _make_region(self, chosen: dict[str, bool], backend_domid: int):
-        """Lay out a fresh region: a sealed memfd (namespaces) or the ivshmem BAR (QEMU)."""
+        """Lay out a fresh region: a sealed memfd (namespaces) or the ivshmem BAR (QEMU); with
+        staging grants agreed, its pool lists granted and named (``tx-pool-ref``...)."""
+        region, desc, fds = self._new_region()
+        if chosen.get("feature-staging-grants"):
+            desc.update(write_pools(region, backend_domid, RX_BUFFERS))
+        return region, desc, fds
+
+    def _new_region(self):
         if self.cfg.region == "memfd":
             fd, mem = create_memfd(self.cfg.region_size, f"pvnet-{self.cfg.name}")
             self._mapped.append(weakref.ref(mem))

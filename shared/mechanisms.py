@@ -73,6 +73,11 @@ GRANTS: tuple[Mechanism, ...] = (
               "answered pages stay granted in a pool of N rings' pages and their grefs are "
               "reused; the oldest idle ones are revoked when it is full (hit rate counted)",
               "Martins, UEK 'xen-netfront: generalize recycling for grants'"),
+    Mechanism("staging", "frontend.grants.staging",
+              "every page granted once and listed per ring (tx/rx-pool-ref); the backend "
+              "premaps them all at connect and copies with the CPU, no grant op per packet",
+              "Xen netif-staging-grants rev 4; UEK Orabug 26107942",
+              feature="feature-staging-grants"),
 )
 """The frontend's side: how netfront grants its pages (chosen by what was negotiated: the
 policy whose ``feature`` was agreed, else the first)."""

@@ -88,6 +88,10 @@ class RingStats:
     grants_fresh: int = 0
     #: netfront: pool grants ended because the pool was full (the oldest idle ones)
     grants_evicted: int = 0
+    #: netback, staging grants: pages of the frontend's pools mapped at connect; TX header
+    #: pulls served by a CPU copy from a kept mapping instead of a grant copy
+    staged_grants: int = 0
+    staged_pulls: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

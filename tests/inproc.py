@@ -117,6 +117,7 @@ class BackendThread:
 
     dir: Path
     tx_mode: str = "lazy"
+    rx_mode: str = "copy"
     domid: int = 7
     rx_stall_timeout: float = 60.0
     no_offer: tuple[str, ...] = ()
@@ -130,7 +131,7 @@ class BackendThread:
         self.vif, self.wire = dgram_pair()
         self.nb = self.netback(NetbackConfig(vif="vifT", domid=self.domid,
                                              listen=str(self.ev), ctl=str(self.dir / "b.ctl"),
-                                             tx_mode=self.tx_mode,
+                                             tx_mode=self.tx_mode, rx_mode=self.rx_mode,
                                              rx_stall_timeout=self.rx_stall_timeout,
                                              no_offer=self.no_offer), self.vif)
         self.thread = threading.Thread(target=self.nb.run, name="netback", daemon=True)
@@ -163,6 +164,7 @@ class FrontendThread:
     domid: int = 7
     region_size: int = 2 << 20
     persistent: bool = False
+    grants: str = ""
     header_slots: bool = True
     poll_us: int = 0
     #: the Netfront class to run (a test may subclass InprocNetfront to inject a failure)
@@ -177,6 +179,7 @@ class FrontendThread:
                                                connect=str(self.ev), ctl=str(self.ctl),
                                                region_size=self.region_size,
                                                persistent=self.persistent,
+                                               grants=self.grants,
                                                header_slots=self.header_slots,
                                                poll_us=self.poll_us), self.tap)
         self.thread = threading.Thread(target=self.nf.run, name="netfront", daemon=True)

@@ -52,7 +52,7 @@ class Recycle(GrantPolicy):
         an unchanged entry changes nothing)."""
         idle, hits, fresh = self.idle, 0, 0
         for dst, entries in runs:
-            cur, want = dst.cast("Q"), entries.cast("Q")
+            cur, want = dst.cast("Q"), memoryview(entries).cast("Q")
             for i, w in enumerate(want):
                 if idle.pop(w >> WORD_FRAME_SHIFT, None) is not None and cur[i] == w:
                     hits += 1

@@ -13,7 +13,7 @@ from shared.grant import GRANT_ENTRY, RESERVED_REFS, GrantTable, GTF_permit_acce
 from shared.netif import GREF_PERSISTENT, RING_SIZE, TX_REQUEST, NETTXF_header_slot
 from shared.stats import RingStats
 from tests.conftest import frame, make_pair
-from tests.hostile import BASIC, HostileFrontend
+from tests.hostile import BASIC, HostileFrontend, assert_verdict
 from tests.inproc import BackendThread, wait_for
 
 _GE = GRANT_ENTRY.size
@@ -117,11 +117,27 @@ def test_a_recycled_gref_reused_for_another_page_is_the_backends_fatal_grant(tmp
         h.close()
     b.idle()
     try:
-        c = b.nb.counters
-        assert c["fatal_grant"] - before["fatal_grant"] == 1
-        assert c["malformed"] - before["malformed"] == 1
-        assert c["faults_peer"] - before["faults_peer"] == 1 and c["internal_errors"] == 0
+        assert_verdict(before, b.nb.counters, malformed=1, fatal_grant=1)
         assert b.nb.tx_stats.grants_in_use == 0 and b.nb.tx_stats.maps_outstanding == 0
-        assert before["internal_errors"] == 0
     finally:
         b.stop()
+
+
+@pytest.mark.parametrize("rings", [1, 2])
+def test_rx_buffers_come_back_before_the_pool_is_full(rings):
+    """The RX side through the real backend: netfront writes each frame to its TAP before it
+    posts the buffer again, so at most one ring of buffers is ever out (posted or being
+    answered) - never more than a pool of one ring holds. Every buffer posted again is still
+    granted: all hits, no eviction, with either pool (the arithmetic of the P3 rows: the
+    series' 30 % came from pages the guest's stack still held)."""
+    p = make_pair(grants="recycle", recycle_pool=rings)
+    frames = [frame(bytes([i % 256]) * 1400) for i in range(300)]
+    for f in frames:
+        p.wire.send(f)
+        p.run_rx(rounds=2)
+    got = p.guest_frames()
+    assert [g[-1400:] for g in got] == [f[-1400:] for f in frames]
+    st = p.fstats[1]
+    assert st.grants_fresh == 256  # the first posting of each buffer
+    assert st.grants_recycled >= 300 and st.grants_evicted == 0
+    assert p.rx.policy.busy + len(p.rx.policy.idle) <= 256
