@@ -117,8 +117,24 @@ def derive(before: Sample, after: Sample, direction: str, payload_bytes: float,
         out.update(ring_packets=packets, notify_per_pkt=_per(notify, packets),
                    maps_per_pkt=_per(maps, packets), copies_per_pkt=_per(copies, packets),
                    copy_bytes_per_pkt=_per(copied, packets, 1))
+        out.update(_op_counts(before, after, rings, packets))
         out["op_us"] = op_us(before, after)
     return out
+
+
+def _op_counts(before: Sample, after: Sample, rings: tuple[str, ...],
+               packets: int) -> dict[str, float | None]:
+    """The counts the paper table's cost model multiplies by per-operation costs: unmaps and
+    grant-copied bytes per packet (the backend's), and the netfront's grant recycling hit rate
+    (% of the pages named on the measured rings whose grant was reused; null: no recycling)."""
+    def back(key: str) -> int:
+        return sum(_ring_delta(before, after, "back", r, key) for r in rings)
+
+    hits = sum(_ring_delta(before, after, "front", r, "grants_recycled") for r in rings)
+    fresh = sum(_ring_delta(before, after, "front", r, "grants_fresh") for r in rings)
+    return {"unmaps_per_pkt": _per(back("grant_unmaps"), packets),
+            "gcopy_bytes_per_pkt": _per(back("grant_copy_bytes"), packets, 1),
+            "recycle_hit_pct": _per(100 * hits, hits + fresh, 1)}
 
 
 OP_US = {"map": ("map_ns", "grant_maps", 1), "unmap": ("unmap_ns", "grant_unmaps", 1),

@@ -72,6 +72,11 @@ class Record:
     maps_per_pkt: float | None = None
     copies_per_pkt: float | None = None
     copy_bytes_per_pkt: float | None = None
+    #: the backend's unmaps and grant-copied bytes per packet (the paper's cost model), and
+    #: the netfront's grant recycling hit rate in % (null without recycling)
+    unmaps_per_pkt: float | None = None
+    gcopy_bytes_per_pkt: float | None = None
+    recycle_hit_pct: float | None = None
     rss_front_mb: float | None = None
     rss_back_mb: float | None = None
     cpu_front_us_per_frame: float | None = None
