@@ -92,6 +92,9 @@ class RingStats:
     #: pulls served by a CPU copy from a kept mapping instead of a grant copy
     staged_grants: int = 0
     staged_pulls: int = 0
+    #: netback: payload pages accessed through the CPU view for the first time since they
+    #: were mapped (each such access is a page fault filling the PTE)
+    first_touches: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

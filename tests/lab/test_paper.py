@@ -61,26 +61,29 @@ def test_rows_are_selected_by_id_and_a_bad_id_names_the_known():
 # -- the cost model ------------------------------------------------------------------------------
 
 def test_the_model_adds_counted_operations_to_the_reference_base():
-    """Reference: 30 µs per frame at the netback, of which 1 grant copy of 64 B (2.03 µs);
-    before: the same plus one map and unmap per frame (14 µs); after: no copy, no map. The
-    netfront (20 µs) is faster than both: the ratio is the netback's."""
-    ref = rec("lazy", "pps64", "tx", 1e4, cpu_back_us_per_frame=30.0,
-              cpu_front_us_per_frame=20.0, copies_per_pkt=1.0, gcopy_bytes_per_pkt=64.0)
-    before = rec("map-noslots", "pps64", "tx", 1e4, maps_per_pkt=1.0, unmaps_per_pkt=1.0,
-                 copies_per_pkt=1.0, gcopy_bytes_per_pkt=64.0)
+    """Reference: 50 µs of the path's CPU per frame (the machine's less the generator's), of
+    which 1 grant copy of 64 B (2.03 µs) and 1 hold (3); before: the same plus one map and
+    unmap per frame (14 µs); after: none of them."""
+    costs = COSTS | {"hold": 3.0}
+    ref = rec("lazy-noslots", "pps64", "tx", 1e4, cpu_ours_us_per_frame=70.0,
+              cpu_gen_us_per_frame=20.0, op_copies_per_pkt=1.0, op_gcopy_bytes_per_pkt=64.0,
+              op_holds_per_pkt=1.0)
+    before = rec("map-noslots", "pps64", "tx", 1e4, op_maps_per_pkt=1.0,
+                 op_unmaps_per_pkt=1.0, op_copies_per_pkt=1.0, op_gcopy_bytes_per_pkt=64.0,
+                 op_holds_per_pkt=1.0)
     after = rec("map-noslots-persistent", "pps64", "tx", 1e4)
-    p = model.predict(ref, before, after, COSTS)
-    base = 30.0 - (2.0 + 64 / 1024 * 0.5)
-    assert p.back_before == round(base + 2.03125 + 14.0, 2)
-    assert p.ratio == pytest.approx((base + 2.03125 + 14.0) / base)
+    p = model.predict(ref, before, after, costs)
+    base = 50.0 - (2.0 + 64 / 1024 * 0.5 + 3.0)
+    assert p.cost_before == round(base + 5.03125 + 14.0, 2) and p.cost_after == round(base, 2)
+    assert p.ratio == pytest.approx((base + 19.03125) / base)
     assert p.hit(p.ratio * 1.19) and not p.hit(p.ratio * 1.3)
 
 
-def test_a_slower_netfront_caps_the_predicted_gain():
+def test_without_the_machine_figure_both_ends_are_the_cost():
     ref = rec("lazy", "pps64", "rx", 1e4, cpu_back_us_per_frame=10.0, cpu_front_us_per_frame=40.0)
-    before = rec("lazy", "pps64", "rx", 1e4, maps_per_pkt=1.0, unmaps_per_pkt=1.0)
+    before = rec("lazy", "pps64", "rx", 1e4, op_maps_per_pkt=1.0, op_unmaps_per_pkt=1.0)
     p = model.predict(ref, before, rec("x", "pps64", "rx", 1e4), COSTS)
-    assert p.ratio == pytest.approx(1.0)  # 10 + 14 < 40: the netfront sets the pace
+    assert p.ratio == pytest.approx(64 / 50)
     assert model.removed_share(2.0) == 0.5 and model.removed_share(None) is None
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from shared.lab.bench.interval import ci95
 from shared.lab.bench.record import Record
-from shared.lab.paper.model import Prediction, predict, removed_share
+from shared.lab.paper.model import Prediction, op_cost, path_cost, predict, removed_share
 from shared.lab.paper.rows import REFERENCE, SOURCES, Row
 
 #: the published ratio agrees when inside ours +- this share (issue 21: 25 %)
@@ -50,10 +50,13 @@ class RowResult:
     ours_ci95: list[float] | None = None
     rounds: int = 0
     ours_removed: float | None = None
+    #: mean over rounds of the measured path CPU per frame, before / after: the ratio the
+    #: cost model predicts (frames/s differ from it by the machine's share the path got)
+    ours_cpu: float | None = None
     predicted: float | None = None
     predicted_removed: float | None = None
     model_hit: bool | None = None
-    model: dict[str, float] = field(default_factory=dict)
+    model: dict[str, float | bool | None] = field(default_factory=dict)
     verdict: str = ""
     note: str = ""
 
@@ -120,12 +123,20 @@ def evaluate(row: Row, records: list[Record], raw: list[Record],
     res.ours_after = ma.primary if ma else None
     ref = _median(records, REFERENCE, row)
     pred: Prediction | None = predict(ref, mb, ma, costs) if ref and mb and ma else None
+    costs_b = [path_cost(b) for b, a in zip(before, after, strict=False)]
+    costs_a = [path_cost(a) for b, a in zip(before, after, strict=False)]
+    res.ours_cpu, _ = _mean_ci([b / a for b, a in zip(costs_b, costs_a, strict=True)
+                                if b and a])
     if pred is not None:
         res.predicted = round(pred.ratio, 3)
         res.predicted_removed = _round(removed_share(pred.ratio))
         res.model_hit = pred.hit(res.ours)
-        res.model = {"back_before_us": pred.back_before, "back_after_us": pred.back_after,
-                     "front_us": pred.front}
+        # predicted against measured CPU per frame: where a miss comes from
+        res.model = {"cost_before_us": pred.cost_before, "cost_after_us": pred.cost_after,
+                     "measured_cost_before_us": _round(path_cost(mb)),
+                     "measured_cost_after_us": _round(path_cost(ma)),
+                     "ops_before_us": round(op_cost(mb, costs), 2),
+                     "ops_after_us": round(op_cost(ma, costs), 2)}
     res.verdict = _verdict(res.ours, row.theirs_ratio, row.kind, row.note)
     return res
 
@@ -150,7 +161,8 @@ def _pct(x: float | None) -> str:
 def markdown(results: list[RowResult]) -> str:
     """The table: row, what was compared, theirs, ours, cost shares, model, verdict."""
     lines = ["| row | compared | theirs | ours (median frames) | ours ratio [95 % CI] | "
-             "share removed ours / theirs | model | verdict |", "|---|---|---|---|---|---|---|---|"]
+             "share removed ours / theirs | model (measured CPU ratio) | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.kind == "arithmetic":
             ours = "-" if r.ours is None else f"{r.ours:.0f} %" + (
@@ -170,7 +182,8 @@ def markdown(results: list[RowResult]) -> str:
                     f"`{r.after_mode}` {_num(_mul(r.ours_after, scale), '.3g')} {unit} "
                     f"({r.workload} {r.direction})")
         model = ("-" if r.predicted is None else
-                 f"{r.predicted:.2f}x ({'hit' if r.model_hit else 'miss'})")
+                 f"{r.predicted:.2f}x ({'hit' if r.model_hit else 'miss'}; CPU "
+                 f"{_num(r.ours_cpu)}x)")
         lines.append(f"| {r.id} | {r.compared} | {theirs} | {ours_fig} | {_ratio_cell(r)} | "
                      f"{_pct(r.ours_removed)} / {_pct(r.theirs_removed)} | {model} | "
                      f"{r.verdict} |")
