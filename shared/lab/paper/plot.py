@@ -33,6 +33,11 @@ def plot(results: list[RowResult], out: Path) -> Path | None:
     ax.scatter([x + 0.2 for x in xs], [r.predicted or 0 for r in ratios], marker="_", s=300,
                color="#d04020", label="cost model", zorder=3)
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks([0.5, 0.75, 1, 1.5, 2, 3, 4, 6])
     ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xticks(list(xs), [r.id for r in ratios])
     ax.set_ylabel("after / before")
