@@ -58,7 +58,7 @@ def premap(pools: dict[str, int], tx: GntMap, rx: GntMap) -> int:
                                  f"stage frame {frame}")
             frames[frame] = i
             gm.map(ref | GREF_PERSISTENT, frame, write=write)
-        gm.kept.pools_only = True
+        gm.kept.pools_only = not gm.kept.negotiated  # with feature-persistent too: any may
         gm.stats.staged_grants += n
         staged += n
     return staged
