@@ -46,6 +46,8 @@ DROP_REASONS = ("slots", "size", "headers", "csum", "vif", "not_negotiated", "ma
 FATAL_REASONS = ("slots_unpublished", "too_many_slots", "page_boundary", "id_reused",
                  "extra_info", "size", "header_slot", "grant", "tx_malformed")
 _unpack_req = TX_REQUEST.unpack_from
+#: flags of a request that is not a whole packet on its own
+_NOT_LONE = NETTXF_more_data | NETTXF_extra_info
 _unpack_extra = EXTRA_INFO.unpack_from
 
 
@@ -95,6 +97,24 @@ class TxRequests:
         #: what this backend offered: header slots, multi-slot packets, which GSO kinds
         self.header_slots, self.sg, self.gso_ok = header_slots, sg, gso_ok
         self.pkt = TxPacket()
+
+    def lone_slot(self) -> tuple[int, int, int, int] | None:
+        """The usual small packet, checked and consumed in one go: a lone header-slot request
+        (no fragment, no extra) whose id is free and whose slot reference and size are valid
+        - (request id, byte offset of its bytes in the header area, size, flags). None
+        (nothing consumed) for anything else, which ``read`` then judges, naming any fault."""
+        ring = self.ring
+        cons = ring.req_cons
+        gref, off, flags, rid, size = _unpack_req(self.buf, ring.entry(cons))
+        slots = self.slots
+        ss = slots.slot_size
+        if flags & _NOT_LONE or not flags & NETTXF_header_slot or not self.header_slots \
+                or self.pending[rid] or size < 14 or off + size > ss or gref % ss \
+                or not 0 <= gref < ss * slots.count:
+            return None
+        ring.req_cons = (cons + 1) & MASK32
+        self.stats.slots_consumed += 1
+        return rid, gref + off, size, flags
 
     def read(self, avail: int) -> TxPacket:
         """The next packet (``avail`` requests are published); consumes its requests."""
