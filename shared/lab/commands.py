@@ -53,6 +53,8 @@ def backend_options(topo: Topology, g: Guest) -> list[str]:
         argv += ["--filter", rule]
     if g.rate is not None:
         argv += ["--rate", f"{g.rate[0]},{g.rate[1]}"]
+    if g.poll_us:
+        argv += ["--poll-us", str(g.poll_us)]
     return argv
 
 
