@@ -67,6 +67,8 @@ def frontend_features(g: Guest) -> list[str]:
         argv.append("--persistent")
     if not g.gso:
         argv.append("--no-gso")
+    if g.poll_us is not None:
+        argv += ["--poll-us", str(g.poll_us)]
     return argv
 
 
@@ -96,8 +98,6 @@ def frontend_argv(g: Guest) -> list[str]:
             "--ctl-port", f"/dev/virtio-ports/{CTL_PORT}", *frontend_features(g)]
     if g.event == "doorbell":
         argv.append("--doorbell")
-    if g.poll_us is not None:
-        argv += ["--poll-us", str(g.poll_us)]
     return argv
 
 
