@@ -22,6 +22,7 @@ from shared.netif import (
     MAX_SLOTS_PER_PACKET,
     PAGE_SIZE,
     TX_REQUEST,
+    TX_REQUEST_FLAGS,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_GSO_TYPE_TCPV4,
@@ -97,6 +98,7 @@ class TxRequests:
         #: what this backend offered: header slots, multi-slot packets, which GSO kinds
         self.header_slots, self.sg, self.gso_ok = header_slots, sg, gso_ok
         self.pkt = TxPacket()
+        self._flags = ring.column("H", TX_REQUEST_FLAGS)  # each request's flags, strided
 
     def lone_slot(self) -> tuple[int, int, int, int] | None:
         """The usual small packet, checked and consumed in one go: a lone header-slot request
@@ -203,14 +205,15 @@ class TxRequests:
         k = min(limit, ring.size - pos, MAX_SLOTS_PER_PACKET)  # longer: the slow path
         if k <= 0:
             return None
-        t = tx_requests(k).unpack_from(self.buf, self.offsets[pos])
-        fl = t[2::5]
+        # the packet's end first, from the flags column: then only its requests are unpacked
+        fl = self._flags[pos:pos + k].tolist()
         try:
             n = fl.index(0) + 1
         except ValueError:
             return None
         if fl[:n - 1].count(NETTXF_more_data) != n - 1:
             return None
+        t = tx_requests(n).unpack_from(self.buf, self.offsets[pos])
         offs, ids, sizes = list(t[1:5 * n:5]), list(t[3:5 * n:5]), list(t[4:5 * n:5])
         if offs.count(0) != n or max(sizes) > PAGE_SIZE:
             return None
