@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                    help="do not offer this implemented feature (e.g. feature-gso-tcpv6; "
                         "repeatable)")
     p.add_argument("--budget", type=int, default=64, help="packets per ring per wake-up")
+    p.add_argument("--poll-us", type=int, default=0, metavar="US",
+                   help="after work, keep polling rings and vif (events unarmed) this many "
+                        "microseconds before sleeping (NAPI-like; default 0: sleep at once)")
     p.add_argument("--rate", metavar="BYTES,USEC",
                    help="limit TX from the frontend to BYTES every USEC microseconds, as "
                         "Linux netback's 'rate' key (e.g. 625000,50000: 100 Mbit/s)")
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                          connect=a.connect, region_fd=a.region_fd, ctl=a.ctl,
                          doorbell=a.doorbell,
                          tx_mode=a.tx_mode, rx_mode=a.rx_mode, filters=a.filter,
-                         budget=a.budget, rate=rate,
+                         budget=a.budget, rate=rate, poll_us=a.poll_us,
                          rx_stall_timeout=a.rx_stall_timeout, no_offer=tuple(a.no_offer))
 
 

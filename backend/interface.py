@@ -83,6 +83,9 @@ class NetbackConfig:
     no_offer: tuple[str, ...] = ()
     #: Linux's ``rate`` key: TX limited to credit_bytes per credit_usec (None: unlimited)
     rate: tuple[int, int] | None = None
+    #: NAPI-like poll budget (µs): after work, keep polling the rings and the vif (events
+    #: unarmed) until this long passes without work; 0: arm and sleep at once
+    poll_us: int = 0
 
 
 @dataclass
@@ -110,7 +113,8 @@ class Netback(Endpoint[Connection]):
         super().__init__(cfg.vif, log)
         self.counters.update({"malformed": 0, "frontend_restarts": 0, "spurious_events": 0,
                               "events_deferred": 0, "rx_stalls": 0, "slots_abandoned": 0,
-                              "accept_errors": 0, "not_negotiated": 0})
+                              "accept_errors": 0, "not_negotiated": 0,
+                              "polls_busy": 0, "polls_empty": 0})
         for reason in (*FATAL_REASONS, *_ERROR_REASON.values()):
             self.counters[f"fatal_{reason}"] = 0
         self.filter = Filter.parse(cfg.filters) if cfg.filters else None

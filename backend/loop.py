@@ -7,6 +7,7 @@ lost wake-ups.
 from __future__ import annotations
 
 import functools
+import os
 import select
 import time
 from typing import TYPE_CHECKING
@@ -56,6 +57,7 @@ def serve(nb: Netback, conn: Connection) -> None:
     stall_timeout = nb.cfg.rx_stall_timeout if rx_notify else 0.0
     stall_at = time.monotonic() + stall_timeout  # RX has no buffers yet
     t0 = r0 = 0
+    spin_s, spin_until = nb.cfg.poll_us / 1e6, 0.0
     tx_publish = functools.partial(_publish, txr, chan, txs)
     while True:
         events = poller.poll(timeout)
@@ -85,15 +87,23 @@ def serve(nb: Netback, conn: Connection) -> None:
         if not chan_polled and time.monotonic() >= resume_at:  # deferral over
             poller.register(cfd, select.POLLIN)
             chan_polled = True
+        tc, rp = txr.req_cons, rxs.rx_packets
         more = tx.action(budget, tx_publish)
         _publish(txr, chan, txs)
         rx_more = rx.action(budget)
         _publish(rxr, chan, rxs)
         wait = tx.credit_wait()  # rate-limited: come back when the next window opens
-        if not more and not wait:
+        polling = False  # NAPI-like: after work, poll on (events unarmed) for spin_s
+        if spin_s:
+            now = time.monotonic()
+            if txr.req_cons != tc or rxs.rx_packets != rp:
+                spin_until = now + spin_s
+            polling = not (more or rx_more) and now < spin_until
+            counters["polls_empty" if polling and txr.req_cons == tc else "polls_busy"] += 1
+        if not more and not wait and not polling:
             more = txr.final_check_for_requests()
         can_rx = rx.can_receive()
-        if not can_rx:
+        if not can_rx and not polling:
             can_rx = rxr.final_check_for_requests() and rx.can_receive()
         if can_rx != vif_polled:
             if can_rx:
@@ -108,7 +118,10 @@ def serve(nb: Netback, conn: Connection) -> None:
                 rxs.queue_stops += 1
                 stall_at = time.monotonic() + stall_timeout
             vif_polled = can_rx
-        timeout = 0 if (more or rx_more) else IDLE_MS if vif_polled or rx_notify else RX_POLL_MS
+        timeout = 0 if (more or rx_more or polling) else \
+            IDLE_MS if vif_polled or rx_notify else RX_POLL_MS
+        if polling:
+            os.sched_yield()  # nothing yet: let the others on this core run meanwhile
         if wait:
             timeout = min(timeout, int(wait * 1000) + 1)
         if kicked:

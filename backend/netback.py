@@ -31,6 +31,7 @@ from shared.headers import CSUM_OFFSET, ETH_P_IPV6
 from shared.netif import (
     MAX_SKB_FRAGS,
     TX_REQUEST,
+    TX_RESPONSE,
     XEN_NETIF_RSP_OKAY,
     NETTXF_csum_blank,
     NETTXF_data_validated,
@@ -50,6 +51,7 @@ from shared.xenbus import Agreement, gso_accepted
 
 log = logging.getLogger("netback")
 _unpack_req = TX_REQUEST.unpack_from
+_pack_rsp = TX_RESPONSE.pack_into
 #: drop log lines per second per connection
 LOG_PER_SECOND = 10
 #: slots a ring pass takes at most: its answers go out when it ends, not at the end of the
@@ -132,7 +134,7 @@ class TxPath:
     def _take(self, limit: int) -> tuple[list[SkBuff], int]:
         """One ring pass: build packets until ``limit`` packets or EARLY_SLOTS slots are
         consumed. Returns the packets built and how many were consumed (dropped ones too)."""
-        ring, credit = self.ring, self.credit
+        ring, credit, lone_slot = self.ring, self.credit, self.requests.lone_slot
         skbs: list[SkBuff] = []
         start = ring.req_cons
         n = 0
@@ -143,7 +145,8 @@ class TxPath:
             if credit is not None and credit.exceeded(
                     _unpack_req(ring.buf, ring.entry(ring.req_cons))[4]):
                 break  # its requests stay on the ring until the next window
-            skb = self._build(avail)
+            lone = lone_slot()
+            skb = self._build(avail) if lone is None else self._small(*lone)
             n += 1
             if skb is not None:
                 skbs.append(skb)
@@ -245,6 +248,23 @@ class TxPath:
                 raise GrantError(f"ring[{cons & MASK32}..{(pkt.end - 1) & MASK32}].gref: "
                                  f"{e}") from e
             skb.grefs, skb.offs, skb.sizes = grefs, offs, sizes
+        return skb
+
+    def _small(self, rid: int, start: int, size: int, flags: int) -> SkBuff:
+        """A packet that is one header slot (``TxRequests.lone_slot``): copied, answered at
+        once, no fragment to resolve."""
+        ring = self.ring
+        skb = SkBuff(bytes(self.hdr[start:start + size]))
+        skb.idx = (ring.req_cons - 1) & MASK32
+        skb.csum_blank = bool(flags & NETTXF_csum_blank)
+        skb.data_validated = bool(flags & NETTXF_data_validated)
+        st = self.stats
+        st.copy_bytes += size
+        st.tx_header_slot_packets += 1
+        prod = ring.rsp_prod_pvt
+        _pack_rsp(ring.buf, ring.entry(prod), rid, XEN_NETIF_RSP_OKAY)
+        ring.rsp_prod_pvt = (prod + 1) & MASK32
+        st.slots_released += 1
         return skb
 
     def _pull(self, skb: SkBuff) -> bool:

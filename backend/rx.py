@@ -25,6 +25,7 @@ the same way), so a frontend that posts few buffers still receives the frames th
 from __future__ import annotations
 
 import os
+import struct
 from collections import deque
 from itertools import islice
 
@@ -63,6 +64,8 @@ NEED = MAX_FRAME_PAGES + 1
 #: on (the second is kept for a GSO extra slot)
 PREDICTED = (0, *range(2, NEED))
 _unpack_req = RX_REQUEST.unpack_from
+#: virtio_net_hdr's flags, gso_type, hdr_len, gso_size
+_unpack_vnet4 = struct.Struct("<BBHH").unpack_from
 _pack_rsp = RX_RESPONSE.pack_into
 
 
@@ -108,6 +111,7 @@ class RxPath:
         self.held = 0  # its length (0: none)
         self.held_need = 0
         self._gso = 0  # the netif GSO type of the frame being answered
+        self._vflags = self._gso_size = 0  # and its virtio flags and GSO size
 
     def refill(self) -> int:
         """Take newly posted requests off the ring, validating each once (the mechanism's
@@ -189,8 +193,10 @@ class RxPath:
         return True
 
     def _need(self, length: int) -> int:
-        """Slots this frame takes (0: dropped, counted, as the frontend cannot take it)."""
-        vflags, vgso = VNET_HDR.unpack_from(self.vnet)[:2]
+        """Slots this frame takes (0: dropped, counted, as the frontend cannot take it). Keeps
+        the frame's virtio header fields for ``_respond`` (read once)."""
+        vflags, vgso, _hl, gso_size = _unpack_vnet4(self.vnet)
+        self._vflags, self._gso_size = vflags, gso_size
         xgso = VIRTIO_TO_XEN_GSO.get(vgso & ~VIRTIO_NET_HDR_GSO_ECN, -1) if vgso else 0
         nbufs = -(-length // PAGE_SIZE)
         if (xgso and xgso not in self.gso_ok) or (nbufs > 1 and not self.sg) \
@@ -240,15 +246,26 @@ class RxPath:
         posted queue, in frame order); with a GSO extra, buffer 1 is its slot's."""
         posted, st = self.posted, self.stats
         ring, buf, entry = self.ring, self.buf, self.ring.entry
-        vflags, _vgso, _hl, gso_size, _cs, _co, _nb = VNET_HDR.unpack_from(self.vnet)
-        xgso = self._gso
+        vflags, gso_size, xgso = self._vflags, self._gso_size, self._gso
         flags = 0
         if vflags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             flags = NETRXF_csum_blank | NETRXF_data_validated
         elif vflags & VIRTIO_NET_HDR_F_DATA_VALID:
             flags = NETRXF_data_validated
-        ids = [posted[i] for i in data]
         prod = ring.rsp_prod_pvt
+        if not xgso and len(data) == 1 and data[0] == 0:  # one buffer, the first posted
+            rid = posted.popleft()
+            _pack_rsp(buf, entry(prod), rid, 0, flags, length)
+            ring.rsp_prod_pvt = (prod + 1) & MASK32
+            self.posted_grefs.popleft()
+            self.posted_exps.popleft()
+            self.posted_views.popleft()
+            self.posted_ids.discard(rid)
+            st.rx_packets += 1
+            st.rx_bytes += length
+            st.copy_bytes += length
+            return
+        ids = [posted[i] for i in data]
         first = min(length, PAGE_SIZE)
         _pack_rsp(buf, entry(prod), ids[0], 0,
                   flags | (NETRXF_more_data if len(ids) > 1 else 0)
@@ -279,6 +296,11 @@ class RxPath:
     def _drop_posted(self, span: range, gone: set[int]) -> None:
         """Take the buffers in ``span`` whose ids are in ``gone`` off the posted queues."""
         queues = (self.posted, self.posted_grefs, self.posted_exps, self.posted_views)
+        if len(gone) == len(span):  # every one of them (the usual case): no gaps to keep
+            for q in queues:
+                for _ in span:
+                    q.popleft()
+            return
         kept = [tuple(q[i] for q in queues) for i in span if self.posted[i] not in gone]
         for q in queues:
             for _ in span:

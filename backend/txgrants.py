@@ -53,7 +53,7 @@ class TxGrants:
         n = len(grefs)
         g0 = grefs[0]
         lo, hi = self.frames.start, self.frames.stop
-        if n > 1 and g0 + n <= self.count and grefs[-1] == g0 + n - 1 \
+        if g0 + n <= self.count and grefs[-1] == g0 + n - 1 \
                 and grefs == list(range(g0, g0 + n)):
             e = entries(n).unpack_from(self.buf, g0 * _GE)
             fl, doms, frames = e[0::3], e[1::3], list(e[2::3])

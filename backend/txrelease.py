@@ -62,27 +62,25 @@ class TxRelease:
         ring, pending = self.ring, self.pending
         prod = ring.rsp_prod_pvt
         n = len(d)
-        if -1 in d:  # rare (stock slots with extras): one at a time
-            buf, offsets, mask = self.buf, ring.offsets, ring.mask
-            for i, rid in enumerate(d):
-                at = offsets[(prod + i) & mask]
+        ids_col, sts_col = self._ids, self._statuses
+        pos = prod & ring.mask
+        first = min(n, ring.size - pos)
+        if -1 in d:  # extras' NULL answers (id 0) among them
+            ids = array("H", [0 if rid < 0 else rid for rid in d])
+            sts = array("h", [XEN_NETIF_RSP_NULL if rid < 0 else XEN_NETIF_RSP_OKAY
+                              for rid in d])
+            for rid in d:
                 if rid >= 0:
-                    _pack_rsp(buf, at, rid, XEN_NETIF_RSP_OKAY)
-                else:
-                    _pack_rsp(buf, at, 0, XEN_NETIF_RSP_NULL)
+                    pending[rid] = 0
         else:
-            ids_col, sts_col = self._ids, self._statuses
-            pos = prod & ring.mask
-            first = min(n, ring.size - pos)
-            ids = array("H", d)
-            ids_col[pos:pos + first] = ids[:first]
-            sts_col[pos:pos + first] = _OKAYS[:first]
-            if first < n:
-                ids_col[:n - first] = ids[first:]
-                sts_col[:n - first] = _OKAYS[:n - first]
-        for rid in d:
-            if rid >= 0:
+            ids, sts = array("H", d), _OKAYS
+            for rid in d:
                 pending[rid] = 0
+        ids_col[pos:pos + first] = ids[:first]
+        sts_col[pos:pos + first] = sts[:first]
+        if first < n:
+            ids_col[:n - first] = ids[first:n]
+            sts_col[:n - first] = sts[first:n]
         ring.rsp_prod_pvt = (prod + n) & MASK32
         self.stats.slots_released += n
         d.clear()

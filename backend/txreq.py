@@ -22,6 +22,7 @@ from shared.netif import (
     MAX_SLOTS_PER_PACKET,
     PAGE_SIZE,
     TX_REQUEST,
+    TX_REQUEST_FLAGS,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_GSO_TYPE_TCPV4,
@@ -46,6 +47,8 @@ DROP_REASONS = ("slots", "size", "headers", "csum", "vif", "not_negotiated", "ma
 FATAL_REASONS = ("slots_unpublished", "too_many_slots", "page_boundary", "id_reused",
                  "extra_info", "size", "header_slot", "grant", "tx_malformed")
 _unpack_req = TX_REQUEST.unpack_from
+#: flags of a request that is not a whole packet on its own
+_NOT_LONE = NETTXF_more_data | NETTXF_extra_info
 _unpack_extra = EXTRA_INFO.unpack_from
 
 
@@ -95,6 +98,25 @@ class TxRequests:
         #: what this backend offered: header slots, multi-slot packets, which GSO kinds
         self.header_slots, self.sg, self.gso_ok = header_slots, sg, gso_ok
         self.pkt = TxPacket()
+        self._flags = ring.column("H", TX_REQUEST_FLAGS)  # each request's flags, strided
+
+    def lone_slot(self) -> tuple[int, int, int, int] | None:
+        """The usual small packet, checked and consumed in one go: a lone header-slot request
+        (no fragment, no extra) whose id is free and whose slot reference and size are valid
+        - (request id, byte offset of its bytes in the header area, size, flags). None
+        (nothing consumed) for anything else, which ``read`` then judges, naming any fault."""
+        ring = self.ring
+        cons = ring.req_cons
+        gref, off, flags, rid, size = _unpack_req(self.buf, ring.entry(cons))
+        slots = self.slots
+        ss = slots.slot_size
+        if flags & _NOT_LONE or not flags & NETTXF_header_slot or not self.header_slots \
+                or self.pending[rid] or size < 14 or off + size > ss or gref % ss \
+                or not 0 <= gref < ss * slots.count:
+            return None
+        ring.req_cons = (cons + 1) & MASK32
+        self.stats.slots_consumed += 1
+        return rid, gref + off, size, flags
 
     def read(self, avail: int) -> TxPacket:
         """The next packet (``avail`` requests are published); consumes its requests."""
@@ -183,14 +205,15 @@ class TxRequests:
         k = min(limit, ring.size - pos, MAX_SLOTS_PER_PACKET)  # longer: the slow path
         if k <= 0:
             return None
-        t = tx_requests(k).unpack_from(self.buf, self.offsets[pos])
-        fl = t[2::5]
+        # the packet's end first, from the flags column: then only its requests are unpacked
+        fl = self._flags[pos:pos + k].tolist()
         try:
             n = fl.index(0) + 1
         except ValueError:
             return None
         if fl[:n - 1].count(NETTXF_more_data) != n - 1:
             return None
+        t = tx_requests(n).unpack_from(self.buf, self.offsets[pos])
         offs, ids, sizes = list(t[1:5 * n:5]), list(t[3:5 * n:5]), list(t[4:5 * n:5])
         if offs.count(0) != n or max(sizes) > PAGE_SIZE:
             return None

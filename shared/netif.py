@@ -17,6 +17,8 @@ ETH_HLEN = 14
 # --- the ring messages (TX: frontend -> backend, RX: backend -> frontend) ---------------------
 #: struct netif_tx_request { grant_ref_t gref; uint16_t offset, flags, id, size; }
 TX_REQUEST = struct.Struct("<IHHHH")
+#: byte offset of tx_request.flags (u16): netback finds a packet's end in this column
+TX_REQUEST_FLAGS = 6
 #: struct netif_tx_response { uint16_t id; int16_t status; }
 TX_RESPONSE = struct.Struct("<Hh")
 #: byte offsets of tx_response.id (u16) and .status (i16): both ends move these as columns

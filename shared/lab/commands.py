@@ -53,6 +53,8 @@ def backend_options(topo: Topology, g: Guest) -> list[str]:
         argv += ["--filter", rule]
     if g.rate is not None:
         argv += ["--rate", f"{g.rate[0]},{g.rate[1]}"]
+    if g.poll_us:
+        argv += ["--poll-us", str(g.poll_us)]
     return argv
 
 
@@ -67,6 +69,8 @@ def frontend_features(g: Guest) -> list[str]:
         argv += ["--grants", g.grants, "--recycle-pool", str(g.recycle_pool)]
     if not g.gso:
         argv.append("--no-gso")
+    if g.poll_us is not None:
+        argv += ["--poll-us", str(g.poll_us)]
     return argv
 
 
@@ -96,8 +100,6 @@ def frontend_argv(g: Guest) -> list[str]:
             "--ctl-port", f"/dev/virtio-ports/{CTL_PORT}", *frontend_features(g)]
     if g.event == "doorbell":
         argv.append("--doorbell")
-    if g.poll_us is not None:
-        argv += ["--poll-us", str(g.poll_us)]
     return argv
 
 

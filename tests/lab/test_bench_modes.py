@@ -45,8 +45,8 @@ def test_names_round_trip_and_the_cross_product_has_every_pair():
 
 
 def test_a_placement_runs_what_it_can_and_a_typo_fails():
-    assert [m.name for m in select(("lazy", "lazy-poll", "lazy+capture"))] == [
-        "lazy", "lazy+capture"]
+    assert [m.name for m in select(("lazy", "lazy-doorbell", "lazy-poll", "lazy+capture"))] == [
+        "lazy", "lazy-poll", "lazy+capture"]
     assert [m.name for m in select(("lazy", "lazy-poll", "lazy+capture"), qemu=True)] == [
         "lazy", "lazy-poll"]
     with pytest.raises(ValueError, match="tx one of lazy, map, copy, linux"):

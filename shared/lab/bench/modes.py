@@ -163,8 +163,8 @@ def cross_product(qemu: bool = False) -> list[str]:
 
 def select(asked: tuple[str, ...] | None, qemu: bool = False) -> list[Mode]:
     """The modes a path runs: its placement's defaults (None), the cross product ("all"),
-    or those asked for that the placement can run (the namespace placement has no poll
-    budget or doorbell; the QEMU paths attach no capture). Every name asked is parsed, so a
+    or those asked for that the placement can run (the namespace placement has no
+    doorbell; the QEMU paths attach no capture). Every name asked is parsed, so a
     typo fails whichever paths run."""
     if asked is None:
         wanted = qemu_defaults() if qemu else netns_defaults()
@@ -175,7 +175,7 @@ def select(asked: tuple[str, ...] | None, qemu: bool = False) -> list[Mode]:
     modes = [parse(n) for n in wanted]
     if qemu:
         return [m for m in modes if m.capture is None]
-    return [m for m in modes if not (m.poll or m.doorbell)]
+    return [m for m in modes if not m.doorbell]
 
 
 def help_text() -> str:
