@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,10 +58,27 @@ def netns_runner(where: str | None, argv: list[str], timeout: float) -> tuple[in
     return proc.returncode, proc.stdout, proc.stderr
 
 
+#: iperf3's words when its server is still closing the previous test (it serves one at a time):
+#: a run back to back with another may meet them, and a new attempt a moment later succeeds
+BUSY = ("the server is busy", "unable to receive control message", "unable to send control message")
+ATTEMPTS = 3
+
+
 def run_iperf(path: IperfPath, seconds: int = 5, udp: bool = False,
               bitrate: str = "0", runner: Runner = netns_runner) -> IperfResult:
     """Run one iperf3 client (bounded by `seconds`) and pull sender/receiver rates from -J.
-    `runner` says how to run it where `path.netns` names (a namespace, or a VM over ssh)."""
+    `runner` says how to run it where `path.netns` names (a namespace, or a VM over ssh).
+    A server still closing the previous test (`BUSY`) gets up to `ATTEMPTS` tries, 1 s apart."""
+    for attempt in range(ATTEMPTS):
+        result = _run_once(path, seconds, udp, bitrate, runner)
+        if not (result.error and any(b in result.error for b in BUSY)) or attempt == ATTEMPTS - 1:
+            return result
+        time.sleep(1.0)  # the server's own cleanup has no event to wait on from here
+    return result
+
+
+def _run_once(path: IperfPath, seconds: int, udp: bool, bitrate: str,
+              runner: Runner) -> IperfResult:
     argv = ["iperf3", "-c", path.server, "-t", str(seconds), "-J", "--connect-timeout", "3000"]
     if path.reverse:
         argv.append("-R")

@@ -113,6 +113,29 @@ def test_iperf_paths_cover_both_directions() -> None:
     ]
 
 
+def test_iperf_tries_again_while_the_server_closes_the_last_test(monkeypatch) -> None:
+    """A server still closing the previous test resets the control connection: tried again;
+    any other error is the answer at once."""
+    import shared.lab.iperf as iperf
+    monkeypatch.setattr(iperf.time, "sleep", lambda s: None)
+    ok = '{"end": {"sum_sent": {"bits_per_second": 2e9}, "sum_received": {"bits_per_second": 1e9}}}'
+    busy = '{"error": "unable to receive control message: Connection reset by peer"}'
+    answers = [busy, busy, ok]
+    calls = []
+
+    def runner(where, argv, timeout):
+        calls.append(argv)
+        return 0, answers.pop(0), ""
+
+    p = IperfPath("t", "g1", "10.77.0.1", True)
+    r = run_iperf(p, 1, runner=runner)
+    assert r.error is None and r.receiver_bps == 1e9 and len(calls) == 3
+    answers[:] = ['{"error": "unable to connect to server: No route to host"}', ok]
+    assert run_iperf(p, 1, runner=runner).error.startswith("unable to connect")
+    answers[:] = [busy] * iperf.ATTEMPTS
+    assert "reset by peer" in run_iperf(p, 1, runner=runner).error and not answers
+
+
 def test_format_iperf_table() -> None:
     p = IperfPath("g1 -> wire", "g1", "10.77.0.1", False)
     text = format_iperf([IperfResult(p, 1.5e9, 1.25e9),
