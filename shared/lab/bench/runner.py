@@ -39,7 +39,7 @@ STEP_OVERHEAD_S = 0.4  # per run: process start, connect, iperf3's result exchan
 class BenchConfig:
     """Everything a run is parameterised by (the task and `python -m shared.lab.bench`)."""
 
-    #: the default run (QEMU guests under TCG included) stays under 30 min (README)
+    #: the default run (QEMU guests under TCG included) stays under 30 min (docs/performance.md)
     seconds: float = SECONDS
     rounds: int = ROUNDS
     paths: list[str] | None = None  # None: the default run's (``plan.DEFAULT_PATHS``)
