@@ -96,10 +96,9 @@ def _with_veth(records: list[Record], r: Record | None, attr: str, fmt: str,
 
 def per_frame_goals(records: list[Record]) -> list[TargetResult]:
     """The per-frame goals' figures through the netns pair (default TX mode): MTU frames each
-    way, 64 B
-    frames per direction (goal: 80k/s), rr p50 and CPU per MTU frame (whole machine); each with its
-    interval and veth's ratio in the same run. Only the 64 B goal is absolute: the others
-    are judged against a baseline, which this table is the way to measure."""
+    way, 64 B frames per direction (goal: 80k/s), rr p50 and CPU per MTU frame (whole machine);
+    each with its interval and veth's ratio in the same run. Only the 64 B goal is absolute:
+    the others are judged against a baseline, which this table is the way to measure."""
     out = []
     for d, arrow in (("rx", "wire->guest"), ("tx", "guest->wire")):
         r = find(records, *PAIR, "tcp-nogso", d)
