@@ -41,7 +41,7 @@ class DmaView:
         if frames[-1] == f0 + n - 1 and offs.count(0) == n \
                 and sizes[:-1].count(PAGE_SIZE) == n - 1 and frames == list(range(f0, f0 + n)):
             # whole pages, physically contiguous: one iovec (sizes[-1] may be short). Each
-            # fragment's own offset and size decide, never the first one's (issue 11)
+            # fragment's own offset and size decide, never the first one's
             start = f0 * PAGE_SIZE
             out.append(buf[start:start + (n - 1) * PAGE_SIZE + sizes[-1]])
             return

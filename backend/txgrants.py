@@ -85,7 +85,7 @@ class TxGrants:
         if flags0 >= 0 and flags[g0:g0 + n].tolist().count(flags0) == n:
             # unchanged since attach: one strided store, then re-read to catch a revoke that
             # landed after it (one that lands between the read and the store is the window
-            # documented in the README: no compare-and-swap from Python). Only the flags are
+            # documented in docs/design.md: no compare-and-swap from Python). Only the flags are
             # re-read: the frames were resolved at attach and are never read again.
             held_flags = flags0 | GTF_reading
             flags[g0:g0 + n] = _fill(held_flags, n)

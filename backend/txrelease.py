@@ -3,9 +3,9 @@
 Linux answers a TX slot from the zerocopy callback, when the last user frees the packet
 (``xenvif_zerocopy_callback`` -> ``xenvif_idx_release`` -> ``make_tx_response``); until then the
 slot stays pending and the frontend cannot reuse it - that is the TX ring's flow control as the
-backend sees it (README: TX slot release and flow control). Here the skb destructor queues the
-packet's request ids (``release``) and the action loop answers them in release order
-(``flush``); a header slot is answered at once (``respond``), a dropped packet's slots with
+backend sees it (docs/protocol.md: TX slot release and flow control). Here the skb destructor
+queues the packet's request ids (``release``) and the action loop answers them in release
+order (``flush``); a header slot is answered at once (``respond``), a dropped packet's slots with
 errors (``error``). ``pending`` is the table of request ids consumed and not yet answered,
 which request validation (``backend/txreq.py``) checks against id reuse.
 """

@@ -93,7 +93,7 @@ class NetfrontConfig:
     #: NAPI-like poll budget (µs): after a round that did work, keep polling ring and TAP
     #: (events unarmed) until this long has passed without work; 0: arm and sleep at once.
     #: Off by default: in a 1-vCPU TCG guest the polling took the CPU the guest's sender needs
-    #: (issue 13's bench: TCP tx 0.035 with 1000 µs vs 0.076 Gbit/s without, rr p50 alike)
+    #: (measured: docs/performance.md, "The guest path", the poll budget)
     poll_us: int = 0
 
 

@@ -5,8 +5,8 @@ a payload chunk. When any of them runs short the queue *stops* (the pump stops r
 TAP) and restarts as responses release them (``reap``): a header slot's answer frees the slot,
 the last page answer of a chunk frees the chunk (revoking its grants). The backend answers a
 slot only when its packet is freed (``backend/txrelease.py``), so this is where its pace reaches
-the guest (README: TX slot release and flow control). Every response is checked: an id not in
-flight is a lie (``BackendError``).
+the guest (docs/protocol.md: TX slot release and flow control). Every response is checked: an
+id not in flight is a lie (``BackendError``).
 
 Completions without kicks: like virtio-net's TX, a running queue does not ask to be notified of
 TX completions (rsp_event is parked); it reaps them whenever it wakes and at least every

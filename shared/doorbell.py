@@ -3,8 +3,8 @@
 Why: a kick over virtio-serial travels guest -> virtqueue -> QEMU -> unix socket (and back the
 same way); a doorbell is one MMIO write in the guest that QEMU turns into an eventfd write on
 the host (ioeventfd), and one eventfd write on the host that QEMU turns into an MSI-X
-interrupt, which VFIO turns into an eventfd in the guest. A prototype measured a notification
-round trip of ~70 us p50 against ~184 us over virtio-serial (see FACTS.md).
+interrupt, which VFIO turns into an eventfd in the guest. The round trips measured are in
+docs/performance.md (doorbells against virtio-serial).
 
 Only the kicks move: the handshake's JSON messages keep travelling over the virtio-serial
 port, so ``KickChannel`` (shared/kickchannel.py) wraps an ``EventChannel`` (messages) and a

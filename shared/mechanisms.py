@@ -12,7 +12,7 @@ lists, their ``--help`` texts and the tests, which run the shared behavioural te
 entry. Nothing here imports a mechanism: the lab (which must not import the
 drivers) reads names and summaries only.
 
-Adding a mechanism is one module plus one line below (README: Adding a mechanism).
+Adding a mechanism is one module plus one line below (README.md: Adding a mechanism).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Mechanism:
     name: str
     #: the module holding its class (``MECHANISM`` in that module), imported by netback only
     module: str
-    #: one line for --help texts, the README table and the bench's legend
+    #: one line for --help texts, the table in docs/mechanisms.md and the bench's legend
     summary: str
     #: a source it reproduces, if any (shown beside the summary)
     source: str = ""
@@ -108,8 +108,8 @@ def help_text(side: str) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table of mechanisms (``python -m shared.mechanisms`` prints it; a test
-    holds the README to it)."""
+    """The table of mechanisms in docs/mechanisms.md (``python -m shared.mechanisms`` prints it;
+    a test holds the doc to it)."""
     rows = ["| side | name | what it does | after |", "|---|---|---|---|"]
     for side, label in (("tx", "TX (netback)"), ("rx", "RX (netback)"),
                         ("grants", "grants (netfront)")):

@@ -56,8 +56,8 @@ def require_tso(machine: str | None = None) -> None:
     m = (machine or platform.machine()).lower()
     if m not in TSO_MACHINES:
         raise OrderingError(f"pvnet needs a CPU with total store order (x86); this is {m!r}, "
-                            "where the ring's plain stores may be reordered (README: Memory "
-                            "ordering)")
+                            "where the ring's plain stores may be reordered (docs/protocol.md: "
+                            "Memory ordering)")
 
 
 class RingError(PeerFault):

@@ -1,4 +1,4 @@
-"""Per-ring-end counters with the canonical names of DESIGN.md (Linux names where one exists).
+"""Per-ring-end counters with canonical names (Linux names where one exists).
 
 Plain attributes on a slotted dataclass: the data path bumps them with ``+=`` (no dict lookups,
 no locks); the control thread takes a snapshot with ``as_dict``. A torn read of one counter is

@@ -1,7 +1,7 @@
 """`pvnet stats`, the view: collect every end's counters, pair each netfront with its netback,
 render one table per guest and ring with the two ends side by side.
 
-That side-by-side view is where the invariants of DESIGN.md ("slots consumed == released + in
+That side-by-side view is where the counters' invariants ("slots consumed == released + in
 flight", "sent == success + fail") can be checked by eye. Rendering is pure functions over the
 stats dicts so the tests need no running processes; every reply is treated as untrusted data
 (a guest's netfront writes what it likes). The command itself is in shared/cli.py.
@@ -24,7 +24,7 @@ CANONICAL = (
     "maps_outstanding grants_in_use grants_active copy_bytes slots_in_flight notify_sent "
     "notify_suppressed queue_stops drops req_prod req_cons req_event rsp_prod rsp_event"
 ).split()
-"""Counter order of DESIGN.md; anything else a process reports follows, sorted."""
+"""The canonical counter order; anything else a process reports follows, sorted."""
 
 ENDS = ("netfront", "netback")
 FAULTS = {"faults_peer": "peer", "faults_own": "own", "faults_os": "OS"}

@@ -2,8 +2,8 @@
 
 With ``IFF_VNET_HDR`` every frame read or written starts with a 12-byte virtio_net_hdr that
 carries checksum-offload and GSO metadata, and ``TUNSETOFFLOAD`` lets the kernel hand over
-64 KiB TCP segments unsegmented: the one lever that makes a Python data path fast (FACTS.md:
-1.2 Gbit/s with 1514-byte frames, 13.5 with GSO). The device lives as long as the fd.
+64 KiB TCP segments unsegmented: the one lever that makes a Python data path fast
+(docs/performance.md has the figures). The device lives as long as the fd.
 """
 
 from __future__ import annotations

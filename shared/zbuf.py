@@ -1,4 +1,4 @@
-"""Zero-copy capture buffers with generation numbers (FreeBSD's zbuf BPF, seed 003).
+"""Zero-copy capture buffers with generation numbers (FreeBSD's zbuf BPF, BIOCSETZBUF).
 
 Two equal buffers share one memfd between the producer (netback) and one reader. Each opens
 with a 32-byte header (``HEADER``)::

@@ -1,4 +1,4 @@
-"""The arrows run one way (README "Layout", issue 15): what lint-imports cannot see.
+"""The arrows run one way (docs/layout.md, "Import contracts"): what lint-imports cannot see.
 
 lint-imports checks the packages against the contracts in pyproject.toml (`invoke lint`, CI);
 these tests add the files that are not packages - tasks.py and the guest's init, which run the

@@ -217,7 +217,7 @@ def csum(start: int, off: int) -> bytes:
 
 
 def test_backend_drops_ipv6_csum_blank_tx_it_did_not_offer(caplog):
-    """Decided (README, Negotiation): a csum_blank IPv6 frame without the backend's
+    """Decided (docs/protocol.md, Negotiation): a csum_blank IPv6 frame without the backend's
     feature-ipv6-csum-offload is dropped - counted drops_not_negotiated, the frontend stays -
     as any frame whose checksum this backend does not set up; IPv4 is unaffected."""
     p = make_pair(header_slots=False)

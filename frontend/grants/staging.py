@@ -14,7 +14,7 @@ lookup is the persistent grants' table; a bit-31 gref outside the declared pools
 (``not_negotiated``), as a gref UEK's table lacks would fall back to a grant map. The pools
 cover every page netfront names (its RX buffers, and as many 17-page TX chunks as fit in 512
 entries: 30), which the UEK netfront reaches by copying into its pool ("use gref mappings
-for Tx buffers"); pvnet's header slots are the staged linear area of TX (see the README).
+for Tx buffers"); pvnet's header slots are the staged linear area of TX (see docs/design.md).
 """
 
 from __future__ import annotations

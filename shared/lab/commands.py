@@ -32,7 +32,7 @@ GUEST_TAP = "pv0"
 #: segments (~64 KB) however low the socket's pacing rate. Linux sizes TSO frames to ~1 ms of
 #: the pacing rate (tcp_tso_autosize); a slow path thus gets small frames, and a NIC whose cost
 #: is per frame (pvnet's Python netfront under TCG, ~1 ms per frame) stays slow. virtio-net
-#: frames are ~54 KB here already. Issue 13 measured pvnet TX 53-68 -> 255-262 Mbit/s.
+#: frames are ~54 KB here already. Measured: docs/performance.md, "The guest path".
 GUEST_MIN_TSO_SEGS = 44
 
 

@@ -1,6 +1,6 @@
 """The no-VM placement: the lab built from network namespaces on this host.
 
-`Lab.up()` builds the picture in DESIGN.md with a namespace standing in for each guest: the
+`Lab.up()` builds the lab (docs/lab.md) with a namespace standing in for each guest: the
 bridge (in `host_netns`, see default.yaml for why), the wire peer behind a veth with an iperf3
 server, one namespace per guest with its own iperf3 server, then one netback per guest on the
 host side and one netfront inside the guest namespace, and waits until both ends say
@@ -118,8 +118,8 @@ class Lab:
             # autoconf/ND chatter in the counters.
             settings += ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
         if bridge_host:
-            # br_netfilter is on by default in *every* namespace on this kernel (FACTS.md says
-            # new namespaces have 0; measured 1 on 6.18) and then trims Ethernet padding off
+            # br_netfilter is on by default in *every* namespace on this kernel (new namespaces
+            # are said to have 0; measured 1 on 6.18) and then trims Ethernet padding off
             # bridged IPv4 frames. These sysctls are per namespace: ours only.
             settings += [f"net.bridge.bridge-nf-call-{x}=0"
                          for x in ("iptables", "ip6tables", "arptables")]

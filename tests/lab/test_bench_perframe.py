@@ -322,14 +322,14 @@ def test_cost_table_shows_per_frame_cpu_stages_and_load_per_measured_record():
 
 
 def test_issue_20_figures_carry_interval_and_veth_ratio_and_judge_the_64_byte_goal():
-    res = {t.text: t for t in perframe.issue20(cost_records())}
-    mtu = res["issue 20: MTU frames wire->guest kframes/s (tcp-nogso)"]
+    res = {t.text: t for t in perframe.per_frame_goals(cost_records())}
+    mtu = res["per frame: MTU frames wire->guest kframes/s (tcp-nogso)"]
     assert mtu.value == "26.0 [24.0-28.0], 0.10x veth" and mtu.line().endswith("reported")
-    cpu = res["issue 20: CPU µs per MTU frame wire->guest, whole machine"]
+    cpu = res["per frame: CPU µs per MTU frame wire->guest, whole machine"]
     assert cpu.value == "70.0, 14.00x veth"
-    assert res["issue 20: 64 B frames tx >= 80k frames/s delivered (pps64)"].met is False
-    assert res["issue 20: 64 B frames rx >= 80k frames/s delivered (pps64)"].met is None
-    assert res["issue 20: rr p50 µs"].value == "n/a"
+    assert res["per frame: 64 B frames tx >= 80k frames/s delivered (pps64)"].met is False
+    assert res["per frame: 64 B frames rx >= 80k frames/s delivered (pps64)"].met is None
+    assert res["per frame: rr p50 µs"].value == "n/a"
 
 
 def test_options_reach_the_profiler_rate_and_both_helps_print(capsys):
@@ -375,6 +375,6 @@ def test_pps_and_nogso_through_veth_and_pvnet_netns(tmp_path: Path):
             guest, host = placement.cpus()
             assert d["cpus"] == f"back {host}, front {host}, generator {guest}", key
     table = (tmp_path / "res" / "table.md").read_text()
-    assert "| b stages % r/g/d/n/o |" in table and "issue 20: 64 B frames tx" in table
+    assert "| b stages % r/g/d/n/o |" in table and "per frame: 64 B frames tx" in table
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "pvbp-" not in left

@@ -84,8 +84,8 @@ def test_no_code_outside_a_mechanism_branches_on_its_name():
     assert found == []
 
 
-def test_the_readme_table_is_the_registry():
-    text = (ROOT / "README.md").read_text()
+def test_the_docs_table_is_the_registry():
+    text = (ROOT / "docs" / "mechanisms.md").read_text()
     start = text.index("<!-- mechanisms:")
     table = text[text.index("\n", start) + 1:text.index("<!-- /mechanisms -->")].strip()
     assert table == markdown_table()

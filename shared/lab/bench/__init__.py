@@ -19,6 +19,6 @@ Modules, each holding one thing:
   interval.py     95 % intervals over the interleaved rounds
   record.py       the record, median of repetitions, intervals, ratios to veth and virtio-net
   report.py       markdown table, targets, JSON, plot
-  perframe.py     the per-frame cost table and issue 20's figures
+  perframe.py     the per-frame cost table and the per-frame goals' figures
   runner.py       the loop, progress lines, teardown on failure and Ctrl-C
 """

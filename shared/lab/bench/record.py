@@ -35,7 +35,7 @@ class Record:
     cpu_*_s_per_gb divides process CPU time by payload delivered; null where there is no such
     process (veth) or too little payload.
 
-    Per frame (issue 20): cpu_front/back_us_per_frame is each end's CPU per data frame of the
+    Per frame: cpu_front/back_us_per_frame is each end's CPU per data frame of the
     run (frames counted on the path; delivered frames for pps*); cpu_machine_us_per_frame the
     whole machine's busy CPU per frame (/proc/stat, hostcpu.py), cpu_ours_us_per_frame the
     same without the neighbours' processes (ours and kernel threads); cpu_gen_us_per_frame the

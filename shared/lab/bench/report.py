@@ -182,7 +182,7 @@ def targets(records: list[Record]) -> list[TargetResult]:
 
 
 def _guest_targets(records: list[Record]) -> list[TargetResult]:
-    """Issue 13: the guest path within reach of virtio-net in the same guest (same run)."""
+    """The guest path within reach of virtio-net in the same guest (same run)."""
     q, v = "pvnet-qemu", "virtio-net"
     out = [_ratio_target(f"{q} {REF} TCP {arrow} >= {goal}x virtio-net",
                          find(records, q, REF, "tcp", d), find(records, v, "-", "tcp", d),

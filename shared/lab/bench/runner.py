@@ -39,7 +39,7 @@ STEP_OVERHEAD_S = 0.4  # per run: process start, connect, iperf3's result exchan
 class BenchConfig:
     """Everything a run is parameterised by (the task and `python -m shared.lab.bench`)."""
 
-    #: the default run (QEMU guests under TCG included) stays under 30 min (README)
+    #: the default run (QEMU guests under TCG included) stays under 30 min (docs/performance.md)
     seconds: float = SECONDS
     rounds: int = ROUNDS
     paths: list[str] | None = None  # None: the default run's (``plan.DEFAULT_PATHS``)
@@ -286,11 +286,11 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout) -> int:
 
 def _report(records: list[Record], results: FsPath, cfg: BenchConfig, interrupted: bool,
             out: TextIO) -> int:
-    issue20 = ["Issue 20 (per-frame cost, the netns pair):",
-               *(t.line() for t in perframe.issue20(records))]
+    goals = ["Per-frame cost, the netns pair:",
+               *(t.line() for t in perframe.per_frame_goals(records))]
     text = "\n\n".join([report.markdown_table(records), report.LEGEND,
                          perframe.cost_table(records), perframe.LEGEND,
-                         report.targets_text(records), "\n".join(issue20)])
+                         report.targets_text(records), "\n".join(goals)])
     print(text, file=out)
     (results / "table.md").write_text(text + "\n")
     report.write_json(records, results / "results.json")

@@ -7,7 +7,7 @@ sampled stack into one stage:
     ring     parsing requests and validating them, writing responses, index updates
     grant    grant table, maps/unmaps, grant copies, the region and the CPU/DMA views
     device   the TAP/vif system calls (readv/writev: in a TAP write the receiving stack
-             runs inline, so its cost lands here, as in the FACTS measurements)
+             runs inline, so its cost lands here, as measured before)
     notify   event channel kicks (the socket write, or a doorbell)
     other    everything the table does not name (packet headers, sk_buff churn, the loop,
              stats); a growing "other" says the table has gone stale

@@ -89,7 +89,7 @@ class MachineConfig:
     image: ImageInfo
     accel: Accel | None = None  # None: detect_accel() (KVM only if it really boots)
     memory_mib: int = 512
-    cpus: int = 1  # FACTS: -smp 2 is slower under TCG here
+    cpus: int = 1  # -smp 2 measured slower under TCG here
     machine_type: str = "q35"
     iommu: bool = False  # intel-iommu (q35 only) + intel_iommu=on: VFIO in the guest
     kernel_args: tuple[str, ...] = ()

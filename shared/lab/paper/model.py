@@ -38,7 +38,7 @@ OPS = (("op_maps_per_pkt", "map", 1.0), ("op_unmaps_per_pkt", "unmap", 1.0),
        ("op_gcopy_bytes_per_pkt", "grant_copy_kb", 1 / 1024),
        ("op_holds_per_pkt", "hold", 1.0), ("op_touches_per_pkt", "first_touch", 1.0),
        ("notify_per_pkt", "notify", 1.0))
-#: a prediction within this share of the measured ratio is a hit (issue 21: 20 %)
+#: a prediction within this share of the measured ratio is a hit (the goal: 20 %)
 HIT = 0.20
 
 

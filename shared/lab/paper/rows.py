@@ -34,7 +34,7 @@ SOURCES = {s.key: s for s in (
     Source("xen-staging-doc", "Xen docs/misc/netif-staging-grants.pandoc rev 4, 'Performance'",
            "https://xenbits.xen.org/docs/unstable/misc/netif-staging-grants.html"),
     Source("xu-2007", "H. Xu, RFC: [0/2] Remove netloop by lazy copying in netback, xen-devel, "
-           "March 2007", "seeds/001 (xen-devel thread of seed 001)"),
+           "March 2007", "https://lists.xenproject.org/archives/html/xen-devel/2007-03/msg00914.html"),
     Source("snabb-719", "Snabb PR #719 'packet copies' (virtio-net, 128 B)",
            "https://github.com/snabbco/snabb/pull/719"),
     Source("bennieston-2014", "A. Bennieston, [PATCH V6 net-next 0/5] xen-net{back,front}: "

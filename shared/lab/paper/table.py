@@ -21,7 +21,7 @@ from shared.lab.bench.record import Record
 from shared.lab.paper.model import Prediction, op_cost, path_cost, predict, removed_share
 from shared.lab.paper.rows import REFERENCE, SOURCES, Row
 
-#: the published ratio agrees when inside ours +- this share (issue 21: 25 %)
+#: the published ratio agrees when inside ours +- this share (the goal: 25 %)
 AGREE = 0.25
 PATH = "pvnet-netns"
 
