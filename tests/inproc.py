@@ -143,6 +143,12 @@ class BackendThread:
     def ev(self) -> Path:
         return self.dir / "ev"
 
+    def connected(self, timeout: float = 10.0) -> None:
+        """Wait until a frontend's connection has its TX and RX paths (the netfront may reach
+        Connected a moment before the backend has built them)."""
+        wait_for(lambda: self.nb.tx is not None and self.nb.rx is not None, timeout,
+                 "netback Connected")
+
     def idle(self, timeout: float = 5.0) -> None:
         """Wait until no frontend is connected (its connection fully released)."""
         wait_for(lambda: self.nb.tx is None and self.nb.state != XenbusState.Connected,

@@ -33,6 +33,7 @@ def pair(tmp_path):
     b = BackendThread(tmp_path)
     f = FrontendThread(b.ev, tmp_path / "f.ctl", domid=b.domid)
     f.connected()
+    b.connected()
     yield b, f
     f.stop()
     b.stop()
@@ -377,6 +378,7 @@ def test_netback_shutdown_hands_over_what_is_buffered_then_eof(tmp_path) -> None
     b = BackendThread(tmp_path)
     f = FrontendThread(b.ev, tmp_path / "f.ctl", domid=b.domid)
     f.connected()
+    b.connected()
     att = attach(ctl(b), {})
     got: list = []
     s = Session(att, got.append)
