@@ -326,7 +326,7 @@ def open_tap_in(ns: str | None, name: str, bridge: str) -> int:
         try:
             if ns:
                 setns(ns, flags=0)
-            fd = open_tap(name, offload=0)
+            (fd,) = open_tap(name, offload=0)
             configure(name, master=bridge)
             result["fd"] = fd
         except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
