@@ -60,6 +60,9 @@ def control(nb: Netback, request: dict) -> dict | Handoff:
     """Answer one control request (runs in the control thread: reads, never writes, the
     data path's state)."""
     if request.get("cmd") == "capture":
+        if nb.cfg.queues > 1:  # the capture buffer is one process's (its lock, its rotation)
+            raise ValueError(f"{nb.name}: capture serves single-queue vifs (this one offers "
+                             f"{nb.cfg.queues} queues)")
         return nb.capture.attach(request)
     if request.get("cmd") != "stats":
         raise KeyError(request.get("cmd"))

@@ -21,6 +21,8 @@ import yaml
 from shared.filter_rules import FilterError, Rule
 from shared.lab.units import parse_rate, parse_size
 from shared.mechanisms import default, names
+from shared.netif import MAX_QUEUES
+from shared.transport import queue_channel
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "default.yaml"
 DEFAULT_STATE_DIR = Path("/run/pvnet")
@@ -77,6 +79,9 @@ class Guest:
     gso: bool = True
     #: netfront poll budget in µs (QEMU placement); None: the netfront's default
     poll_us: int | None = None
+    #: queues (multi-queue-max-queues offered and asked for): a TAP queue and a worker
+    #: process per queue at each end (QEMU placement: a virtio-serial port per queue)
+    queues: int = 1
 
     @property
     def vif(self) -> str:
@@ -115,6 +120,13 @@ class Topology:
 
     def event_socket(self, g: Guest) -> Path:
         return self.state_dir / f"{g.vif}.ev"
+
+    def queue_sockets(self, g: Guest) -> tuple[Path, ...]:
+        """QEMU placement, several queues: the host ends of each queue's event port."""
+        if g.queues == 1:
+            return ()
+        return tuple(Path(queue_channel(str(self.event_socket(g)), q))
+                     for q in range(g.queues))
 
     def backend_ctl(self, g: Guest) -> Path:
         return self.state_dir / f"{g.vif}.ctl"
@@ -238,7 +250,7 @@ _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
 _WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
 _GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode", "rx_mode",
                "header_slots", "persistent", "event", "filters", "nic", "gso",
-               "poll_us", "rate")
+               "poll_us", "rate", "queues")
 
 
 def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
@@ -310,7 +322,15 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
         poll_us=None if f.get("poll_us", None) is None
         else f.integer("poll_us", lo=0, hi=1_000_000),
         rate=_rate(f),
+        queues=_queues(f),
     )
+
+
+def _queues(f: _Fields) -> int:
+    n = f.integer("queues", 1, lo=1, hi=MAX_QUEUES)
+    if n > 1 and f.data.get("event") == "doorbell":
+        f.fail("event: doorbell serves one queue (one doorbell vector)", "queues")
+    return n
 
 
 def _rate(f: _Fields) -> tuple[int, int] | None:

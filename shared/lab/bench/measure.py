@@ -46,6 +46,16 @@ def read_proc(pid: int) -> ProcSample | None:
     return ProcSample(ticks / CLK_TCK, hwm, pid)
 
 
+def read_end(reply: dict) -> ProcSample | None:
+    """An end's processes from its stats reply: itself and its queue workers (``pids``, a
+    multi-queue end), CPU and peak RSS summed (None if it is gone)."""
+    pids = reply.get("pids") or [reply["pid"]]
+    got = [p for p in (read_proc(int(pid)) for pid in pids) if p is not None]
+    if not got:
+        return None
+    return ProcSample(sum(p.cpu_s for p in got), sum(p.hwm_kb for p in got), got[0].pid)
+
+
 @dataclass
 class Sample:
     """A path's cumulative view at one instant.
