@@ -260,6 +260,32 @@ def bench(c: Context, quick: bool = False, seconds: float | None = None,
 
 
 @task(help={
+    "rows": "comma list of rows (default all; e.g. P1a,P4a)",
+    "quick": "smoke test: 2 rounds of 2 s (default 5 rounds of 5 s)",
+    "rounds": "interleaved rounds (>= 5 for the published table)",
+    "seconds": "seconds per measurement",
+    "json": "also write the result as JSON to this file",
+    "results": "directory for paper.md/json/png and logs (default results/paper-<time>/)",
+    "no_plot": "no PNG",
+})
+def paper(c: Context, rows: str | None = None, quick: bool = False, rounds: int | None = None,
+          seconds: float | None = None, json: str | None = None, results: str | None = None,
+          no_plot: bool = False):
+    """The published results on pvnet's mechanisms beside pvnet's own, in one run: table
+    (theirs, ours with 95 % intervals, cost shares, the cost model, verdicts), JSON, PNG."""
+    from shared.lab.paper.__main__ import main
+
+    argv = [*(["--rows", rows] if rows else []), *(["--quick"] if quick else []),
+            *(["--rounds", str(rounds)] if rounds is not None else []),
+            *(["--seconds", str(seconds)] if seconds is not None else []),
+            *(["--json", json] if json else []), *(["--results", results] if results else []),
+            *(["--no-plot"] if no_plot else [])]
+    code = main(argv)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={
     "minutes": "how long to soak (default 10)",
     "json": "also write the report as JSON to this file",
     "restart_every": "seconds between two SIGKILL+respawn steps (default 20)",

@@ -11,6 +11,7 @@ from backend.filter import Filter
 from backend.gntmap import GntMap, Views
 from backend.netback import TxPath
 from backend.rx import FatalRxError, RxPath
+from backend.staging import premap
 from backend.txreq import FATAL_REASONS, FatalTxError
 from shared.channel import ChannelError, EventChannel
 from shared.faults import PeerFault
@@ -87,11 +88,20 @@ class PathConfig:
 
 
 def build_paths(area: Area, views: Views, cfg: PathConfig, stats: tuple[RingStats, RingStats],
-                own: tuple[object, object]) -> tuple[TxPath, RxPath, tuple[GntMap, GntMap]]:
-    """A queue's TX and RX paths over its area, counted into ``stats``/``own`` (TX, RX)."""
+                own: tuple[object, object], pools: dict[str, int] | None = None,
+                ) -> tuple[TxPath, RxPath, tuple[GntMap, GntMap]]:
+    """A queue's TX and RX paths over its area, counted into ``stats``/``own`` (TX, RX);
+    with staging grants agreed, the frontend's ``pools`` mapped before the first packet."""
     ag = cfg.ag
     gntmap = GntMap(area, views, BACKEND_DOMID, stats[0], ag.persistent)
     rx_gntmap = GntMap(area, views, BACKEND_DOMID, stats[1], ag.persistent)
+    if ag.staging:
+        try:
+            premap(pools or {}, gntmap, rx_gntmap)
+        except BaseException:
+            gntmap.unmap_all()
+            rx_gntmap.unmap_all()
+            raise
     tx = TxPath(area, gntmap, cfg.vif_fd, stats[0], cfg.tx_mode, ag.header_slots,
                 cfg.pkt_filter, ag, own[0], cfg.rate)
     rx = RxPath(area, rx_gntmap, cfg.vif_fd, stats[1], ag, cfg.rx_mode, own[1])

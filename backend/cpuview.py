@@ -103,6 +103,9 @@ class CpuView:
         self._refs = array("I", bytes(4 * self.count))
         self._write = bytearray(self.count)
         self._holes = bytearray(self.count)  # unmapped after a map: absent, not PROT_NONE
+        #: mapped since the last access through ``page``: the next access is a first touch
+        #: (the page fault that fills the PTE; counted, for the paper's cost model)
+        self._fresh = bytearray(self.count)
         #: pages mapped elsewhere because their place was taken: index -> (address, view)
         self._away: dict[int, tuple[int, memoryview]] = {}
         self.holes = 0
@@ -139,6 +142,7 @@ class CpuView:
         st = self.stats
         st.map_ns += _now() - t
         st.grant_maps += 1
+        self._fresh[i] = 1
         if got != addr:  # an old kernel ignoring NOREPLACE: never use a page elsewhere
             _munmap(got, PAGE_SIZE)
             raise OSError(f"payload frame {frame}: its place in the CPU view is taken")
@@ -194,6 +198,9 @@ class CpuView:
         i = frame - self.first
         if not (0 <= i < self.count and self._refs[i]):
             raise NotMapped(f"payload frame {frame} read through the CPU view while unmapped")
+        if self._fresh[i]:
+            self._fresh[i] = 0
+            self.stats.first_touches += 1
         away = self._away.get(i) if self._away else None
         if away:
             return away[1][:]

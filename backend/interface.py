@@ -198,9 +198,13 @@ class Netback(Endpoint[Connection]):
         """One queue: served by this process, on the layout's rings and this channel."""
         views = Views(neg.fd, neg.dma_mem, neg.region, self.tx_stats,
                       shared=neg.dma_mem is self.shared_region)
-        tx, rx, gntmaps = build_paths(neg.region, views, self.path_config(self.vif.fd,
-                                                                          neg.agreement),
-                                      (self.tx_stats, self.rx_stats), (self.tx_own, self.rx_own))
+        try:
+            tx, rx, gntmaps = build_paths(
+                neg.region, views, self.path_config(self.vif.fd, neg.agreement),
+                (self.tx_stats, self.rx_stats), (self.tx_own, self.rx_own), neg.pools)
+        except BaseException:
+            views.close()
+            raise
         tx.capture = rx.capture = self.capture
         self.tx, self.rx = tx, rx
         return Connection(chan, neg.region, tx, rx, gntmaps, views, neg.name, neg.features)

@@ -36,6 +36,8 @@ class PersistentGrants:
         self.kept: dict[int, int] = {}
         #: gref -> frame, for those mapped into the CPU view (once each, until disconnect)
         self.mapped: dict[int, int] = {}
+        #: staging grants: only the pools' grefs (kept at connect) may carry the bit
+        self.pools_only = False
 
     def validate(self, gref: int, write: bool = False) -> int:
         """Validate any gref from the ring; return its frame. A transient one is checked
@@ -48,8 +50,15 @@ class PersistentGrants:
         if frame is not None:
             self.stats.persistent_hits += 1
             return frame
+        if self.pools_only:
+            raise NotNegotiated(f"gref {gref & GREF_MASK} marked kept but not in the staging "
+                                "pools")
         if not self.negotiated:
             raise NotNegotiated(f"gref {gref:#x} marked persistent without feature-persistent")
+        return self.keep(gref, write)
+
+    def keep(self, gref: int, write: bool = False) -> int:
+        """Validate ``gref`` (with the bit) once and keep it in use until disconnect."""
         if len(self.kept) >= MAX_PERSISTENT_GRANTS:
             raise GrantError(f"gref {gref & GREF_MASK}: more than {MAX_PERSISTENT_GRANTS} "
                              "persistent grants on one ring")

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.netif import BACKEND_KEYS, EXTENSIONS, MAX_QUEUES_KEY, NUM_QUEUES_KEY, PAGE_SIZE
+from shared.netif import (
+    BACKEND_KEYS,
+    EXTENSIONS,
+    MAX_QUEUES_KEY,
+    NUM_QUEUES_KEY,
+    PAGE_SIZE,
+    STAGING_POOL_KEYS,
+)
 from shared.queues import FLAT, QueueError, QueueKeys, check_queues, is_queue_key
 from shared.region import Layout, Region
 from shared.text import printable
@@ -56,6 +63,19 @@ class Negotiated:
     #: each queue's own event channel (ours to close)
     queues: tuple[QueueKeys, ...] = FLAT
     channels: list[EventChannel] = field(default_factory=list)
+    #: staging grants: the frontend's pool lists (``tx-pool-ref``... from its region message)
+    pools: dict[str, int] = field(default_factory=dict)
+
+
+def pool_keys(region_msg: dict) -> dict[str, int]:
+    """Staging grants: the pool lists' keys (integers; a missing size is an empty pool)."""
+    out = {}
+    for k in STAGING_POOL_KEYS:
+        v = region_msg.get(k, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise NegotiationError(f"{k} must be a non-negative integer (got {v!r})")
+        out[k] = v
+    return out
 
 
 def attach_region(fd: int, mem: mmap.mmap) -> tuple[Region, int]:
@@ -201,7 +221,12 @@ class Handshake:
                 mem.close()  # unmapped now, not whenever the traceback is collected
             raise
         name = msg.get("name")
+        ag = Agreement.of(self.offered, features)
         try:
+            if ag.staging and len(queues) > 1:
+                raise QueueError(f"feature-staging-grants with {len(queues)} queues: the "
+                                 "pools name one queue's pages (staging serves one queue)")
+            pools = pool_keys(region_msg) if ag.staging else {}
             _check_rings(queues, region.layout)
             channels = self._channels(queues, fds)
         except BaseException:
@@ -212,8 +237,7 @@ class Handshake:
             raise
         # the name is the frontend's to choose: escaped once here, for every log line
         return Negotiated(printable(str(name), 64) if name else "?", self.domid, features,
-                          region, mem, own_fd, self.offered, Agreement.of(self.offered, features),
-                          queues, channels)
+                          region, mem, own_fd, self.offered, ag, queues, channels, pools)
 
     def _channels(self, queues: tuple[QueueKeys, ...], fds: list[int]) -> list[EventChannel]:
         """Each queue's event channel (several queues): the descriptor passed as number N

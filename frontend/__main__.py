@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
+from frontend.grants.recycle import DEFAULT_POOL_RINGS
 from frontend.netfront import POLL_US, Netfront, NetfrontConfig
+from shared.mechanisms import help_text, names
 from shared.netif import MAX_QUEUES
 from shared.queues import DOORBELL_ONE_QUEUE, queue_count
 
@@ -50,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
     p.add_argument("--no-header-slots", action="store_true",
                    help="do not ask for feature-header-slots (headers ride in payload grants)")
     p.add_argument("--persistent", action="store_true", help="ask for feature-persistent")
+    p.add_argument("--grants", choices=names("grants"), default="",
+                   help="grant policy (" + help_text("grants") + "); persistent and staging "
+                        "ask for their extension, recycle needs none")
+    p.add_argument("--recycle-pool", type=int, default=DEFAULT_POOL_RINGS, metavar="RINGS",
+                   help="recycle: the pool's size in rings' worth of pages (256 each; "
+                        f"default {DEFAULT_POOL_RINGS})")
     p.add_argument("--rx-by-id", action="store_true",
                    help="ask for feature-rx-by-id (RX buffers completed in any order)")
     p.add_argument("--no-gso", action="store_true",
@@ -71,9 +79,13 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
     a = p.parse_args(argv)
     if a.doorbell and a.queues > 1:
         p.error(DOORBELL_ONE_QUEUE)
+    if a.grants == "staging" and a.queues > 1:
+        p.error("--grants staging serves one queue (its pools name one queue's pages)")
     region = a.region or ("memfd" if a.connect else "pci")
     if a.connect and region != "memfd":
         p.error("--connect (namespace placement) needs a memfd region")
+    if a.recycle_pool < 1:
+        p.error("--recycle-pool: at least 1 ring")
     if a.doorbell and not a.channel:
         p.error("--doorbell needs --channel (the QEMU placement)")
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
@@ -83,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                           ctl=a.ctl, ctl_port=a.ctl_port, connect=a.connect,
                           channel=a.channel, region=region, doorbell=a.doorbell,
                           region_size=a.region_size, header_slots=not a.no_header_slots,
-                          persistent=a.persistent, gso=not a.no_gso, rx_by_id=a.rx_by_id,
+                          persistent=a.persistent, grants=a.grants,
+                          recycle_pool=a.recycle_pool, gso=not a.no_gso, rx_by_id=a.rx_by_id,
                           ipv6_csum_offload=not a.no_ipv6_csum_offload,
                           budget=a.budget,
                           poll_us=a.poll_us or 0, queues=a.queues)

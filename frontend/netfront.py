@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from frontend import loop
 from frontend.faults import BACKEND_FAULTS
+from frontend.grants.staging import write_pools
 from frontend.mechanisms import grant_policy
 from frontend.multiqueue import MultiConnection, Queues
 from frontend.rx import RX_BUFFERS, RxQueue
@@ -65,6 +66,10 @@ class NetfrontConfig:
     region_size: int = 8 << 20
     header_slots: bool = True
     persistent: bool = False
+    #: the grant policy to use where no extension decides (``recycle``); "" the default
+    grants: str = ""
+    #: recycling's pool, in rings' worth of pages (``frontend/grants/recycle.py``)
+    recycle_pool: int = 2
     gso: bool = True
     rx_by_id: bool = False  # pvnet extension feature-rx-by-id (out-of-order RX completion)
     #: write feature-ipv6-csum-offload (as Linux does): IPv6 RX frames may come csum_blank
@@ -121,7 +126,8 @@ class Netfront(Endpoint[Connection]):
         c = self.cfg
         w = dict.fromkeys((*FRONTEND_KEYS, *EXTENSIONS), True)
         w["feature-header-slots"] = c.header_slots
-        w["feature-persistent"] = c.persistent
+        w["feature-persistent"] = c.persistent or c.grants == "persistent"
+        w["feature-staging-grants"] = c.grants == "staging"
         w["feature-rx-by-id"] = c.rx_by_id
         w["feature-gso-tcpv4"] = w["feature-gso-tcpv6"] = c.gso
         w["feature-ipv6-csum-offload"] = c.ipv6_csum_offload
@@ -164,7 +170,8 @@ class Netfront(Endpoint[Connection]):
 
     def _make_region(self, chosen: dict[str, object], backend_domid: int) -> Laid:
         """Lay out a fresh region for the queues chosen: a sealed memfd (namespaces) or the
-        ivshmem BAR (QEMU); with several queues, an event channel each."""
+        ivshmem BAR (QEMU); with several queues, an event channel each; with staging grants
+        agreed (one queue), its pool lists granted and named (``tx-pool-ref``...)."""
         n = int(chosen.get(NUM_QUEUES_KEY, 1))
         if self.cfg.region == "memfd":
             fd, mem = create_memfd(self.cfg.region_size, f"pvnet-{self.cfg.name}")
@@ -180,6 +187,8 @@ class Netfront(Endpoint[Connection]):
             numbers = self._queue_channels(laid, n)
             lay = laid.region.layout
             laid.keys = frontend_queue_keys([lay.queue_rings(q) for q in range(n)], numbers)
+        elif chosen.get("feature-staging-grants"):
+            laid.desc.update(write_pools(laid.region, backend_domid, RX_BUFFERS))
         return laid
 
     def _queue_channels(self, laid: Laid, n: int) -> list[int]:
@@ -219,10 +228,10 @@ class Netfront(Endpoint[Connection]):
             conn: Connection | MultiConnection = self.queues.attach(chan, offer, chosen, laid)
         else:
             region = laid.region
-            policy = grant_policy(chosen, region.grants)  # the frontend's side of a mechanism
-            rx = RxQueue(region, self.tap.fd, self.rx_stats, policy, offer.backend_domid, ag)
+            rx = RxQueue(region, self.tap.fd, self.rx_stats, self.policy(chosen, region,
+                         self.rx_stats), offer.backend_domid, ag)
             tx = TxQueue(region, self.tap.fd, self.tx_stats, RX_BUFFERS, ag.header_slots,
-                         policy, offer.backend_domid, ag)
+                         self.policy(chosen, region, self.tx_stats), offer.backend_domid, ag)
             self.tx, self.rx = tx, rx
             conn = Connection(chan, region, tx, rx)
         self.peer = offer.backend
@@ -231,6 +240,12 @@ class Netfront(Endpoint[Connection]):
                  laid.queues, "s" if laid.queues > 1 else "",
                  ",".join(k for k, v in chosen.items() if v is True))
         return conn
+
+    def policy(self, chosen: dict[str, bool], region, stats):
+        """One queue's grant policy (the frontend's side of a mechanism), on its counters."""
+        c = self.cfg
+        opts = {"pool_rings": c.recycle_pool} if c.grants == "recycle" else {}
+        return grant_policy(chosen, region.grants, stats, c.grants, **opts)
 
     def serve(self, conn: Connection | MultiConnection) -> None:
         if isinstance(conn, MultiConnection):

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from frontend import loop
 from frontend.faults import BACKEND_FAULTS
-from frontend.mechanisms import grant_policy
 from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import TxQueue
 from shared.channel import ChannelClosed
@@ -59,12 +58,13 @@ def run(nf: Netfront, offer: Offer, chosen: dict[str, object], laid: Laid, queue
     lay = region.layout
     area = region.queue(lay.share(queue, laid.queues), *lay.queue_rings(queue))
     ag = Agreement.of(offer.features, chosen)
-    policy = grant_policy(chosen, region.grants)  # this queue's own, over its refs
     host = QueueHost(nf, queue)
     fd = nf.tap.fds[queue]
-    rx = RxQueue(area, fd, host.rx_stats, policy, offer.backend_domid, ag)
+    # this queue's own policies, over its refs (a recycling pool per ring, as one queue has)
+    rx = RxQueue(area, fd, host.rx_stats, nf.policy(chosen, region, host.rx_stats),
+                 offer.backend_domid, ag)
     tx = TxQueue(area, fd, host.tx_stats, area.payload.start + RX_BUFFERS, ag.header_slots,
-                 policy, offer.backend_domid, ag)
+                 nf.policy(chosen, region, host.tx_stats), offer.backend_domid, ag)
     stats = (host.tx_stats, host.rx_stats)
     link.serve(lambda: {"pid": os.getpid(), "counters": dict(host.counters),
                         "rings": loop.rings_of(stats, tx, rx)}, host.stop)

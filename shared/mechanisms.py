@@ -69,6 +69,15 @@ GRANTS: tuple[Mechanism, ...] = (
     Mechanism("persistent", "frontend.grants.persistent",
               "every page granted once at connect, the gref's bit 31 says 'keep it mapped'",
               "Pratt, xen-devel 2007; Martins 2015", feature="feature-persistent"),
+    Mechanism("recycle", "frontend.grants.recycle",
+              "answered pages stay granted in a pool of N rings' pages and their grefs are "
+              "reused; the oldest idle ones are revoked when it is full (hit rate counted)",
+              "Martins, UEK 'xen-netfront: generalize recycling for grants'"),
+    Mechanism("staging", "frontend.grants.staging",
+              "every page granted once and listed per ring (tx/rx-pool-ref); the backend "
+              "premaps them all at connect and copies with the CPU, no grant op per packet",
+              "Xen netif-staging-grants rev 4; UEK Orabug 26107942",
+              feature="feature-staging-grants"),
 )
 """The frontend's side: how netfront grants its pages (chosen by what was negotiated: the
 policy whose ``feature`` was agreed, else the first)."""

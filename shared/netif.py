@@ -129,5 +129,15 @@ def queue_key(queue: int, key: str) -> str:
 
 #: pvnet's own extensions: used only when the backend offers and the frontend accepts them.
 #: feature-rx-by-id: RX responses may complete posted buffers in any order, found by id.
-EXTENSIONS = ("feature-header-slots", "feature-persistent", "feature-rx-by-id")
+EXTENSIONS = ("feature-header-slots", "feature-persistent", "feature-rx-by-id",
+              "feature-staging-grants")
+#: staging grants (the key and the pool lists of Oracle UEK's netback, Orabug 26107942; Xen's
+#: docs/misc/netif-staging-grants): the frontend names, with its Initialised message, a page
+#: listing the grefs the backend is to keep mapped for each ring, and how many there are
+STAGING_POOL_KEYS = ("tx-pool-ref", "tx-pool-size", "rx-pool-ref", "rx-pool-size")
+#: one list entry (``struct xen_ext_gref_alloc``): grant ref u32, flags u16 (bit 0: read-only),
+#: 2 bytes pad; a list is one page: at most 512 entries per ring
+EXT_GREF_ALLOC = struct.Struct("<IH2x")
+XEN_EXTF_GREF_readonly = 1
+MAX_STAGING_GRANTS = PAGE_SIZE // 8
 FEATURES = tuple(dict.fromkeys(BACKEND_KEYS + FRONTEND_KEYS + FRONTEND_OPTIONAL + EXTENSIONS))

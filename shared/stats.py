@@ -81,6 +81,20 @@ class RingStats:
     #: netfront, stock order: RX frames its batch did not take (partial when it looked, or
     #: not as a correct stock backend answers), delivered or judged one response at a time
     rx_unbatched: int = 0
+    #: netfront, grant recycling (``frontend/grants/recycle.py``): pages named on the ring
+    #: whose grant was still in the pool (reused: no grant written) and those granted afresh;
+    #: the hit rate is recycled / (recycled + fresh)
+    grants_recycled: int = 0
+    grants_fresh: int = 0
+    #: netfront: pool grants ended because the pool was full (the oldest idle ones)
+    grants_evicted: int = 0
+    #: netback, staging grants: pages of the frontend's pools mapped at connect; TX header
+    #: pulls served by a CPU copy from a kept mapping instead of a grant copy
+    staged_grants: int = 0
+    staged_pulls: int = 0
+    #: netback: payload pages accessed through the CPU view for the first time since they
+    #: were mapped (each such access is a page fault filling the PTE)
+    first_touches: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

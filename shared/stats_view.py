@@ -146,7 +146,7 @@ def _order(keys: set[str]) -> list[str]:
 def _title(end: str, e: dict[str, Any] | None) -> str:
     if e is None:
         return f"{end}: (no control socket)"
-    mode = f", tx_mode {_fmt(e['tx_mode'])}" if e.get("tx_mode") else ""
+    mode = "".join(f", {k} {_fmt(e[k])}" for k in ("tx_mode", "rx_mode") if e.get(k))
     odd = "" if _named_as_socket(e) else f" [socket {escape(os.path.basename(str(e['socket'])))}]"
     return (f"{_fmt(e.get('name', '?'))}{odd} ({end}, pid {_fmt(e.get('pid', '?'))}, "
             f"{_fmt(e.get('state', '?'))}{mode})")

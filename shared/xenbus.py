@@ -75,6 +75,8 @@ class Agreement:
     #: the frontend notifies for new RX requests (feature-rx-notify); without it the backend
     #: polls for them, as Linux netback does
     rx_notify: bool = True
+    #: staging grants (feature-staging-grants, Oracle UEK's key): pools the backend premaps
+    staging: bool = False
 
     @classmethod
     def of(cls, offered: dict[str, object], requested: dict[str, object]) -> Agreement:
@@ -91,7 +93,8 @@ class Agreement:
                    tx_csum_v6=offered.get("feature-ipv6-csum-offload") is True,
                    rx_csum_v4=not fe("feature-no-csum-offload"),
                    rx_csum_v6=fe("feature-ipv6-csum-offload"),
-                   rx_notify=fe("feature-rx-notify"))
+                   rx_notify=fe("feature-rx-notify"),
+                   staging=ext("feature-staging-grants"))
 
     @property
     def tx_csum(self) -> bool:

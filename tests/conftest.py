@@ -112,7 +112,8 @@ def agreement(header_slots: bool = True, persistent: bool = False, rx_by_id: boo
 
 def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = False,
               filters: list[str] | None = None, size: int = 4 << 20,
-              rx_by_id: bool = False, rx_mode: str = "copy", **stock: bool) -> Pair:
+              rx_by_id: bool = False, rx_mode: str = "copy", grants: str = "",
+              recycle_pool: int = 2, **stock: bool) -> Pair:
     fd, mem = create_memfd(size)
     front_region = Region.create(mem)
     region, own_fd = attach_region(fd, mem)
@@ -121,9 +122,14 @@ def make_pair(mode: str = "lazy", header_slots: bool = True, persistent: bool = 
     vif, wire = dgram_pair()
     fst, bst = (RingStats(), RingStats()), (RingStats(), RingStats())
     ag = agreement(header_slots, persistent, rx_by_id, **stock)
-    policy = grant_policy({"feature-persistent": persistent}, front_region.grants)
-    rx = RxQueue(front_region, tap.fileno(), fst[1], policy, 0, ag)
-    tx = TxQueue(front_region, tap.fileno(), fst[0], RX_BUFFERS, header_slots, policy, 0, ag)
+    opts = {"pool_rings": recycle_pool} if grants == "recycle" else {}
+
+    def policy(st: RingStats):  # one per queue, on its ring's counters, as netfront does
+        return grant_policy({"feature-persistent": persistent}, front_region.grants, st,
+                            grants, **opts)
+    rx = RxQueue(front_region, tap.fileno(), fst[1], policy(fst[1]), 0, ag)
+    tx = TxQueue(front_region, tap.fileno(), fst[0], RX_BUFFERS, header_slots, policy(fst[0]),
+                 0, ag)
     pf = Filter.parse(filters) if filters else None
     views = Views(own_fd, mem, region, bst[0], shared=True)
     btx = TxPath(region, GntMap(region, views, 0, bst[0], persistent), vif.fileno(), bst[0],

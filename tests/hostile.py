@@ -94,11 +94,15 @@ class HostileFrontend:
         self.chosen: dict[str, bool] = {}
         self.next_id = 0
 
-    def connect(self, wanted: dict[str, bool] | None = None) -> dict[str, bool]:
+    def connect(self, wanted: dict[str, bool] | None = None,
+                region_keys: Callable[[Region], dict] | None = None) -> dict[str, bool]:
+        """Negotiate ``wanted``; ``region_keys(region)`` adds keys to the region message
+        (staging grants' pool lists), after the region is laid out."""
         def make_region(chosen, backend_domid):
             fd, mem = create_memfd(self.size)
             self.region = Region.create(mem, **self.layout)
-            return Laid(self.region, {"size": self.size}, (fd,))
+            extra = region_keys(self.region) if region_keys else {}
+            return Laid(self.region, {"size": self.size, **extra}, (fd,))
 
         hs = Handshake(self.chan, self.name, self.domid, wanted or BASIC)
         _offer, self.chosen, _region = hs.run(make_region, timeout=10)
@@ -597,3 +601,11 @@ def lie_garbage_on_channel(hb: HostileBackend, send_frame: Callable[[], None]) -
 BACKEND_LIES = [lie_tx_unknown_id, lie_tx_duplicate, lie_tx_grant_still_held, lie_rx_unknown_id,
         lie_rx_past_buffer, lie_rx_bad_offset, lie_rx_duplicate, lie_rx_bad_extra,
         lie_rsp_prod_runs_ahead, lie_garbage_on_channel]
+
+
+def assert_verdict(before: dict, after: dict, **deltas: int) -> None:
+    """A hostile case's exact verdict: each named counter of the netback grew by exactly its
+    delta (``malformed=1, fatal_grant=1``...), as a peer fault, and nothing was ours."""
+    for name, n in deltas.items():
+        assert after[name] - before[name] == n, (name, after[name] - before[name])
+    assert after["faults_peer"] - before["faults_peer"] == 1 and after["internal_errors"] == 0

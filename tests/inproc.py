@@ -124,6 +124,7 @@ class BackendThread:
 
     dir: Path
     tx_mode: str = "lazy"
+    rx_mode: str = "copy"
     domid: int = 7
     rx_stall_timeout: float = 60.0
     no_offer: tuple[str, ...] = ()
@@ -141,7 +142,7 @@ class BackendThread:
         self.vif, self.wire = self.vifs[0], self.wires[0]
         self.nb = self.netback(NetbackConfig(vif="vifT", domid=self.domid,
                                              listen=str(self.ev), ctl=str(self.dir / "b.ctl"),
-                                             tx_mode=self.tx_mode,
+                                             tx_mode=self.tx_mode, rx_mode=self.rx_mode,
                                              rx_stall_timeout=self.rx_stall_timeout,
                                              no_offer=self.no_offer, queues=self.queues),
                                self.vifs)
@@ -175,6 +176,7 @@ class FrontendThread:
     domid: int = 7
     region_size: int = 2 << 20
     persistent: bool = False
+    grants: str = ""
     header_slots: bool = True
     poll_us: int = 0
     #: queues wanted: the TAP is a socket pair per queue (``taps``, ``guests``)
@@ -193,6 +195,7 @@ class FrontendThread:
                                                connect=str(self.ev), ctl=str(self.ctl),
                                                region_size=self.region_size,
                                                persistent=self.persistent,
+                                               grants=self.grants,
                                                header_slots=self.header_slots,
                                                poll_us=self.poll_us, queues=self.queues),
                                 self.taps)

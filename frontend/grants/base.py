@@ -13,6 +13,10 @@ the grant table's bytes they go into; a policy decides what happens to them, alw
 - ``ref_bit``: or-ed into every gref the ring carries (``GREF_PERSISTENT``: "keep it").
 - ``max_grants``: how many the backend keeps per ring, if it limits them.
 
+Each queue has its own policy object (bound to its ring's counters); a policy is chosen by
+the agreement (``feature``), or, for one that needs no extension (``recycle``), by netfront's
+configuration.
+
 A *run* is ``(table_bytes, entries)`` for ``setup``/``grant`` - the entries copied in as one
 slice - and ``(first_ref, count)`` for ``revoke``.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from shared.grant import GrantTable
+from shared.stats import RingStats
 
 #: (the grant table's bytes, the entries to copy there)
 Run = tuple[memoryview, memoryview]
@@ -37,8 +42,11 @@ class GrantPolicy:
     #: grant no more pages than that
     max_grants: ClassVar[int] = 0
 
-    def __init__(self, table: GrantTable) -> None:
+    def __init__(self, table: GrantTable, stats: RingStats | None = None) -> None:
         self.table = table
+        #: the counters of the ring whose queue uses this policy (a policy with counters of
+        #: its own, e.g. recycling's hit rate, bumps them there: ``pvnet stats`` shows them)
+        self.stats = stats
 
     def setup(self, runs: list[Run]) -> None:
         """At connect: nothing by default."""

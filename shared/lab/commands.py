@@ -67,6 +67,8 @@ def frontend_features(g: Guest) -> list[str]:
         argv.append("--no-header-slots")
     if g.persistent:
         argv.append("--persistent")
+    if g.grants:
+        argv += ["--grants", g.grants, "--recycle-pool", str(g.recycle_pool)]
     if not g.gso:
         argv.append("--no-gso")
     if g.poll_us is not None:

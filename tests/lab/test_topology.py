@@ -93,10 +93,13 @@ def test_queues_default_one_and_reach_both_ends_argv() -> None:
         and t.queue_sockets(g2) == ()
 
 
-def test_queues_refuse_the_one_vector_doorbell() -> None:
+def test_queues_refuse_the_one_vector_doorbell_and_staging() -> None:
     d = base()
     d["guests"][0].update(queues=2, event="doorbell")
     with pytest.raises(TopologyError, match=r"guests\[0\]\.queues: event: doorbell serves one"):
+        parse(d)
+    d["guests"][0].update(event="serial", grants="staging")
+    with pytest.raises(TopologyError, match=r"guests\[0\]\.queues: grants: staging serves one"):
         parse(d)
 
 
@@ -129,6 +132,9 @@ CASES = [
     ("guests.0.rx_mode", "grant", f"guests[0].rx_mode: must be one of {', '.join(names('rx'))} "
                                   "(got 'grant')"),
     ("guests.0.event", "irq", "guests[0].event: must be one of serial, doorbell (got 'irq')"),
+    ("guests.0.grants", "pool", f"guests[0].grants: must be one of , {', '.join(names('grants'))} "
+                                "(got 'pool')"),
+    ("guests.0.recycle_pool", 0, "guests[0].recycle_pool:"),
     ("guests.0.tx_mod", "map", "guests[0]: unknown key 'tx_mod'; did you mean 'tx_mode'?"),
     ("guests.0.zzz", 1, "guests[0]: unknown key 'zzz' (known: name, domid"),
     ("wire.iperf", True, "wire: unknown key 'iperf'; did you mean 'iperf_server'?"),
@@ -263,3 +269,17 @@ def test_rate_is_xls_vif_syntax_and_becomes_linuxs_rate_key():
     d["guests"][0]["rate"] = "fast"
     with pytest.raises(TopologyError, match=r"guests\[0\]\.rate: expected a rate like 100Mb/s"):
         parse(d, "t.yaml")
+
+
+def test_grant_policy_keys_reach_netfronts_command_line():
+    """`grants: recycle` with its pool, and `grants: staging`, become netfront's flags (the
+    bench's -recycle<K> and -staging modes write these keys)."""
+    from shared.lab.bench.modes import parse as mode
+    from shared.lab.commands import frontend_features
+
+    for name, want in (("lazy-recycle1", ["--grants", "recycle", "--recycle-pool", "1"]),
+                       ("linux-staging", ["--grants", "staging", "--recycle-pool", "2"])):
+        text = (f"wire: {{ip: 10.77.0.1/24}}\nguests:\n  - {{name: g1, domid: 1, "
+                f"mac: '00:16:3e:00:00:01', ip: 10.77.0.11/24{mode(name).guest_yaml()}}}\n")
+        g = loads(text, "t.yaml").guests[0]
+        assert frontend_features(g) == want

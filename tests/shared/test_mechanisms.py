@@ -38,10 +38,14 @@ def test_every_registered_mechanism_is_a_module_with_its_own_tests(side, name):
 
 
 def test_the_frontend_policy_is_the_one_whose_feature_was_agreed():
+    """An extension agreed decides; a policy needing none is the one configured (never one
+    whose extension was not agreed)."""
     table = GrantTable(memoryview(bytearray(4096)), 512)
     for m in GRANTS:
         agreed = {m.feature: True} if m.feature else {}
-        assert type(grant_policy(agreed, table)).__module__ == m.module
+        assert type(grant_policy(agreed, table, prefer=m.name)).__module__ == m.module
+        if m.feature:
+            assert type(grant_policy({}, table, prefer=m.name)).__module__ == GRANTS[0].module
 
 
 def test_names_defaults_and_errors_come_from_the_table():

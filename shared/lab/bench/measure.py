@@ -127,8 +127,33 @@ def derive(before: Sample, after: Sample, direction: str, payload_bytes: float,
         out.update(ring_packets=packets, notify_per_pkt=_per(notify, packets),
                    maps_per_pkt=_per(maps, packets), copies_per_pkt=_per(copies, packets),
                    copy_bytes_per_pkt=_per(copied, packets, 1))
+        out.update(_op_counts(before, after, rings, packets))
         out["op_us"] = op_us(before, after)
     return out
+
+
+def _op_counts(before: Sample, after: Sample, rings: tuple[str, ...],
+               packets: int) -> dict[str, float | None]:
+    """The counts the paper table's cost model multiplies by per-operation costs, per packet
+    of the measured direction: the backend's CPU-view maps and unmaps, grant copies and
+    grant-copied bytes and first touches of freshly mapped pages on both rings (the CPU view
+    counts every map on the TX ring's stats,
+    and a direction's frames bring the other ring's traffic with them), the transient TX
+    grants it held (fragments less persistent hits); and the netfront's grant recycling hit
+    rate (% of the pages named on the measured rings whose grant was reused; null: none)."""
+    def back(key: str, on: tuple[str, ...] = ("tx", "rx")) -> int:
+        return sum(_ring_delta(before, after, "back", r, key) for r in on)
+
+    hits = sum(_ring_delta(before, after, "front", r, "grants_recycled") for r in rings)
+    fresh = sum(_ring_delta(before, after, "front", r, "grants_fresh") for r in rings)
+    holds = max(0, back("tx_frags", ("tx",)) - back("persistent_hits", ("tx",)))
+    return {"op_maps_per_pkt": _per(back("grant_maps"), packets),
+            "op_unmaps_per_pkt": _per(back("grant_unmaps"), packets),
+            "op_copies_per_pkt": _per(back("grant_copies"), packets),
+            "op_gcopy_bytes_per_pkt": _per(back("grant_copy_bytes"), packets, 1),
+            "op_holds_per_pkt": _per(holds, packets),
+            "op_touches_per_pkt": _per(back("first_touches"), packets),
+            "recycle_hit_pct": _per(100 * hits, hits + fresh, 1)}
 
 
 OP_US = {"map": ("map_ns", "grant_maps", 1), "unmap": ("unmap_ns", "grant_unmaps", 1),

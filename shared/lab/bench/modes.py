@@ -1,9 +1,12 @@
 """The bench's pvnet modes: a registered mechanism plus orthogonal options, named by a grammar.
 
 A mode name is
-``<tx>[-noslots][-persistent][-poll][-doorbell][+rx-<rx>][+rate-<N>mbit][+capture[-s<N>]]``:
+``<tx>[-noslots][-persistent|-staging|-recycle<K>][-poll][-doorbell][+rx-<rx>][+rate-<N>mbit]``
+``[+capture[-s<N>]]``:
 ``<tx>`` a TX mechanism and ``<rx>`` an RX mechanism of ``shared/mechanisms.py``, then the
-options that are not mechanisms - header slots off, persistent grants, the netfront's poll
+options that are not mechanisms - header slots off, the netfront's grant policy (persistent
+grants, staging grants, or grant recycling with a pool of K rings: ``frontend/grants/``),
+the netfront's poll
 budget and ivshmem doorbells (QEMU placement only), the vif's TX limited to N Mbit/s (Linux's
 ``rate`` key), a ``pvnet capture`` reader attached for the whole session (whole frames, or
 ``-s N`` bytes). The names the bench has always used
@@ -22,8 +25,9 @@ from dataclasses import dataclass
 
 from shared.mechanisms import default, names
 
-_OPTIONS = ("noslots", "persistent", "poll", "doorbell")
+_OPTIONS = ("noslots", "persistent", "staging", "poll", "doorbell")
 _NAME = re.compile(r"^(?P<tx>[a-z0-9_]+)(?P<opts>(?:-(?:" + "|".join(_OPTIONS) + r"))*)"
+                   r"(?:-recycle(?P<pool>[1-8]))?"
                    r"(?:\+rx-(?P<rx>[a-z0-9_]+))?(?:\+rate-(?P<rate>\d+)mbit)?"
                    r"(?:\+capture(?:-s(?P<snap>\d+))?)?$")
 #: the netfront's poll budget in the ``-poll`` modes (µs)
@@ -45,6 +49,10 @@ class Mode:
     capture: int | None = None
     #: the vif's TX limit in Mbit/s (Linux's ``rate``); None: unlimited
     rate_mbit: int | None = None
+    #: the netfront's grant recycling pool in rings (0: no recycling)
+    recycle: int = 0
+    #: staging grants (feature-staging-grants)
+    staging: bool = False
 
     def guest_yaml(self) -> str:
         """``guest_keys`` as the tail of a YAML flow mapping (``, tx_mode: lazy, ...``)."""
@@ -59,6 +67,11 @@ class Mode:
             keys["header_slots"] = False
         if self.persistent:
             keys["persistent"] = True
+        if self.recycle:
+            keys["grants"] = "recycle"
+            keys["recycle_pool"] = self.recycle
+        if self.staging:
+            keys["grants"] = "staging"
         if self.poll:
             keys["poll_us"] = POLL_US
         if self.doorbell:
@@ -80,7 +93,8 @@ def parse(name: str) -> Mode:
     """A mode name -> Mode; ValueError saying what a valid name looks like."""
     m = _NAME.match(name)
     if not m or m["tx"] not in names("tx") or (m["rx"] and m["rx"] not in names("rx")):
-        raise ValueError(f"mode {name!r}: expected <tx>[-{'][-'.join(_OPTIONS)}][+rx-<rx>]"
+        raise ValueError(f"mode {name!r}: expected <tx>[-{'][-'.join(_OPTIONS)}][-recycle<K>]"
+                         f"[+rx-<rx>]"
                          f"[+rate-<N>mbit][+capture[-sN]] with tx one of "
                          f"{', '.join(names('tx'))} and rx one of {', '.join(names('rx'))}")
     opts = set(re.findall(r"-([a-z]+)", m["opts"] or ""))
@@ -88,15 +102,19 @@ def parse(name: str) -> Mode:
     return Mode(name, m["tx"], m["rx"] or default("rx"), header_slots="noslots" not in opts,
                 persistent="persistent" in opts, poll="poll" in opts,
                 doorbell="doorbell" in opts, capture=capture,
-                rate_mbit=int(m["rate"]) if m["rate"] else None)
+                rate_mbit=int(m["rate"]) if m["rate"] else None,
+                recycle=int(m["pool"] or 0), staging="staging" in opts)
 
 
 def name_of(tx: str, rx: str | None = None, *, noslots: bool = False,
             persistent: bool = False, poll: bool = False, doorbell: bool = False,
-            capture: int | None = None, rate_mbit: int | None = None) -> str:
+            capture: int | None = None, rate_mbit: int | None = None, recycle: int = 0,
+            staging: bool = False) -> str:
     """The mode name of these choices (the inverse of ``parse``)."""
     name = tx + "".join(f"-{o}" for o, on in (("noslots", noslots), ("persistent", persistent),
-                                               ("poll", poll), ("doorbell", doorbell)) if on)
+                                               ("staging", staging), ("poll", poll),
+                                               ("doorbell", doorbell)) if on)
+    name += f"-recycle{recycle}" if recycle else ""
     if rx and rx != default("rx"):
         name += f"+rx-{rx}"
     if rate_mbit is not None:
@@ -162,7 +180,8 @@ def select(asked: tuple[str, ...] | None, qemu: bool = False) -> list[Mode]:
 
 def help_text() -> str:
     """For ``--modes`` in every command that takes it."""
-    return (f"comma list of pvnet modes: <tx>[-noslots][-persistent][+rx-<rx>]"
+    return (f"comma list of pvnet modes: <tx>[-noslots][-persistent|-staging|-recycle<K>]"
+            f"[+rx-<rx>]"
             f"[+rate-<N>mbit][+capture[-sN]] "
             f"(QEMU paths also -poll, -doorbell), tx one of {', '.join(names('tx'))}, rx one "
             f"of {', '.join(names('rx'))}; 'all' for the whole cross product. Default: "

@@ -1,0 +1,213 @@
+"""`invoke paper` (issue 21): the rows, the cost model and the table, on fixed inputs (fast
+tier), and one real quick run of two rows end to end (full tier). Figures are never
+asserted: the table's shape is, and that each ratio is a number with an interval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from shared.lab.bench.modes import parse
+from shared.lab.bench.record import Record
+from shared.lab.paper import model, rows, table
+from shared.lab.paper.__main__ import parse as parse_args
+from shared.lab.paper.run import _todo, mean_costs
+
+REPO = Path(__file__).resolve().parents[2]
+COSTS = {"map": 8.0, "unmap": 6.0, "grant_copy": 2.0, "grant_copy_kb": 0.5, "notify": 2.0}
+
+
+def rec(mode: str, wl: str, d: str, fps: float, **kw: object) -> Record:
+    return Record("pvnet-netns", mode, wl, d, reps=1, fps=fps, **kw)  # type: ignore[arg-type]
+
+
+# -- the rows ------------------------------------------------------------------------------------
+
+def test_the_goal_counts_of_rows_and_sources():
+    measured = [r for r in rows.ROWS if r.kind == "measured"]
+    assert len(measured) >= 8
+    per_source = Counter(r.source for r in measured)
+    assert len(per_source) >= 4 and max(per_source.values()) <= 3
+    assert {r.kind for r in rows.ROWS} == {"measured", "arithmetic", "pending"}
+    p6 = next(r for r in rows.ROWS if r.id == "P6")
+    assert p6.kind == "pending" and "multi-queue not implemented" in p6.note
+    assert all(r.source in rows.SOURCES for r in rows.ROWS)
+
+
+def test_every_rows_modes_are_bench_modes_and_the_reference_runs_beside_them():
+    exps = rows.experiments(rows.select(None))
+    for mode in exps:
+        parse(mode)  # raises for a name the bench does not know
+    for r in rows.ROWS:
+        if r.kind == "measured":
+            assert (r.workload, r.direction) in exps[rows.REFERENCE]
+            assert (r.workload, r.direction) in exps[r.before]
+        if r.kind != "pending":
+            assert (r.workload, r.direction) in exps[r.after]
+    assert not any(m == "" for m in exps)
+
+
+def test_rows_are_selected_by_id_and_a_bad_id_names_the_known():
+    assert [r.id for r in rows.select(["P4a", "P1a"])] == ["P4a", "P1a"]
+    with pytest.raises(ValueError, match="unknown row.*P9.*known: P1a"):
+        rows.select(["P9"])
+
+
+# -- the cost model ------------------------------------------------------------------------------
+
+def test_the_model_adds_counted_operations_to_the_reference_base():
+    """Reference: 50 µs of the path's CPU per frame (the machine's less the generator's), of
+    which 1 grant copy of 64 B (2.03 µs) and 1 hold (3); before: the same plus one map and
+    unmap per frame (14 µs); after: none of them."""
+    costs = COSTS | {"hold": 3.0}
+    ref = rec("lazy-noslots", "pps64", "tx", 1e4, cpu_ours_us_per_frame=70.0,
+              cpu_gen_us_per_frame=20.0, op_copies_per_pkt=1.0, op_gcopy_bytes_per_pkt=64.0,
+              op_holds_per_pkt=1.0)
+    before = rec("map-noslots", "pps64", "tx", 1e4, op_maps_per_pkt=1.0,
+                 op_unmaps_per_pkt=1.0, op_copies_per_pkt=1.0, op_gcopy_bytes_per_pkt=64.0,
+                 op_holds_per_pkt=1.0)
+    after = rec("map-noslots-persistent", "pps64", "tx", 1e4)
+    p = model.predict(ref, before, after, costs)
+    base = 50.0 - (2.0 + 64 / 1024 * 0.5 + 3.0)
+    assert p.cost_before == round(base + 5.03125 + 14.0, 2) and p.cost_after == round(base, 2)
+    assert p.ratio == pytest.approx((base + 19.03125) / base)
+    assert p.hit(p.ratio * 1.19) and not p.hit(p.ratio * 1.3)
+
+
+def test_without_the_machine_figure_both_ends_are_the_cost():
+    ref = rec("lazy", "pps64", "rx", 1e4, cpu_back_us_per_frame=10.0, cpu_front_us_per_frame=40.0)
+    before = rec("lazy", "pps64", "rx", 1e4, op_maps_per_pkt=1.0, op_unmaps_per_pkt=1.0)
+    p = model.predict(ref, before, rec("x", "pps64", "rx", 1e4), COSTS)
+    assert p.ratio == pytest.approx(64 / 50)
+    assert model.removed_share(2.0) == 0.5 and model.removed_share(None) is None
+
+
+def test_opbench_runs_are_averaged_per_key():
+    assert mean_costs([{"map": 2.0, "notify": 1.0}, {"map": 4.0}]) == {"map": 3.0, "notify": 1.0}
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+def _raw(row: rows.Row, before: list[float], after: list[float]) -> list[Record]:
+    out = []
+    for b, a in zip(before, after, strict=True):  # interleaved: round by round
+        out += [rec(row.before, row.workload, row.direction, b),
+                rec(row.after, row.workload, row.direction, a)]
+    return out
+
+
+def test_ratio_per_round_with_interval_and_verdict():
+    row = rows.select(["P1a"])[0]
+    raw = _raw(row, [10, 12, 11, 10, 12], [15, 18, 16, 15, 17])
+    res = table.evaluate(row, [], raw, COSTS)
+    ratios = [1.5, 1.5, 16 / 11, 1.5, 17 / 12]
+    assert res.ours == pytest.approx(sum(ratios) / 5, abs=1e-3) and res.rounds == 5
+    lo, hi = res.ours_ci95
+    assert lo < res.ours < hi
+    assert res.verdict == "agrees"  # 1.47 inside 1.47 +- 25 %
+    assert res.ours_removed == pytest.approx(1 - 1 / res.ours, abs=1e-3)
+    assert res.theirs_removed == pytest.approx(1 - 1.24 / 1.82, abs=1e-3)
+    low = table.evaluate(row, [], _raw(row, [10, 10], [10.5, 10.4]), COSTS)
+    assert low.verdict == "ours lower"
+    high = table.evaluate(row, [], _raw(row, [10, 10], [30, 31]), COSTS)
+    assert high.verdict == "ours higher"
+
+
+def test_arithmetic_and_pending_rows():
+    p3a, p6 = rows.select(["P3a", "P6"])
+    raw = [Record("pvnet-netns", p3a.after, "tcp", "rx", gbps=1.0, recycle_hit_pct=h)
+           for h in (99.0, 100.0, 100.0)]
+    res = table.evaluate(p3a, [], raw, COSTS)
+    assert res.kind == "arithmetic" and res.ours == pytest.approx(99.667, abs=1e-3)
+    assert res.verdict == "ours higher"  # theirs ~30 %
+    pend = table.evaluate(p6, [], [], COSTS)
+    assert pend.verdict == "pending: multi-queue not implemented" and pend.ours is None
+
+
+def test_the_markdown_table_and_summary_have_every_row():
+    chosen = rows.select(["P1a", "P3a", "P6"])
+    res = [table.evaluate(r, [], _raw(r, [10, 11], [14, 15]) if r.kind == "measured" else [],
+                          COSTS) for r in chosen]
+    text = table.markdown(res)
+    lines = text.splitlines()
+    assert lines[0].startswith("| row | compared | theirs | ours")
+    assert len(lines) == 2 + len(chosen)
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "pending: multi-queue not implemented" in lines[-1]
+    summary = table.summary(res)
+    assert "measured rows: 1 from 1 sources" in summary and "P6" in summary
+
+
+def test_only_what_the_rows_need_is_planned():
+    class P:  # a path as the bench's factory makes it
+        def __init__(self, path: str, mode: str) -> None:
+            self.path, self.mode = path, mode
+
+    class B:
+        def __init__(self) -> None:
+            self.paths = [P("veth", "-"), P("pvnet-netns", "map-noslots"), P("pvnet-netns", "x")]
+            self.todo: dict[int, list] = {}
+            self.cfg = type("C", (), {"rounds": 5})()
+
+    b = B()
+    _todo(b, {"map-noslots": [("pps64", "tx"), ("pps1496", "tx")]})  # type: ignore[arg-type]
+    got = {p.mode: [(w.name, w.directions) for w in b.todo[id(p)]] for p in b.paths}
+    assert got == {"-": [("pps64", ("tx",))],
+                   "map-noslots": [("pps64", ("tx",)), ("pps1496", ("tx",))], "x": []}
+    assert b.progress.total == 5 * 3
+
+
+def test_help_and_options():
+    out = subprocess.run([sys.executable, "-m", "shared.lab.paper", "--help"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert "--rows" in out and "--quick" in out and "--json" in out
+    cfg = parse_args(["--quick", "--rows", "P1a, P4a", "--json", "/tmp/x.json"])
+    assert cfg.rows == ["P1a", "P4a"] and cfg.rounds == 2 and str(cfg.json_out) == "/tmp/x.json"
+    assert parse_args([]).rounds >= 5
+
+
+def test_the_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from shared.lab.paper.plot import plot
+
+    res = [table.evaluate(r, [], _raw(r, [10, 11], [14, 15]) if r.kind == "measured" else [],
+                          COSTS) for r in rows.select(["P1a", "P5", "P3b"])]
+    png = plot(res, tmp_path / "p.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the real thing ------------------------------------------------------------------------------
+
+@pytest.mark.full
+def test_invoke_paper_quick_two_rows_end_to_end(tmp_path):
+    """`invoke paper --quick --rows P4a,P3b` for real (root, namespaces, trafgen): staging
+    grants against Linux's grant copy at 64-byte frames, and grant recycling's hit rate on a
+    TCP stream. The table has the two rows, each figure a number with an interval, the JSON
+    carries the op costs and the model's prediction, and the PNG exists."""
+    out = tmp_path / "paper.json"
+    res = subprocess.run([sys.executable, "-m", "invoke", "paper", "--quick", "--rows",
+                          "P4a,P3b", "--json", str(out), "--results", str(tmp_path / "r")],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| P")]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["P4a", "P3b"]
+    assert all(ln.count("|") == 9 for ln in lines)
+    doc = json.loads(out.read_text())
+    assert set(doc["op_costs"]) >= {"map", "unmap", "grant_copy", "grant_copy_kb", "notify",
+                                    "hold", "first_touch"}
+    for row in doc["rows"]:
+        assert isinstance(row["ours"], float) and row["rounds"] == 2, row
+        lo, hi = row["ours_ci95"]
+        assert lo <= row["ours"] <= hi and row["verdict"]
+    p4a = doc["rows"][0]
+    assert isinstance(p4a["predicted"], float) and isinstance(p4a["ours_cpu"], float)
+    staged = [r for r in doc["records"] if r["mode"] == "linux-noslots-staging"]
+    assert staged and all(r["op_maps_per_pkt"] == 0 and r["op_copies_per_pkt"] == 0
+                          for r in staged)  # no grant operation per packet, for real
+    assert (tmp_path / "r" / "paper.png").is_file()
+    assert "generator: trafgen moved" in res.stdout
