@@ -173,13 +173,14 @@ def test_each_end_uses_at_most_what_the_other_takes(tmp_path, offered, wanted, u
 
 
 # --- hostile frontends ------------------------------------------------------------------------
-def refused(tmp_path, edit=None, queues: int = 2) -> tuple[str, dict]:
+def refused(tmp_path, edit=None, queues: int = 2,
+            wanted: dict[str, bool] | None = None) -> tuple[str, dict]:
     """A frontend whose keys ``edit`` spoils: the backend's reason and its counters."""
     b = BackendThread(tmp_path, queues=2)
     h = QueuedFrontend(str(b.ev), "liar", b.domid)
     try:
         with pytest.raises(Exception) as e:  # noqa: PT011 - the reason is checked below
-            h.connect(queues=queues, edit=edit)
+            h.connect(wanted, queues=queues, edit=edit)
         wait_for(lambda: b.nb.counters["faults_peer"], 5, "the fault booked")
         return str(e.value), dict(b.nb.counters)
     finally:
@@ -191,6 +192,13 @@ def test_more_queues_asked_than_offered_is_the_frontends_fault(tmp_path):
     why, c = refused(tmp_path, lambda laid: laid.keys.update({NUM_QUEUES_KEY: 3}))
     assert f"{NUM_QUEUES_KEY} 3: more than the 2" in why
     assert (c["fatal_queues"], c["malformed"], c["faults_peer"], c["connects"]) == (1, 1, 1, 0)
+
+
+def test_staging_grants_on_two_queues_are_refused_by_name(tmp_path):
+    """The staging pools name one queue's pages: with two queues the backend refuses."""
+    why, c = refused(tmp_path, wanted=dict(BASIC, **{"feature-staging-grants": True}))
+    assert "feature-staging-grants with 2 queues" in why
+    assert (c["fatal_queues"], c["malformed"], c["connects"]) == (1, 1, 0)
 
 
 def _drop_channel(laid: Laid) -> None:

@@ -27,6 +27,8 @@ class ProcSample:
     cpu_s: float
     hwm_kb: int
     pid: int = 0
+    #: a multi-queue end's queue workers (placement.py pins them apart)
+    workers: tuple[int, ...] = ()
 
 
 def read_proc(pid: int) -> ProcSample | None:
@@ -53,7 +55,8 @@ def read_end(reply: dict) -> ProcSample | None:
     got = [p for p in (read_proc(int(pid)) for pid in pids) if p is not None]
     if not got:
         return None
-    return ProcSample(sum(p.cpu_s for p in got), sum(p.hwm_kb for p in got), got[0].pid)
+    return ProcSample(sum(p.cpu_s for p in got), sum(p.hwm_kb for p in got), got[0].pid,
+                      tuple(p.pid for p in got[1:]))
 
 
 @dataclass
