@@ -289,9 +289,10 @@ def paper(c: Context, rows: str | None = None, quick: bool = False, rounds: int 
     "minutes": "how long to soak (default 10)",
     "json": "also write the report as JSON to this file",
     "restart_every": "seconds between two SIGKILL+respawn steps (default 20)",
+    "queues": "queues per guest (default 1; 2: a worker process per queue at each end)",
 })
 def soak(c: Context, minutes: float = 10.0, json: str | None = None,
-         restart_every: float = 20.0):
+         restart_every: float = 20.0, queues: int = 1):
     """Verified traffic while frontends and backends are SIGKILLed and respawned; leak report.
 
     Runs on its own private lab (pvs-*, 10.86.0.0/24) beside any other; prints a progress
@@ -303,7 +304,8 @@ def soak(c: Context, minutes: float = 10.0, json: str | None = None,
     from shared.lab.soak import Soak, SoakConfig
 
     deps.ensure(["iperf3", "iproute2", "procps"])
-    report = Soak(SoakConfig(minutes=minutes, json_path=json, restart_every=restart_every),
+    report = Soak(SoakConfig(minutes=minutes, json_path=json, restart_every=restart_every,
+                             queues=int(queues)),
                   say=lambda line: print(line, flush=True)).run()
     print(jsonlib.dumps(asdict(report), indent=1))
     if not report.ok:

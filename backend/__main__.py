@@ -12,6 +12,8 @@ from backend.interface import RX_STALL_TIMEOUT, Netback, NetbackConfig
 from backend.xenbus import offered_features
 from shared.filter_rules import FilterError
 from shared.mechanisms import default, help_text, names
+from shared.netif import MAX_QUEUES
+from shared.queues import DOORBELL_ONE_QUEUE, queue_count
 
 
 def parse_args(argv: list[str] | None = None) -> NetbackConfig:
@@ -51,8 +53,14 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
     p.add_argument("--rx-stall-timeout", type=float, default=RX_STALL_TIMEOUT, metavar="S",
                    help="seconds without posted RX buffers before the vif's carrier goes off "
                         f"(Linux rx_stall_timeout; 0: never; default {RX_STALL_TIMEOUT:g})")
+    p.add_argument("--queues", type=queue_count, default=1, metavar="N",
+                   help=f"queues to offer (multi-queue-max-queues, 1..{MAX_QUEUES}; default 1): "
+                        "the vif gets a TAP queue each, a frontend that takes several gets a "
+                        "worker process per queue")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    if a.doorbell and a.queues > 1:
+        p.error(DOORBELL_ONE_QUEUE)
     if a.connect and a.region_fd is None:
         p.error("--connect needs --region-fd (the region is shared through QEMU)")
     if a.doorbell and not a.connect:
@@ -70,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> NetbackConfig:
                          doorbell=a.doorbell,
                          tx_mode=a.tx_mode, rx_mode=a.rx_mode, filters=a.filter,
                          budget=a.budget, rate=rate, poll_us=a.poll_us,
-                         rx_stall_timeout=a.rx_stall_timeout, no_offer=tuple(a.no_offer))
+                         rx_stall_timeout=a.rx_stall_timeout, no_offer=tuple(a.no_offer),
+                         queues=a.queues)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ from shared.stats import RingStats
 
 if TYPE_CHECKING:
     from backend.interface import Netback
+    from backend.netback import TxPath
+    from backend.rx import RxPath
 
 #: control requests per second (and burst) the control socket serves, whoever asks
 CTL_RATE = 1000.0
@@ -58,15 +60,43 @@ def control(nb: Netback, request: dict) -> dict | Handoff:
     """Answer one control request (runs in the control thread: reads, never writes, the
     data path's state)."""
     if request.get("cmd") == "capture":
+        if nb.cfg.queues > 1:  # the capture buffer is one process's (its lock, its rotation)
+            raise ValueError(f"{nb.name}: capture serves single-queue vifs (this one offers "
+                             f"{nb.cfg.queues} queues)")
         return nb.capture.attach(request)
     if request.get("cmd") != "stats":
         raise KeyError(request.get("cmd"))
+    rings = rings_of((nb.tx_stats, nb.rx_stats), (nb.tx_own, nb.rx_own), (nb.tx, nb.rx))
+    counters = dict(nb.counters)
+    out = {}
+    if nb.queues is not None:  # several queues: the vif's is the sum (shared/stats.py)
+        out = nb.queues.stats(rings, counters)
+    ctl, cfg = nb.ctl, nb.cfg
+    out.update(nb.stats("netback", cfg.domid), tx_mode=cfg.tx_mode, rx_mode=cfg.rx_mode,
+               offered=nb.offered,
+               rings=rings, carrier=nb.carrier, rx_stall_timeout=cfg.rx_stall_timeout,
+               regions_mapped=nb.regions_mapped(),
+               counters=dict(counters, last_error=nb.last_error,
+                             ctl_paced=ctl.paced if ctl else 0,
+                             ctl_refused=ctl.refused if ctl else 0,
+                             ctl_accept_errors=ctl.accept_errors if ctl else 0,
+                             ctl_clients_capped=ctl.clients_capped if ctl else 0,
+                             **nb.capture.counters()))
+    if nb.filter is not None:
+        hits = out.pop("filter_hits", None) or nb.filter.hits
+        out["filter"] = [{"rule": f"{r.action} {r.field}", "hits": h}
+                         for r, h in zip(nb.filter.rules, hits, strict=True)]
+    return out
+
+
+def rings_of(stats: tuple[RingStats, RingStats], own: tuple[object, object],
+             paths: tuple[TxPath | None, RxPath | None]) -> dict[str, dict]:
+    """One queue's ``rings`` answer (the whole vif's with one queue): each ring's counters,
+    its mechanism's own, and - while connected - its indices."""
     rings = {}
-    tx, rx = nb.tx, nb.rx
-    for name, st, own, path in (("tx", nb.tx_stats, nb.tx_own, tx),
-                                ("rx", nb.rx_stats, nb.rx_own, rx)):
+    for name, st, mine, path in zip(("tx", "rx"), stats, own, paths, strict=True):
         d = {k: getattr(st, k) for k in _STATS_FIELDS}
-        d.update(own.as_dict())  # the mechanism's own counters, named by it
+        d.update(mine.as_dict())  # the mechanism's own counters, named by it
         if path is not None:
             r = path.ring
             d.update(r.indices())
@@ -77,18 +107,4 @@ def control(nb: Netback, request: dict) -> dict | Handoff:
         else:
             d["slots_in_flight"] = (path.ring.pending() - len(path.posted)) if path else 0
         rings[name] = d
-    ctl, cfg = nb.ctl, nb.cfg
-    out = dict(nb.stats("netback", cfg.domid), tx_mode=cfg.tx_mode, rx_mode=cfg.rx_mode,
-               offered=nb.offered,
-               rings=rings, carrier=nb.carrier, rx_stall_timeout=cfg.rx_stall_timeout,
-               regions_mapped=nb.regions_mapped(),
-               counters=dict(nb.counters, last_error=nb.last_error,
-                             ctl_paced=ctl.paced if ctl else 0,
-                             ctl_refused=ctl.refused if ctl else 0,
-                             ctl_accept_errors=ctl.accept_errors if ctl else 0,
-                             ctl_clients_capped=ctl.clients_capped if ctl else 0,
-                             **nb.capture.counters()))
-    if nb.filter is not None:
-        out["filter"] = [{"rule": f"{r.action} {r.field}", "hits": h}
-                         for r, h in zip(nb.filter.rules, nb.filter.hits, strict=True)]
-    return out
+    return rings

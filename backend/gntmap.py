@@ -20,6 +20,7 @@ netback does not know which kind of mapping is in force:
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -30,9 +31,9 @@ from backend.dmaview import DmaView
 from backend.persistent import PersistentGrants
 from backend.txgrants import TxGrants
 from shared.faults import PeerFault, kind_of
-from shared.grant import GrantTable
+from shared.grant import GrantError, GrantTable
 from shared.netif import GREF_PERSISTENT
-from shared.region import Region
+from shared.region import Area, Region
 from shared.stats import RingStats
 
 log = logging.getLogger("netback")
@@ -73,7 +74,7 @@ class Views:
 class GntMap:
     """Grant operations for one ring of one frontend connection, counted into ``stats``."""
 
-    def __init__(self, region: Region, views: Views, domid: int, stats: RingStats,
+    def __init__(self, region: Area, views: Views, domid: int, stats: RingStats,
                  persistent: bool) -> None:
         self.region = region
         self.table: GrantTable = region.grants
@@ -82,12 +83,18 @@ class GntMap:
         self.domid = domid
         self.stats = stats
         self.frames = region.layout.payload_frames
-        self.kept = PersistentGrants(self.table, domid, self.frames, stats, persistent)
+        #: the grant references of this ring's queue (all of them with one queue): with
+        #: several queues a gref outside them is refused before its entry is read
+        self.refs = region.refs
+        owned = (functools.partial(check_owned, region.refs, region.share.label)
+                 if region.share.queues > 1 else None)
+        self.kept = PersistentGrants(self.table, domid, self.frames, stats, persistent, owned)
         #: (gref, frame) -> count of transient CPU maps now held
         self.mapped: dict[tuple[int, int], int] = {}
         # given the validation itself, not a method of this object: no reference cycle, so a
         # disconnected connection's mappings go the moment the last reference does
-        self.tx = TxGrants(self.table, domid, self.frames, stats, self.kept.validate)
+        self.tx = TxGrants(self.table, domid, self.frames, stats, self.kept.validate,
+                           self.refs)
 
     # --- validation ---------------------------------------------------------------------
     def check(self, gref: int, write: bool = False) -> int:
@@ -189,6 +196,16 @@ class GntMap:
             for _ in range(n):
                 _quietly(self.cpu.unmap, frame)
         self.kept.release_all(lambda frame: _quietly(self.cpu.unmap, frame))
+
+
+def check_owned(refs: range, label: str, gref: int) -> None:
+    """Refuse a gref (persistent bit masked) that is not this queue's: each grant entry is
+    marked and unmarked by one queue's worker only (``Layout.share``), so a frontend naming
+    one on another queue is at fault - whatever it meant - before the entry is touched."""
+    ref = gref & ~GREF_PERSISTENT
+    if ref not in refs:
+        raise GrantError(f"gref {ref} is not {label}'s (its grants are "
+                         f"{refs.start}..{refs.stop - 1})")
 
 
 def _quietly(undo, frame: int) -> None:

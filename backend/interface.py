@@ -24,39 +24,37 @@ from dataclasses import dataclass, field
 
 from backend import loop
 from backend.capture import CaptureTap
+from backend.conn import (
+    FRONTEND_ERRORS,
+    REASONS,
+    Connection,
+    PathConfig,
+    build_paths,
+    fatal_reason,
+    release,
+)
 from backend.control import PacedControlServer, control
 from backend.filter import Filter
-from backend.gntmap import GntMap, Views
+from backend.gntmap import Views
 from backend.listener import EventListener
 from backend.mechanisms import load, own_counters
+from backend.multiqueue import MultiConnection, Queues
 from backend.netback import TxPath
-from backend.rx import FatalRxError, RxPath
-from backend.staging import premap
-from backend.txreq import FATAL_REASONS, FatalTxError
+from backend.rx import RxPath
 from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
-from shared.channel import ChannelClosed, ChannelError, EventChannel
+from shared.channel import ChannelClosed, EventChannel
 from shared.connection import Endpoint
 from shared.control_protocol import Handoff
 from shared.doorbell_host import HostDoorbell
-from shared.grant import GrantError
 from shared.kickchannel import KickChannel
 from shared.mechanisms import default
 from shared.netdev import NetDevice, offload_flags
-from shared.region import LayoutError, Region
-from shared.ring import RingError
-from shared.transport import TransportError, connect_unix, map_memfd
-from shared.xenbus import Agreement, NegotiationError, NotNegotiated, XenbusState
+from shared.transport import connect_unix, map_memfd
+from shared.workers import WorkerDied
+from shared.xenbus import Agreement, NotNegotiated, XenbusState
 
 log = logging.getLogger("netback")
 VIF_MAC = "fe:ff:ff:ff:ff:ff"
-BACKEND_DOMID = 0
-#: what disconnects a frontend (its fault), as opposed to a crash of ours
-FRONTEND_ERRORS = (RingError, GrantError, FatalTxError, FatalRxError, ChannelError,
-                   NegotiationError, LayoutError, TransportError)
-#: the fatal_<reason> counter of a frontend error that carries no reason of its own
-_ERROR_REASON = {NotNegotiated: "not_negotiated", RingError: "ring", GrantError: "grant",
-                 FatalRxError: "rx", ChannelError: "channel", NegotiationError: "negotiation",
-                 LayoutError: "layout", TransportError: "transport"}
 #: Linux xen-netback's rx_stall_timeout default (seconds)
 RX_STALL_TIMEOUT = 60.0
 #: how long a control message to a frontend may wait for it to read (it is not trusted)
@@ -86,25 +84,14 @@ class NetbackConfig:
     #: NAPI-like poll budget (µs): after work, keep polling the rings and the vif (events
     #: unarmed) until this long passes without work; 0: arm and sleep at once
     poll_us: int = 0
-
-
-@dataclass
-class Connection:
-    """Everything one frontend connection holds, so that ending it releases all of it."""
-
-    chan: EventChannel
-    region: Region
-    tx: TxPath
-    rx: RxPath
-    gntmaps: tuple[GntMap, GntMap]
-    views: Views
-    name: str
-    features: dict[str, bool]
+    #: queues offered (multi-queue-max-queues): the vif gets a TAP queue each, a connection
+    #: with several gets a worker process each (backend/multiqueue.py)
+    queues: int = 1
 
 
 class Netback(Endpoint[Connection]):
     waiting = XenbusState.InitWait
-    peer_errors = FRONTEND_ERRORS
+    peer_errors = (*FRONTEND_ERRORS, WorkerDied)
 
     def __init__(self, cfg: NetbackConfig) -> None:
         if (cfg.listen is None) == (cfg.connect is None):
@@ -115,15 +102,18 @@ class Netback(Endpoint[Connection]):
                               "events_deferred": 0, "rx_stalls": 0, "slots_abandoned": 0,
                               "accept_errors": 0, "not_negotiated": 0,
                               "polls_busy": 0, "polls_empty": 0})
-        for reason in (*FATAL_REASONS, *_ERROR_REASON.values()):
+        self.counters["workers_died"] = 0
+        for reason in REASONS:
             self.counters[f"fatal_{reason}"] = 0
         self.filter = Filter.parse(cfg.filters) if cfg.filters else None
         #: the mechanisms' own counters, kept across connections like tx_stats/rx_stats
         self.tx_own = own_counters(load("tx", cfg.tx_mode))
         self.rx_own = own_counters(load("rx", cfg.rx_mode))
-        self.offered = offered_features(tuple(cfg.no_offer))
+        self.offered = offered_features(tuple(cfg.no_offer), cfg.queues)
         self.tx: TxPath | None = None
         self.rx: RxPath | None = None
+        #: the queues' workers and totals (several queues offered; None: one)
+        self.queues = Queues(self) if cfg.queues > 1 else None
         self.carrier = True
         self._mapped: list[weakref.ref] = []  # region mmaps, to prove they really go away
         # the same seal and size checks as a memfd passed in a handshake (the layout is
@@ -138,7 +128,8 @@ class Netback(Endpoint[Connection]):
 
     def open_device(self) -> NetDevice:
         """The vif TAP, on the bridge."""
-        return NetDevice.open(self.cfg.vif, mac=VIF_MAC, master=self.cfg.bridge)
+        return NetDevice.open(self.cfg.vif, queues=self.cfg.queues, mac=VIF_MAC,
+                              master=self.cfg.bridge)
 
     def control(self, request: dict) -> dict | Handoff:
         return control(self, request)
@@ -170,7 +161,7 @@ class Netback(Endpoint[Connection]):
 
     def handshake(self, chan: EventChannel, first: dict | None) -> Negotiated:
         hs = Handshake(chan, self.cfg.vif, self.cfg.domid, self.shared_region,
-                       self.cfg.region_fd, offered=self.offered)
+                       self.cfg.region_fd, offered=self.offered, channel_base=self.cfg.connect)
         # a frontend that has not even said hello gives way to a newer one
         return hs.run(lambda: not self.check_stop()
                       and (hs.said_initwait or not self._newer_frontend()), first)
@@ -179,69 +170,68 @@ class Netback(Endpoint[Connection]):
         """Is another frontend knocking on the event socket? (namespace placement only)"""
         return self.listener is not None and self.listener.knocking()
 
-    def attach(self, chan: EventChannel, neg: Negotiated) -> Connection:
-        # grants name the domain allowed to use them: ours (the driver domain, 0)
+    def attach(self, chan: EventChannel, neg: Negotiated) -> Connection | MultiConnection:
         ag = neg.agreement
-        views = Views(neg.fd, neg.dma_mem, neg.region, self.tx_stats,
-                      shared=neg.dma_mem is self.shared_region)
-        gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.tx_stats, ag.persistent)
-        rx_gntmap = GntMap(neg.region, views, BACKEND_DOMID, self.rx_stats, ag.persistent)
-        try:
-            if ag.staging:  # the frontend's pools, mapped before the first packet
-                premap(neg.pools, gntmap, rx_gntmap)
-        except BaseException:
-            gntmap.unmap_all()
-            rx_gntmap.unmap_all()
-            views.close()
-            raise
-        tx = TxPath(neg.region, gntmap, self.vif.fd, self.tx_stats, self.cfg.tx_mode,
-                    ag.header_slots, self.filter, ag, self.tx_own, self.cfg.rate)
-        rx = RxPath(neg.region, rx_gntmap, self.vif.fd, self.rx_stats, ag, self.cfg.rx_mode,
-                    self.rx_own)
-        tx.capture = rx.capture = self.capture
         if neg.dma_mem is not self.shared_region:  # bounded: only live mappings are kept
             self.regions_mapped()
             self._mapped.append(weakref.ref(neg.dma_mem))
-        conn = Connection(chan, neg.region, tx, rx, (gntmap, rx_gntmap), views, neg.name,
-                          neg.features)
-        self.tx, self.rx = tx, rx
+        self.vif.use_queues(len(neg.queues))
+        if len(neg.queues) > 1:
+            assert self.queues is not None  # the handshake offered more than one
+            conn: Connection | MultiConnection = self.queues.attach(chan, neg)
+        else:
+            conn = self._attach_one(chan, neg)
         self.peer = neg.name
         self.features = neg.features
         self._set_offload(ag)
         self.set_carrier(True)
-        log.info("%s: frontend %s connected, features %s", self.cfg.vif, neg.name,
+        log.info("%s: frontend %s connected, %d queue%s, features %s", self.cfg.vif, neg.name,
+                 len(neg.queues), "s" if len(neg.queues) > 1 else "",
                  ",".join(k for k, v in neg.features.items() if v))
         return conn
 
-    def serve(self, conn: Connection) -> None:
-        loop.serve(self, conn)
+    def path_config(self, vif_fd: int, ag: Agreement) -> PathConfig:
+        c = self.cfg
+        return PathConfig(vif_fd, c.tx_mode, c.rx_mode, ag, self.filter, c.rate)
 
-    def restarted(self, conn: Connection) -> None:
+    def _attach_one(self, chan: EventChannel, neg: Negotiated) -> Connection:
+        """One queue: served by this process, on the layout's rings and this channel."""
+        views = Views(neg.fd, neg.dma_mem, neg.region, self.tx_stats,
+                      shared=neg.dma_mem is self.shared_region)
+        try:
+            tx, rx, gntmaps = build_paths(
+                neg.region, views, self.path_config(self.vif.fd, neg.agreement),
+                (self.tx_stats, self.rx_stats), (self.tx_own, self.rx_own), neg.pools)
+        except BaseException:
+            views.close()
+            raise
+        tx.capture = rx.capture = self.capture
+        self.tx, self.rx = tx, rx
+        return Connection(chan, neg.region, tx, rx, gntmaps, views, neg.name, neg.features)
+
+    def serve(self, conn: Connection | MultiConnection) -> None:
+        if isinstance(conn, MultiConnection):
+            self.queues.serve(conn)
+        else:
+            loop.serve(self, conn)
+
+    def restarted(self, conn: Connection | MultiConnection) -> None:
         self.counters["frontend_restarts"] += 1
         log.info("%s: frontend %s started again; releasing its old connection",
                  self.cfg.vif, conn.name)
 
-    def detach(self, conn: Connection) -> None:
+    def detach(self, conn: Connection | MultiConnection) -> None:
         """Disconnect (xenvif_disconnect_data): answer what is queued, drop every mapping and
-        persistent grant (clearing their in-use bits), forget posted RX buffers, unmap."""
+        persistent grant (clearing their in-use bits), forget posted RX buffers, unmap; with
+        several queues, stop their workers first (each releases its queue so)."""
         self.tx = self.rx = None
+        if isinstance(conn, MultiConnection):
+            self.queues.detach(conn)
+            return
+        region = conn.region
         try:
-            conn.tx.release_all()
-            conn.rx.release_all()
+            release(conn, self.tx_stats, self.counters)
         finally:
-            # requests consumed and never answered (a packet cut short by a fatal error) go
-            # with their ring: count them released, so consumed == released + in flight
-            # still holds across connections
-            abandoned = conn.tx.ring.pending()
-            self.tx_stats.slots_released += abandoned
-            self.counters["slots_abandoned"] += abandoned
-            conn.gntmaps[0].unmap_all()  # (no loop variable: it would pin a map's views)
-            conn.gntmaps[1].unmap_all()
-            region, views = conn.region, conn.views
-            # every holder of a view of the region goes first: then it can really unmap
-            conn.tx = conn.rx = conn.gntmaps = conn.region = None  # type: ignore[assignment]
-            conn.views = None  # type: ignore[assignment]
-            views.close()
             region.close()  # the mmaps go when their last views do, i.e. now
 
     # --- how a connection ends ------------------------------------------------------------
@@ -254,9 +244,13 @@ class Netback(Endpoint[Connection]):
     def booked(self, e: Exception, internal: bool, why: str) -> str:
         if internal:
             return "backend internal error"
+        if isinstance(e, WorkerDied):  # ours, not the frontend's: it is told, not blamed
+            self.counters["workers_died"] += 1
+            return f"backend {e}"
         self.counters["malformed"] += 1
-        self.counters[f"fatal_{fatal_reason(e)}"] += 1
-        if isinstance(e, NotNegotiated):
+        reason = fatal_reason(e)
+        self.counters[f"fatal_{reason}"] += 1
+        if isinstance(e, NotNegotiated) or reason == "not_negotiated":
             self.counters["not_negotiated"] += 1
         return str(e)
 
@@ -294,13 +288,3 @@ class Netback(Endpoint[Connection]):
             if self.listener is not None:
                 self.listener.close()
             self.vif.close()
-
-def fatal_reason(e: BaseException) -> str:
-    """The fatal_<reason> counter a frontend error is booked under."""
-    reason = getattr(e, "reason", None)
-    if reason in FATAL_REASONS:
-        return reason
-    for cls, name in _ERROR_REASON.items():
-        if isinstance(e, cls):
-            return name
-    return "tx_malformed"

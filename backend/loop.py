@@ -67,7 +67,7 @@ def serve(nb: Netback, conn: Connection) -> None:
                 if fd == cfd:
                     got = chan.recv(keep_fds=False)
                     if got.messages:
-                        _frontend_says(got.messages)
+                        frontend_says(got.messages)
                     kicked = True
                 elif fd == lfd:
                     if not nb.listener.refuse():
@@ -156,7 +156,7 @@ def serve(nb: Netback, conn: Connection) -> None:
                 timeout = min(timeout, int(left * 1000) + 1)
 
 
-def _frontend_says(messages: list[dict]) -> None:
+def frontend_says(messages: list[dict]) -> None:
     """Control messages while connected: a goodbye, or a hello from a restarted frontend."""
     for msg in messages:
         state = msg.get("state")

@@ -43,7 +43,7 @@ from shared.offload import (
     VNET_HDR,
     XEN_TO_VIRTIO_GSO,
 )
-from shared.region import Region
+from shared.region import Area
 from shared.ring import MASK32, BackRing
 from shared.slots import HeaderSlots
 from shared.stats import RingStats
@@ -69,7 +69,7 @@ def _offered(name: str) -> property:
 class TxPath:
     """The TX ring of one connection and the vif it feeds, through mechanism ``mode``."""
 
-    def __init__(self, region: Region, gntmap: GntMap, vif_fd: int, stats: RingStats,
+    def __init__(self, region: Area, gntmap: GntMap, vif_fd: int, stats: RingStats,
                  mode: str, header_slots: bool, pkt_filter=None,
                  agreement: Agreement | None = None, own: object | None = None,
                  rate: tuple[int, int] | None = None) -> None:
@@ -88,8 +88,8 @@ class TxPath:
         #: the mechanism in force; ``own``: its counters (the netback keeps them per process)
         self.mech = cls(gntmap, stats, self.release, own_counters(cls) if own is None else own)
         #: the header-slot area (validation only: the backend allocates nothing per slot)
-        self.slots = HeaderSlots(region.hdr, region.layout.hdr_slot_size,
-                                 region.layout.hdr_slots, allocator=False)
+        self.slots = HeaderSlots(region.hdr, region.hdr_slot_size, region.hdr_slots,
+                                 allocator=False)
         # what was agreed (its netif.h keys and the extensions): a request beyond it is fatal
         self.requests = TxRequests(self.ring, self.release.pending, stats, self.slots,
                                    header_slots, agreement is None or agreement.tx_sg,

@@ -24,8 +24,10 @@ class PersistentGrants:
     """The persistent grants one ring of one connection keeps."""
 
     def __init__(self, table: GrantTable, domid: int, frames: range, stats: RingStats,
-                 negotiated: bool) -> None:
+                 negotiated: bool, owned: Callable[[int], None] | None = None) -> None:
         self.table = table
+        #: raises if a gref is not this ring's queue's (``gntmap.check_owned``)
+        self.owned = owned
         self.domid = domid
         self.frames = frames
         self.stats = stats
@@ -40,6 +42,8 @@ class PersistentGrants:
     def validate(self, gref: int, write: bool = False) -> int:
         """Validate any gref from the ring; return its frame. A transient one is checked
         every time; a persistent one is looked up, or validated and kept on first use."""
+        if self.owned is not None:
+            self.owned(gref)
         if not gref & GREF_PERSISTENT:
             return self.table.check(gref, self.domid, write, self.frames)
         frame = self.kept.get(gref)

@@ -53,7 +53,7 @@ from shared.offload import (
     VIRTIO_TO_XEN_GSO,
     VNET_HDR,
 )
-from shared.region import Region
+from shared.region import Area
 from shared.ring import MASK32, BackRing
 from shared.stats import RingStats
 from shared.xenbus import Agreement, gso_accepted
@@ -76,7 +76,7 @@ class FatalRxError(PeerFault):
 class RxPath:
     """The RX ring of one connection, through mechanism ``mode`` (``backend/rxmodes/``)."""
 
-    def __init__(self, region: Region, gntmap: GntMap, vif_fd: int, stats: RingStats,
+    def __init__(self, region: Area, gntmap: GntMap, vif_fd: int, stats: RingStats,
                  agreement: Agreement | None = None, mode: str = "copy",
                  own: object | None = None) -> None:
         self.ring = BackRing(region.rx_ring, RX_REQUEST.size)

@@ -40,8 +40,12 @@ class TxGrants:
     (``PersistentGrants.validate``: transient or persistent), used for anything unusual."""
 
     def __init__(self, table: GrantTable, domid: int, frames: range, stats: RingStats,
-                 check: Callable[[int], int]) -> None:
-        self.table, self.buf, self.count = table, table.buf, table.count
+                 check: Callable[[int], int], refs: range | None = None) -> None:
+        self.table, self.buf = table, table.buf
+        #: this queue's grant references (``Layout.share``): the fast path stays inside them,
+        #: anything else takes ``check``, which refuses a gref of another queue
+        refs = range(table.count) if refs is None else refs
+        self.lo, self.count = refs.start, min(refs.stop, table.count)
         self.flags = table.ref_flags  # flags[ref]
         self.domid, self.frames, self.stats, self.check = domid, frames, stats, check
 
@@ -53,7 +57,7 @@ class TxGrants:
         n = len(grefs)
         g0 = grefs[0]
         lo, hi = self.frames.start, self.frames.stop
-        if g0 + n <= self.count and grefs[-1] == g0 + n - 1 \
+        if self.lo <= g0 and g0 + n <= self.count and grefs[-1] == g0 + n - 1 \
                 and grefs == list(range(g0, g0 + n)):
             e = entries(n).unpack_from(self.buf, g0 * _GE)
             fl, doms, frames = e[0::3], e[1::3], list(e[2::3])
@@ -64,7 +68,7 @@ class TxGrants:
         table, count, dom = self.buf, self.count, self.domid
         out = []
         for gref in grefs:
-            if gref < count:
+            if self.lo <= gref < count:
                 gflags, gdom, frame = _unpack_gnt(table, gref * _GE)
                 if not (gflags & GTF_permit_access and gdom == dom and lo <= frame < hi):
                     frame = check(gref)

@@ -8,15 +8,24 @@ import logging
 import mmap
 import os
 import select
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.channel import ChannelClosed, EventChannel, Received
-from shared.netif import BACKEND_KEYS, EXTENSIONS, NUM_QUEUES_KEY, PAGE_SIZE, STAGING_POOL_KEYS
+from shared.netif import (
+    BACKEND_KEYS,
+    EXTENSIONS,
+    MAX_QUEUES_KEY,
+    NUM_QUEUES_KEY,
+    PAGE_SIZE,
+    STAGING_POOL_KEYS,
+)
+from shared.queues import FLAT, QueueError, QueueKeys, check_queues, is_queue_key
 from shared.region import Layout, Region
 from shared.text import printable
-from shared.transport import TransportError, map_memfd
+from shared.transport import TransportError, connect_unix, map_memfd, queue_channel
 from shared.xenbus import (
     FRONTEND_READ,
     Agreement,
@@ -50,6 +59,10 @@ class Negotiated:
     fd: int
     offered: dict[str, bool]
     agreement: Agreement
+    #: the queues (``FLAT``: one, on the layout's rings and this channel) and, with several,
+    #: each queue's own event channel (ours to close)
+    queues: tuple[QueueKeys, ...] = FLAT
+    channels: list[EventChannel] = field(default_factory=list)
     #: staging grants: the frontend's pool lists (``tx-pool-ref``... from its region message)
     pools: dict[str, int] = field(default_factory=dict)
 
@@ -82,14 +95,17 @@ def attach_region(fd: int, mem: mmap.mmap) -> tuple[Region, int]:
 IMPLEMENTED = (*BACKEND_KEYS, *EXTENSIONS)
 
 
-def offered_features(without: tuple[str, ...] = ()) -> dict[str, bool]:
-    """The offer: every key this backend implements, minus those switched off (--no-offer).
-    feature-rx-copy cannot be switched off: copying is the only RX mode."""
+def offered_features(without: tuple[str, ...] = (), queues: int = 1) -> dict[str, object]:
+    """The offer: every key this backend implements, minus those switched off (--no-offer),
+    and ``multi-queue-max-queues`` (as Linux netback always writes it). feature-rx-copy
+    cannot be switched off: copying is the only RX mode."""
     bad = set(without) - set(IMPLEMENTED)
     if bad or "feature-rx-copy" in without:
         raise ValueError(f"cannot withhold {sorted(bad or {'feature-rx-copy'})}: not an "
                          f"optional feature of this backend ({', '.join(IMPLEMENTED)})")
-    return {k: k not in without for k in IMPLEMENTED}
+    offer: dict[str, object] = {k: k not in without for k in IMPLEMENTED}
+    offer[MAX_QUEUES_KEY] = queues
+    return offer
 
 
 class Handshake:
@@ -97,8 +113,12 @@ class Handshake:
 
     def __init__(self, chan: EventChannel, vif: str, domid: int,
                  shared_region: mmap.mmap | None = None, shared_fd: int | None = None,
-                 offered: dict[str, bool] | None = None) -> None:
+                 offered: dict[str, object] | None = None,
+                 channel_base: str | None = None) -> None:
         self.chan = chan
+        #: QEMU placement: the socket of the handshake's port; a queue's event channel N is
+        #: the port QEMU serves at ``queue_channel(channel_base, N)``
+        self.channel_base = channel_base
         self.vif = vif
         self.domid = domid
         self.shared_region = shared_region  # QEMU placement: the region is already ours
@@ -148,7 +168,7 @@ class Handshake:
                     if not self.said_initwait:
                         raise NegotiationError("Initialised before Initialising")
                     try:
-                        result = self._accept(msg, fds[0] if fds else None)
+                        result = self._accept(msg, fds)
                     except (NegotiationError, ValueError, OSError, TransportError) as e:
                         try:
                             self.chan.send({"state": "Closing", "error": str(e)})
@@ -171,13 +191,16 @@ class Handshake:
         self.chan.send({"state": "InitWait", "name": self.vif, "domid": 0,
                         "features": self.offered})
 
-    def _accept(self, msg: dict, fd: int | None) -> Negotiated:
+    def _accept(self, msg: dict, fds: list[int]) -> Negotiated:
+        fd = fds[0] if fds else None
         if msg.get("domid") != self.domid:
             raise NegotiationError(f"frontend says domid {msg.get('domid')!r}, "
                                    f"this vif serves domid {self.domid}")
         features = check_request(self.offered, msg.get("features"))
-        log_ignored(log, unknown_keys(msg["features"], (*FRONTEND_READ, NUM_QUEUES_KEY)),
-                    "frontend")
+        queues = check_queues(int(self.offered.get(MAX_QUEUES_KEY, 1)), msg["features"])
+        log_ignored(log, [k for k in unknown_keys(msg["features"], (*FRONTEND_READ,
+                                                                    NUM_QUEUES_KEY))
+                          if not is_queue_key(k)], "frontend")
         region_msg = msg.get("region")
         if not isinstance(region_msg, dict) or not isinstance(region_msg.get("size"), int):
             raise NegotiationError("region must be an object with an integer size")
@@ -199,7 +222,70 @@ class Handshake:
             raise
         name = msg.get("name")
         ag = Agreement.of(self.offered, features)
+        try:
+            if ag.staging and len(queues) > 1:
+                raise QueueError(f"feature-staging-grants with {len(queues)} queues: the "
+                                 "pools name one queue's pages (staging serves one queue)")
+            pools = pool_keys(region_msg) if ag.staging else {}
+            _check_rings(queues, region.layout)
+            channels = self._channels(queues, fds)
+        except BaseException:
+            region.close()
+            os.close(own_fd)
+            if mem is not self.shared_region:
+                mem.close()
+            raise
         # the name is the frontend's to choose: escaped once here, for every log line
         return Negotiated(printable(str(name), 64) if name else "?", self.domid, features,
-                          region, mem, own_fd, self.offered, ag,
-                          pool_keys(region_msg) if ag.staging else {})
+                          region, mem, own_fd, self.offered, ag, queues, channels, pools)
+
+    def _channels(self, queues: tuple[QueueKeys, ...], fds: list[int]) -> list[EventChannel]:
+        """Each queue's event channel (several queues): the descriptor passed as number N
+        with Initialised (namespace placement), or QEMU's port N (QEMU placement)."""
+        if len(queues) == 1:
+            return []
+        numbers = [q.event_channel for q in queues]
+        if self.channel_base is None and len(fds) != 1 + len(queues):
+            raise QueueError(f"{len(fds) - 1} event channels passed for {len(queues)} queues")
+        out: list[EventChannel] = []
+        try:
+            for n in numbers:
+                if self.channel_base is not None:
+                    chan = connect_unix(queue_channel(self.channel_base, n), timeout=2.0)
+                elif not 1 <= n < len(fds):
+                    raise QueueError(f"event channel {n}: not a descriptor passed (1.."
+                                     f"{len(fds) - 1})")
+                else:
+                    chan = EventChannel(sock=_stream(fds[n], n))
+                chan.send_timeout = self.chan.send_timeout
+                out.append(chan)
+        except BaseException:
+            for chan in out:
+                chan.close()
+            raise
+        return out
+
+
+def _stream(fd: int, n: int) -> socket.socket:
+    """A passed descriptor as a queue's event channel: it must be a unix stream socket."""
+    dup = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError as e:
+        os.close(dup)
+        raise QueueError(f"event channel {n} is not a socket ({e.strerror})") from e
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise QueueError(f"event channel {n} is not a unix stream socket")
+    return sock
+
+
+def _check_rings(queues: tuple[QueueKeys, ...], layout: Layout) -> None:
+    """Every queue's rings must be pages of the layout's ring area (mapped for the CPU from
+    connect to disconnect, apart from the grant table and the header slots)."""
+    area = layout.ring_area
+    for q in queues:
+        for key, page in (("tx-ring-ref", q.tx_ring_ref), ("rx-ring-ref", q.rx_ring_ref)):
+            if page is not None and page not in area:
+                raise QueueError(f"queue-{q.index}/{key} {page}: not a page of the ring area "
+                                 f"({area.start}..{area.stop - 1})")

@@ -9,6 +9,8 @@ import sys
 from frontend.grants.recycle import DEFAULT_POOL_RINGS
 from frontend.netfront import POLL_US, Netfront, NetfrontConfig
 from shared.mechanisms import help_text, names
+from shared.netif import MAX_QUEUES
+from shared.queues import DOORBELL_ONE_QUEUE, queue_count
 
 
 def size(text: str) -> int:
@@ -69,8 +71,16 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                    help="after work, keep polling ring and TAP this many µs before arming "
                         "events and sleeping (default 0: in a 1-vCPU TCG guest polling took "
                         f"the sender's CPU; the bench's lazy-poll mode uses {POLL_US})")
+    p.add_argument("--queues", type=queue_count, default=1, metavar="N",
+                   help=f"queues to use, at most what the backend offers (1..{MAX_QUEUES}; "
+                        "default 1): the TAP gets a queue each, a connection with several "
+                        "gets a worker process per queue")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    if a.doorbell and a.queues > 1:
+        p.error(DOORBELL_ONE_QUEUE)
+    if a.grants == "staging" and a.queues > 1:
+        p.error("--grants staging serves one queue (its pools name one queue's pages)")
     region = a.region or ("memfd" if a.connect else "pci")
     if a.connect and region != "memfd":
         p.error("--connect (namespace placement) needs a memfd region")
@@ -89,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> NetfrontConfig:
                           recycle_pool=a.recycle_pool, gso=not a.no_gso, rx_by_id=a.rx_by_id,
                           ipv6_csum_offload=not a.no_ipv6_csum_offload,
                           budget=a.budget,
-                          poll_us=a.poll_us or 0)
+                          poll_us=a.poll_us or 0, queues=a.queues)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from frontend.faults import BackendError
 from frontend.grants.base import GrantPolicy
 from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_readonly
 from shared.netif import MAX_FRAME_PAGES, PAGE_SIZE, TX_REQUEST, NETTXF_more_data
-from shared.region import Region
+from shared.region import Area
 
 #: pages per payload chunk: the largest frame (64 KiB + headers) without a header slot
 CHUNK_PAGES = MAX_FRAME_PAGES
@@ -28,14 +28,16 @@ _GE = GRANT_ENTRY.size
 
 
 class TxChunks:
-    """The chunks of one TX queue, from payload page ``first_page`` on."""
+    """The chunks of one TX queue, from payload page ``first_page`` on (to its area's end)."""
 
-    def __init__(self, region: Region, first_page: int, policy: GrantPolicy,
+    def __init__(self, region: Area, first_page: int, policy: GrantPolicy,
                  backend_domid: int) -> None:
         lay = region.layout
         self.grants = region.grants
         self.policy = policy
-        count = min((lay.payload_pages - first_page) // CHUNK_PAGES, SLOT_ID_BASE // CHUNK_PAGES)
+        # up to the end of this queue's payload pages (all of them with one queue)
+        count = min((region.payload.stop - first_page) // CHUNK_PAGES,
+                    SLOT_ID_BASE // CHUNK_PAGES)
         if policy.max_grants:  # e.g. the backend keeps only so many persistent grants
             count = min(count, policy.max_grants // CHUNK_PAGES)
         if count < 2:

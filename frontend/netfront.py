@@ -11,51 +11,36 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import select
-import time
+import socket
 import weakref
 from dataclasses import dataclass
 
-from frontend.faults import BackendError
+from frontend import loop
+from frontend.faults import BACKEND_FAULTS
 from frontend.grants.staging import write_pools
 from frontend.mechanisms import grant_policy
+from frontend.multiqueue import MultiConnection, Queues
 from frontend.rx import RX_BUFFERS, RxQueue
 from frontend.tx import TxQueue
-from frontend.txflow import REAP_INTERVAL
-from frontend.xenbus import Handshake
-from shared.channel import ChannelClosed, ChannelError, EventChannel, kick_if
+from frontend.xenbus import Handshake, Laid
+from shared.channel import ChannelClosed, EventChannel
 from shared.connection import Endpoint
 from shared.control_port import PortControl
 from shared.control_server import ControlServer
 from shared.doorbell_guest import guest_doorbell
 from shared.kickchannel import KickChannel
-from shared.lifecycle import Shutdown
 from shared.netdev import NetDevice, offload_flags
-from shared.netif import EXTENSIONS, FRONTEND_KEYS
+from shared.netif import EXTENSIONS, FRONTEND_KEYS, NUM_QUEUES_KEY
+from shared.queues import frontend_queue_keys
 from shared.region import Region
-from shared.ring import FrontRing, RingError
-from shared.stats import RingStats
-from shared.transport import (
-    TransportError,
-    connect_unix,
-    create_memfd,
-    map_pci_bar,
-    open_port,
-)
-from shared.xenbus import Agreement, NegotiationError, XenbusState
+from shared.transport import connect_unix, create_memfd, map_pci_bar, open_port, queue_channel
+from shared.xenbus import Agreement, XenbusState
 
 log = logging.getLogger("netfront")
 #: largest GSO packet the guest stack may hand us: tx_request.size is 16 bits
 GSO_MAX_SIZE = 0xFFFF - 320
 
 
-#: what marks the device broken: the backend (or the path to it) misbehaved
-BACKEND_FAULTS = (NegotiationError, ChannelError, TransportError, RingError, BackendError,
-                  OSError)
-#: poll timeout when idle (ms): also the period of the lost-wake-up check
-IDLE_MS = 1000
-#: poll timeout (ms) while TX requests are in flight without completion kicks
-REAP_MS = max(1, int(REAP_INTERVAL * 1000))
 #: pause before reconnecting after a fault, so a broken backend cannot make us spin
 BROKEN_BACKOFF = 0.5
 #: pause before reconnecting after any connection
@@ -95,6 +80,9 @@ class NetfrontConfig:
     #: Off by default: in a 1-vCPU TCG guest the polling took the CPU the guest's sender needs
     #: (measured: docs/performance.md, "The guest path", the poll budget)
     poll_us: int = 0
+    #: queues to use (at most the backend's multi-queue-max-queues): the TAP gets a queue
+    #: each, a connection with several gets a worker process each (frontend/multiqueue.py)
+    queues: int = 1
 
 
 @dataclass
@@ -119,6 +107,8 @@ class Netfront(Endpoint[Connection]):
         self.counters.update({"broken": 0, "sleeps": 0, "polls_busy": 0, "polls_empty": 0})
         self.tx: TxQueue | None = None
         self.rx: RxQueue | None = None
+        #: the queues' workers and totals (several queues wanted; None: one)
+        self.queues = Queues(self) if cfg.queues > 1 else None
         self.bar: mmap.mmap | None = None
         self._mapped: list[weakref.ref] = []  # memfd regions, to prove old ones are unmapped
         self.tap = self.open_device()
@@ -129,7 +119,8 @@ class Netfront(Endpoint[Connection]):
         """The guest's TAP. netfront: netif_set_tso_max_size(XEN_NETIF_MAX_TX_SIZE -
         MAX_TCP_HEADER)."""
         c = self.cfg
-        return NetDevice.open(c.tap, mac=c.mac, ip=c.ip, mtu=c.mtu, gso_max_size=GSO_MAX_SIZE)
+        return NetDevice.open(c.tap, queues=c.queues, mac=c.mac, ip=c.ip, mtu=c.mtu,
+                              gso_max_size=GSO_MAX_SIZE)
 
     def wanted(self) -> dict[str, bool]:
         c = self.cfg
@@ -146,21 +137,13 @@ class Netfront(Endpoint[Connection]):
     def control(self, request: dict) -> dict:
         if request.get("cmd") != "stats":
             raise KeyError(request.get("cmd"))
-        rings = {"tx": self.tx_stats.as_dict(), "rx": self.rx_stats.as_dict()}
-        tx, rx = self.tx, self.rx
-        if tx is not None:
-            rings["tx"].update(tx.ring.indices(), req_prod_pvt=tx.ring.req_prod_pvt,
-                               rsp_cons=tx.ring.rsp_cons, slots_in_flight=tx.in_flight(),
-                               header_slots_in_use=tx.header_slots_in_use())
-        else:
-            rings["tx"].update(slots_in_flight=0, header_slots_in_use=0)
-        if rx is not None:
-            rings["rx"].update(rx.ring.indices(), req_prod_pvt=rx.ring.req_prod_pvt,
-                               rsp_cons=rx.ring.rsp_cons, slots_in_flight=0,
-                               grants_active=rx.active())
-        return dict(self.stats("netfront", self.cfg.domid), rings=rings,
-                    regions_mapped=self.regions_mapped(),
-                    counters=dict(self.counters, last_error=self.last_error))
+        rings = loop.rings_of((self.tx_stats, self.rx_stats), self.tx, self.rx)
+        counters = dict(self.counters)
+        out = self.queues.stats(rings, counters) if self.queues is not None else {}
+        out.update(self.stats("netfront", self.cfg.domid), rings=rings,
+                   regions_mapped=self.regions_mapped(),
+                   counters=dict(counters, last_error=self.last_error))
+        return out
 
     def regions_mapped(self) -> int:
         """Grant regions this process maps: 1 while connected (0 between memfd regions)."""
@@ -185,59 +168,100 @@ class Netfront(Endpoint[Connection]):
             chan = KickChannel.around(chan, guest_doorbell, own_doorbell=False)
         return chan
 
-    def _make_region(self, chosen: dict[str, bool], backend_domid: int):
-        """Lay out a fresh region: a sealed memfd (namespaces) or the ivshmem BAR (QEMU); with
-        staging grants agreed, its pool lists granted and named (``tx-pool-ref``...)."""
-        region, desc, fds = self._new_region()
-        if chosen.get("feature-staging-grants"):
-            desc.update(write_pools(region, backend_domid, RX_BUFFERS))
-        return region, desc, fds
-
-    def _new_region(self):
+    def _make_region(self, chosen: dict[str, object], backend_domid: int) -> Laid:
+        """Lay out a fresh region for the queues chosen: a sealed memfd (namespaces) or the
+        ivshmem BAR (QEMU); with several queues, an event channel each; with staging grants
+        agreed (one queue), its pool lists granted and named (``tx-pool-ref``...)."""
+        n = int(chosen.get(NUM_QUEUES_KEY, 1))
         if self.cfg.region == "memfd":
             fd, mem = create_memfd(self.cfg.region_size, f"pvnet-{self.cfg.name}")
             self._mapped.append(weakref.ref(mem))
-            region = Region.create(mem)
-            return region, {"size": len(mem)}, (fd,)
-        if self.bar is None:  # doorbell: BAR2 through VFIO, as vfio-pci owns the device
-            self.bar = (guest_doorbell().region() if self.cfg.doorbell
-                        else map_pci_bar(self.cfg.region))
-        return Region.create(self.bar, owns_mem=False), {"size": len(self.bar)}, ()
+            laid = Laid(Region.create(mem, queues=n), {"size": len(mem)}, (fd,))
+        else:
+            if self.bar is None:  # doorbell: BAR2 through VFIO, as vfio-pci owns the device
+                self.bar = (guest_doorbell().region() if self.cfg.doorbell
+                            else map_pci_bar(self.cfg.region))
+            laid = Laid(Region.create(self.bar, owns_mem=False, queues=n),
+                        {"size": len(self.bar)})
+        if n > 1:
+            numbers = self._queue_channels(laid, n)
+            lay = laid.region.layout
+            laid.keys = frontend_queue_keys([lay.queue_rings(q) for q in range(n)], numbers)
+        elif chosen.get("feature-staging-grants"):
+            laid.desc.update(write_pools(laid.region, backend_domid, RX_BUFFERS))
+        return laid
+
+    def _queue_channels(self, laid: Laid, n: int) -> list[int]:
+        """Each queue's event channel and its number (``queue-N/event-channel``): a socket
+        pair whose other end is passed with Initialised (namespace placement: the number is
+        its place among the descriptors), or the virtio-serial port ``<channel>-qN``."""
+        numbers = []
+        try:
+            for q in range(n):
+                if self.cfg.connect:
+                    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                    laid.channels.append(EventChannel(sock=mine))
+                    laid.fds = (*laid.fds, theirs.detach())
+                    numbers.append(len(laid.fds) - 1)
+                else:
+                    laid.channels.append(open_port(queue_channel(self.cfg.channel, q)))
+                    numbers.append(q)
+        except BaseException:
+            laid.close_channels()
+            for fd in laid.fds:
+                os.close(fd)
+            raise
+        return numbers
 
     def handshake(self, chan: EventChannel, first: dict | None):
-        hs = Handshake(chan, self.cfg.name, self.cfg.domid, self.wanted(), stop=self.stopping)
+        hs = Handshake(chan, self.cfg.name, self.cfg.domid, self.wanted(), stop=self.stopping,
+                       queues=self.cfg.queues)
         return hs.run(self._make_region)
 
-    def attach(self, chan: EventChannel, negotiated) -> Connection:
-        offer, chosen, region = negotiated
+    def attach(self, chan: EventChannel, negotiated) -> Connection | MultiConnection:
+        offer, chosen, laid = negotiated
         ag = Agreement.of(offer.features, chosen)
+        self.tap.use_queues(laid.queues)
         self.tap.set_offload(tap_offloads(ag, self.cfg.gso))
-        rx = RxQueue(region, self.tap.fd, self.rx_stats, self._policy(chosen, region,
-                     self.rx_stats), offer.backend_domid, ag)
-        tx = TxQueue(region, self.tap.fd, self.tx_stats, RX_BUFFERS, ag.header_slots,
-                     self._policy(chosen, region, self.tx_stats), offer.backend_domid, ag)
-        self.tx, self.rx = tx, rx
+        if laid.queues > 1:
+            assert self.queues is not None  # it asked for no more than it wants
+            conn: Connection | MultiConnection = self.queues.attach(chan, offer, chosen, laid)
+        else:
+            region = laid.region
+            rx = RxQueue(region, self.tap.fd, self.rx_stats, self.policy(chosen, region,
+                         self.rx_stats), offer.backend_domid, ag)
+            tx = TxQueue(region, self.tap.fd, self.tx_stats, RX_BUFFERS, ag.header_slots,
+                         self.policy(chosen, region, self.tx_stats), offer.backend_domid, ag)
+            self.tx, self.rx = tx, rx
+            conn = Connection(chan, region, tx, rx)
         self.peer = offer.backend
         self.features = chosen
-        log.info("%s: connected to %s, features %s", self.cfg.name, offer.backend,
-                 ",".join(k for k, v in chosen.items() if v))
-        return Connection(chan, region, tx, rx)
+        log.info("%s: connected to %s, %d queue%s, features %s", self.cfg.name, offer.backend,
+                 laid.queues, "s" if laid.queues > 1 else "",
+                 ",".join(k for k, v in chosen.items() if v is True))
+        return conn
 
-    def _policy(self, chosen: dict[str, bool], region, stats):
+    def policy(self, chosen: dict[str, bool], region, stats):
         """One queue's grant policy (the frontend's side of a mechanism), on its counters."""
         c = self.cfg
         opts = {"pool_rings": c.recycle_pool} if c.grants == "recycle" else {}
         return grant_policy(chosen, region.grants, stats, c.grants, **opts)
 
-    def serve(self, conn: Connection) -> None:
-        conn.rx.refill()
-        _push(conn.rx.ring, conn.chan, self.rx_stats)
-        self._loop(conn.chan, conn.tx, conn.rx)
+    def serve(self, conn: Connection | MultiConnection) -> None:
+        if isinstance(conn, MultiConnection):
+            self.queues.serve(conn)
+        else:
+            c = self.cfg
+            loop.serve(self, conn.chan, self.tap.fd, conn.tx, conn.rx, c.budget, c.poll_us)
 
-    def detach(self, conn: Connection) -> None:
+    def detach(self, conn: Connection | MultiConnection) -> None:
         """Unanswered requests go with the ring (the backend's); the queues are the region's
         last users, so the region is closed now: a memfd region unmapped, a BAR region's views
-        released (the BAR itself stays mapped: it is the device's, laid out again next time)."""
+        released (the BAR itself stays mapped: it is the device's, laid out again next time).
+        With several queues, their workers are stopped first."""
+        if isinstance(conn, MultiConnection):
+            self.queues.detach(conn)
+            return
         self.tx_stats.slots_released += conn.tx.in_flight()
         self.tx = self.rx = None
         region = conn.region
@@ -260,86 +284,6 @@ class Netfront(Endpoint[Connection]):
     def session_ended(self, faulted: bool) -> None:
         self.rest((BROKEN_BACKOFF if faulted else 0) + RECONNECT_PAUSE)
 
-    def _loop(self, chan: EventChannel, tx: TxQueue, rx: RxQueue) -> None:
-        """The data loop, NAPI-like: a wake-up is followed by polling (ring and TAP, events
-        unarmed, so the backend need not kick) until ``poll_us`` pass without work; only then
-        are the events armed (RING_FINAL_CHECK: arm, re-check) and the loop sleeps. It never
-        sleeps unarmed: a timeout other than 0 is only chosen right after a final check that
-        found nothing. Empty polls yield the CPU, so the guest's own tasks run meanwhile."""
-        poller = select.poll()
-        cfd, tfd, wfd = chan.fileno(), self.tap.fd, self.wake_fd
-        poller.register(cfd, select.POLLIN)
-        poller.register(wfd, select.POLLIN)
-        tap_polled = False
-        budget = self.cfg.budget
-        spin_s = self.cfg.poll_us / 1e6
-        txs, rxs = self.tx_stats, self.rx_stats
-        counters = self.counters
-        clock, yield_cpu = time.monotonic, os.sched_yield
-        timeout = 0
-        spin_until = 0.0
-        while True:
-            events = poller.poll(timeout)
-            tap_ready = not tap_polled  # not polled: let pump find out (it stops cheaply)
-            if events:
-                for fd, _ev in events:
-                    if fd == tfd:
-                        tap_ready = True
-                    elif fd == cfd:
-                        for msg in chan.recv(keep_fds=False).messages:
-                            if msg.get("state") in ("Closing", "Closed"):
-                                raise ChannelClosed(msg.get("error", "backend is closing"))
-                    elif fd == wfd:
-                        raise Shutdown("stop requested")
-            elif timeout == IDLE_MS:  # the idle timer, not the backend, woke us
-                self._lost_wakeup(cfd, tx, rx)
-            reaped = tx.reap()
-            sent = tx.pump(budget) if tap_ready else 0
-            if sent:
-                _push(tx.ring, chan, txs)
-            got = rx.poll(budget)
-            if rx.refill():
-                _push(rx.ring, chan, rxs)
-            busy = sent == budget or got == budget
-            want_tap = not tx.stopped
-            if want_tap != tap_polled:
-                if want_tap:
-                    poller.register(tfd, select.POLLIN)
-                else:
-                    poller.unregister(tfd)
-                tap_polled = want_tap
-            if busy:
-                timeout = 0
-                continue
-            if sent or got or reaped:  # work: poll on, events unarmed, for spin_s more
-                now = clock()
-                spin_until = now + spin_s
-                counters["polls_busy"] += 1
-                if spin_s:
-                    timeout = 0
-                    continue
-            elif spin_s and clock() < spin_until:
-                counters["polls_empty"] += 1
-                yield_cpu()  # nothing yet: let the guest's tasks (the sender) run
-                timeout = 0
-                continue
-            # about to sleep: arm both rings' events and look once more (no lost wake-up)
-            if tx.arm_completions() or rx.ring.final_check_for_responses():
-                timeout = 0
-                continue
-            counters["sleeps"] += 1
-            # TX completions come without kicks while the queue runs: reap them soon anyway
-            timeout = REAP_MS if tx.in_flight() else IDLE_MS
-
-    def _lost_wakeup(self, cfd: int, tx: TxQueue, rx: RxQueue) -> None:
-        """Responses that no notification announced (rsp_event was armed) mean a lost
-        wake-up; the timer saved us, the counter says it had to."""
-        waiting = rx.ring.unconsumed_responses()
-        if tx.stopped:  # only a stopped queue asked for TX-completion kicks
-            waiting += tx.ring.unconsumed_responses()
-        if waiting:
-            self.found_unannounced(cfd, "responses")
-
 def tap_offloads(ag: Agreement, gso: bool = True) -> int:
     """What the guest stack may hand us follows what the backend offered (netfront's
     xennet_fix_features): no TSO kind the backend's feature-gso-* keys do not accept, and no
@@ -349,6 +293,3 @@ def tap_offloads(ag: Agreement, gso: bool = True) -> int:
     segments before the TAP, so TX frames are MTU-sized like RX ones (the bench's tcp-nogso
     workload measured 63 KB TX frames while only the RX keys were off)."""
     return offload_flags(ag.tx_gso_tcpv4 and gso, ag.tx_gso_tcpv6 and gso, ag.tx_csum)
-
-def _push(ring: FrontRing, chan: EventChannel, stats: RingStats) -> None:
-    kick_if(ring.push_requests(), chan, stats)

@@ -40,7 +40,7 @@ from shared.offload import (
     XEN_TO_VIRTIO_GSO,
     checksum_setup,
 )
-from shared.region import Region
+from shared.region import Area
 from shared.ring import MASK32, FrontRing
 from shared.stats import RingStats
 from shared.xenbus import Agreement, gso_accepted
@@ -52,7 +52,7 @@ _VNET_VALID = VNET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0)
 
 
 class RxQueue(StockOrder):
-    def __init__(self, region: Region, tap_fd: int, stats: RingStats, policy: GrantPolicy,
+    def __init__(self, region: Area, tap_fd: int, stats: RingStats, policy: GrantPolicy,
                  backend_domid: int = 0, agreement: Agreement | None = None) -> None:
         lay = region.layout
         ag = agreement
@@ -67,9 +67,13 @@ class RxQueue(StockOrder):
         self.grants = region.grants
         self.policy = policy
         self.domid = backend_domid
-        self.frames = [lay.payload_page + i for i in range(RX_BUFFERS)]
+        # the first RX_BUFFERS pages of this queue's payload, granted by the refs after
+        # RESERVED_REFS that name them (netfront grants payload page p as RESERVED_REFS + p)
+        first = region.payload.start
+        self.ref0 = RESERVED_REFS + first
+        self.frames = [lay.payload_page + first + i for i in range(RX_BUFFERS)]
         self.views = [region.page(f) for f in self.frames]
-        self.refs = [(RESERVED_REFS + i) | policy.ref_bit for i in range(RX_BUFFERS)]
+        self.refs = [(self.ref0 + i) | policy.ref_bit for i in range(RX_BUFFERS)]
         self.posted = bytearray(RX_BUFFERS)
         self.free = list(range(RX_BUFFERS))
         self.vnet = bytearray(VNET_HDR.size)
@@ -127,7 +131,7 @@ class RxQueue(StockOrder):
         return n
 
     def _release(self, rid: int) -> None:
-        if not self.policy.revoke([(RESERVED_REFS + rid, 1)]):
+        if not self.policy.revoke([(self.ref0 + rid, 1)]):
             raise BackendError(f"backend still holds rx gref {self.refs[rid]}")
         if self.by_id:
             self.free.append(rid)

@@ -13,7 +13,7 @@ under TCG pays for every Python operation, and a 64 KB frame spans 17 buffers.
 
 from __future__ import annotations
 
-from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access
+from shared.grant import GRANT_ENTRY, GTF_permit_access
 from shared.netif import (
     EXTRA_INFO,
     MAX_FRAME_PAGES,
@@ -26,7 +26,7 @@ from shared.netif import (
     NETRXF_more_data,
 )
 from shared.offload import XEN_TO_VIRTIO_GSO
-from shared.region import Region
+from shared.region import Area
 from shared.ring import MASK32
 
 #: RX buffers: one page per RX ring slot, at the start of the payload area
@@ -46,7 +46,7 @@ class StockOrder:
     """The stock-order half of ``RxQueue`` (which holds the ring, the views, the per-response
     path and ``_write``)."""
 
-    def _init_stock(self, region: Region, backend_domid: int) -> None:
+    def _init_stock(self, region: Area, backend_domid: int) -> None:
         ring = self.ring
         entries = ring.buf[ring.entry(0):ring.entry(0) + RX_BUFFERS * ring.entry_size]
         #: the responses as u16s (id, offset, flags, status) per position: one slice a batch
@@ -57,7 +57,7 @@ class StockOrder:
         self.req_tmpl = b"".join(RX_REQUEST.pack(i, 0, self.refs[i]) for i in range(RX_BUFFERS))
         self.gnt_tmpl = b"".join(GRANT_ENTRY.pack(GTF_permit_access, backend_domid, f)
                                  for f in self.frames)
-        self.gnt_span = self.grants.span(RESERVED_REFS, RX_BUFFERS)
+        self.gnt_span = self.grants.span(self.ref0, RX_BUFFERS)
         self.policy.setup([(self.gnt_span, memoryview(self.gnt_tmpl))])
 
     def _refill_stock(self, limit: int = RX_BUFFERS) -> int:
@@ -84,7 +84,7 @@ class StockOrder:
         ended (``GrantTable.end_access_run``; one by one, to name the gref, if one is held)."""
         at = pos & RX_MASK
         m = min(n, RX_BUFFERS - at)
-        if not self.policy.revoke([(RESERVED_REFS + at, m), (RESERVED_REFS, n - m)]):
+        if not self.policy.revoke([(self.ref0 + at, m), (self.ref0, n - m)]):
             for i in range(n):
                 self._release((pos + i) & RX_MASK)
             return

@@ -38,7 +38,7 @@ from shared.offload import (
     VIRTIO_TO_XEN_GSO,
     VNET_HDR,
 )
-from shared.region import Region
+from shared.region import Area
 from shared.ring import MASK32, FrontRing
 from shared.slots import HeaderSlots
 from shared.stats import RingStats
@@ -60,10 +60,9 @@ _XEN_GSO = tuple(VIRTIO_TO_XEN_GSO.get(i) for i in range(VIRTIO_NET_HDR_GSO_KIND
 
 
 class TxQueue:
-    def __init__(self, region: Region, tap_fd: int, stats: RingStats, first_page: int,
+    def __init__(self, region: Area, tap_fd: int, stats: RingStats, first_page: int,
                  header_slots: bool, policy: GrantPolicy, backend_domid: int = 0,
                  agreement: Agreement | None = None) -> None:
-        lay = region.layout
         #: what the backend accepts (its keys): multi-slot packets, which GSO kinds
         self.sg = agreement is None or agreement.tx_sg
         ok = gso_accepted(agreement, rx=False) | {XEN_NETIF_GSO_TYPE_NONE}
@@ -76,7 +75,7 @@ class TxQueue:
         self.buf = self.ring.buf
         self.tap_fd, self.stats = tap_fd, stats
         self.header_slots, self.policy = header_slots, policy
-        self.slots = HeaderSlots(region.hdr, lay.hdr_slot_size, lay.hdr_slots)
+        self.slots = HeaderSlots(region.hdr, region.hdr_slot_size, region.hdr_slots)
         self.chunks = TxChunks(region, first_page, policy, backend_domid)
         self.flow = flow = TxFlow(self.ring, self.slots, self.chunks, stats)
         self.reap, self.arm_completions = flow.reap, flow.arm_completions

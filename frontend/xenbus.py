@@ -9,17 +9,18 @@ import os
 import select
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.channel import ChannelClosed, EventChannel
-from shared.netif import BACKEND_KEYS, EXTENSIONS
+from shared.netif import BACKEND_KEYS, EXTENSIONS, MAX_QUEUES_KEY
+from shared.queues import offered_max
 from shared.region import Region
 from shared.transport import TransportError
 from shared.xenbus import NegotiationError, XenbusState, choose, log_ignored, unknown_keys
 
 log = logging.getLogger("netfront")
-#: the backend's keys this frontend reads (multi-queue-max-queues: to write its queue count)
-BACKEND_READ = (*BACKEND_KEYS, *EXTENSIONS, "multi-queue-max-queues")
+#: the backend's keys this frontend reads (multi-queue-max-queues: how many queues it may ask)
+BACKEND_READ = (*BACKEND_KEYS, *EXTENSIONS, MAX_QUEUES_KEY)
 
 HELLO_INTERVAL = 1.0
 #: DOMID_FIRST_RESERVED - 1
@@ -30,16 +31,39 @@ MAX_DOMID = 0x7FEF
 class Offer:
     backend: str
     backend_domid: int
-    features: dict[str, bool]
+    features: dict[str, object]
+
+
+@dataclass
+class Laid:
+    """A region laid out for a connection, and what describes it to the backend: the
+    Initialised message's ``region``, the descriptors passed with it (closed once sent),
+    the per-queue keys and, with several queues, each queue's event channel (ours)."""
+
+    region: Region
+    desc: dict
+    fds: tuple[int, ...] = ()
+    keys: dict[str, int] = field(default_factory=dict)
+    channels: list[EventChannel] = field(default_factory=list)
+
+    @property
+    def queues(self) -> int:
+        return len(self.channels) or 1
+
+    def close_channels(self) -> None:
+        for c in self.channels:
+            c.close()
 
 
 class Handshake:
     def __init__(self, chan: EventChannel, name: str, domid: int,
-                 wanted: dict[str, bool], stop: Callable[[], bool] | None = None) -> None:
+                 wanted: dict[str, bool], stop: Callable[[], bool] | None = None,
+                 queues: int = 1) -> None:
         self.chan = chan
         self.name = name
         self.domid = domid
         self.wanted = wanted
+        self.queues = queues  # how many this frontend would use (at most what is offered)
         self.stop = stop  # asked every poll round (200 ms); True gives up with TransportError
         self.state = XenbusState.Initialising
 
@@ -68,25 +92,30 @@ class Handshake:
                 if state in ("Closing", "Closed"):
                     raise ChannelClosed(f"backend closed: {msg.get('error', 'no reason')}")
 
-    def run(self, make_region: Callable[[dict[str, bool], int],
-                                        tuple[Region, dict, tuple[int, ...]]],
-            timeout: float | None = None) -> tuple[Offer, dict[str, object], Region]:
-        """``make_region`` lays out a fresh region and says how to describe/pass it."""
+    def run(self, make_region: Callable[[dict[str, object], int], Laid],
+            timeout: float | None = None) -> tuple[Offer, dict[str, object], Laid]:
+        """``make_region`` lays out a fresh region for the keys chosen (their queue count
+        included) and says how to describe and pass it."""
         offer = parse_offer(self._wait("InitWait", timeout, hello=True))
         log_ignored(log, unknown_keys(offer.features, BACKEND_READ), "backend")
-        chosen = choose(offer.features, self.wanted)
-        region, desc, fds = make_region(chosen, offer.backend_domid)
+        chosen = choose(offer.features, self.wanted, self.queues, offered_max(offer.features))
+        laid = make_region(chosen, offer.backend_domid)
         try:
-            self.chan.send({"state": "Initialised", "name": self.name, "domid": self.domid,
-                            "features": chosen, "region": desc}, fds)
-        finally:
-            for fd in fds:  # the backend has its own copy now; the mapping keeps ours
-                os.close(fd)
-        self.state = XenbusState.Initialised
-        self._wait("Connected", 10.0, hello=False)
-        self.chan.send({"state": "Connected"})
+            chosen.update(laid.keys)
+            try:
+                self.chan.send({"state": "Initialised", "name": self.name, "domid": self.domid,
+                                "features": chosen, "region": laid.desc}, laid.fds)
+            finally:
+                for fd in laid.fds:  # the backend has its own copy now; the mapping keeps ours
+                    os.close(fd)
+            self.state = XenbusState.Initialised
+            self._wait("Connected", 10.0, hello=False)
+            self.chan.send({"state": "Connected"})
+        except BaseException:
+            laid.close_channels()
+            raise
         self.state = XenbusState.Connected
-        return offer, chosen, region
+        return offer, chosen, laid
 
 
 def parse_offer(msg: dict) -> Offer:
@@ -99,4 +128,6 @@ def parse_offer(msg: dict) -> Offer:
     if not isinstance(domid, int) or isinstance(domid, bool) or not 0 <= domid <= MAX_DOMID:
         raise NegotiationError(f"backend domid {domid!r} is not a domain id")
     name = msg.get("name", "?")
-    return Offer(str(name)[:64], domid, {str(k): v is True for k, v in offered.items()})
+    # keys are true or false, but the queue count, an integer (checked by offered_max)
+    return Offer(str(name)[:64], domid, {str(k): v if k == MAX_QUEUES_KEY else v is True
+                                         for k, v in offered.items()})

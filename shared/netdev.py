@@ -20,6 +20,7 @@ from shared.tap import (
     configure,
     open_tap,
     set_offload,
+    set_queue,
 )
 
 #: _IOW('T', 226, int): netif_carrier_on/off on a TAP (Linux >= 5.0)
@@ -40,22 +41,39 @@ def offload_flags(tso4: bool, tso6: bool, csum: bool = True) -> int:
 
 
 class NetDevice:
-    """A TAP this process created and owns (closed with it)."""
+    """A TAP this process created and owns (closed with it): ``fd`` is its first (or only)
+    queue, ``fds`` every queue's (a multi-queue TAP: one fd per queue, ``use_queues``)."""
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, queue_fds: tuple[int, ...] = ()) -> None:
         self.fd = fd
         self.name = name
+        self.fds = (fd, *queue_fds)
+        self._attached = [True] * len(self.fds)
 
     @classmethod
-    def open(cls, name: str, **settings) -> NetDevice:
-        """Create the TAP and configure it (``shared.tap.configure`` keywords)."""
-        fd = open_tap(name)
+    def open(cls, name: str, queues: int = 1, **settings) -> NetDevice:
+        """Create the TAP (with ``queues`` queues) and configure it (``shared.tap.configure``
+        keywords)."""
+        fds = open_tap(name, queues=queues)
         try:
             configure(name, **settings)
         except BaseException:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise
-        return cls(fd, name)
+        return cls(fds[0], name, tuple(fds[1:]))
+
+    @property
+    def queues(self) -> int:
+        return len(self.fds)
+
+    def use_queues(self, n: int) -> None:
+        """Serve the first ``n`` queues: the others are detached, so the kernel steers no
+        flow to a queue nobody reads (a connection with fewer queues than the device)."""
+        for i, fd in enumerate(self.fds if len(self.fds) > 1 else ()):
+            if self._attached[i] != (i < n):
+                set_queue(fd, i < n)
+                self._attached[i] = i < n
 
     def set_offload(self, flags: int) -> None:
         """What the stack may hand us (TUNSETOFFLOAD)."""
@@ -67,5 +85,7 @@ class NetDevice:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            for fd in self.fds:
+                os.close(fd)
             self.fd = -1
+            self.fds = ()

@@ -109,10 +109,24 @@ FRONTEND_KEYS = ("request-rx-copy", "feature-rx-notify", "feature-sg", "feature-
 #: request-multicast-control (only meaningful with the backend's feature-multicast-control,
 #: which pvnet does not offer: accepted and not in force)
 FRONTEND_OPTIONAL = ("feature-no-csum-offload", "request-multicast-control")
-#: the frontend's queue count (an integer, written only to a backend that writes
-#: multi-queue-max-queues): pvnet has one queue, so only 1 is accepted, as Linux refuses more
-#: than its maximum
+#: the backend's most queues (an integer, as Linux netback's ``multi-queue-max-queues``, its
+#: xenvif_max_queues) and the frontend's choice (``multi-queue-num-queues``, at most that; a
+#: frontend that asks for more is at fault, as Linux's connect() refuses it)
+MAX_QUEUES_KEY = "multi-queue-max-queues"
 NUM_QUEUES_KEY = "multi-queue-num-queues"
+#: with more than one queue each queue's keys live under ``queue-N/`` (netif.h: ring refs and
+#: event channel per queue; one queue writes none of them: its rings are the region layout's,
+#: its event channel is the handshake's, as today)
+QUEUE_KEYS = ("tx-ring-ref", "rx-ring-ref", "event-channel")
+#: the most queues a pvnet end serves (both ends: workers, TAP queues, descriptors passed)
+MAX_QUEUES = 8
+
+
+def queue_key(queue: int, key: str) -> str:
+    """``queue-N/<key>``, a key of one queue of several (netif.h's xenstore layout)."""
+    return f"queue-{queue}/{key}"
+
+
 #: pvnet's own extensions: used only when the backend offers and the frontend accepts them.
 #: feature-rx-by-id: RX responses may complete posted buffers in any order, found by id.
 EXTENSIONS = ("feature-header-slots", "feature-persistent", "feature-rx-by-id",

@@ -55,11 +55,18 @@ class Layout:
 
     @classmethod
     def for_size(cls, size: int, hdr_slot_size: int = DEFAULT_HDR_SLOT_SIZE,
-                 hdr_slots: int = DEFAULT_HDR_SLOTS) -> Layout:
-        """Carve a region of ``size`` bytes; the grant table covers every payload page."""
+                 hdr_slots: int | None = None, queues: int = 1) -> Layout:
+        """Carve a region of ``size`` bytes; the grant table covers every payload page. With
+        ``queues`` > 1 the ring area holds a TX and an RX ring per queue (queue q's at
+        ``tx_ring_page + 2q`` and ``+ 2q + 1``: the header names queue 0's, the frontend's
+        ``queue-N/*-ring-ref`` keys every queue's) and there are DEFAULT_HDR_SLOTS header
+        slots per queue."""
+        if hdr_slots is None:
+            hdr_slots = DEFAULT_HDR_SLOTS * queues
         total = size // PAGE_SIZE
         hdr_pages = _pages(hdr_slot_size * hdr_slots)
-        fixed = 1 + 2 + hdr_pages  # header, two rings, header slots
+        rings = 2 * queues
+        fixed = 1 + rings + hdr_pages  # header, the rings, header slots
         payload = total - fixed
         while payload > 0 and fixed + _pages((RESERVED_REFS + payload) * GRANT_ENTRY.size) \
                 + payload > total:
@@ -68,7 +75,8 @@ class Layout:
             raise LayoutError(f"region of {size} bytes is too small")
         gnt_pages = _pages((RESERVED_REFS + payload) * GRANT_ENTRY.size)
         return cls(VERSION, total, 1, RESERVED_REFS + payload, 1 + gnt_pages, 2 + gnt_pages,
-                   3 + gnt_pages, hdr_slot_size, hdr_slots, 3 + gnt_pages + hdr_pages, payload)
+                   1 + rings + gnt_pages, hdr_slot_size, hdr_slots,
+                   1 + rings + gnt_pages + hdr_pages, payload)
 
     def pack_into(self, buf: memoryview) -> None:
         _HEADER.pack_into(buf, 0, MAGIC, *astuple(self))
@@ -114,6 +122,52 @@ class Layout:
     def hdr_area_bytes(self) -> int:
         return self.hdr_slot_size * self.hdr_slots
 
+    @property
+    def ring_area(self) -> range:
+        """The pages rings may live in: from queue 0's TX ring up to the header slots."""
+        return range(self.tx_ring_page, self.hdr_page)
+
+    def queue_rings(self, queue: int) -> tuple[int, int]:
+        """Where ``for_size`` puts queue ``queue``'s TX and RX rings (a frontend writes them
+        as its ``queue-N/*-ring-ref`` keys; the backend checks, never assumes, them)."""
+        return self.tx_ring_page + 2 * queue, self.tx_ring_page + 2 * queue + 1
+
+    def share(self, queue: int, queues: int) -> QueueShare:
+        """What queue ``queue`` of ``queues`` owns, computed alike by both ends: an equal
+        part of the header slots, of the payload pages and of the grant references granting
+        them (netfront grants payload page ``p`` with reference RESERVED_REFS + p). One
+        queue owns everything, as before there were queues.
+
+        A gref belongs to one queue: the backend's worker of that queue is the only one
+        that sets or clears its GTF_reading/GTF_writing bits, so workers in different
+        processes never race on an entry (docs/protocol.md, Memory ordering)."""
+        if not 0 <= queue < queues:
+            raise ValueError(f"queue {queue} of {queues}")
+        p, s = self.payload_pages, self.hdr_slots
+        lo, hi = queue * p // queues, (queue + 1) * p // queues
+        refs = range(0 if queue == 0 else RESERVED_REFS + lo,
+                     self.gnt_count if queue == queues - 1 else RESERVED_REFS + hi)
+        return QueueShare(queue, queues, range(queue * s // queues, (queue + 1) * s // queues),
+                          range(lo, hi), range(min(refs.start, self.gnt_count),
+                                               min(refs.stop, self.gnt_count)))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueShare:
+    """One queue's part of a region: its header slots (indexes), its payload pages (indexes
+    from ``payload_page``) and its grant references. See ``Layout.share``."""
+
+    index: int
+    queues: int
+    hdr_slots: range
+    payload: range
+    refs: range
+
+    @property
+    def label(self) -> str:
+        """How errors name the queue ("" with one queue: nothing changes for it)."""
+        return f"queue {self.index}" if self.queues > 1 else ""
+
 
 class RegionInUse(OwnFault):
     """``Region.close`` could not unmap: a view the Region did not hand out (a slice or cast
@@ -148,6 +202,15 @@ class Region:
         self.tx_ring = self._view(layout.tx_ring_page * p, (layout.tx_ring_page + 1) * p)
         self.rx_ring = self._view(layout.rx_ring_page * p, (layout.rx_ring_page + 1) * p)
         self.hdr = self._view(layout.hdr_page * p, layout.hdr_page * p + layout.hdr_area_bytes)
+        # the region as the area of its one queue (``QueueArea`` for one of several)
+        self.share = layout.share(0, 1)
+        self.hdr_slot_size, self.hdr_slots = layout.hdr_slot_size, layout.hdr_slots
+        self.payload, self.refs = self.share.payload, self.share.refs
+
+    def queue(self, share: QueueShare, tx_page: int, rx_page: int) -> QueueArea:
+        """The views of one queue of several: its rings at ``tx_page``/``rx_page`` (already
+        checked to lie in the ring area) and its part of the header slots."""
+        return QueueArea(self, share, tx_page, rx_page)
 
     def _track(self, view: memoryview) -> memoryview:
         self._views.append(view)
@@ -155,6 +218,10 @@ class Region:
 
     def _view(self, start: int, end: int) -> memoryview:
         return self._track(self.buf[start:end])
+
+    def area(self, start: int, end: int) -> memoryview:
+        """Bytes ``start``..``end`` of the region; released by ``close`` like the others."""
+        return self._view(start, end)
 
     def page(self, frame: int) -> memoryview:
         """One page's view; released by ``close`` like the others."""
@@ -222,3 +289,28 @@ class Region:
             self._views.clear()
             self.mem = None  # type: ignore[assignment]  # the last view's release unmaps
         self.closed = True
+
+
+class QueueArea:
+    """What one queue's TX and RX paths are built on, at either end: its own rings and header
+    slots (views released with the region), and what all queues share - the grant table, of
+    which the queue owns ``refs``, and the payload pages, of which it uses ``payload``. A
+    ``Region`` has the same attributes for its one queue."""
+
+    def __init__(self, region: Region, share: QueueShare, tx_page: int, rx_page: int) -> None:
+        lay = region.layout
+        self.layout, self.grants, self.buf = lay, region.grants, region.buf
+        self.page, self.pages = region.page, region.pages
+        self.share = share
+        self.tx_ring = region.page(tx_page)
+        self.rx_ring = region.page(rx_page)
+        ss = lay.hdr_slot_size
+        start = lay.hdr_page * PAGE_SIZE
+        self.hdr = region.area(start + share.hdr_slots.start * ss,
+                               start + share.hdr_slots.stop * ss)
+        self.hdr_slot_size, self.hdr_slots = ss, len(share.hdr_slots)
+        self.payload, self.refs = share.payload, share.refs
+
+
+#: what a queue's paths take: a whole region (one queue) or one queue's area of it
+Area = Region | QueueArea

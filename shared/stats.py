@@ -109,3 +109,47 @@ def counters(name: str, names: str, doc: str) -> type:
                          namespace={"__doc__": doc, "as_dict": asdict})
     cls.__module__ = __name__
     return cls
+
+
+#: keys of a ring's stats that are positions on that ring: meaningless summed over queues
+RING_INDICES = frozenset("req_prod req_cons req_event rsp_prod rsp_event req_prod_pvt "
+                         "rsp_prod_pvt rsp_cons".split())
+#: counters that are levels (what is held now) rather than totals: a queue that ended holds
+#: nothing, so its levels are not carried over (its slots in flight went with its ring)
+LEVELS = frozenset("maps_outstanding grants_in_use grants_active slots_in_flight "
+                   "header_slots_in_use".split())
+
+
+def add_counts(into: dict, more: dict, skip: frozenset[str] = RING_INDICES) -> dict:
+    """Add ``more``'s integer counters into ``into`` (a vif's sum over its queues, or a
+    queue's totals over connections); positions on one ring (``skip``) are left out."""
+    for k, v in more.items():
+        if k not in skip and isinstance(v, int) and not isinstance(v, bool):
+            into[k] = into.get(k, 0) + v
+    return into
+
+
+def summed(parts: list[dict]) -> dict:
+    """The sum of several rings' (or queues') counters, positions left out."""
+    out: dict = {}
+    for p in parts:
+        add_counts(out, p)
+    return out
+
+
+def ended_totals(ring: dict) -> dict:
+    """What a ring that ended contributes to its totals: its counts without its levels and
+    positions. Slots it consumed and never answered went with the ring (as at a single
+    queue's teardown): counted released, so consumed == released still holds."""
+    out = add_counts({}, ring, RING_INDICES | LEVELS)
+    if "slots_consumed" in out:
+        out["slots_released"] = out["slots_consumed"]
+    return out
+
+
+def fold_into(counters: object, counts: dict) -> None:
+    """Add ``counts`` to the same-named int attributes of ``counters`` (a RingStats, a
+    mechanism's own counters): an ended queue's totals into its end's."""
+    for k, v in counts.items():
+        if hasattr(counters, k):
+            setattr(counters, k, getattr(counters, k) + v)

@@ -164,26 +164,53 @@ def render_group(group: dict[str, dict[str, Any] | None], rates: Rates | None = 
             f"{escape(k)} {mark(front, k)}/{mark(back, k)}" for k in feats))
     lines += [f"   faults ({end}): {line}" for end, e in zip(ENDS, (front, back), strict=True)
               if (line := faults_line(e))]
-    sections: list[tuple[str, str]] = []
-    for e in (front, back):
-        for ring in (e or {}).get("rings") or {}:
-            if ("ring " + ring, ring) not in sections:
-                sections.append(("ring " + ring, ring))
-    sections.sort(key=lambda s: ({"tx": 0, "rx": 1}.get(s[1], 2), s[1]))
-    sections.append(("counters", ""))
     rows: list[tuple[str, str, str] | str] = []  # a str is a section title
-    for title, ring in sections:
-        def table(e: dict[str, Any] | None, ring: str = ring) -> dict[str, Any]:
-            if not e:
-                return {}
-            return ((e.get("rings") or {}).get(ring) if ring else e.get("counters")) or {}
-        cols = [table(front), table(back)]
-        names = _order((set(cols[0]) | set(cols[1])) - (set() if ring else set(FAULTS)))
+    for title, section, where in _sections(front, back):
+        cols = [_table(front, where), _table(back, where)]
+        names = _order((set(cols[0]) | set(cols[1])) - (set(FAULTS) if where == () else set()))
         if names:
             rows.append(title)
-            rows += [(n, *(_cell(n, c, e, ring or "counters", rates)
+            rows += [(n, *(_cell(n, c, e, section, rates)
                            for c, e in zip(cols, (front, back), strict=True))) for n in names]
     return "\n".join(lines + _layout(rows))
+
+
+def _queues(e: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """An end's per-queue sections (multi-queue), each an object with an int ``queue``."""
+    qs = (e or {}).get("queues")
+    return [q for q in qs if isinstance(q, dict) and isinstance(q.get("queue"), int)] \
+        if isinstance(qs, list) else []
+
+
+def _table(e: dict[str, Any] | None, where: tuple) -> dict[str, Any]:
+    """The counters at ``where`` in an end's reply: ("ring", r), ("queue", q, r) or ()."""
+    if not e:
+        return {}
+    if not where:
+        got = e.get("counters")
+    elif where[0] == "ring":
+        got = (e.get("rings") or {}).get(where[1])
+    else:
+        q = next((q for q in _queues(e) if q["queue"] == where[1]), {})
+        got = (q.get("rings") or {}).get(where[2]) if isinstance(q.get("rings"), dict) \
+            else None
+    return got if isinstance(got, dict) else {}
+
+
+def _sections(front: dict[str, Any] | None, back: dict[str, Any] | None) -> list[tuple]:
+    """(title, rate key, where) of every table: the device's rings (with several queues,
+    their sum), each queue's rings, then the process counters."""
+    rings: list[str] = []
+    for e in (front, back):
+        for ring in (e or {}).get("rings") or {}:
+            if ring not in rings:
+                rings.append(ring)
+    rings.sort(key=lambda r: ({"tx": 0, "rx": 1}.get(r, 2), r))
+    several = bool(_queues(front) or _queues(back))
+    out = [(f"ring {r}{' (all queues)' if several else ''}", r, ("ring", r)) for r in rings]
+    for q in sorted({q["queue"] for e in (front, back) for q in _queues(e)}):
+        out += [(f"queue {q} ring {r}", f"queue {q} {r}", ("queue", q, r)) for r in ("tx", "rx")]
+    return [*out, ("counters", "counters", ())]
 
 
 def faults_line(e: dict[str, Any] | None) -> str:
@@ -214,7 +241,8 @@ def _layout(rows: list[tuple[str, str, str] | str]) -> list[str]:
     cells = [r for r in rows if isinstance(r, tuple)]
     if not cells:
         return []
-    w0 = max(len(r[0]) for r in cells) + 2
+    w0 = max(max(len(r[0]) for r in cells) + 2,  # a section's title ends a column earlier
+             *(len(escape(r)) for r in rows if isinstance(r, str)))
     w1 = max(len(ENDS[0]), *(len(r[1]) for r in cells))
     w2 = max(len(ENDS[1]), *(len(r[2]) for r in cells))
     out = []
@@ -246,6 +274,8 @@ def compute_rates(prev: Sequence[dict[str, Any]], cur: Sequence[dict[str, Any]],
             continue  # restarted process: counters reset, no meaningful rate
         pairs = [(ring, (e.get("rings") or {}).get(ring) or {},
                   (old.get("rings") or {}).get(ring) or {}) for ring in e.get("rings") or {}]
+        pairs += [(f"queue {q['queue']} {r}", _table(e, ("queue", q["queue"], r)),
+                   _table(old, ("queue", q["queue"], r))) for q in _queues(e) for r in ("tx", "rx")]
         pairs.append(("counters", e.get("counters") or {}, old.get("counters") or {}))
         for section, now, then in pairs:
             for name, value in now.items():

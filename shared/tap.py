@@ -17,7 +17,11 @@ from pyroute2 import IPRoute
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
 IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
@@ -27,18 +31,32 @@ TUN_F_TSO_ECN = 0x08
 
 
 def open_tap(name: str, offload: int = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,
-             vnet_hdr_size: int = 12) -> int:
-    """Create (or attach to) TAP ``name``; returns a non-blocking fd."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+             vnet_hdr_size: int = 12, queues: int = 1) -> list[int]:
+    """Create (or attach to) TAP ``name``; returns a non-blocking fd per queue. With
+    ``queues`` > 1 the device is IFF_MULTI_QUEUE: each fd is a queue of its own, and the
+    kernel spreads the frames it hands over by flow (``tun_automq_select_queue``: a flow goes
+    to the queue its frames last came in on, else by its hash)."""
+    flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+    fds: list[int] = []
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-        fcntl.ioctl(fd, TUNSETIFF, ifr)
-        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", vnet_hdr_size))
-        fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+        for _ in range(queues):
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fds.append(fd)
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        fcntl.ioctl(fds[0], TUNSETVNETHDRSZ, struct.pack("i", vnet_hdr_size))
+        fcntl.ioctl(fds[0], TUNSETOFFLOAD, offload)
     except OSError:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         raise
-    return fd
+    return fds
+
+
+def set_queue(fd: int, attached: bool) -> None:
+    """Attach or detach one queue of a multi-queue TAP (TUNSETQUEUE): the kernel steers no
+    frame to a detached queue."""
+    flag = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+    fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH22x", b"", flag))
 
 
 def set_offload(fd: int, offload: int) -> None:

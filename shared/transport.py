@@ -125,3 +125,10 @@ def open_port(path: str) -> EventChannel:
         return EventChannel(fd=os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
     except OSError as e:
         raise TransportError(f"cannot open event port {path}: {e}") from e
+
+
+def queue_channel(base: str, number: int) -> str:
+    """QEMU placement: the path of event channel ``number`` of a multi-queue device (a queue's
+    ``queue-N/event-channel``): the virtio-serial port ``<port>-q<number>`` in the guest,
+    QEMU's socket for it ``<socket>-q<number>`` on the host (the lab makes both)."""
+    return f"{base}-q{number}"

@@ -22,6 +22,7 @@ from shared.netif import (
     EXTENSIONS,
     FRONTEND_KEYS,
     FRONTEND_OPTIONAL,
+    MAX_QUEUES_KEY,
     NUM_QUEUES_KEY,
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
@@ -136,12 +137,15 @@ def log_ignored(log: logging.Logger, keys: list[str], who: str) -> None:
                  "; no more such keys will be logged" if full else "")
 
 
-def choose(offered: dict[str, object], wanted: dict[str, object]) -> dict[str, object]:
+def choose(offered: dict[str, object], wanted: dict[str, object], queues: int = 1,
+           most: int | None = None) -> dict[str, object]:
     """The frontend's keys: its own RX capabilities as it wants them (netif.h: they do not
     depend on the backend's), ``request-rx-copy`` (the only RX mode there is, so a backend
     that does not offer ``feature-rx-copy`` cannot be used), each extension it wants only if
-    the backend offered it, and ``multi-queue-num-queues`` = 1 to a backend that writes
-    ``multi-queue-max-queues`` (as Linux's netfront with one queue does)."""
+    the backend offered it, and ``multi-queue-num-queues`` - ``queues`` but at most ``most``
+    (the backend's ``multi-queue-max-queues``, already checked) - to a backend that writes
+    ``multi-queue-max-queues`` (as Linux's netfront does; the per-queue keys follow once the
+    region is laid out, ``shared.queues``)."""
     if offered.get("feature-rx-copy") is not True:
         raise NegotiationError("backend does not offer feature-rx-copy (flipping is not "
                                "implemented)")
@@ -150,8 +154,8 @@ def choose(offered: dict[str, object], wanted: dict[str, object]) -> dict[str, o
     out["request-rx-copy"] = True
     for k in EXTENSIONS:
         out[k] = wanted.get(k) is True and offered.get(k) is True
-    if "multi-queue-max-queues" in offered:
-        out[NUM_QUEUES_KEY] = 1
+    if MAX_QUEUES_KEY in offered:
+        out[NUM_QUEUES_KEY] = min(queues, most or 1)
     return out
 
 
@@ -164,20 +168,16 @@ def unknown_keys(keys: dict[str, object], known: tuple[str, ...]) -> list[str]:
 FRONTEND_READ = (*FRONTEND_KEYS, *FRONTEND_OPTIONAL, *EXTENSIONS)
 
 
-def check_request(offered: dict[str, bool], requested: object) -> dict[str, bool]:
+def check_request(offered: dict[str, object], requested: object) -> dict[str, bool]:
     """The backend's check of the frontend's keys (Linux ``read_xenbus_vif_flags`` and
     ``connect``): request-rx-copy is required (Linux refuses a frontend without it, too), an
-    extension must have been offered, the queue count must be 1, and the netif.h keys take
-    true or false. Any other key is ignored (``unknown_keys``), never fatal. Returns the keys
-    read, each true or false."""
+    extension must have been offered, and the netif.h keys take true or false. The queue
+    keys are ``shared.queues.check_queues``'s. Any other key is ignored (``unknown_keys``),
+    never fatal. Returns the keys read, each true or false."""
     if not isinstance(requested, dict):
         raise NegotiationError("features must be an object")
     if any(not isinstance(requested[k], bool) for k in FRONTEND_READ if k in requested):
         raise NegotiationError("feature values must be true or false")
-    queues = requested.get(NUM_QUEUES_KEY, 1)
-    if queues != 1 or isinstance(queues, bool):
-        raise NegotiationError(f"{NUM_QUEUES_KEY} {printable(repr(queues), 32)}: this backend "
-                               "has one queue (it writes no multi-queue-max-queues)")
     chosen = {k: requested.get(k) is True for k in FRONTEND_READ}
     refused = [k for k in EXTENSIONS if chosen[k] and not offered.get(k)]
     if refused:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from backend.xenbus import IMPLEMENTED, Negotiated
 from backend.xenbus import Handshake as BackHandshake
-from frontend.xenbus import Handshake
+from frontend.xenbus import Handshake, Laid
 from shared.channel import ChannelClosed, ChannelError, EventChannel
 from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_readonly
 from shared.netif import (
@@ -102,10 +102,11 @@ class HostileFrontend:
             fd, mem = create_memfd(self.size)
             self.region = Region.create(mem, **self.layout)
             extra = region_keys(self.region) if region_keys else {}
-            return self.region, {"size": self.size, **extra}, (fd,)
+            return Laid(self.region, {"size": self.size, **extra}, (fd,))
 
         hs = Handshake(self.chan, self.name, self.domid, wanted or BASIC)
         _offer, self.chosen, _region = hs.run(make_region, timeout=10)
+        self.area = self.region
         self.tx = FrontRing(self.region.tx_ring, TX_REQUEST.size, init=False)
         self.rx = FrontRing(self.region.rx_ring, RX_REQUEST.size, init=False)
         lay = self.region.layout
@@ -124,18 +125,20 @@ class HostileFrontend:
         self.next_id = (self.next_id + 1) & 0x7FFF
         return self.next_id
 
-    def packet(self, size: int, header_slot: bool = True, persistent: bool = False) -> None:
-        """One correct TX packet of ``size`` bytes (header slot + granted payload pages)."""
+    def packet(self, size: int, header_slot: bool = True, persistent: bool = False,
+               base: int = RESERVED_REFS + 300) -> None:
+        """One correct TX packet of ``size`` bytes (header slot + granted payload pages, from
+        gref ``base`` on: by default clear of the RX buffers a real netfront would post)."""
         reqs = []
-        ss = self.region.layout.hdr_slot_size
+        area = self.area  # the region, or one queue's part of it
+        ss = area.hdr_slot_size
         head = min(size, ss) if header_slot else min(size, PAGE_SIZE)
         rest = size - head
         npages = -(-rest // PAGE_SIZE)
-        base = RESERVED_REFS + 300  # clear of the RX buffers a real netfront would post
         flag = GREF_PERSISTENT if persistent else 0
         if header_slot:
-            slot = self.fresh_id() % self.region.layout.hdr_slots
-            self.region.hdr[slot * ss:slot * ss + head] = os.urandom(head)
+            slot = self.fresh_id() % area.hdr_slots
+            area.hdr[slot * ss:slot * ss + head] = os.urandom(head)
             reqs.append((slot * ss, 0, NETTXF_header_slot | (NETTXF_more_data if npages else 0),
                          self.fresh_id(), size))
         else:

@@ -28,16 +28,22 @@ from tests.conftest import dgram_pair
 
 
 class StandIn(NetDevice):
-    """A datagram socket standing in for a TAP: frames pass, offloads are only remembered
-    (``offload``: the last TUNSETOFFLOAD flags asked for), the carrier is a no-op, and the
-    socket stays the test's to close."""
+    """A datagram socket standing in for a TAP (one per queue): frames pass, offloads are
+    only remembered (``offload``: the last TUNSETOFFLOAD flags asked for), the carrier is a
+    no-op, queues are always attached, and the sockets stay the test's to close."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock.fileno(), f"standin{sock.fileno()}")
+    def __init__(self, socks: socket.socket | list[socket.socket]) -> None:
+        socks = socks if isinstance(socks, list) else [socks]
+        super().__init__(socks[0].fileno(), f"standin{socks[0].fileno()}",
+                         tuple(s.fileno() for s in socks[1:]))
         self.offload: int | None = None
+        self.queues_used = 1
 
     def set_offload(self, flags: int) -> None:
         self.offload = flags
+
+    def use_queues(self, n: int) -> None:
+        self.queues_used = n
 
     def set_carrier(self, on: bool) -> None:
         pass
@@ -47,9 +53,10 @@ class StandIn(NetDevice):
 
 
 class StandInDevice:
-    """Mixin for an end: its device is ``sock`` (a socket) instead of a TAP."""
+    """Mixin for an end: its device is ``sock`` (a socket, or one per queue) instead of a
+    TAP."""
 
-    def __init__(self, cfg, sock: socket.socket) -> None:
+    def __init__(self, cfg, sock: socket.socket | list[socket.socket]) -> None:
         self._standin = sock
         super().__init__(cfg)
 
@@ -121,6 +128,8 @@ class BackendThread:
     domid: int = 7
     rx_stall_timeout: float = 60.0
     no_offer: tuple[str, ...] = ()
+    #: queues offered: the vif is a socket pair per queue (``vifs``, ``wires``)
+    queues: int = 1
     #: the Netback class to run (a test may subclass InprocNetback to inject a failure)
     netback: type[InprocNetback] = InprocNetback
     nb: Netback = field(init=False)
@@ -128,12 +137,15 @@ class BackendThread:
     thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
-        self.vif, self.wire = dgram_pair()
+        pairs = [dgram_pair() for _ in range(self.queues)]
+        self.vifs, self.wires = [a for a, _ in pairs], [b for _, b in pairs]
+        self.vif, self.wire = self.vifs[0], self.wires[0]
         self.nb = self.netback(NetbackConfig(vif="vifT", domid=self.domid,
                                              listen=str(self.ev), ctl=str(self.dir / "b.ctl"),
                                              tx_mode=self.tx_mode, rx_mode=self.rx_mode,
                                              rx_stall_timeout=self.rx_stall_timeout,
-                                             no_offer=self.no_offer), self.vif)
+                                             no_offer=self.no_offer, queues=self.queues),
+                               self.vifs)
         self.thread = threading.Thread(target=self.nb.run, name="netback", daemon=True)
         self.thread.start()
         # the socket's file exists from bind(), before listen(): wait for an answer instead
@@ -158,7 +170,7 @@ class BackendThread:
         return drain(self.wire)
 
     def stop(self) -> None:
-        stop_end(self.nb, self.thread, (self.vif, self.wire))
+        stop_end(self.nb, self.thread, (*self.vifs, *self.wires))
 
 
 @dataclass
@@ -173,6 +185,8 @@ class FrontendThread:
     grants: str = ""
     header_slots: bool = True
     poll_us: int = 0
+    #: queues wanted: the TAP is a socket pair per queue (``taps``, ``guests``)
+    queues: int = 1
     #: the Netfront class to run (a test may subclass InprocNetfront to inject a failure)
     netfront: type[InprocNetfront] = InprocNetfront
     nf: Netfront = field(init=False)
@@ -180,14 +194,17 @@ class FrontendThread:
     thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tap, self.guest = dgram_pair()
+        pairs = [dgram_pair() for _ in range(self.queues)]
+        self.taps, self.guests = [a for a, _ in pairs], [b for _, b in pairs]
+        self.tap, self.guest = self.taps[0], self.guests[0]
         self.nf = self.netfront(NetfrontConfig(name="fT", domid=self.domid,
                                                connect=str(self.ev), ctl=str(self.ctl),
                                                region_size=self.region_size,
                                                persistent=self.persistent,
                                                grants=self.grants,
                                                header_slots=self.header_slots,
-                                               poll_us=self.poll_us), self.tap)
+                                               poll_us=self.poll_us, queues=self.queues),
+                                self.taps)
         self.thread = threading.Thread(target=self.nf.run, name="netfront", daemon=True)
         self.thread.start()
 
@@ -198,7 +215,7 @@ class FrontendThread:
         return drain(self.guest)
 
     def stop(self) -> None:
-        stop_end(self.nf, self.thread, (self.tap, self.guest))
+        stop_end(self.nf, self.thread, (*self.taps, *self.guests))
 
 
 def drain(sock: socket.socket) -> list[bytes]:

@@ -18,6 +18,7 @@ from shared.netif import (
     EXTENSIONS,
     FEATURES,
     GREF_PERSISTENT,
+    MAX_QUEUES_KEY,
     NUM_QUEUES_KEY,
     RX_REQUEST,
     TX_REQUEST,
@@ -31,6 +32,7 @@ from shared.offload import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VNET_HDR,
 )
+from shared.queues import FLAT, QueueError, check_queues
 from shared.xenbus import (
     FRONTEND_READ,
     Agreement,
@@ -62,7 +64,8 @@ def gso(kind: int, size: int = 1448) -> bytes:
 
 def test_backend_offers_what_it_implements_and_can_withhold_options():
     off = offered_features()
-    assert set(off) == set(IMPLEMENTED) and all(off.values())
+    assert set(off) == {*IMPLEMENTED, MAX_QUEUES_KEY} and all(off.values())
+    assert off[MAX_QUEUES_KEY] == 1 and offered_features(queues=2)[MAX_QUEUES_KEY] == 2
     assert offered_features(("feature-gso-tcpv6",))["feature-gso-tcpv6"] is False
     for bad in ("feature-rx-copy", "feature-bogus"):
         with pytest.raises(ValueError):
@@ -113,16 +116,18 @@ def test_a_peer_inventing_keys_gets_bounded_memory_and_lines(caplog, monkeypatch
 def test_backend_accepts_every_key_a_linux_netfront_writes():
     """netif.h keys a frontend writes, as Linux netback reads them (read_xenbus_vif_flags):
     feature-rx-notify, feature-ipv6-csum-offload and feature-no-csum-offload set how RX
-    checksums are delivered, multi-queue-num-queues may be 1 (one queue, no
-    multi-queue-max-queues offered), request-multicast-control is read and not in force."""
+    checksums are delivered, multi-queue-num-queues may be 1 (at most the
+    multi-queue-max-queues offered: more is QueueError, tests/test_queues.py),
+    request-multicast-control is read and not in force."""
     off = offered_features()
     assert off["feature-ipv6-csum-offload"] is True
     for extra in ({}, {"feature-no-csum-offload": True},
                   {"request-multicast-control": True}, {NUM_QUEUES_KEY: 1}):
         got = check_request(off, dict(LINUX, **extra))
         assert all(got[k] for k in LINUX)
-    with pytest.raises(NegotiationError, match=NUM_QUEUES_KEY):
-        check_request(off, dict(LINUX, **{NUM_QUEUES_KEY: 4}))
+        assert check_queues(off[MAX_QUEUES_KEY], dict(LINUX, **extra)) == FLAT
+    with pytest.raises(QueueError, match=f"{NUM_QUEUES_KEY} 4: more than the 1"):
+        check_queues(off[MAX_QUEUES_KEY], dict(LINUX, **{NUM_QUEUES_KEY: 4}))
     with pytest.raises(NegotiationError, match="true or false"):
         check_request(off, dict(LINUX, **{"feature-rx-notify": 1}))
 
@@ -311,7 +316,7 @@ def test_netfront_against_a_backend_withholding_extensions(tmp_path):
 def test_a_frontend_using_what_was_not_offered_is_disconnected_and_counted(tmp_path,
                                                                            monkeypatch):
     b = BackendThread(tmp_path, no_offer=("feature-persistent",))
-    monkeypatch.setattr(frontend.xenbus, "choose", lambda offered, wanted: dict(wanted))
+    monkeypatch.setattr(frontend.xenbus, "choose", lambda offered, wanted, *_: dict(wanted))
     h = HostileFrontend(str(b.ev), "liar", b.domid)
     try:
         with pytest.raises(Exception, match="not offered"):

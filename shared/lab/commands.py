@@ -55,6 +55,8 @@ def backend_options(topo: Topology, g: Guest) -> list[str]:
         argv += ["--rate", f"{g.rate[0]},{g.rate[1]}"]
     if g.poll_us:
         argv += ["--poll-us", str(g.poll_us)]
+    if g.queues > 1:
+        argv += ["--queues", str(g.queues)]
     return argv
 
 
@@ -71,6 +73,8 @@ def frontend_features(g: Guest) -> list[str]:
         argv.append("--no-gso")
     if g.poll_us is not None:
         argv += ["--poll-us", str(g.poll_us)]
+    if g.queues > 1:
+        argv += ["--queues", str(g.queues)]
     return argv
 
 

@@ -134,7 +134,7 @@ class Inspector:
             rm = self.stats(g, role).get("regions_mapped", 1)
             if rm > 1:
                 leaks.add("maps", rm - 1, f"{role} {g.name} says regions_mapped={rm}")
-        leaks.merge(self.processes(g, expect=1))
+        leaks.merge(self.processes(g, expect=1, workers=g.queues if g.queues > 1 else 0))
         leaks.merge(self.devices(g, expect=1))
         return leaks
 
@@ -194,14 +194,21 @@ class Inspector:
                                    f"!= released {btx['slots_released']}")
         return leaks
 
-    def processes(self, g: Guest, expect: int) -> Leaks:
-        """Exactly ``expect`` live processes per end (found by their unique --ctl argument)."""
+    def processes(self, g: Guest, expect: int, workers: int | None = None) -> Leaks:
+        """Exactly ``expect`` live processes per end (found by their unique --ctl argument),
+        not counting its queue workers (children of one of them); with ``workers``, at most
+        that many of those each. A worker whose end died (an orphan) counts as a process."""
         leaks = Leaks()
         for ctl in (self.topo.backend_ctl(g), self.topo.frontend_ctl(g)):
-            pids = [p for p in procs.pids_with_args("--ctl", str(ctl))
-                    if (st := procs.proc_stat(p)) is not None and st.state != "Z"]
-            if len(pids) > expect:
-                leaks.add("processes", len(pids) - expect, f"{len(pids)} processes serve {ctl}")
+            stats = [st for p in procs.pids_with_args("--ctl", str(ctl))
+                     if (st := procs.proc_stat(p)) is not None and st.state != "Z"]
+            ends = {st.pid for st in stats}
+            tops = [st for st in stats if st.ppid not in ends]
+            if len(tops) > expect:
+                leaks.add("processes", len(tops) - expect, f"{len(tops)} processes serve {ctl}")
+            kids = len(stats) - len(tops)
+            if workers is not None and kids > workers:
+                leaks.add("processes", kids - workers, f"{kids} queue workers serve {ctl}")
         return leaks
 
     def devices(self, g: Guest, expect: int, guest_tap: int | None = 1,

@@ -39,6 +39,7 @@ class ProcStat:
     state: str
     pgrp: int
     start: int
+    ppid: int = 0
 
 
 def proc_stat(pid: int) -> ProcStat | None:
@@ -49,7 +50,8 @@ def proc_stat(pid: int) -> ProcStat | None:
         return None
     rest = raw[raw.rindex(")") + 2 :].split()
     # rest[0] is field 3 (state); field N is rest[N - 3]
-    return ProcStat(pid=pid, state=rest[0], pgrp=int(rest[2]), start=int(rest[19]))
+    return ProcStat(pid=pid, state=rest[0], pgrp=int(rest[2]), start=int(rest[19]),
+                    ppid=int(rest[1]))
 
 
 def all_pids() -> list[int]:

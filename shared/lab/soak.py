@@ -34,18 +34,20 @@ host_netns: {p}-host
 state_dir: {state}
 wire: {{netns: {p}-wire, ip: {net}.1/24, iperf_server: false, host_if: {p}br0-wire}}
 guests:
-  - {{name: {p}-g1, domid: 61, mac: "02:00:00:00:06:01", ip: {net}.11/24, tx_mode: lazy}}
+  - {{name: {p}-g1, domid: 61, mac: "02:00:00:00:06:01", ip: {net}.11/24, tx_mode: lazy{q}}}
   - {{name: {p}-g2, domid: 62, mac: "02:00:00:00:06:02", ip: {net}.12/24, tx_mode: map,
-     persistent: true}}
+     persistent: true{q}}}
 """
 
 
 def soak_topology(prefix: str = "pvs", net: str = "10.86.0",
-                  state_dir: str | Path | None = None) -> Topology:
-    """The soak's own lab: private names and subnet, so it runs beside a real lab. Its
-    processes' logs stay in ``<state_dir>/log`` (default /run/<prefix>-soak) after it ends."""
+                  state_dir: str | Path | None = None, queues: int = 1) -> Topology:
+    """The soak's own lab: private names and subnet, so it runs beside a real lab; both
+    guests with ``queues`` queues. Its processes' logs stay in ``<state_dir>/log`` (default
+    /run/<prefix>-soak) after it ends."""
     state = Path(state_dir) if state_dir else Path("/run") / f"{prefix}-soak"
-    return loads(SOAK_TOPOLOGY.format(p=prefix, net=net, state=state), state_dir=state)
+    q = f", queues: {queues}" if queues > 1 else ""
+    return loads(SOAK_TOPOLOGY.format(p=prefix, net=net, state=state, q=q), state_dir=state)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class SoakConfig:
     prefix: str = "pvs"
     net: str = "10.86.0"
     state_dir: str | None = None
+    #: queues per guest (2: a worker process per queue at each end, killed with its end)
+    queues: int = 1
 
 
 @dataclass
@@ -89,7 +93,7 @@ class Soak:
                  topo: Topology | None = None) -> None:
         self.cfg = cfg
         self.say = say
-        self.topo = topo or soak_topology(cfg.prefix, cfg.net, cfg.state_dir)
+        self.topo = topo or soak_topology(cfg.prefix, cfg.net, cfg.state_dir, cfg.queues)
         self.lab = Lab(self.topo, say=lambda _line: None)
         self.report = SoakReport()
         self.leaks = Leaks()

@@ -8,18 +8,20 @@ silently replaced by a default would make a benchmark measure the wrong thing.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 from shared.filter_rules import FilterError, Rule
+from shared.lab.fields import Fields, TopologyError, UniqueKeyLoader, show
 from shared.lab.units import parse_rate, parse_size
 from shared.mechanisms import default, names
+from shared.netif import MAX_QUEUES
+from shared.transport import queue_channel
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "default.yaml"
 DEFAULT_STATE_DIR = Path("/run/pvnet")
@@ -35,10 +37,6 @@ _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _FILTER_RE = re.compile(r"^[a-z_]+( +[a-z_]+=\S+)+$")
 _NAME_WHAT = "must be lowercase letters, digits, '-' or '_', starting with a letter"
-
-
-class TopologyError(ValueError):
-    """A topology file is invalid; the message is ``<file>: <field>: <problem>``."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,9 @@ class Guest:
     gso: bool = True  # negotiate GSO (64 KiB segments); false: MTU-sized frames only
     #: netfront poll budget in µs (QEMU placement); None: the netfront's default
     poll_us: int | None = None
+    #: queues (multi-queue-max-queues offered and asked for): a TAP queue and a worker
+    #: process per queue at each end (QEMU placement: a virtio-serial port per queue)
+    queues: int = 1
 
     @property
     def vif(self) -> str:
@@ -116,6 +117,13 @@ class Topology:
     def event_socket(self, g: Guest) -> Path:
         return self.state_dir / f"{g.vif}.ev"
 
+    def queue_sockets(self, g: Guest) -> tuple[Path, ...]:
+        """QEMU placement, several queues: the host ends of each queue's event port."""
+        if g.queues == 1:
+            return ()
+        return tuple(Path(queue_channel(str(self.event_socket(g)), q))
+                     for q in range(g.queues))
+
     def backend_ctl(self, g: Guest) -> Path:
         return self.state_dir / f"{g.vif}.ctl"
 
@@ -136,113 +144,15 @@ class Topology:
 # -- parsing ---------------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
-
-
-class _Fields:
-    """Reads one mapping, remembering its path for error messages and flagging unknown keys."""
-
-    def __init__(self, src: str, path: str, data: Any, known: tuple[str, ...]) -> None:
-        self.src, self.path = src, path
-        if not isinstance(data, dict):
-            self.fail(f"must be a mapping (got {_show(data)})")
-        for key in data:
-            if key not in known:
-                hint = difflib.get_close_matches(str(key), known, n=1) or [
-                    k for k in known if str(key) and k.startswith(str(key))][:1]
-                extra = f"; did you mean {hint[0]!r}?" if hint else f" (known: {', '.join(known)})"
-                self.fail(f"unknown key {key!r}{extra}")
-        self.data: dict = data
-
-    def field(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def fail(self, msg: str, key: str | None = None) -> NoReturn:
-        where = self.field(key) if key is not None else (self.path or "(top level)")
-        raise TopologyError(f"{self.src}: {where}: {msg}")
-
-    def get(self, key: str, default: Any = ..., *, required: bool = False) -> Any:
-        if key not in self.data or self.data[key] is None and required:
-            if required or default is ...:
-                self.fail("required", key)
-            return default
-        return self.data[key]
-
-    def string(self, key: str, default: Any = ..., *, pattern: re.Pattern[str] | None = None,
-               maxlen: int | None = None, what: str = "") -> str:
-        value = self.get(key, default)
-        if not isinstance(value, str) or not value:
-            self.fail(f"must be a non-empty string (got {_show(value)})", key)
-        if maxlen is not None and len(value) > maxlen:
-            self.fail(f"must be at most {maxlen} characters (got {value!r})", key)
-        if pattern is not None and not pattern.match(value):
-            self.fail(f"{what or 'invalid name'} (got {value!r})", key)
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(f"must be true or false (got {_show(value)})", key)
-        return value
-
-    def integer(self, key: str, default: Any = ..., *, lo: int, hi: int) -> int:
-        value = self.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            self.fail(f"must be an integer in {lo}..{hi} (got {_show(value)})", key)
-        return value
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key, default)
-        if value not in choices:
-            self.fail(f"must be one of {', '.join(choices)} (got {_show(value)})", key)
-        return value
-
-    def interface(self, key: str) -> ipaddress.IPv4Interface:
-        value = self.get(key, required=True)
-        if not isinstance(value, str) or "/" not in value:
-            self.fail(f"must be an IPv4 address with prefix, like 10.77.0.11/24 "
-                      f"(got {_show(value)})", key)
-        try:
-            iface = ipaddress.IPv4Interface(value)
-        except ValueError as exc:
-            self.fail(f"invalid IPv4 address: {exc} (got {value!r})", key)
-        net = iface.network
-        if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
-            self.fail(f"is the network or broadcast address of {net} (got {value!r})", key)
-        return iface
-
-
-def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, dict | list) else type(value).__name__
-
-
 _TOP_KEYS = ("bridge", "host_netns", "state_dir", "ipv6", "wire", "guests")
 _WIRE_KEYS = ("netns", "ip", "iperf_server", "host_if", "dev")
 _GUEST_KEYS = ("name", "domid", "mac", "ip", "memory", "region_size", "tx_mode", "rx_mode",
                "header_slots", "persistent", "grants", "recycle_pool", "event", "filters",
-               "nic", "gso", "poll_us", "rate")
+               "nic", "gso", "poll_us", "rate", "queues")
 
 
 def _parse_wire(src: str, data: Any, bridge: str) -> Wire:
-    f = _Fields(src, "wire", data, _WIRE_KEYS)
+    f = Fields(src, "wire", data, _WIRE_KEYS)
     ns = f.string("netns", "wire", pattern=_NAME_RE, what=_NAME_WHAT)
     host_if = f.string("host_if", f"{bridge}-wire", pattern=_IFNAME_RE, maxlen=IFNAMSIZ,
                        what="invalid interface name")
@@ -262,7 +172,7 @@ def _filter_problem(rule: str) -> str | None:
 
 
 def _parse_guest(src: str, i: int, data: Any) -> Guest:
-    f = _Fields(src, f"guests[{i}]", data, _GUEST_KEYS)
+    f = Fields(src, f"guests[{i}]", data, _GUEST_KEYS)
     name = f.string("name", pattern=_NAME_RE, maxlen=IFNAMSIZ, what=_NAME_WHAT)
     if re.match(r"^vif\d", name):
         f.fail(f"must not look like a backend vif name (got {name!r})", "name")
@@ -284,10 +194,10 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
                "region_size")
     filters = f.get("filters", [])
     if not isinstance(filters, list):
-        f.fail(f"must be a list of rule strings (got {_show(filters)})", "filters")
+        f.fail(f"must be a list of rule strings (got {show(filters)})", "filters")
     for j, rule in enumerate(filters):
         if not isinstance(rule, str) or not _FILTER_RE.match(rule.strip()):
-            f.fail(f"expected a rule like 'drop ip_proto=17' (got {_show(rule)})",
+            f.fail(f"expected a rule like 'drop ip_proto=17' (got {show(rule)})",
                    f"filters[{j}]")
         problem = _filter_problem(rule)
         if problem:
@@ -312,19 +222,29 @@ def _parse_guest(src: str, i: int, data: Any) -> Guest:
         poll_us=None if f.get("poll_us", None) is None
         else f.integer("poll_us", lo=0, hi=1_000_000),
         rate=_rate(f),
+        queues=_queues(f),
     )
 
 
-def _rate(f: _Fields) -> tuple[int, int] | None:
+def _queues(f: Fields) -> int:
+    n = f.integer("queues", 1, lo=1, hi=MAX_QUEUES)
+    if n > 1 and f.data.get("event") == "doorbell":
+        f.fail("event: doorbell serves one queue (one doorbell vector)", "queues")
+    if n > 1 and f.data.get("grants") == "staging":
+        f.fail("grants: staging serves one queue (its pools name one queue's pages)", "queues")
+    return n
+
+
+def _rate(f: Fields) -> tuple[int, int] | None:
     try:
         return None if (text := f.get("rate", None)) is None else parse_rate(str(text))
     except ValueError as exc:
-        f.fail(f"{exc} (got {_show(text)})", "rate")
+        f.fail(f"{exc} (got {show(text)})", "rate")
 
 
 def parse(data: Any, source: str = "<topology>", state_dir: str | Path | None = None) -> Topology:
     """Validate an already-decoded YAML document. `state_dir` overrides the file's (tests)."""
-    top = _Fields(source, "", data, _TOP_KEYS)
+    top = Fields(source, "", data, _TOP_KEYS)
     bridge = top.string("bridge", "pvbr0", pattern=_IFNAME_RE, maxlen=IFNAMSIZ,
                         what="invalid interface name")
     host_ns = top.get("host_netns", "pvhost")
@@ -333,12 +253,12 @@ def parse(data: Any, source: str = "<topology>", state_dir: str | Path | None = 
                              what=_NAME_WHAT + " (or null for the root namespace)")
     sd = top.get("state_dir", str(DEFAULT_STATE_DIR))
     if not isinstance(sd, str) or not sd.startswith("/"):
-        top.fail(f"must be an absolute path (got {_show(sd)})", "state_dir")
+        top.fail(f"must be an absolute path (got {show(sd)})", "state_dir")
     ipv6 = top.boolean("ipv6", False)
     wire = _parse_wire(source, top.get("wire", required=True), bridge)
     raw_guests = top.get("guests", required=True)
     if not isinstance(raw_guests, list) or not raw_guests:
-        top.fail(f"must be a non-empty list of guests (got {_show(raw_guests)})", "guests")
+        top.fail(f"must be a non-empty list of guests (got {show(raw_guests)})", "guests")
     guests = tuple(_parse_guest(source, i, g) for i, g in enumerate(raw_guests))
     _check_unique(source, bridge, host_ns, wire, guests)
     return Topology(bridge=bridge, wire=wire, guests=guests, host_netns=host_ns,
@@ -381,7 +301,7 @@ def _check_unique(src: str, bridge: str, host_ns: str | None, wire: Wire,
 def loads(text: str, source: str = "<topology>", state_dir: str | Path | None = None) -> Topology:
     """Parse YAML text; YAML syntax errors are reported as TopologyError too."""
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "YAML"

@@ -49,7 +49,7 @@ from shared.lab.netns import Lab
 from shared.lab.procs import tail_lines
 from shared.lab.topology import Guest, Topology
 from shared.tap import configure, open_tap
-from shared.transport import create_memfd
+from shared.transport import create_memfd, queue_channel
 
 
 class VmLab:
@@ -109,7 +109,9 @@ class VmLab:
             name=g.name, run_dir=run_dir, image=image, accel=accel, memory_mib=g.memory,
             guest=guest, shm=() if doorbell else (ShmDevice(fd, size),),
             serial_ports=(SerialPort(EVENT_PORT, t.event_socket(g)),
-                          SerialPort(CTL_PORT, t.frontend_ctl(g))),
+                          SerialPort(CTL_PORT, t.frontend_ctl(g)),
+                          *(SerialPort(queue_channel(EVENT_PORT, q), path)
+                            for q, path in enumerate(t.queue_sockets(g)))),
             nics=nics, die_with_parent=False, machine_type="q35", iommu=doorbell,
             extra_args=ivshmem_doorbell_args(t, g) if doorbell else ())
         machine = Machine(cfg)
@@ -124,7 +126,7 @@ class VmLab:
         assert pid is not None
         procs.write_pidfile(t.pidfile(f"qemu-{g.name}"), pid, machine.argv)
         self.net.state.add("pidfiles", str(t.pidfile(f"qemu-{g.name}")))
-        for sock in (t.event_socket(g), t.frontend_ctl(g)):
+        for sock in (t.event_socket(g), t.frontend_ctl(g), *t.queue_sockets(g)):
             self.net.state.add("sockets", str(sock))
         save_handle(t, GuestHandle(g.name, pid, machine.ssh_port, run_dir.resolve()))
         self._booted.add(g.name)
@@ -326,7 +328,7 @@ def open_tap_in(ns: str | None, name: str, bridge: str) -> int:
         try:
             if ns:
                 setns(ns, flags=0)
-            fd = open_tap(name, offload=0)
+            (fd,) = open_tap(name, offload=0)
             configure(name, master=bridge)
             result["fd"] = fd
         except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from shared.lab.netns import Lab
 from shared.lab.topology import Topology, load
@@ -58,6 +59,24 @@ def netns_lab(topo: Topology, **lab_options: object) -> Iterator[Lab]:
         yield lab
     finally:
         lab.down()
+
+
+@contextlib.contextmanager
+def chaos_lab(tmp_path_factory, prefix: str, net: str,
+              guests: Sequence[Mapping[str, object]]) -> Iterator[tuple[Topology, Any, Any]]:
+    """A private namespace lab with a wire iperf3 server and its topology written to a file
+    (so that `invoke down --topology` can be run on it), up for the block: (topology, its
+    leak Inspector having learnt the baseline, a Chaos to kill and respawn its ends)."""
+    from shared.lab.chaos import Chaos
+    from shared.lab.leaks import Inspector
+
+    d = tmp_path_factory.mktemp(prefix)
+    _f, topo = write_topology(d, topology_yaml(prefix, net, guests, iperf_server=True,
+                                               state_dir=d / "state"))
+    with netns_lab(topo):
+        insp = Inspector(topo)
+        insp.learn()
+        yield topo, insp, Chaos(topo)
 
 
 def invoke(*args: str, timeout: float = 300, env: Mapping[str, str] | None = None

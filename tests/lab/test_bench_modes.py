@@ -44,6 +44,17 @@ def test_names_round_trip_and_the_cross_product_has_every_pair():
     assert pairs == {(t, r) for t in names("tx") for r in names("rx")}
 
 
+def test_the_queues_dimension_is_a_mode_option_that_reaches_the_topology():
+    one, two = parse("lazy"), parse("lazy-q2")
+    assert (one.queues, two.queues, two.tx, two.rx) == (1, 2, "lazy", default("rx"))
+    assert "queues" not in one.guest_keys() and two.guest_keys()["queues"] == 2
+    assert name_of("lazy", "map", persistent=True, queues=2) == "lazy-persistent-q2+rx-map"
+    assert parse("lazy-persistent-q2+rx-map").queues == 2
+    for bad in ("lazy-q0", "lazy-q9", "lazy-q2-persistent"):
+        with pytest.raises(ValueError, match=r"\[-q<N>\]"):
+            parse(bad)
+
+
 def test_a_placement_runs_what_it_can_and_a_typo_fails():
     assert [m.name for m in select(("lazy", "lazy-doorbell", "lazy-poll", "lazy+capture"))] == [
         "lazy", "lazy-poll", "lazy+capture"]

@@ -168,6 +168,9 @@ def test_the_generator_command_is_one_bounded_unshaped_worker_that_leaves_system
     assert argv[2].endswith("; cat /proc/$$/stat")
     with pytest.raises(ValueError):
         pps.packet("not a mac", "10.0.0.1", 64)
+    four = pps.packet("02:00:00:00:b2:11", "10.81.0.11", 64, flows=4)  # pps64-f4
+    assert "udp(sp=dinc(9, 12), dp=9), fill(0x00, 22)" in four
+    assert pps.FLOWS["pps64-f4"] == 4 and pps.SIZES["pps64-f4"] == 64
 
 
 def test_receiver_counters_count_every_udp_datagram_the_stack_saw():
@@ -286,6 +289,28 @@ def test_pinning_moves_every_thread_of_each_end_to_its_core():
             p.kill()
             p.wait()
     assert placement.is_vcpu("CPU 0/TCG") and not placement.is_vcpu("qemu-system-x86")
+
+
+def test_queue_workers_are_spread_one_queue_of_each_end_per_core():
+    allowed = sorted(os.sched_getaffinity(0))
+    guest, host = placement.cpus()
+    procs = [subprocess.Popen(["sleep", "30"]) for _ in range(4)]
+    try:
+        fw, bw = (procs[0].pid, procs[1].pid), (procs[2].pid, procs[3].pid)
+        text = placement.pin_ends({}, placement.SPLIT, {"front": fw, "back": bw})
+        want_f = [allowed[q % len(allowed)] for q in range(2)]
+        want_b = [allowed[(1 + q) % len(allowed)] for q in range(2)]
+        assert [os.sched_getaffinity(p) for p in fw] == [{c} for c in want_f]
+        assert [os.sched_getaffinity(p) for p in bw] == [{c} for c in want_b]
+        assert text.startswith(f"back queues {want_b[0]},{want_b[1]}, front queues "
+                               f"{want_f[0]},{want_f[1]}, ")
+        placement.pin_ends({}, placement.PATH, {"front": fw, "back": bw})
+        assert all(os.sched_getaffinity(p.pid) == {host} for p in procs)
+        assert guest in want_f
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 # -- the report --------------------------------------------------------------------------------

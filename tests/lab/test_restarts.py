@@ -22,10 +22,9 @@ import pytest
 from pyroute2 import netns as pnetns
 
 from shared.lab import procs
-from shared.lab.chaos import Chaos
-from shared.lab.leaks import Inspector, Leaks, memfd_maps
+from shared.lab.leaks import Leaks, memfd_maps
 from shared.lab.transfers import Agents
-from tests.lab.labs import netns_lab, topology_yaml, write_topology
+from tests.lab.labs import chaos_lab
 
 pytestmark = [
     pytest.mark.full,
@@ -44,14 +43,8 @@ LONG_BYTES = int(os.environ.get("PVNET_LONG_BYTES", str(3 << 30)))
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pvr")
-    # a file, so that `invoke down --topology` can be run on it
-    _f, topo = write_topology(d, topology_yaml("pvr", "10.83.0", GUESTS, iperf_server=True,
-                                               state_dir=d / "state"))
-    with netns_lab(topo):
-        insp = Inspector(topo)
-        insp.learn()
-        yield topo, insp, Chaos(topo)
+    with chaos_lab(tmp_path_factory, "pvr", "10.83.0", GUESTS) as got:
+        yield got
 
 
 def no_leaks(leaks: Leaks) -> None:

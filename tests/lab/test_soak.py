@@ -23,12 +23,15 @@ pytestmark = [
 MINUTES = float(os.environ.get("PVNET_SOAK_MINUTES", "1"))
 
 
-def test_short_soak_verifies_every_transfer_and_leaks_nothing(tmp_path):
+@pytest.mark.parametrize("queues", [1, 2])
+def test_short_soak_verifies_every_transfer_and_leaks_nothing(tmp_path, queues):
+    """With 2 queues a killed end takes its queue workers with it (PDEATHSIG) and a
+    respawned one forks new ones: the leak check counts the workers as processes."""
     out = tmp_path / "soak.json"
     lines: list[str] = []
     report = Soak(SoakConfig(minutes=MINUTES, restart_every=9, json_path=str(out),
                              transfer_bytes=32 << 20, prefix="pvz", net="10.85.0",
-                             state_dir=str(tmp_path / "state")),
+                             state_dir=str(tmp_path / "state"), queues=queues),
                   say=lines.append).run()
     print("\n".join(lines))
     assert report.errors == [], report.errors
@@ -43,3 +46,6 @@ def test_short_soak_verifies_every_transfer_and_leaks_nothing(tmp_path):
     for key in ("connections_lost", "bytes_verified", "leaks"):
         assert key in saved
     assert report.ok
+    if queues > 1:  # the lab really ran with several queues: each end said so
+        logs = "".join(p.read_text() for p in (tmp_path / "state" / "log").glob("*.log"))
+        assert logs.count(f"{queues} queues") >= 4, logs[-2000:]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shared.lab.commands import backend_options, frontend_features
 from shared.lab.topology import DEFAULT_TOPOLOGY, TopologyError, load, loads, parse
 from shared.mechanisms import names
 
@@ -76,6 +77,30 @@ def test_custom_knobs_and_root_namespace() -> None:
     assert (g.memory, g.region_size, g.tx_mode, g.header_slots, g.persistent, g.event) == (
         256, 16 << 20, "copy", False, True, "doorbell")
     assert g.filters == ("drop ip_proto=17", "drop payload=hex:deadbeef")
+
+
+def test_queues_default_one_and_reach_both_ends_argv() -> None:
+    d = base()
+    assert {g.queues for g in parse(d).guests} == {1}
+    d["guests"][0]["queues"] = 2
+    t = parse(d)
+    g1, g2 = t.guests
+    assert (g1.queues, g2.queues) == (2, 1)
+    back, front = backend_options(t, g1), frontend_features(g1)
+    assert back[back.index("--queues") + 1] == "2" and front[front.index("--queues") + 1] == "2"
+    assert "--queues" not in backend_options(t, g2) + frontend_features(g2)
+    assert [p.name for p in t.queue_sockets(g1)] == [f"{g1.vif}.ev-q0", f"{g1.vif}.ev-q1"] \
+        and t.queue_sockets(g2) == ()
+
+
+def test_queues_refuse_the_one_vector_doorbell_and_staging() -> None:
+    d = base()
+    d["guests"][0].update(queues=2, event="doorbell")
+    with pytest.raises(TopologyError, match=r"guests\[0\]\.queues: event: doorbell serves one"):
+        parse(d)
+    d["guests"][0].update(event="serial", grants="staging")
+    with pytest.raises(TopologyError, match=r"guests\[0\]\.queues: grants: staging serves one"):
+        parse(d)
 
 
 def test_frozen() -> None:
@@ -162,6 +187,10 @@ CASES = [
     ("host_netns", "Host", "host_netns: must be lowercase"),
     ("state_dir", "run/pvnet", "state_dir: must be an absolute path"),
     ("ipv6", "no", "ipv6: must be true or false"),
+    ("guests.0.queues", 0, "guests[0].queues: must be an integer in 1..8 (got 0)"),
+    ("guests.1.queues", 9, "guests[1].queues: must be an integer in 1..8 (got 9)"),
+    ("guests.0.queues", "2", "guests[0].queues: must be an integer in 1..8 (got '2')"),
+    ("guests.0.queues", True, "guests[0].queues: must be an integer in 1..8 (got True)"),
 ]
 
 

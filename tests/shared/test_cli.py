@@ -96,6 +96,31 @@ def test_missing_end_and_unknown_sections_render() -> None:
     assert rows(text)["rsp_prod"] == ["-", "5"]
 
 
+def queues(*tx: int) -> list[dict[str, Any]]:
+    return [{"queue": q, "pid": 300 + q, "rings": {"tx": {"tx_packets": n},
+                                                  "rx": {"rx_packets": q}}}
+            for q, n in enumerate(tx)]
+
+
+def test_per_queue_tables_follow_the_sum_with_both_ends_side_by_side() -> None:
+    f = front(queues=queues(4, 6))
+    b = back(queues=queues(3, 7) + [{"queue": "evil"}, "junk"], rings={
+        "tx": {"tx_packets": 10}, "rx": {"rx_packets": 1}})
+    text = stats_view.render([f, b])
+    titles = [ln.strip().split("  ")[0] for ln in text.splitlines()
+              if ln.startswith("   ") and not ln.startswith("     ")]
+    assert titles[1:] == ["ring tx (all queues)", "ring rx (all queues)", "queue 0 ring tx",
+                          "queue 0 ring rx", "queue 1 ring tx", "queue 1 ring rx", "counters"]
+    q1 = text[text.index("queue 1 ring tx"):text.index("queue 1 ring rx")]
+    assert rows(q1)["tx_packets"] == ["6", "7"]
+    lines = [ln for ln in text.splitlines() if ln.startswith("     ")]
+    assert len({len(ln) for ln in lines}) == 1  # the long titles do not break the columns
+    f2 = copy.deepcopy(f)
+    f2["queues"][1]["rings"]["tx"]["tx_packets"] = 26
+    rates = stats_view.compute_rates([f], [f2], dt=2.0)
+    assert rates[(f["socket"], "queue 1 tx", "tx_packets")] == 10.0
+
+
 def test_unreachable_is_one_line() -> None:
     text = stats_view.render([front(), back(), {"socket": "/x/g2.ctl", "error": "/x/g2.ctl: gone"}])
     assert text.splitlines()[-1] == "!! /x/g2.ctl: gone"

@@ -6,10 +6,13 @@ Modules, each holding one thing:
   veth.py         the `veth` path (host-stack ceiling)
   pvnet_netns.py  the `pvnet-netns` path in its five modes
   qemu.py         the QEMU guest paths (virtio-net, pvnet-qemu, and their guest->guest runs)
-  workloads.py    tcp, tcp-nogso, udp64, rr, pps64, pps1496: what runs between the ends
+  workloads.py    tcp, tcp-nogso, udp64, rr, pps64, pps1496, and the multi-flow tcp-p4,
+                  tcp-nogso-p4, pps64-f4 (the queues dimension): what runs between the ends
   rr.py           our stdlib-only 1-byte TCP ping-pong (runs in namespaces and guests by path)
-  pps.py          the packet-rate workloads: trafgen frames of 64/1496 bytes, counted received
-  placement.py    which core runs what (the ends, clients, servers, the generator)
+  pps.py          the packet-rate workloads: trafgen frames of 64/1496 bytes (1 or 4 flows),
+                  counted received
+  placement.py    which core runs what (the ends, their queue workers, clients, servers,
+                  the generator)
   observe.py      everything measured around one run, from outside the data path
   measure.py      /proc and counter samples -> CPU per GB and per frame, per-packet figures
   hostcpu.py      the whole machine: /proc/stat CPU per frame, load, the neighbours' share

@@ -27,6 +27,8 @@ class ProcSample:
     cpu_s: float
     hwm_kb: int
     pid: int = 0
+    #: a multi-queue end's queue workers (placement.py pins them apart)
+    workers: tuple[int, ...] = ()
 
 
 def read_proc(pid: int) -> ProcSample | None:
@@ -44,6 +46,17 @@ def read_proc(pid: int) -> ProcSample | None:
             hwm = int(line.split()[1])
             break
     return ProcSample(ticks / CLK_TCK, hwm, pid)
+
+
+def read_end(reply: dict) -> ProcSample | None:
+    """An end's processes from its stats reply: itself and its queue workers (``pids``, a
+    multi-queue end), CPU and peak RSS summed (None if it is gone)."""
+    pids = reply.get("pids") or [reply["pid"]]
+    got = [p for p in (read_proc(int(pid)) for pid in pids) if p is not None]
+    if not got:
+        return None
+    return ProcSample(sum(p.cpu_s for p in got), sum(p.hwm_kb for p in got), got[0].pid,
+                      tuple(p.pid for p in got[1:]))
 
 
 @dataclass

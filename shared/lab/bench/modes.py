@@ -1,13 +1,14 @@
 """The bench's pvnet modes: a registered mechanism plus orthogonal options, named by a grammar.
 
 A mode name is
-``<tx>[-noslots][-persistent|-staging|-recycle<K>][-poll][-doorbell][+rx-<rx>][+rate-<N>mbit]``
-``[+capture[-s<N>]]``:
+``<tx>[-noslots][-persistent|-staging|-recycle<K>][-poll][-doorbell][-q<N>][+rx-<rx>]``
+``[+rate-<N>mbit][+capture[-s<N>]]``:
 ``<tx>`` a TX mechanism and ``<rx>`` an RX mechanism of ``shared/mechanisms.py``, then the
 options that are not mechanisms - header slots off, the netfront's grant policy (persistent
 grants, staging grants, or grant recycling with a pool of K rings: ``frontend/grants/``),
 the netfront's poll
-budget and ivshmem doorbells (QEMU placement only), the vif's TX limited to N Mbit/s (Linux's
+budget and ivshmem doorbells (QEMU placement only), N queues (a worker process per queue at
+each end, ``-q2``: the bench's ``queues`` dimension), the vif's TX limited to N Mbit/s (Linux's
 ``rate`` key), a ``pvnet capture`` reader attached for the whole session (whole frames, or
 ``-s N`` bytes). The names the bench has always used
 (``lazy``, ``map-persistent``, ``lazy+capture-s128``, ``lazy-doorbell``...) are names of this
@@ -27,7 +28,7 @@ from shared.mechanisms import default, names
 
 _OPTIONS = ("noslots", "persistent", "staging", "poll", "doorbell")
 _NAME = re.compile(r"^(?P<tx>[a-z0-9_]+)(?P<opts>(?:-(?:" + "|".join(_OPTIONS) + r"))*)"
-                   r"(?:-recycle(?P<pool>[1-8]))?"
+                   r"(?:-recycle(?P<pool>[1-8]))?(?:-q(?P<queues>[1-8]))?"
                    r"(?:\+rx-(?P<rx>[a-z0-9_]+))?(?:\+rate-(?P<rate>\d+)mbit)?"
                    r"(?:\+capture(?:-s(?P<snap>\d+))?)?$")
 #: the netfront's poll budget in the ``-poll`` modes (µs)
@@ -53,6 +54,8 @@ class Mode:
     recycle: int = 0
     #: staging grants (feature-staging-grants)
     staging: bool = False
+    #: queues (multi-queue): a worker process per queue at each end
+    queues: int = 1
 
     def guest_yaml(self) -> str:
         """``guest_keys`` as the tail of a YAML flow mapping (``, tx_mode: lazy, ...``)."""
@@ -78,6 +81,8 @@ class Mode:
             keys["event"] = "doorbell"
         if self.rate_mbit is not None:
             keys["rate"] = f"{self.rate_mbit}Mb/s"
+        if self.queues > 1:
+            keys["queues"] = self.queues
         return keys
 
 
@@ -94,7 +99,7 @@ def parse(name: str) -> Mode:
     m = _NAME.match(name)
     if not m or m["tx"] not in names("tx") or (m["rx"] and m["rx"] not in names("rx")):
         raise ValueError(f"mode {name!r}: expected <tx>[-{'][-'.join(_OPTIONS)}][-recycle<K>]"
-                         f"[+rx-<rx>]"
+                         f"[-q<N>][+rx-<rx>]"
                          f"[+rate-<N>mbit][+capture[-sN]] with tx one of "
                          f"{', '.join(names('tx'))} and rx one of {', '.join(names('rx'))}")
     opts = set(re.findall(r"-([a-z]+)", m["opts"] or ""))
@@ -103,18 +108,20 @@ def parse(name: str) -> Mode:
                 persistent="persistent" in opts, poll="poll" in opts,
                 doorbell="doorbell" in opts, capture=capture,
                 rate_mbit=int(m["rate"]) if m["rate"] else None,
-                recycle=int(m["pool"] or 0), staging="staging" in opts)
+                recycle=int(m["pool"] or 0), staging="staging" in opts,
+                queues=int(m["queues"] or 1))
 
 
 def name_of(tx: str, rx: str | None = None, *, noslots: bool = False,
             persistent: bool = False, poll: bool = False, doorbell: bool = False,
             capture: int | None = None, rate_mbit: int | None = None, recycle: int = 0,
-            staging: bool = False) -> str:
+            staging: bool = False, queues: int = 1) -> str:
     """The mode name of these choices (the inverse of ``parse``)."""
     name = tx + "".join(f"-{o}" for o, on in (("noslots", noslots), ("persistent", persistent),
                                                ("staging", staging), ("poll", poll),
                                                ("doorbell", doorbell)) if on)
     name += f"-recycle{recycle}" if recycle else ""
+    name += f"-q{queues}" if queues > 1 else ""
     if rx and rx != default("rx"):
         name += f"+rx-{rx}"
     if rate_mbit is not None:
@@ -181,7 +188,7 @@ def select(asked: tuple[str, ...] | None, qemu: bool = False) -> list[Mode]:
 def help_text() -> str:
     """For ``--modes`` in every command that takes it."""
     return (f"comma list of pvnet modes: <tx>[-noslots][-persistent|-staging|-recycle<K>]"
-            f"[+rx-<rx>]"
+            f"[-q<N>][+rx-<rx>]"
             f"[+rate-<N>mbit][+capture[-sN]] "
             f"(QEMU paths also -poll, -doorbell), tx one of {', '.join(names('tx'))}, rx one "
             f"of {', '.join(names('rx'))}; 'all' for the whole cross product. Default: "

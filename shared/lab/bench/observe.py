@@ -32,7 +32,8 @@ def observe(path: Path, ends: Endpoints, w: Workload, direction: str, seconds: f
     """Run `w` once in `direction` and measure it; exceptions of the path propagate."""
     before = path.sample()
     pids = {role: p.pid for role, p in before.procs.items() if p is not None and p.pid}
-    cpus = pin_ends(pids, w.placement)
+    cpus = pin_ends(pids, w.placement, {role: p.workers for role, p in before.procs.items()
+                                        if p is not None and p.workers})
     profiler = Profiler(profile_hz)
     m0 = hostcpu.sample()
     profiler.start(pids, seconds)

@@ -12,6 +12,12 @@ Two placements, chosen by the workload (``Workload.placement``):
             netback, QEMU with all its threads). An unshaped generator needs a core of its
             own; see pps.py for why it is not paced.
 
+A multi-queue end's queue workers (``-q<N>`` modes) are spread as Linux spreads a device's
+queue interrupts (one queue per CPU, round robin): in ``split``, queue q of the netfront on
+CPU q and queue q of the netback on CPU q+1 (mod the CPUs), so each core serves one queue of
+each end; in ``path`` they stay on the path core with the rest of the path (the generator
+keeps the other: on this 2-core machine a packet-rate run has no second core for a queue).
+
 Pinning is os.sched_setaffinity on every thread of a process, done before each run (a
 restarted end is pinned again). A machine with one allowed CPU runs everything on it.
 """
@@ -68,11 +74,15 @@ def pin_process(pid: int, cpu: int, vcpu: int | None = None) -> None:
         _pin(tid, vcpu if on_vcpu and vcpu is not None else cpu)
 
 
-def pin_ends(pids: Mapping[str, int], placement: str) -> str:
-    """Pin a path's processes (role "front"/"back" -> pid) for `placement`; what was done,
-    as the record's ``cpus`` text."""
+def pin_ends(pids: Mapping[str, int], placement: str,
+             workers: Mapping[str, tuple[int, ...]] | None = None) -> str:
+    """Pin a path's processes (role "front"/"back" -> pid, and each end's queue workers)
+    for `placement`; what was done, as the record's ``cpus`` text."""
     guest, host = cpus()
     done = []
+    for role, ws in sorted((workers or {}).items()):
+        if ws:
+            done.append(pin_workers(role, ws, placement))
     for role, pid in sorted(pids.items()):
         if placement == PATH:
             pin_process(pid, host)
@@ -87,3 +97,17 @@ def pin_ends(pids: Mapping[str, int], placement: str) -> str:
     tools = (f"generator {guest}" if placement == PATH
              else f"client {guest}, server {host}")
     return ", ".join([*done, tools])
+
+
+def pin_workers(role: str, workers: tuple[int, ...], placement: str) -> str:
+    """An end's queue workers: queue q on CPU q (front) or q+1 (back) of the allowed CPUs in
+    ``split``, all on the path core in ``path``; what was done, for ``cpus``."""
+    allowed = sorted(os.sched_getaffinity(0))
+    _guest, host = cpus()
+    first = GUEST_CPU_INDEX if role == "front" else HOST_CPU_INDEX
+    got = []
+    for q, pid in enumerate(workers):
+        cpu = host if placement == PATH else allowed[(first + q) % len(allowed)]
+        pin_process(pid, cpu)
+        got.append(str(cpu))
+    return f"{role} queues {','.join(got)}"

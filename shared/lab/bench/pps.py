@@ -36,7 +36,9 @@ from shared.lab.bench.paths import Endpoint, Endpoints
 
 ETH_IP_UDP = 14 + 20 + 8
 UDP_PORT = 9  # discard: nothing listens
-SIZES = {"pps64": 64, "pps1496": 1496}
+SIZES = {"pps64": 64, "pps1496": 1496, "pps64-f4": 64}
+#: the multi-flow packet-rate workloads: flows, by source port (9, 10, ...: trafgen's dinc)
+FLOWS = {"pps64-f4": 4}
 SLACK_S = 20.0
 SETTLE_S = 0.3  # the receiver's count is final once it has not moved for this long
 SETTLE_MAX_S = 5.0
@@ -64,14 +66,16 @@ class PpsResult:
         return round(100 * max(0, self.sent - self.delivered) / self.sent, 2) if self.sent else None
 
 
-def packet(dst_mac: str, dst_ip: str, frame_len: int) -> str:
+def packet(dst_mac: str, dst_ip: str, frame_len: int, flows: int = 1) -> str:
     """trafgen's packet for one frame of `frame_len` bytes to `dst_ip` at `dst_mac`; the
-    source MAC and IP are the sending device's, checksums are trafgen's."""
+    source MAC and IP are the sending device's, checksums are trafgen's; with several
+    `flows` the source port steps through that many ports, frame by frame."""
     fill = frame_len - ETH_IP_UDP
     if fill < 0 or not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", dst_mac):
         raise ValueError(f"bad frame: {frame_len} bytes to {dst_mac!r}")
+    sport = UDP_PORT if flows == 1 else f"dinc({UDP_PORT}, {UDP_PORT + flows - 1})"
     return (f"{{ eth(da={dst_mac}, type=0x0800), ipv4(da={dst_ip}, ttl=64, df), "
-            f"udp(sp={UDP_PORT}, dp={UDP_PORT}), fill(0x00, {fill}) }}")
+            f"udp(sp={sport}, dp={UDP_PORT}), fill(0x00, {fill}) }}")
 
 
 def generator_argv(dev: str, pkt: str, seconds: float) -> list[str]:
@@ -149,13 +153,14 @@ def settled(end: Endpoint, dev: str) -> tuple[int, int, int]:
     return last
 
 
-def run_pps(ends: Endpoints, direction: str, seconds: float, frame_len: int) -> PpsResult:
+def run_pps(ends: Endpoints, direction: str, seconds: float, frame_len: int,
+            flows: int = 1) -> PpsResult:
     """Offer `frame_len`-byte frames guest->peer ("tx") or peer->guest ("rx") for `seconds`."""
     snd, rcv = (ends.guest, ends.peer) if direction == "tx" else (ends.peer, ends.guest)
     sdev, _ = device_of(snd)
     rdev, mac = device_of(rcv)
     before = counters(rcv, rdev)
-    res = snd.run(generator_argv(sdev, packet(mac, rcv.ip, frame_len), seconds),
+    res = snd.run(generator_argv(sdev, packet(mac, rcv.ip, frame_len, flows), seconds),
                   timeout=seconds + SLACK_S)
     try:
         sent, loop_s, cpu = parse_generator(res.out)

@@ -84,7 +84,7 @@ class Profiler:
             out = Path(self._dir.name) / f"{role}.txt"
             argv = [self.exe, "record", "--pid", str(pid), "--rate", str(self.hz),
                     "--duration", str(max(1, round(seconds))), "--format", "raw",
-                    "--nonblocking", "--output", str(out)]
+                    "--nonblocking", "--subprocesses", "--output", str(out)]
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, start_new_session=True)
             self._samplers.append(_Sampler(role, proc, out))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
 from shared.control import query
-from shared.lab.bench.measure import Sample, read_proc
+from shared.lab.bench.measure import Sample, read_end
 from shared.lab.bench.modes import parse, select
 from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext
 from shared.lab.bench.veth import ensure_ethtool, ethtool, offload_summary
@@ -117,7 +117,7 @@ class PvnetNetnsPath:
         for end, ctl in self._ends.items():
             reply = query(str(ctl), {"cmd": "stats"}, timeout=3.0)
             s.rings[end] = reply["rings"]
-            s.procs[end] = read_proc(int(reply["pid"]))
+            s.procs[end] = read_end(reply)
         back = s.rings["back"]
         s.frames = {"tx": int(back["tx"]["tx_packets"]), "rx": int(back["rx"]["rx_packets"])}
         return s

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shared.control import query
-from shared.lab.bench.measure import Sample, read_proc
+from shared.lab.bench.measure import Sample, read_end, read_proc
 from shared.lab.bench.modes import select, yaml_keys
 from shared.lab.bench.paths import (
     CmdResult,
@@ -134,7 +134,7 @@ class QemuPath:
             reply = query(str(ctl), {"cmd": "stats"}, timeout=5.0)
             s.rings[end] = reply["rings"]
             if end == "back":
-                s.procs[end] = read_proc(int(reply["pid"]))
+                s.procs[end] = read_end(reply)
         s.procs["front"] = read_proc(qemu)  # the netfront runs inside the guest
         back = s.rings["back"]
         s.frames = {"tx": int(back["tx"]["tx_packets"]), "rx": int(back["rx"]["rx_packets"])}

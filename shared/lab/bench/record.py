@@ -14,7 +14,7 @@ from typing import Any
 from shared.lab.bench.interval import ci95, rounded
 
 PRIMARY = {"tcp": "gbps", "tcp-nogso": "gbps", "udp64": "fps", "rr": "tps", "pps64": "fps",
-           "pps1496": "fps"}
+           "pps1496": "fps", "tcp-p4": "gbps", "tcp-nogso-p4": "gbps", "pps64-f4": "fps"}
 """The higher-is-better figure each workload's ratios are taken on."""
 
 CI_FIELDS = ("gbps", "fps", "tps", "p50_us", "cpu_front_us_per_frame", "cpu_back_us_per_frame",

@@ -72,6 +72,9 @@ mechanism module is covered) -> stage, for frames no function rule names."""
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):(?P<line>\d+)\)$")
 
 
+_PROCESS = re.compile(r'^process \d+:".*"$')
+
+
 @dataclass(frozen=True)
 class Frame:
     func: str
@@ -88,12 +91,15 @@ def parse_frame(text: str) -> Frame:
 
 def parse_raw(lines: Iterable[str]) -> list[tuple[list[Frame], int]]:
     """py-spy ``--format raw`` (collapsed stacks: ``root;...;leaf COUNT``) -> stacks, root
-    first, with their sample counts. Lines that do not end in a count are skipped."""
+    first, with their sample counts. Lines that do not end in a count are skipped, and so
+    are the ``process N:"argv"`` roots ``--subprocesses`` puts above a queue worker's stack
+    (an end's workers are the end's)."""
     out = []
     for line in lines:
         stack, _, count = line.rstrip("\n").rpartition(" ")
         if stack and count.isdigit():
-            out.append(([parse_frame(f) for f in stack.split(";")], int(count)))
+            out.append(([parse_frame(f) for f in stack.split(";")
+                         if not _PROCESS.match(f)], int(count)))
     return out
 
 

@@ -18,11 +18,13 @@ from pathlib import Path as FsPath
 
 from shared.lab.bench import placement
 from shared.lab.bench.paths import IPERF_PORT, Endpoint, Endpoints, NetnsEndpoint
+from shared.lab.bench.pps import FLOWS as PPS_FLOWS
 from shared.lab.bench.pps import SIZES, run_pps
 
 RR_SCRIPT = str(FsPath(__file__).with_name("rr.py"))
 RR_PORT = 7777
 UDP_LEN = 64
+FLOWS = 4  # the multi-flow workloads' flows (the queues dimension: flows to spread)
 SLACK = 20.0  # seconds a bounded client may overrun its duration before it is killed
 
 
@@ -61,9 +63,12 @@ class Workload:
     placement: str = placement.SPLIT  # which core runs what (placement.py)
 
 
-def _iperf(ends: Endpoints, direction: str, seconds: float, udp: bool) -> RunResult:
+def _iperf(ends: Endpoints, direction: str, seconds: float, udp: bool,
+           streams: int = 1) -> RunResult:
     argv = ["iperf3", "-c", ends.peer.ip, "-p", str(IPERF_PORT), "-t", str(max(1, round(seconds))),
             "-J", "--connect-timeout", "3000", "-A", _affinity(ends)]
+    if streams > 1:  # one client thread (iperf3 3.12) sends them all: the same offered load
+        argv += ["-P", str(streams)]
     if direction == "rx":
         argv.append("-R")
     if udp:
@@ -119,6 +124,10 @@ def _tcp(ends: Endpoints, direction: str, seconds: float) -> RunResult:
     return _iperf(ends, direction, seconds, udp=False)
 
 
+def _tcp_flows(ends: Endpoints, direction: str, seconds: float) -> RunResult:
+    return _iperf(ends, direction, seconds, udp=False, streams=FLOWS)
+
+
 def _udp(ends: Endpoints, direction: str, seconds: float) -> RunResult:
     return _iperf(ends, direction, seconds, udp=True)
 
@@ -154,7 +163,7 @@ def parse_rr(text: str, err: str = "") -> RunResult:
 def _pps(name: str) -> Runner:
     def run(ends: Endpoints, direction: str, seconds: float) -> RunResult:
         try:
-            r = run_pps(ends, direction, seconds, SIZES[name])
+            r = run_pps(ends, direction, seconds, SIZES[name], PPS_FLOWS.get(name, 1))
         except RuntimeError as exc:
             return RunResult(error=f"{name}: {exc}")
         return RunResult(seconds=r.seconds, payload_bytes=r.delivered * SIZES[name],
@@ -168,11 +177,17 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("tcp", True, ("tx", "rx"), "gbps", _tcp, "one TCP stream, GSO on"),
     Workload("tcp-nogso", False, ("tx", "rx"), "gbps", _tcp,
              "one TCP stream, GSO/TSO off: MTU-sized frames"),
+    Workload("tcp-p4", True, ("tx", "rx"), "gbps", _tcp_flows,
+             f"{FLOWS} TCP streams (iperf3 -P {FLOWS}), GSO on"),
+    Workload("tcp-nogso-p4", False, ("tx", "rx"), "gbps", _tcp_flows,
+             f"{FLOWS} TCP streams (iperf3 -P {FLOWS}), GSO/TSO off: MTU-sized frames"),
     Workload("udp64", True, ("tx", "rx"), "fps", _udp,
              f"UDP {UDP_LEN}-byte datagrams, unlimited rate; frames/s delivered"),
     Workload("rr", True, ("both",), "tps", _rr,
              "1-byte TCP ping-pong (TCP_NODELAY), guest client"),
     *(Workload(name, True, ("tx", "rx"), "fps", _pps(name),
-               f"{size}-byte UDP frames from trafgen, one unshaped core; delivered frames/s",
+               f"{size}-byte UDP frames from trafgen"
+               + (f" in {PPS_FLOWS[name]} flows (source ports)" if name in PPS_FLOWS else "")
+               + ", one unshaped core; delivered frames/s",
                placement.PATH) for name, size in SIZES.items()),
 )}
