@@ -6,14 +6,14 @@ import argparse
 import logging
 import sys
 
-from backend.credit import parse_rate
-from backend.filter import Filter
+from backend.handshake import offered_features
 from backend.interface import RX_STALL_TIMEOUT, Netback, NetbackConfig
-from backend.xenbus import offered_features
-from shared.filter_rules import FilterError
-from shared.mechanisms import default, help_text, names
-from shared.netif import MAX_QUEUES
-from shared.queues import DOORBELL_ONE_QUEUE, queue_count
+from backend.tx.credit import parse_rate
+from backend.tx.filter import Filter
+from shared.protocol.filter_rules import FilterError
+from shared.protocol.mechanisms import default, help_text, names
+from shared.protocol.netif import MAX_QUEUES
+from shared.protocol.queues import DOORBELL_ONE_QUEUE, queue_count
 
 
 def parse_args(argv: list[str] | None = None) -> NetbackConfig:

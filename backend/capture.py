@@ -1,4 +1,5 @@
-"""`pvnet capture`, the producer side: frames crossing the vif into zbuf buffers (shared/zbuf.py).
+"""`pvnet capture`, the producer side: frames crossing the vif into zbuf buffers
+(shared/protocol/zbuf.py).
 
 A reader attaches through the netback's control socket (``{"cmd": "capture", ...}``); the
 reply carries a sealed memfd holding the two buffers (SCM_RIGHTS) and the socket is then the
@@ -37,12 +38,15 @@ import select
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from backend.skb import SkBuff
-from shared.control_protocol import Handoff
-from shared.stats import counters
-from shared.transport import create_memfd
-from shared.zbuf import HEADER, IN, MAX_BUFFER, MIN_BUFFER, OUT, RECORD, Buffer, Producer
+from shared.plumbing.control.protocol import Handoff
+from shared.plumbing.transport import create_memfd
+from shared.protocol.stats import counters
+from shared.protocol.zbuf import HEADER, IN, MAX_BUFFER, MIN_BUFFER, OUT, RECORD, Buffer, Producer
+
+if TYPE_CHECKING:  # an annotation only: the skb is TX's
+    from backend.tx.skb import SkBuff
 
 log = logging.getLogger("netback")
 #: a store buffer with records is handed over after this long even if not full

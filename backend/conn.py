@@ -7,21 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backend.filter import Filter
-from backend.gntmap import GntMap, Views
-from backend.netback import TxPath
-from backend.rx import FatalRxError, RxPath
-from backend.staging import premap
-from backend.txreq import FATAL_REASONS, FatalTxError
-from shared.channel import ChannelError, EventChannel
+from backend.grants.gntmap import GntMap, Views
+from backend.grants.staging import premap
+from backend.rx.path import FatalRxError, RxPath
+from backend.tx.filter import Filter
+from backend.tx.path import TxPath
+from backend.tx.requests import FATAL_REASONS, FatalTxError
 from shared.faults import PeerFault
-from shared.grant import GrantError
-from shared.queues import QueueError
-from shared.region import Area, LayoutError
-from shared.ring import RingError
-from shared.stats import RingStats
-from shared.transport import TransportError
-from shared.xenbus import Agreement, NegotiationError, NotNegotiated
+from shared.plumbing.channel import ChannelError, EventChannel
+from shared.plumbing.transport import TransportError
+from shared.protocol.grant import GrantError
+from shared.protocol.queues import QueueError
+from shared.protocol.region import Area, LayoutError
+from shared.protocol.ring import RingError
+from shared.protocol.stats import RingStats
+from shared.protocol.xenbus import Agreement, NegotiationError, NotNegotiated
 
 #: grants name the domain allowed to use them: ours (the driver domain, 0)
 BACKEND_DOMID = 0

@@ -7,14 +7,14 @@ import time
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from shared.control_protocol import Handoff
-from shared.control_server import ControlServer
-from shared.stats import RingStats
+from shared.plumbing.control.protocol import Handoff
+from shared.plumbing.control.server import ControlServer
+from shared.protocol.stats import RingStats
 
 if TYPE_CHECKING:
     from backend.interface import Netback
-    from backend.netback import TxPath
-    from backend.rx import RxPath
+    from backend.rx.path import RxPath
+    from backend.tx.path import TxPath
 
 #: control requests per second (and burst) the control socket serves, whoever asks
 CTL_RATE = 1000.0
@@ -69,7 +69,7 @@ def control(nb: Netback, request: dict) -> dict | Handoff:
     rings = rings_of((nb.tx_stats, nb.rx_stats), (nb.tx_own, nb.rx_own), (nb.tx, nb.rx))
     counters = dict(nb.counters)
     out = {}
-    if nb.queues is not None:  # several queues: the vif's is the sum (shared/stats.py)
+    if nb.queues is not None:  # several queues: the vif's is the sum (shared/protocol/stats.py)
         out = nb.queues.stats(rings, counters)
     ctl, cfg = nb.ctl, nb.cfg
     out.update(nb.stats("netback", cfg.domid), tx_mode=cfg.tx_mode, rx_mode=cfg.rx_mode,

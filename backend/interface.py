@@ -11,8 +11,8 @@ frontend. A frontend that only floods notifications is not disconnected but slow
 Linux's lateeoi does for spurious events: its own events are deferred, nobody else's.
 
 The connection's life (channel, handshake, attach, data loop, teardown) is the one both ends
-share (``shared.connection``); this module plugs in the netback's steps. The data loop is in
-``backend.loop``, the event socket in ``backend.listener``, the control socket in
+share (``shared.endpoint.connection``); this module plugs in the netback's steps. The data loop is
+in ``backend.loop``, the event socket in ``backend.listener``, the control socket in
 ``backend.control``.
 """
 
@@ -34,24 +34,24 @@ from backend.conn import (
     release,
 )
 from backend.control import PacedControlServer, control
-from backend.filter import Filter
-from backend.gntmap import Views
+from backend.grants.gntmap import Views
+from backend.handshake import Handshake, HandshakeAbandoned, Negotiated, offered_features
 from backend.listener import EventListener
 from backend.mechanisms import load, own_counters
 from backend.multiqueue import MultiConnection, Queues
-from backend.netback import TxPath
-from backend.rx import RxPath
-from backend.xenbus import Handshake, HandshakeAbandoned, Negotiated, offered_features
-from shared.channel import ChannelClosed, EventChannel
-from shared.connection import Endpoint
-from shared.control_protocol import Handoff
-from shared.doorbell_host import HostDoorbell
-from shared.kickchannel import KickChannel
-from shared.mechanisms import default
-from shared.netdev import NetDevice, offload_flags
-from shared.transport import connect_unix, map_memfd
-from shared.workers import WorkerDied
-from shared.xenbus import Agreement, NotNegotiated, XenbusState
+from backend.rx.path import RxPath
+from backend.tx.filter import Filter
+from backend.tx.path import TxPath
+from shared.endpoint.connection import Endpoint
+from shared.endpoint.workers import WorkerDied
+from shared.plumbing.channel import ChannelClosed, EventChannel
+from shared.plumbing.control.protocol import Handoff
+from shared.plumbing.doorbell.host import HostDoorbell
+from shared.plumbing.doorbell.kickchannel import KickChannel
+from shared.plumbing.netdev import NetDevice, offload_flags
+from shared.plumbing.transport import connect_unix, map_memfd
+from shared.protocol.mechanisms import default
+from shared.protocol.xenbus import Agreement, NotNegotiated, XenbusState
 
 log = logging.getLogger("netback")
 VIF_MAC = "fe:ff:ff:ff:ff:ff"
@@ -155,7 +155,8 @@ class Netback(Endpoint[Connection]):
         else:
             chan = self.listener.accept(self.check_stop)
         chan.send_timeout = SEND_TIMEOUT
-        if self.cfg.doorbell:  # doorbell: kicks over ivshmem-doorbell (shared/doorbell.py)
+        # doorbell: kicks over ivshmem-doorbell (shared/plumbing/doorbell/__init__.py)
+        if self.cfg.doorbell:
             chan = KickChannel.around(chan, lambda: HostDoorbell.connect(self.cfg.doorbell))
         return chan
 

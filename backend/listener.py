@@ -13,10 +13,10 @@ import os
 import select
 from collections.abc import Callable
 
-from shared.channel import EventChannel
-from shared.connection import FAULT_LABEL
+from shared.endpoint.connection import FAULT_LABEL
 from shared.faults import kind_of
-from shared.transport import listen_unix
+from shared.plumbing.channel import EventChannel
+from shared.plumbing.transport import listen_unix
 
 log = logging.getLogger("netback")
 #: seconds the event listener rests after accept() fails (EMFILE) instead of spinning

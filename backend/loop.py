@@ -13,11 +13,11 @@ import time
 from typing import TYPE_CHECKING
 
 from backend.listener import ACCEPT_BACKOFF
-from shared.channel import ChannelClosed, EventChannel, kick_if
-from shared.connection import PeerRestarted
-from shared.lifecycle import Shutdown
-from shared.ring import RSP_PROD, BackRing
-from shared.stats import RingStats
+from shared.endpoint.connection import PeerRestarted
+from shared.endpoint.lifecycle import Shutdown
+from shared.plumbing.channel import ChannelClosed, EventChannel, kick_if
+from shared.protocol.ring import RSP_PROD, BackRing
+from shared.protocol.stats import RingStats
 
 if TYPE_CHECKING:
     from backend.interface import Connection, Netback

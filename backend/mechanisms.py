@@ -1,16 +1,16 @@
 """Netback's side of the mechanism registry: a registered name -> its class, and its counters.
 
-``shared/mechanisms.py`` names the mechanisms and the module of each; this imports that module
-(only netback does: the lab reads the names alone) and creates a mechanism's own counters once
-per process, so they add up across connections like the ring's counters do.
+``shared/protocol/mechanisms.py`` names the mechanisms and the module of each; this imports that
+module (only netback does: the lab reads the names alone) and creates a mechanism's own counters
+once per process, so they add up across connections like the ring's counters do.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from shared.mechanisms import find
-from shared.stats import counters
+from shared.protocol.mechanisms import find
+from shared.protocol.stats import counters
 
 
 def load(side: str, name: str) -> type:

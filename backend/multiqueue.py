@@ -1,6 +1,6 @@
 """A netback's connections with several queues (Linux: ``xenvif_queue`` per queue, each with
 its own NAPI instance and kthread): one worker process per queue, forked once the handshake
-has mapped the region (``shared.workers``), each serving its queue's rings, grants and TAP
+has mapped the region (``shared.endpoint.workers``), each serving its queue's rings, grants and TAP
 queue exactly as a single-queue netback serves its one (``backend/queueworker.py``).
 
 The netback's own process (the master) keeps the handshake channel, the event listener and
@@ -25,14 +25,14 @@ from backend import queueworker
 from backend.conn import QueueFault
 from backend.listener import ACCEPT_BACKOFF
 from backend.loop import frontend_says
-from shared.channel import EventChannel
-from shared.queueset import QueueTotals, ended_error, pids, watch
-from shared.region import Region
-from shared.workers import Worker, WorkerCrashed, WorkerPool
+from shared.endpoint.queueset import QueueTotals, ended_error, pids, watch
+from shared.endpoint.workers import Worker, WorkerCrashed, WorkerPool
+from shared.plumbing.channel import EventChannel
+from shared.protocol.region import Region
 
 if TYPE_CHECKING:
+    from backend.handshake import Negotiated
     from backend.interface import Netback
-    from backend.xenbus import Negotiated
 
 
 @dataclass

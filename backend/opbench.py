@@ -28,11 +28,11 @@ import socket
 import sys
 import time
 
-from backend.gntmap import GntMap, Views
-from backend.xenbus import attach_region
-from shared.region import Region
-from shared.stats import RingStats
-from shared.transport import create_memfd
+from backend.grants.gntmap import GntMap, Views
+from backend.handshake import attach_region
+from shared.plumbing.transport import create_memfd
+from shared.protocol.region import Region
+from shared.protocol.stats import RingStats
 
 _now = time.perf_counter_ns
 #: grant references the benchmark grants (clear of the reserved ones)

@@ -1,7 +1,7 @@
 """A netback queue worker: one queue of a multi-queue connection, in a process of its own.
 
-After the fork (``shared.workers``) the worker builds its queue's paths over its area of the
-region (its rings, its header slots, its grants: ``Layout.share``) with the very code a
+After the fork (``shared.endpoint.workers``) the worker builds its queue's paths over its area of
+the region (its rings, its header slots, its grants: ``Layout.share``) with the very code a
 single-queue netback uses (``backend.conn.build_paths``, the registered mechanisms), serves
 them with the same data loop (``backend.loop.serve``) on its own event channel and TAP
 queue, and releases them the same way when it stops. ``QueueHost`` is what that loop asks
@@ -19,18 +19,18 @@ from typing import TYPE_CHECKING
 from backend import loop
 from backend.conn import FRONTEND_ERRORS, Connection, build_paths, fatal_reason, release
 from backend.control import rings_of
-from backend.gntmap import Views
+from backend.grants.gntmap import Views
 from backend.mechanisms import load, own_counters
-from shared.channel import ChannelClosed
-from shared.connection import Endpoint, PeerRestarted
+from shared.endpoint.connection import Endpoint, PeerRestarted
+from shared.endpoint.lifecycle import Shutdown
+from shared.endpoint.workers import WorkerLink
 from shared.faults import kind_of
-from shared.lifecycle import Shutdown
-from shared.stats import RingStats
-from shared.workers import WorkerLink
+from shared.plumbing.channel import ChannelClosed
+from shared.protocol.stats import RingStats
 
 if TYPE_CHECKING:
+    from backend.handshake import Negotiated
     from backend.interface import Netback
-    from backend.xenbus import Negotiated
 
 log = logging.getLogger("netback")
 #: the counters the data loop keeps per queue (and a queue's teardown)

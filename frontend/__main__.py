@@ -8,9 +8,9 @@ import sys
 
 from frontend.grants.recycle import DEFAULT_POOL_RINGS
 from frontend.netfront import POLL_US, Netfront, NetfrontConfig
-from shared.mechanisms import help_text, names
-from shared.netif import MAX_QUEUES
-from shared.queues import DOORBELL_ONE_QUEUE, queue_count
+from shared.protocol.mechanisms import help_text, names
+from shared.protocol.netif import MAX_QUEUES
+from shared.protocol.queues import DOORBELL_ONE_QUEUE, queue_count
 
 
 def size(text: str) -> int:

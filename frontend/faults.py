@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from shared.channel import ChannelError
+from shared.endpoint.workers import WorkerDied
 from shared.faults import PeerFault
-from shared.ring import RingError
-from shared.transport import TransportError
-from shared.workers import WorkerDied
-from shared.xenbus import NegotiationError
+from shared.plumbing.channel import ChannelError
+from shared.plumbing.transport import TransportError
+from shared.protocol.ring import RingError
+from shared.protocol.xenbus import NegotiationError
 
 
 class BackendError(PeerFault):

@@ -10,13 +10,13 @@ import select
 import time
 from typing import Protocol
 
-from frontend.rx import RxQueue
-from frontend.tx import TxQueue
-from frontend.txflow import REAP_INTERVAL
-from shared.channel import ChannelClosed, EventChannel, kick_if
-from shared.lifecycle import Shutdown
-from shared.ring import FrontRing
-from shared.stats import RingStats
+from frontend.rx.queue import RxQueue
+from frontend.tx.flow import REAP_INTERVAL
+from frontend.tx.queue import TxQueue
+from shared.endpoint.lifecycle import Shutdown
+from shared.plumbing.channel import ChannelClosed, EventChannel, kick_if
+from shared.protocol.ring import FrontRing
+from shared.protocol.stats import RingStats
 
 #: poll timeout when idle (ms): also the period of the lost-wake-up check
 IDLE_MS = 1000

@@ -1,6 +1,6 @@
 """Netfront's side of the mechanism registry: the grant policy an agreement calls for.
 
-``shared/mechanisms.py`` names the policies (side ``grants``) and the extension each needs;
+``shared/protocol/mechanisms.py`` names the policies (side ``grants``) and the extension each needs;
 the policy in force is the one whose extension was agreed; failing that the one netfront was
 configured with if it needs no extension (``recycle``: the frontend's own business), else the
 first. Nothing here or in the queues asks for a policy by name.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 
 from frontend.grants.base import GrantPolicy
-from shared.grant import GrantTable
-from shared.mechanisms import GRANTS, find
-from shared.stats import RingStats
+from shared.protocol.grant import GrantTable
+from shared.protocol.mechanisms import GRANTS, find
+from shared.protocol.stats import RingStats
 
 
 def grant_policy(agreed: dict[str, bool], table: GrantTable, stats: RingStats | None = None,

@@ -1,7 +1,7 @@
 """A netfront's connections with several queues (Linux: ``netfront_queue`` per queue, each
 with its own NAPI instance): one worker process per queue, forked once the handshake has
-laid out the region (``shared.workers``); the guest's TAP is multi-queue, so the guest kernel
-spreads its flows over the queues. The netfront's own process (the master) keeps the
+laid out the region (``shared.endpoint.workers``); the guest's TAP is multi-queue, so the guest
+kernel spreads its flows over the queues. The netfront's own process (the master) keeps the
 handshake channel and the control socket and watches; when a worker ends on a fault or is
 killed, the device goes down and reconnects, as when the backend fails.
 """
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 from frontend import queueworker
 from frontend.faults import BackendError
 from frontend.loop import backend_says
-from shared.channel import EventChannel
-from shared.queueset import QueueTotals, ended_error, pids, watch
-from shared.region import Region
-from shared.workers import Worker, WorkerCrashed, WorkerPool
+from shared.endpoint.queueset import QueueTotals, ended_error, pids, watch
+from shared.endpoint.workers import Worker, WorkerCrashed, WorkerPool
+from shared.plumbing.channel import EventChannel
+from shared.protocol.region import Region
 
 if TYPE_CHECKING:
+    from frontend.handshake import Laid, Offer
     from frontend.netfront import Netfront
-    from frontend.xenbus import Laid, Offer
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 The device survives its backend: when the backend closes or dies, the frontend goes back to
 the handshake and reconnects, keeping its TAP (and so the guest's addresses and sockets). That
-connection life is the one both ends share (``shared.connection``); this module plugs in the
-netfront's steps and holds its data loop.
+connection life is the one both ends share (``shared.endpoint.connection``); this module plugs in
+the netfront's steps and holds its data loop.
 """
 
 from __future__ import annotations
@@ -18,23 +18,29 @@ from dataclasses import dataclass
 from frontend import loop
 from frontend.faults import BACKEND_FAULTS
 from frontend.grants.staging import write_pools
+from frontend.handshake import Handshake, Laid
 from frontend.mechanisms import grant_policy
 from frontend.multiqueue import MultiConnection, Queues
-from frontend.rx import RX_BUFFERS, RxQueue
-from frontend.tx import TxQueue
-from frontend.xenbus import Handshake, Laid
-from shared.channel import ChannelClosed, EventChannel
-from shared.connection import Endpoint
-from shared.control_port import PortControl
-from shared.control_server import ControlServer
-from shared.doorbell_guest import guest_doorbell
-from shared.kickchannel import KickChannel
-from shared.netdev import NetDevice, offload_flags
-from shared.netif import EXTENSIONS, FRONTEND_KEYS, NUM_QUEUES_KEY
-from shared.queues import frontend_queue_keys
-from shared.region import Region
-from shared.transport import connect_unix, create_memfd, map_pci_bar, open_port, queue_channel
-from shared.xenbus import Agreement, XenbusState
+from frontend.rx.queue import RX_BUFFERS, RxQueue
+from frontend.tx.queue import TxQueue
+from shared.endpoint.connection import Endpoint
+from shared.plumbing.channel import ChannelClosed, EventChannel
+from shared.plumbing.control.port import PortControl
+from shared.plumbing.control.server import ControlServer
+from shared.plumbing.doorbell.guest import guest_doorbell
+from shared.plumbing.doorbell.kickchannel import KickChannel
+from shared.plumbing.netdev import NetDevice, offload_flags
+from shared.plumbing.transport import (
+    connect_unix,
+    create_memfd,
+    map_pci_bar,
+    open_port,
+    queue_channel,
+)
+from shared.protocol.netif import EXTENSIONS, FRONTEND_KEYS, NUM_QUEUES_KEY
+from shared.protocol.queues import frontend_queue_keys
+from shared.protocol.region import Region
+from shared.protocol.xenbus import Agreement, XenbusState
 
 log = logging.getLogger("netfront")
 #: largest GSO packet the guest stack may hand us: tx_request.size is 16 bits
@@ -164,7 +170,8 @@ class Netfront(Endpoint[Connection]):
         if self.cfg.connect:
             return connect_unix(self.cfg.connect, stop=self.stopping)
         chan = open_port(self.cfg.channel)
-        if self.cfg.doorbell:  # doorbell: kicks over ivshmem-doorbell (shared/doorbell.py)
+        # doorbell: kicks over ivshmem-doorbell (shared/plumbing/doorbell/__init__.py)
+        if self.cfg.doorbell:
             chan = KickChannel.around(chan, guest_doorbell, own_doorbell=False)
         return chan
 

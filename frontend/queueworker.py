@@ -1,6 +1,6 @@
 """A netfront queue worker: one queue of a multi-queue connection, in a process of its own.
 
-After the fork (``shared.workers``) the worker builds its queue's TX and RX queues over its
+After the fork (``shared.endpoint.workers``) the worker builds its queue's TX and RX queues over its
 area of the region (its rings, header slots, payload pages and grant references:
 ``Layout.share``) with the grant policy in force, serves them with the netfront's data loop
 (``frontend/loop.py``) on its own event channel and TAP queue, and answers its master's
@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING
 
 from frontend import loop
 from frontend.faults import BACKEND_FAULTS
-from frontend.rx import RX_BUFFERS, RxQueue
-from frontend.tx import TxQueue
-from shared.channel import ChannelClosed
-from shared.connection import Endpoint
+from frontend.rx.queue import RX_BUFFERS, RxQueue
+from frontend.tx.queue import TxQueue
+from shared.endpoint.connection import Endpoint
+from shared.endpoint.lifecycle import Shutdown
+from shared.endpoint.workers import WorkerLink
 from shared.faults import kind_of
-from shared.lifecycle import Shutdown
-from shared.stats import RingStats
-from shared.workers import WorkerLink
-from shared.xenbus import Agreement
+from shared.plumbing.channel import ChannelClosed
+from shared.protocol.stats import RingStats
+from shared.protocol.xenbus import Agreement
 
 if TYPE_CHECKING:
+    from frontend.handshake import Laid, Offer
     from frontend.netfront import Netfront
-    from frontend.xenbus import Laid, Offer
 
 log = logging.getLogger("netfront")
 

@@ -1,8 +1,8 @@
 """`pvnet`: the operator's command line: `pvnet stats`, `pvnet query`, `pvnet capture`.
 
 `stats` asks every control socket for its counters and prints them paired per guest (the view
-is shared/stats_view.py), once or redrawn with rates (--watch); `query` sends one raw request;
-`capture` attaches to a netback's vif (shared/capture.py).
+is shared/endpoint/stats_view.py), once or redrawn with rates (--watch); `query` sends one raw
+request; `capture` attaches to a netback's vif (shared/endpoint/capture.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from shared.control import ControlError, query
-from shared.stats_view import collect, compute_rates, find_sockets, render
+from shared.endpoint.stats_view import collect, compute_rates, find_sockets, render
+from shared.plumbing.control.client import ControlError, query
 
 DEFAULT_DIR = "/run/pvnet"
 
@@ -71,7 +71,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from shared.capture import run_capture  # the capture client only when capturing
+    from shared.endpoint.capture import run_capture  # the capture client only when capturing
 
     if not (args.vif or args.socket):
         print("pvnet capture: name a VIF (or --socket PATH)", file=sys.stderr)

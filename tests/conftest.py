@@ -14,19 +14,19 @@ from dataclasses import dataclass
 
 import pytest
 
-from backend.filter import Filter
-from backend.gntmap import GntMap, Views
-from backend.netback import TxPath
-from backend.rx import RxPath
-from backend.xenbus import attach_region
+from backend.grants.gntmap import GntMap, Views
+from backend.handshake import attach_region
+from backend.rx.path import RxPath
+from backend.tx.filter import Filter
+from backend.tx.path import TxPath
 from frontend.mechanisms import grant_policy
-from frontend.rx import RX_BUFFERS, RxQueue
-from frontend.tx import TxQueue
-from shared.offload import VNET_HDR
-from shared.region import Region
-from shared.stats import RingStats
-from shared.transport import create_memfd
-from shared.xenbus import Agreement
+from frontend.rx.queue import RX_BUFFERS, RxQueue
+from frontend.tx.queue import TxQueue
+from shared.plumbing.transport import create_memfd
+from shared.protocol.offload import VNET_HDR
+from shared.protocol.region import Region
+from shared.protocol.stats import RingStats
+from shared.protocol.xenbus import Agreement
 
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux <asm-generic/socket.h>; not in the socket module
 

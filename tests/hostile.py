@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from backend.xenbus import IMPLEMENTED, Negotiated
-from backend.xenbus import Handshake as BackHandshake
-from frontend.xenbus import Handshake, Laid
-from shared.channel import ChannelClosed, ChannelError, EventChannel
-from shared.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_readonly
-from shared.netif import (
+from backend.handshake import IMPLEMENTED, Negotiated
+from backend.handshake import Handshake as BackHandshake
+from frontend.handshake import Handshake, Laid
+from shared.plumbing.channel import ChannelClosed, ChannelError, EventChannel
+from shared.plumbing.transport import connect_unix, create_memfd, listen_unix
+from shared.protocol.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access, GTF_readonly
+from shared.protocol.netif import (
     EXTRA_INFO,
     GREF_PERSISTENT,
     PAGE_SIZE,
@@ -46,9 +47,8 @@ from shared.netif import (
     NETTXF_header_slot,
     NETTXF_more_data,
 )
-from shared.region import Region
-from shared.ring import HEADER_SIZE, MASK32, BackRing, FrontRing
-from shared.transport import connect_unix, create_memfd, listen_unix
+from shared.protocol.region import Region
+from shared.protocol.ring import HEADER_SIZE, MASK32, BackRing, FrontRing
 
 BASIC = {"feature-sg": True, "feature-header-slots": True, "request-rx-copy": True,
          "feature-rx-notify": True}

@@ -7,13 +7,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from frontend.xenbus import Handshake, Laid
-from shared.channel import ChannelClosed, EventChannel
-from shared.netif import NUM_QUEUES_KEY, RX_REQUEST, TX_REQUEST
-from shared.queues import frontend_queue_keys
-from shared.region import Region
-from shared.ring import FrontRing
-from shared.transport import create_memfd
+from frontend.handshake import Handshake, Laid
+from shared.plumbing.channel import ChannelClosed, EventChannel
+from shared.plumbing.transport import create_memfd
+from shared.protocol.netif import NUM_QUEUES_KEY, RX_REQUEST, TX_REQUEST
+from shared.protocol.queues import frontend_queue_keys
+from shared.protocol.region import Region
+from shared.protocol.ring import FrontRing
 from tests.hostile import BASIC, HostileFrontend
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from backend.interface import Netback, NetbackConfig
 from frontend.netfront import Netfront, NetfrontConfig
-from shared.control import ControlError, query
-from shared.netdev import NetDevice
-from shared.offload import VNET_HDR
-from shared.xenbus import XenbusState
+from shared.plumbing.control.client import ControlError, query
+from shared.plumbing.netdev import NetDevice
+from shared.protocol.offload import VNET_HDR
+from shared.protocol.xenbus import XenbusState
 from tests.conftest import dgram_pair
 
 

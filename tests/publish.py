@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from shared.ring import MASK32, BackRing, FrontRing
+from shared.protocol.ring import MASK32, BackRing, FrontRing
 
 
 def publish(ring: FrontRing | BackRing, fmt: struct.Struct, entries: Iterable[tuple]) -> None:

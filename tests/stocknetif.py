@@ -2,10 +2,10 @@
 write: ``StockBackend`` behaves like Linux xen-netback, ``StockFrontend`` like xen-netfront.
 
 Written from Xen's ``netif.h``, ``ring.h`` and ``grant_table.h`` on purpose *without* importing
-``shared/netif.py`` or ``shared/ring.py``: every struct, flag and ring rule below is transcribed
-again, so a mistake shared by both pvnet ends (a swapped flag, an extra slot in the wrong place)
-shows up as a disagreement here instead of cancelling out. What they borrow from pvnet is only
-what netif leaves to the platform: the event channel and handshake transport, and where the
+``shared/protocol/netif.py`` or ``shared/protocol/ring.py``: every struct, flag and ring rule below
+is transcribed again, so a mistake shared by both pvnet ends (a swapped flag, an extra slot in the
+wrong place) shows up as a disagreement here instead of cancelling out. What they borrow from pvnet
+is only what netif leaves to the platform: the event channel and handshake transport, and where the
 region's pages are (``shared/region.Layout``, pvnet's stand-in for xenstore ring refs).
 
 Each peer notes anything a stock peer would not accept in ``violations`` instead of raising, so
@@ -21,9 +21,9 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from shared.channel import EventChannel
-from shared.region import Layout, Region
-from shared.transport import create_memfd
+from shared.plumbing.channel import EventChannel
+from shared.plumbing.transport import create_memfd
+from shared.protocol.region import Layout, Region
 
 # --- ring.h --------------------------------------------------------------------------------
 PAGE = 4096

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import cli, stats_view
-from shared.control_server import ControlServer
+from shared import cli
+from shared.endpoint import stats_view
+from shared.plumbing.control.server import ControlServer
 from tests.shared.test_cli import back, front, rows
 
 FAULTS = {"faults_peer": 3, "faults_own": 0, "faults_os": 1}

@@ -211,16 +211,16 @@ def test_a_missing_command_is_found() -> None:
     assert missing_tasks("run `invoke frobnicate`") == ["invoke frobnicate"]
     assert missing_pvnet_commands("`pvnet stats --watch`, `pvnet-netback --vif x`") == []
     assert missing_pvnet_commands("`pvnet frob vif1.0`") == ["pvnet frob"]
-    assert missing_modules("`python -m shared.mechanisms`") == []
+    assert missing_modules("`python -m shared.protocol.mechanisms`") == []
     assert missing_modules("`python -m shared.no_such_module`") == [
         "python -m shared.no_such_module"]
 
 
 def test_a_missing_path_or_name_is_found() -> None:
-    assert missing_paths("`backend/netback.py:TxPath._pass`, `tests/mutants/*.patch`") == []
+    assert missing_paths("`backend/tx/path.py:TxPath._pass`, `tests/mutants/*.patch`") == []
     assert missing_paths("`backend/nothing.py`") == ["backend/nothing.py: no such file"]
-    assert missing_paths("`backend/netback.py:TxPath._nothing`") != []
-    assert missing_paths("`backend/netback.py:nothing`") != []
+    assert missing_paths("`backend/tx/path.py:TxPath._nothing`") != []
+    assert missing_paths("`backend/tx/path.py:nothing`") != []
 
 
 def test_an_outside_reference_is_found() -> None:

@@ -51,9 +51,9 @@ def test_lab_scripts_import_no_driver():
 def test_imported_modules_sees_nested_imports(tmp_path):
     """The scan above must see a lazy import in a function, or it checks nothing there."""
     f = tmp_path / "t.py"
-    f.write_text("import os\ndef f():\n    from backend.filter import Filter\n"
-                 "    import frontend.tx as tx\n")
-    assert {"backend.filter", "frontend.tx", "os"} == imported_modules(f)
+    f.write_text("import os\ndef f():\n    from backend.tx.filter import Filter\n"
+                 "    import frontend.tx.queue as tx\n")
+    assert {"backend.tx.filter", "frontend.tx.queue", "os"} == imported_modules(f)
 
 
 def cycles(graph: grimp.ImportGraph, modules: set[str]) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""The one connection lifecycle (``shared.connection.Endpoint``) with a toy end plugged in:
+"""The one connection lifecycle (``shared.endpoint.connection.Endpoint``) with a toy end plugged in:
 the order of the steps and of teardown, a restart on the same stream, and how each way a
 connection can end is booked (fast tier, no region, no device)."""
 
@@ -9,11 +9,11 @@ import socket
 
 import pytest
 
-from shared.channel import ChannelClosed, ChannelError, EventChannel
-from shared.connection import Endpoint, PeerRestarted
-from shared.lifecycle import Shutdown
-from shared.netdev import NetDevice
-from shared.xenbus import XenbusState
+from shared.endpoint.connection import Endpoint, PeerRestarted
+from shared.endpoint.lifecycle import Shutdown
+from shared.plumbing.channel import ChannelClosed, ChannelError, EventChannel
+from shared.plumbing.netdev import NetDevice
+from shared.protocol.xenbus import XenbusState
 
 log = logging.getLogger("toy")
 

@@ -8,13 +8,13 @@ import logging
 
 import pytest
 
-import frontend.xenbus
-import shared.xenbus
-from backend.xenbus import IMPLEMENTED, offered_features
+import frontend.handshake
+import shared.protocol.xenbus
+from backend.handshake import IMPLEMENTED, offered_features
 from frontend.faults import BackendError
 from frontend.netfront import tap_offloads
-from shared.netdev import offload_flags
-from shared.netif import (
+from shared.plumbing.netdev import offload_flags
+from shared.protocol.netif import (
     EXTENSIONS,
     FEATURES,
     GREF_PERSISTENT,
@@ -25,15 +25,15 @@ from shared.netif import (
     XEN_NETIF_GSO_TYPE_TCPV4,
     NETTXF_header_slot,
 )
-from shared.offload import (
+from shared.protocol.offload import (
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
     VNET_HDR,
 )
-from shared.queues import FLAT, QueueError, check_queues
-from shared.xenbus import (
+from shared.protocol.queues import FLAT, QueueError, check_queues
+from shared.protocol.xenbus import (
     FRONTEND_READ,
     Agreement,
     NegotiationError,
@@ -82,7 +82,7 @@ def test_an_extension_that_was_not_offered_is_refused(ext):
 
 def test_no_request_rx_copy_is_refused_and_an_unknown_key_is_ignored_once(caplog,
                                                                           monkeypatch):
-    monkeypatch.setattr(shared.xenbus, "_IGNORED_LOGGED", set())
+    monkeypatch.setattr(shared.protocol.xenbus, "_IGNORED_LOGGED", set())
     with pytest.raises(NegotiationError, match="request-rx-copy"):
         check_request(offered_features(), dict(STOCK, **{"request-rx-copy": False}))
     odd = dict(LINUX, **{"feature-rx-flip": True, "feature-zz-unknown": 7,
@@ -101,14 +101,14 @@ def test_no_request_rx_copy_is_refused_and_an_unknown_key_is_ignored_once(caplog
 
 
 def test_a_peer_inventing_keys_gets_bounded_memory_and_lines(caplog, monkeypatch):
-    monkeypatch.setattr(shared.xenbus, "_IGNORED_LOGGED", set())
+    monkeypatch.setattr(shared.protocol.xenbus, "_IGNORED_LOGGED", set())
     log = logging.getLogger("test-keys")
     with caplog.at_level(logging.INFO, "test-keys"):
         for round_ in range(100):  # a reconnecting frontend with 1000 new keys each time
             keys = [f"x-{round_}-{i}" for i in range(1000)]
             check_request(offered_features(), dict(LINUX, **dict.fromkeys(keys, True)))
             log_ignored(log, keys, "frontend")
-    assert len(shared.xenbus._IGNORED_LOGGED) == shared.xenbus.IGNORED_LOGGED_MAX
+    assert len(shared.protocol.xenbus._IGNORED_LOGGED) == shared.protocol.xenbus.IGNORED_LOGGED_MAX
     lines = [r.getMessage() for r in caplog.records if r.name == "test-keys"]
     assert len(lines) == 1 and "no more such keys will be logged" in lines[0]
 
@@ -316,7 +316,7 @@ def test_netfront_against_a_backend_withholding_extensions(tmp_path):
 def test_a_frontend_using_what_was_not_offered_is_disconnected_and_counted(tmp_path,
                                                                            monkeypatch):
     b = BackendThread(tmp_path, no_offer=("feature-persistent",))
-    monkeypatch.setattr(frontend.xenbus, "choose", lambda offered, wanted, *_: dict(wanted))
+    monkeypatch.setattr(frontend.handshake, "choose", lambda offered, wanted, *_: dict(wanted))
     h = HostileFrontend(str(b.ev), "liar", b.domid)
     try:
         with pytest.raises(Exception, match="not offered"):

@@ -157,8 +157,8 @@ def test_pip_install_without_extras_gives_working_drivers():
         for prog in ("pvnet-netback", "pvnet-netfront", "pvnet"):
             r = run(bin_ / prog, "--help")
             assert r.returncode == 0 and "usage" in r.stdout.lower(), (prog, r.stderr[-2000:])
-        r = run(bin_ / "python", "-c", "import backend.netback, frontend.netfront, shared.cli, "
-                "shared.capture; print(shared.cli.__file__)")
+        r = run(bin_ / "python", "-c", "import backend.tx.path, frontend.netfront, shared.cli, "
+                "shared.endpoint.capture; print(shared.cli.__file__)")
         assert r.returncode == 0, r.stderr[-2000:]
         assert str(venv) in r.stdout, f"imported from outside the venv: {r.stdout}"
         empty = tmp / "no-lab"

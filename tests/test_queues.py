@@ -12,14 +12,14 @@ import signal
 
 import pytest
 
-from frontend.xenbus import Laid
-from shared.control import query
-from shared.grant import RESERVED_REFS
-from shared.netif import MAX_QUEUES_KEY, NUM_QUEUES_KEY, RX_REQUEST, queue_key
-from shared.offload import VNET_HDR
-from shared.queues import FLAT, QueueError, QueueKeys, check_queues, offered_max
-from shared.region import Layout
-from shared.xenbus import NegotiationError, XenbusState, choose
+from frontend.handshake import Laid
+from shared.plumbing.control.client import query
+from shared.protocol.grant import RESERVED_REFS
+from shared.protocol.netif import MAX_QUEUES_KEY, NUM_QUEUES_KEY, RX_REQUEST, queue_key
+from shared.protocol.offload import VNET_HDR
+from shared.protocol.queues import FLAT, QueueError, QueueKeys, check_queues, offered_max
+from shared.protocol.region import Layout
+from shared.protocol.xenbus import NegotiationError, XenbusState, choose
 from tests.conftest import frame
 from tests.hostile import BASIC
 from tests.hostile_queues import QueuedFrontend

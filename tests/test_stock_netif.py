@@ -10,18 +10,18 @@ import time
 
 import pytest
 
-import shared.xenbus
-from shared.channel import EventChannel
-from shared.netdev import offload_flags
-from shared.netif import EXTENSIONS, NUM_QUEUES_KEY
-from shared.offload import (
+import shared.protocol.xenbus
+from shared.plumbing.channel import EventChannel
+from shared.plumbing.netdev import offload_flags
+from shared.plumbing.transport import connect_unix, listen_unix
+from shared.protocol.netif import EXTENSIONS, NUM_QUEUES_KEY
+from shared.protocol.offload import (
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
     VNET_HDR,
 )
-from shared.transport import connect_unix, listen_unix
 from tests.conftest import frame, frame6
 from tests.inproc import BackendThread, FrontendThread, thread_state, wait_for
 from tests.stocknetif import (
@@ -118,7 +118,7 @@ def test_netfront_against_a_stock_backend_both_ways(netfront_and_stock_backend, 
 
 def test_netfront_logs_the_keys_of_a_linux_backend_it_does_not_know(tmp_path, caplog,
                                                                   monkeypatch):
-    monkeypatch.setattr(shared.xenbus, "_IGNORED_LOGGED", set())  # none logged yet
+    monkeypatch.setattr(shared.protocol.xenbus, "_IGNORED_LOGGED", set())  # none logged yet
     lst = listen_unix(str(tmp_path / "ev"))
     with caplog.at_level(logging.INFO, "netfront"):
         f = FrontendThread(tmp_path / "ev", tmp_path / "f.ctl")

@@ -1,2 +1,2 @@
 """The frontend's grant policies: one module each (``transient``, ``persistent``), one protocol
-(``base.GrantPolicy``), registered in ``shared/mechanisms.py`` (side ``grants``)."""
+(``base.GrantPolicy``), registered in ``shared/protocol/mechanisms.py`` (side ``grants``)."""

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from shared.grant import GrantTable
-from shared.stats import RingStats
+from shared.protocol.grant import GrantTable
+from shared.protocol.stats import RingStats
 
 #: (the grant table's bytes, the entries to copy there)
 Run = tuple[memoryview, memoryview]

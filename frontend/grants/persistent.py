@@ -6,7 +6,7 @@ proposal; Martins' "persistent grant maps" for netif). Nothing is done per packe
 from __future__ import annotations
 
 from frontend.grants.base import GrantPolicy, RefRun, Run
-from shared.netif import GREF_PERSISTENT, MAX_PERSISTENT_GRANTS
+from shared.protocol.netif import GREF_PERSISTENT, MAX_PERSISTENT_GRANTS
 
 
 class Persistent(GrantPolicy):

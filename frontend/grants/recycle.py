@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from frontend.grants.base import GrantPolicy, RefRun, Run
-from shared.grant import WORD_FRAME_SHIFT, GTF_reading
-from shared.netif import RING_SIZE
-from shared.stats import RingStats
+from shared.protocol.grant import WORD_FRAME_SHIFT, GTF_reading
+from shared.protocol.netif import RING_SIZE
+from shared.protocol.stats import RingStats
 
 #: default pool: twice the ring (the series' 80-100 % case)
 DEFAULT_POOL_RINGS = 2

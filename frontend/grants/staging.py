@@ -20,15 +20,15 @@ for Tx buffers"); pvnet's header slots are the staged linear area of TX (see doc
 from __future__ import annotations
 
 from frontend.grants.persistent import Persistent
-from shared.grant import RESERVED_REFS
-from shared.netif import (
+from shared.protocol.grant import RESERVED_REFS
+from shared.protocol.netif import (
     EXT_GREF_ALLOC,
     MAX_FRAME_PAGES,
     MAX_STAGING_GRANTS,
     PAGE_SIZE,
     XEN_EXTF_GREF_readonly,
 )
-from shared.region import Region
+from shared.protocol.region import Region
 
 
 class Staging(Persistent):
@@ -42,7 +42,7 @@ def pool_refs(region: Region, rx_buffers: int) -> tuple[list[int], list[int]]:
     buffers ``0..rx_buffers-1``): the refs of payload page p are ``RESERVED_REFS + p``, and
     the TX queue keeps as many whole chunks as the pool allows."""
     lay = region.layout
-    chunk = MAX_FRAME_PAGES  # a TX chunk's pages (frontend/chunks.py: CHUNK_PAGES)
+    chunk = MAX_FRAME_PAGES  # a TX chunk's pages (frontend/tx/chunks.py: CHUNK_PAGES)
     chunks = min((lay.payload_pages - rx_buffers - 2) // chunk, MAX_STAGING_GRANTS // chunk)
     tx = [RESERVED_REFS + rx_buffers + p for p in range(chunks * chunk)]
     rx = [RESERVED_REFS + p for p in range(rx_buffers)]

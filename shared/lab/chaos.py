@@ -8,10 +8,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from shared.control import ControlError, query
 from shared.lab import procs
 from shared.lab.commands import REPO_ROOT
 from shared.lab.topology import Guest, Topology
+from shared.plumbing.control.client import ControlError, query
 
 
 @dataclass

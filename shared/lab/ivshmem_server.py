@@ -5,8 +5,8 @@ the guest can ring and whose kicks raise MSI-X in the guest. This server therefo
 extra peer, the *backend peer* (``BACKEND_PEER``, id 0), whose eventfds live as long as the
 server: QEMU clients learn it like any other peer (so the guest rings it with Doorbell
 ``(0 << 16) | vector``), and a netback connecting to the backend socket is told that id, its
-eventfds and every guest's, over the very same protocol (see shared/ivshmem.py). A restarted
-netback reconnects and gets the same eventfds, so the guest never needs to learn a new id.
+eventfds and every guest's, over the very same protocol (see shared/plumbing/ivshmem.py). A
+restarted netback reconnects and gets the same eventfds, so the guest never needs to learn a new id.
 
 Two sockets because a client cannot say who it is (the server speaks first): ``socket`` is for
 QEMU (``-chardev socket,path=...`` + ``-device ivshmem-doorbell,chardev=...``), each connection a
@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.ivshmem import BACKEND_PEER, MAX_PEER, PROTOCOL_VERSION, SHM_MESSAGE, send_msg
+from shared.plumbing.ivshmem import BACKEND_PEER, MAX_PEER, PROTOCOL_VERSION, SHM_MESSAGE, send_msg
 
 SEND_TIMEOUT = 2.0  # a client that does not read its messages for this long is dropped
 
@@ -152,7 +152,8 @@ class IvshmemServer:
     def _preamble(self, sock: socket.socket, own_id: int) -> None:
         send_msg(sock, PROTOCOL_VERSION)
         send_msg(sock, own_id)
-        send_msg(sock, SHM_MESSAGE, self.shm_fd)  # before any eventfd: see shared/ivshmem.py
+        # before any eventfd: see shared/plumbing/ivshmem.py
+        send_msg(sock, SHM_MESSAGE, self.shm_fd)
 
     @staticmethod
     def _announce(sock: socket.socket, peer: Peer) -> None:

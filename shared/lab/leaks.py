@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.control import query
 from shared.lab import procs
 from shared.lab.plumbing import rtnl
 from shared.lab.topology import Guest, Topology
+from shared.plumbing.control.client import query
 
 
 def fd_count(pid: int) -> int | None:

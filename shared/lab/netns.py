@@ -21,7 +21,6 @@ from pathlib import Path
 
 from pyroute2 import netns as pnetns
 
-from shared.control import ControlError, query
 from shared.lab import procs
 from shared.lab.commands import REPO_ROOT, CommandBuilder, default_commands
 from shared.lab.errors import LabError
@@ -36,6 +35,7 @@ from shared.lab.plumbing import (
 )
 from shared.lab.state import LabState
 from shared.lab.topology import Guest, Topology
+from shared.plumbing.control.client import ControlError, query
 
 LOG_TAIL_LINES = 25
 

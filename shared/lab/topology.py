@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
-from shared.filter_rules import FilterError, Rule
 from shared.lab.fields import Fields, TopologyError, UniqueKeyLoader, show
 from shared.lab.units import parse_rate, parse_size
-from shared.mechanisms import default, names
-from shared.netif import MAX_QUEUES
-from shared.transport import queue_channel
+from shared.plumbing.transport import queue_channel
+from shared.protocol.filter_rules import FilterError, Rule
+from shared.protocol.mechanisms import default, names
+from shared.protocol.netif import MAX_QUEUES
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "default.yaml"
 DEFAULT_STATE_DIR = Path("/run/pvnet")
@@ -62,8 +62,8 @@ class Guest:
     region_size: int = 8 << 20  # bytes of grant region
     #: TX limit as Linux netback's ``rate`` key: (credit_bytes, credit_usec); None: unlimited
     rate: tuple[int, int] | None = None
-    tx_mode: str = default("tx")  # a TX mechanism of shared/mechanisms.py
-    rx_mode: str = default("rx")  # an RX mechanism of shared/mechanisms.py
+    tx_mode: str = default("tx")  # a TX mechanism of shared/protocol/mechanisms.py
+    rx_mode: str = default("rx")  # an RX mechanism of shared/protocol/mechanisms.py
     header_slots: bool = True
     persistent: bool = False
     grants: str = ""  # netfront's grant policy where no extension decides (recycle: its pool)

@@ -8,11 +8,12 @@ again); a second port carries the frontend's control protocol, so `pvnet stats` 
 guest's end on the host like any other. Guests are managed over ssh on 127.0.0.1 only
 (QEMU user networking), never over the pvnet path.
 
-A guest with ``event: doorbell`` moves only the kicks to ivshmem-doorbell (shared/doorbell.py):
-the lab first starts our ivshmem server for it (shared/lab/ivshmem_server.py, which must
-listen before QEMU starts) on the same memfd; QEMU gets ivshmem-doorbell (chardev to the
-server, MSI-X) instead of ivshmem-plain, plus q35's intel-iommu so that the netfront can drive
-the device through VFIO; both programs get --doorbell. Messages stay on the serial port.
+A guest with ``event: doorbell`` moves only the kicks to ivshmem-doorbell
+(shared/plumbing/doorbell/__init__.py): the lab first starts our ivshmem server for it
+(shared/lab/ivshmem_server.py, which must listen before QEMU starts) on the same memfd; QEMU gets
+ivshmem-doorbell (chardev to the server, MSI-X) instead of ivshmem-plain, plus q35's intel-iommu so
+that the netfront can drive the device through VFIO; both programs get --doorbell. Messages stay on
+the serial port.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import sys
 import threading
 import time
 
-from shared.control import ControlError, query
 from shared.lab import deps, procs, startup
 from shared.lab.accel import detect_accel
 from shared.lab.commands import (
@@ -48,8 +48,9 @@ from shared.lab.machine.qmp import SyncQMP
 from shared.lab.netns import Lab
 from shared.lab.procs import tail_lines
 from shared.lab.topology import Guest, Topology
-from shared.tap import configure, open_tap
-from shared.transport import create_memfd, queue_channel
+from shared.plumbing.control.client import ControlError, query
+from shared.plumbing.tap import configure, open_tap
+from shared.plumbing.transport import create_memfd, queue_channel
 
 
 class VmLab:

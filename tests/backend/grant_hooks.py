@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from backend.gntmap import GntMap
+from backend.grants.gntmap import GntMap
 
 #: the access points: TX hold (GTF_reading set), map, header pull, vif write; RX write
 HOOK_POINTS = ("tx_hold", "tx_map", "tx_pull", "tx_submit", "rx_write")

@@ -14,7 +14,7 @@ import ctypes
 import os
 from dataclasses import dataclass, field
 
-from shared.netif import PAGE_SIZE
+from shared.protocol.netif import PAGE_SIZE
 from tests.conftest import Pair
 
 

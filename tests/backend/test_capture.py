@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from backend import dmaview
-from shared.capture import Attached, Session, attach
-from shared.control import ControlError, query
-from shared.offload import VNET_HDR
-from shared.zbuf import IN, OUT
+from backend.grants import dmaview
+from shared.endpoint.capture import Attached, Session, attach
+from shared.plumbing.control.client import ControlError, query
+from shared.protocol.offload import VNET_HDR
+from shared.protocol.zbuf import IN, OUT
 from tests.conftest import frame
 from tests.inproc import BackendThread, FrontendThread, fd_count, memfd_maps, wait_for
 from tests.pcapread import read_frames

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from shared.grant import GRANT_ENTRY, GrantError, GTF_permit_access, GTF_readonly
-from shared.mechanisms import names
+from shared.protocol.grant import GRANT_ENTRY, GrantError, GTF_permit_access, GTF_readonly
+from shared.protocol.mechanisms import names
 from tests.backend.test_netback import close
 from tests.backend.txhand import Slot, drain, page, put_packet, wire
 from tests.conftest import frame, make_pair

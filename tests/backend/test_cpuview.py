@@ -11,14 +11,14 @@ import textwrap
 
 import pytest
 
-from backend import cpuview, dmaview
-from backend.cpuview import CpuView, NotMapped
-from backend.xenbus import attach_region
-from shared.mechanisms import names
-from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR
-from shared.region import Region
-from shared.stats import RingStats
-from shared.transport import create_memfd
+from backend.grants import cpuview, dmaview
+from backend.grants.cpuview import CpuView, NotMapped
+from backend.handshake import attach_region
+from shared.plumbing.transport import create_memfd
+from shared.protocol.mechanisms import names
+from shared.protocol.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR
+from shared.protocol.region import Region
+from shared.protocol.stats import RingStats
 from tests.conftest import frame, make_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -113,11 +113,11 @@ def test_reading_an_unmapped_page_faults():
     with SIGSEGV."""
     script = textwrap.dedent("""
         import os, sys
-        from backend.cpuview import CpuView, NotMapped
-        from backend.xenbus import attach_region
-        from shared.region import Region
-        from shared.stats import RingStats
-        from shared.transport import create_memfd
+        from backend.grants.cpuview import CpuView, NotMapped
+        from backend.handshake import attach_region
+        from shared.protocol.region import Region
+        from shared.protocol.stats import RingStats
+        from shared.plumbing.transport import create_memfd
         fd, mem = create_memfd(1 << 20)
         Region.create(mem)
         region, own = attach_region(fd, mem)

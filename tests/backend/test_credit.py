@@ -4,7 +4,7 @@ credit_bytes a window up to max(128 KiB, credit_bytes), and the loop sleeps mean
 
 import pytest
 
-from backend.credit import MIN_BURST, Credit, parse_rate
+from backend.tx.credit import MIN_BURST, Credit, parse_rate
 from tests.conftest import frame, make_pair
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.filter import FRAGMENT_SLOTS
+from backend.tx.filter import FRAGMENT_SLOTS
 from tests.backend.test_netback import close
 from tests.conftest import frame, frame6, ipv6_ext, make_pair, vlan
 

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.grant import GTF_in_use
-from shared.netif import (
+from shared.protocol.grant import GTF_in_use
+from shared.protocol.netif import (
     GREF_PERSISTENT,
     PAGE_SIZE,
     XEN_NETIF_EXTRA_TYPE_GSO,
@@ -31,7 +31,7 @@ from shared.netif import (
     NETTXF_header_slot,
     NETTXF_more_data,
 )
-from shared.offload import VNET_HDR
+from shared.protocol.offload import VNET_HDR
 from tests.conftest import frame
 from tests.hostile import (
     BASIC,

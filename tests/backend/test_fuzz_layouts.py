@@ -13,11 +13,11 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.filter import Filter
-from backend.pull import HEADER_PULL_MAX, TX_COPY_LEN
-from shared.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
-from shared.netif import PAGE_SIZE, NETTXF_csum_blank
-from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM
+from backend.tx.filter import Filter
+from backend.tx.skb import HEADER_PULL_MAX, TX_COPY_LEN
+from shared.protocol.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
+from shared.protocol.netif import PAGE_SIZE, NETTXF_csum_blank
+from shared.protocol.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM
 from tests.backend.test_netback import close
 from tests.backend.txhand import Slot, drain, put_packet, wire
 from tests.conftest import frame, frame6, ipv4_options, l4_header, make_pair, vlan

@@ -1,13 +1,13 @@
 """The grant in-use protocol at every TX access point, with a revoke placed deterministically just
 before each access (``tests/backend/grant_hooks.py``): TX grants stay GTF_reading until the skb
 is freed (the vif write included, lazy mode included), in every mechanism that holds them. RX:
-``tests/backend/test_rx.py`` (every mechanism) and ``tests/backend/rxmodes/test_copy.py`` (the
+``tests/backend/test_rx.py`` (every mechanism) and ``tests/backend/rx/modes/test_copy.py`` (the
 grant copy's own access points)."""
 
 import pytest
 
-from shared.grant import GrantError, GTF_reading, GTF_writing
-from shared.mechanisms import names
+from shared.protocol.grant import GrantError, GTF_reading, GTF_writing
+from shared.protocol.mechanisms import names
 from tests.backend import grant_hooks
 from tests.conftest import frame, make_pair
 

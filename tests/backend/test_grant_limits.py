@@ -13,24 +13,24 @@ import tracemalloc
 
 import pytest
 
-import backend.cpuview
-from backend.gntmap import GntMap, Views
-from backend.netback import TxPath
-from backend.rx import RxPath
-from shared.capture import attach
-from shared.grant import RESERVED_REFS, WORD_FRAME_SHIFT
-from shared.netif import (
+import backend.grants.cpuview
+from backend.grants.gntmap import GntMap, Views
+from backend.rx.path import RxPath
+from backend.tx.path import TxPath
+from shared.endpoint.capture import attach
+from shared.plumbing.transport import create_memfd
+from shared.protocol.grant import RESERVED_REFS, WORD_FRAME_SHIFT
+from shared.protocol.netif import (
     GREF_PERSISTENT,
     MAX_PERSISTENT_GRANTS,
     PAGE_SIZE,
     RX_REQUEST,
     NETTXF_header_slot,
 )
-from shared.offload import VNET_HDR
-from shared.region import VERSION, Layout, Region
-from shared.ring import RSP_PROD
-from shared.stats import RingStats
-from shared.transport import create_memfd
+from shared.protocol.offload import VNET_HDR
+from shared.protocol.region import VERSION, Layout, Region
+from shared.protocol.ring import RSP_PROD
+from shared.protocol.stats import RingStats
 from tests.backend.test_netback import close
 from tests.backend.txhand import Slot, drain, put_packet, wire
 from tests.conftest import frame, make_pair
@@ -259,7 +259,7 @@ def test_the_cpu_views_holes_are_bounded(monkeypatch):
     one VMA each, towards vm.max_map_count (then every mmap of the process fails, Python's
     own included). Past HOLE_LIMIT an unmap puts PROT_NONE back instead: the process's map
     count stays bounded while every packet still crosses."""
-    monkeypatch.setattr(backend.cpuview, "HOLE_LIMIT", 32)
+    monkeypatch.setattr(backend.grants.cpuview, "HOLE_LIMIT", 32)
     p = make_pair("copy", size=16 << 20)
     try:
         with open("/proc/self/maps") as f:

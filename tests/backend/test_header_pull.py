@@ -6,9 +6,9 @@ checksum set-up or are dropped with a reason counter, whatever their header layo
 
 import pytest
 
-from shared.mechanisms import names
-from shared.netif import PAGE_SIZE, NETTXF_csum_blank
-from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM
+from shared.protocol.mechanisms import names
+from shared.protocol.netif import PAGE_SIZE, NETTXF_csum_blank
+from shared.protocol.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM
 from tests.backend.test_netback import close
 from tests.backend.txhand import Slot, drain, page, put_packet, split, wire
 from tests.conftest import frame, frame6, ipv4_options, ipv6_ext, l4_header, make_pair, vlan

@@ -13,11 +13,11 @@ import termios
 import threading
 import time
 
-import backend.xenbus as backend_xenbus
+import backend.handshake as backend_xenbus
 from backend.control import CTL_PIPELINE
-from shared.control import query
-from shared.offload import VNET_HDR
-from shared.transport import create_memfd
+from shared.plumbing.control.client import query
+from shared.plumbing.transport import create_memfd
+from shared.protocol.offload import VNET_HDR
 from tests.conftest import frame
 from tests.hostile import HostileFrontend
 from tests.inproc import BackendThread, FrontendThread, fd_count, wait_answering, wait_for

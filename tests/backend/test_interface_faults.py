@@ -10,9 +10,9 @@ import gc
 import logging
 import socket
 
-from shared.channel import EventChannel
-from shared.control import query
-from shared.grant import RESERVED_REFS
+from shared.plumbing.channel import EventChannel
+from shared.plumbing.control.client import query
+from shared.protocol.grant import RESERVED_REFS
 from tests.hostile import HostileFrontend
 from tests.inproc import BackendThread, InprocNetback, fd_count, memfd_maps, wait_for
 

@@ -5,18 +5,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.netback import EARLY_SLOTS
-from backend.txreq import FatalTxError
-from shared.grant import GrantError
-from shared.mechanisms import names
-from shared.netif import (
+from backend.tx.path import EARLY_SLOTS
+from backend.tx.requests import FatalTxError
+from shared.protocol.grant import GrantError
+from shared.protocol.mechanisms import names
+from shared.protocol.netif import (
     TX_REQUEST,
     TX_RESPONSE,
     XEN_NETIF_RSP_OKAY,
     NETTXF_header_slot,
     NETTXF_more_data,
 )
-from shared.ring import RingError
+from shared.protocol.ring import RingError
 from tests.conftest import frame, make_pair
 from tests.publish import publish
 
@@ -30,7 +30,7 @@ def close(p):
 @pytest.mark.parametrize("header_slots", [True, False])
 def test_frames_cross_intact_in_every_mode(mode, header_slots):
     """Every registered mechanism: frames bit-exact, every slot answered, nothing left
-    mapped, held or in flight (what each does on the way: tests/backend/txmodes/)."""
+    mapped, held or in flight (what each does on the way: tests/backend/tx/modes/)."""
     p = make_pair(mode, header_slots)
     frames = [frame(bytes([i]) * n) for i, n in enumerate([0, 10, 100, 1400, 5000, 60000])]
     for f in frames:

@@ -1,17 +1,17 @@
 """Netback RX through the in-process pair, in every registered RX mechanism: frames of any size
 land in posted buffers intact, GSO metadata survives, a buffer revoked after posting is never
 written, and a bad posting is fatal. (What each mechanism does on the way:
-tests/backend/rxmodes/.)"""
+tests/backend/rx/modes/.)"""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.rx import FatalRxError
-from shared.mechanisms import names
-from shared.netif import RX_REQUEST
-from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
-from shared.ring import MASK32
+from backend.rx.path import FatalRxError
+from shared.protocol.mechanisms import names
+from shared.protocol.netif import RX_REQUEST
+from shared.protocol.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
+from shared.protocol.ring import MASK32
 from tests.conftest import frame, make_pair
 
 

@@ -12,12 +12,12 @@ import tracemalloc
 
 import pytest
 
-from backend.gntmap import GntMap, Views
+from backend.grants.gntmap import GntMap, Views
 from backend.interface import NetbackConfig
-from backend.netback import TxPath
-from shared.region import Region
-from shared.stats import RingStats
-from shared.transport import TransportError, create_memfd
+from backend.tx.path import TxPath
+from shared.plumbing.transport import TransportError, create_memfd
+from shared.protocol.region import Region
+from shared.protocol.stats import RingStats
 from tests.conftest import dgram_pair
 from tests.hostile import HostileFrontend
 from tests.inproc import BackendThread, InprocNetback, thread_cpu, wait_for

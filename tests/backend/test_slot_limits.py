@@ -5,8 +5,8 @@ offset), with and without the packet wrapping round the end of the ring."""
 
 import pytest
 
-from backend.txreq import FatalTxError
-from shared.netif import (
+from backend.tx.requests import FatalTxError
+from shared.protocol.netif import (
     TX_RESPONSE,
     XEN_NETIF_RSP_ERROR,
     XEN_NETIF_RSP_OKAY,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from shared.netif import TX_REQUEST, NETTXF_header_slot, NETTXF_more_data
-from shared.offload import VNET_HDR
-from shared.ring import MASK32
+from shared.protocol.netif import TX_REQUEST, NETTXF_header_slot, NETTXF_more_data
+from shared.protocol.offload import VNET_HDR
+from shared.protocol.ring import MASK32
 
 _ids = itertools.count(1)
 

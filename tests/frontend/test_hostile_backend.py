@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 
 import frontend.netfront as netfront
 from frontend.faults import BackendError
-from shared.grant import GTF_reading
-from shared.netif import (
+from shared.protocol.grant import GTF_reading
+from shared.protocol.netif import (
     RX_RESPONSE,
     TX_RESPONSE,
     XEN_NETIF_RSP_NULL,
 )
-from shared.offload import VNET_HDR
-from shared.ring import MASK32, RingError
+from shared.protocol.offload import VNET_HDR
+from shared.protocol.ring import MASK32, RingError
 from tests.conftest import frame, make_pair
 from tests.hostile import (
     BACKEND_LIES,

@@ -10,9 +10,9 @@ import logging
 import pytest
 
 import frontend.netfront as netfront
-from shared.channel import EventChannel
-from shared.control import query
-from shared.offload import VNET_HDR
+from shared.plumbing.channel import EventChannel
+from shared.plumbing.control.client import query
+from shared.protocol.offload import VNET_HDR
 from tests.conftest import frame
 from tests.hostile import HostileBackend, lie_tx_unknown_id
 from tests.inproc import FrontendThread, InprocNetfront, wait_for

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from frontend.loop import IDLE_MS
-from shared.offload import VNET_HDR
+from shared.protocol.offload import VNET_HDR
 from tests.conftest import frame
 from tests.inproc import BackendThread, FrontendThread, wait_for
 

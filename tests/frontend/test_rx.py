@@ -4,8 +4,8 @@ otherwise; a lying backend is refused."""
 import pytest
 
 from frontend.faults import BackendError
-from shared.netif import RX_RESPONSE, NETRXF_more_data
-from shared.offload import VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
+from shared.protocol.netif import RX_RESPONSE, NETRXF_more_data
+from shared.protocol.offload import VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
 from tests.conftest import frame, make_pair
 from tests.publish import publish
 

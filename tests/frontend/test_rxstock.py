@@ -1,4 +1,4 @@
-"""Netfront RX in stock order, batched (``frontend/rxstock.py``): well-formed frames are taken
+"""Netfront RX in stock order, batched (``frontend/rx/stock.py``): well-formed frames are taken
 whole by the batch (checked here by making the per-response path fail if it is asked), one
 that is not is left to the per-response path, which names its fault; buffers come back in
 ring order as template copies, grants included."""
@@ -6,10 +6,10 @@ ring order as template copies, grants included."""
 import pytest
 
 from frontend.faults import BackendError
-from frontend.rx import RX_BUFFERS, RxQueue
-from shared.grant import RESERVED_REFS, GTF_permit_access, GTF_reading
-from shared.netif import RX_REQUEST, RX_RESPONSE, NETRXF_more_data
-from shared.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
+from frontend.rx.queue import RX_BUFFERS, RxQueue
+from shared.protocol.grant import RESERVED_REFS, GTF_permit_access, GTF_reading
+from shared.protocol.netif import RX_REQUEST, RX_RESPONSE, NETRXF_more_data
+from shared.protocol.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
 from tests.conftest import frame
 from tests.publish import publish
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from frontend.netfront import tap_offloads
-from shared.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN
-from shared.xenbus import Agreement
+from shared.plumbing.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN
+from shared.protocol.xenbus import Agreement
 
 TSO = TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 

@@ -1,9 +1,9 @@
 """Netfront TX: what goes on the ring, and the queue stopping when the ring is full."""
 
-from frontend.tx import MAX_PACKET
-from shared.netif import TX_REQUEST, NETTXF_header_slot
-from shared.offload import VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
-from shared.ring import MASK32, RSP_EVENT
+from frontend.tx.queue import MAX_PACKET
+from shared.protocol.netif import TX_REQUEST, NETTXF_header_slot
+from shared.protocol.offload import VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
+from shared.protocol.ring import MASK32, RSP_EVENT
 from tests.conftest import frame, make_pair
 
 

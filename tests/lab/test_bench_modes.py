@@ -14,7 +14,7 @@ from shared.lab.bench.modes import (
     select,
 )
 from shared.lab.bench.options import HELP
-from shared.mechanisms import default, names
+from shared.protocol.mechanisms import default, names
 
 
 def test_every_mechanism_runs_by_default_and_the_old_names_mean_what_they_meant():

@@ -198,42 +198,44 @@ def stack(*frames: str) -> list[stages.Frame]:
 
 @pytest.fixture
 def fake_repo(tmp_path: Path) -> Path:
-    (tmp_path / "backend").mkdir()
-    (tmp_path / "backend" / "loop.py").write_text(
-        "def serve():\n    events = poller.poll(timeout)\n    tx.action()\n")
-    (tmp_path / "backend" / "netback.py").write_text(
-        "def _submit(self):\n    os.writev(self.vif_fd, iov)\n    self.release.respond()\n")
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "ring.py").write_text("def entry():\n    return 1\n")
-    (tmp_path / "shared" / "headers.py").write_text("def walk():\n    return 1\n")
+    for name, text in (
+            ("backend/loop.py",
+             "def serve():\n    events = poller.poll(timeout)\n    tx.action()\n"),
+            ("backend/tx/path.py",
+             "def _submit(self):\n    os.writev(self.vif_fd, iov)\n    self.release.respond()\n"),
+            ("shared/protocol/ring.py", "def entry():\n    return 1\n"),
+            ("shared/protocol/headers.py", "def walk():\n    return 1\n")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
     return tmp_path
 
 
 def test_attribution_innermost_match_wins_and_unmatched_frames_ask_their_caller(fake_repo):
     root = "_run_code (<frozen runpy>:88)"
     serve = "serve (backend/loop.py:3)"
-    assert stages.attribute(stack(root, serve, "TxPath._submit (backend/netback.py:2)"),
+    assert stages.attribute(stack(root, serve, "TxPath._submit (backend/tx/path.py:2)"),
                             fake_repo) == "device"  # the line is inside os.writev
     assert stages.attribute(stack(root, "serve (backend/loop.py:2)",
                                   "EpollSelector.select (selectors.py:468)"),
                             fake_repo) == "wait"  # stdlib leaf: the repo line decides
-    assert stages.attribute(stack(root, serve, "TxPath._submit (backend/netback.py:3)",
-                                  "_Ring.entry (shared/ring.py:2)"), fake_repo) == "ring"
-    assert stages.attribute(stack(root, serve, "EventChannel.notify (shared/channel.py:74)"),
+    assert stages.attribute(stack(root, serve, "TxPath._submit (backend/tx/path.py:3)",
+                                  "_Ring.entry (shared/protocol/ring.py:2)"), fake_repo) == "ring"
+    assert stages.attribute(stack(root, serve,
+                                  "EventChannel.notify (shared/plumbing/channel.py:74)"),
                             fake_repo) == "notify"  # a function rule, whatever its line
-    assert stages.attribute(stack(root, serve, "walk (shared/headers.py:2)"),
+    assert stages.attribute(stack(root, serve, "walk (shared/protocol/headers.py:2)"),
                             fake_repo) == "other"
     assert stages.attribute(stack(root, serve, "RxPath._place_held.<locals>.<listcomp> "
-                                               "(backend/rx.py:126)"), fake_repo) == "grant"
-    assert stages.attribute(stack(root, serve, "Lazy.attach (backend/txmodes/lazy.py:9)"),
+                                               "(backend/rx/path.py:126)"), fake_repo) == "grant"
+    assert stages.attribute(stack(root, serve, "Lazy.attach (backend/tx/modes/lazy.py:9)"),
                             fake_repo) == "grant"  # a mechanism module, by its folder
 
 
 def test_shares_leave_waiting_out_and_parse_raw_reads_collapsed_stacks():
-    lines = ["a (backend/loop.py:2);b (shared/ring.py:9) 30\n", "garbage\n",
-             "a (backend/loop.py:2);c (shared/grant.py:1) 10\n"]
+    lines = ["a (backend/loop.py:2);b (shared/protocol/ring.py:9) 30\n", "garbage\n",
+             "a (backend/loop.py:2);c (shared/protocol/grant.py:1) 10\n"]
     parsed = stages.parse_raw(lines)
-    assert [n for _, n in parsed] == [30, 10] and parsed[0][0][1].file == "shared/ring.py"
+    assert [n for _, n in parsed] == [30, 10] and parsed[0][0][1].file == "shared/protocol/ring.py"
     counts = Counter({"wait": 60, "ring": 30, "grant": 10})
     assert stages.shares(counts) == {"ring": 0.75, "grant": 0.25, "device": 0.0,
                                      "notify": 0.0, "other": 0.0}
@@ -246,7 +248,7 @@ def test_the_stage_table_names_only_modules_and_functions_that_exist():
         assert (REPO / module).is_dir() if module.endswith("/") else (REPO / module).is_file(), \
             module
     source = "\n".join(p.read_text() for d in ("backend", "frontend", "shared")
-                       for p in (REPO / d).glob("*.py"))
+                       for p in (REPO / d).rglob("*.py"))
     for qualified in stages.FUNCTION_STAGES:
         cls, _, func = qualified.rpartition(".")
         assert re.search(rf"def {re.escape(func)}\(", source), qualified

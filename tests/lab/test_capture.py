@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.control import query
 from shared.lab.guest_handles import SshRunner
 from shared.lab.topology import Topology, loads
+from shared.plumbing.control.client import query
 from tests.lab.labs import invoked_lab, netns_lab, run_state_dir, topology_yaml, write_topology
 from tests.lab.marks import REPO, needs_qemu
 from tests.lab.test_pair import RECEIVER

@@ -21,7 +21,7 @@ import pytest
 from pyroute2.netns import setns
 
 from backend.interface import Netback, NetbackConfig
-from shared.transport import connect_unix
+from shared.plumbing.transport import connect_unix
 from tests.inproc import wait_answering, wait_for
 from tests.stocknetif import FRONTEND_KEYS, OLD_FRONTEND_KEYS, RXF_CSUM_BLANK, StockFrontend
 

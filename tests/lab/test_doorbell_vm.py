@@ -24,15 +24,15 @@ from dataclasses import asdict
 
 import pytest
 
-from shared.control import query
-from shared.doorbell_host import HostDoorbell
-from shared.doorbell_roundtrip import RoundTrips, lead
-from shared.kickchannel import KickChannel
 from shared.lab import procs
 from shared.lab.commands import backend_argv, doorbell_sockets, frontend_argv
 from shared.lab.guest_handles import SshRunner, guest_view, load_handles
 from shared.lab.iperf import IperfPath, run_iperf
-from shared.transport import connect_unix
+from shared.plumbing.control.client import query
+from shared.plumbing.doorbell.host import HostDoorbell
+from shared.plumbing.doorbell.kickchannel import KickChannel
+from shared.plumbing.doorbell.roundtrip import RoundTrips, lead
+from shared.plumbing.transport import connect_unix
 from tests.lab.labs import invoke, run_state_dir, topology_yaml, write_topology
 from tests.lab.marks import REPO, needs_qemu
 
@@ -208,7 +208,7 @@ def _round_trips(topo, runner, transport: str) -> tuple[RoundTrips, dict[str, in
     g = topo.guests[0]
     session = runner.client(g.name).get_transport().open_session()
     session.exec_command(f"cd {shlex.quote(guest_view(REPO))} && {shlex.quote(sys.executable)} "
-                         f"-m shared.doorbell_roundtrip follow --transport {transport} "
+                         f"-m shared.plumbing.doorbell.roundtrip follow --transport {transport} "
                          "--timeout 120")
     stream = connect_unix(str(topo.event_socket(g)), 10)
     chan = stream

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.control import query
 from shared.lab.topology import loads
+from shared.plumbing.control.client import query
 from tests.inproc import wait_for
 from tests.lab.labs import netns_lab, topology_yaml
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.control import query
+from shared.plumbing.control.client import query
 from tests.lab.labs import run_state_dir, topology_yaml, write_topology
 from tests.lab.marks import REPO, needs_qemu
 from tests.readme_setup import setup_commands

@@ -27,14 +27,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.control import query
 from shared.lab.chaos import Chaos
 from shared.lab.commands import default_commands
 from shared.lab.leaks import Inspector, fd_count, memfd_maps, rss_kb
 from shared.lab.plumbing import rtnl
 from shared.lab.topology import loads
-from shared.netif import PAGE_SIZE
-from shared.ring import RSP_PROD
+from shared.plumbing.control.client import query
+from shared.protocol.netif import PAGE_SIZE
+from shared.protocol.ring import RSP_PROD
 from tests.hostile import BASIC, GrantEntry, HostileFrontend, ops
 from tests.lab.labs import netns_lab, topology_yaml
 
@@ -281,7 +281,7 @@ def test_revoking_a_grant_the_backend_holds_is_refused_until_it_lets_go(ctx):
         s = c.back()
         assert s["rings"]["tx"]["grants_in_use"] == 3
         assert s["rings"]["rx"]["grants_in_use"] == 20
-        from shared.grant import RESERVED_REFS
+        from shared.protocol.grant import RESERVED_REFS
 
         tx_refs = [RESERVED_REFS + 300 + p for p in range(3)]
         for ref in tx_refs:

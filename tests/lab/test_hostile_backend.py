@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pnetns
 
-from shared.control import query
 from shared.lab import procs
 from shared.lab.commands import REPO_ROOT
 from shared.lab.leaks import fd_count, memfd_maps, settle
 from shared.lab.plumbing import rtnl
+from shared.plumbing.control.client import query
 from tests.hostile import BACKEND_LIES, HostileBackend
 
 pytestmark = [

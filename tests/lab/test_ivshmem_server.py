@@ -1,6 +1,6 @@
 """The lab's ivshmem server, fast tier: fake clients speak the protocol over real unix sockets.
 
-The fake QEMU client below reads raw messages with recvmsg (not shared/ivshmem.py), so the
+The fake QEMU client below reads raw messages with recvmsg (not shared/plumbing/ivshmem.py), so the
 wire format is checked independently of our own client code.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.doorbell_host import HostDoorbell
-from shared.ivshmem import BACKEND_PEER
 from shared.lab.ivshmem_server import IvshmemServer
-from shared.transport import create_memfd
+from shared.plumbing.doorbell.host import HostDoorbell
+from shared.plumbing.ivshmem import BACKEND_PEER
+from shared.plumbing.transport import create_memfd
 
 VECTORS = 2
 

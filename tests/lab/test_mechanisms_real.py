@@ -21,7 +21,7 @@ import pytest
 
 from shared.lab.iperf import IperfPath, run_iperf
 from shared.lab.topology import loads
-from shared.mechanisms import default, names
+from shared.protocol.mechanisms import default, names
 from tests.lab.labs import netns_lab, topology_yaml
 from tests.lab.test_pair import RECEIVER, SENDER
 

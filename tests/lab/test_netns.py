@@ -174,7 +174,7 @@ FAKE = textwrap.dedent("""\
     # A stand-in for netback/netfront: serves a control socket and reports a state.
     import os, signal, sys, time
     sys.path.insert(0, {repo!r})
-    from shared.control_server import ControlServer
+    from shared.plumbing.control.server import ControlServer
     role, name, peer, ctl, delay, final = sys.argv[1:7]
     t0 = time.monotonic()
     def handler(req):

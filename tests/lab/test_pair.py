@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.control import query
 from shared.lab import procs
 from shared.lab.iperf import IperfPath, run_iperf
 from shared.lab.topology import loads
-from shared.netif import NETTXF_header_slot, NETTXF_more_data
+from shared.plumbing.control.client import query
+from shared.protocol.netif import NETTXF_header_slot, NETTXF_more_data
 from tests.hostile import HostileFrontend
 from tests.lab.labs import netns_lab, topology_yaml
 

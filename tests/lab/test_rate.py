@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from shared.control import query
 from shared.lab.iperf import IperfPath, run_iperf
 from shared.lab.topology import loads
+from shared.plumbing.control.client import query
 from tests.lab.labs import netns_lab, topology_yaml
 
 pytestmark = [

@@ -21,7 +21,6 @@ import time
 import pytest
 from pyroute2 import netns as pnetns
 
-from shared.control import query
 from shared.lab import procs
 from shared.lab.chaos import Chaos
 from shared.lab.commands import backend_argv, frontend_argv
@@ -29,6 +28,7 @@ from shared.lab.guest_handles import SshRunner, guest_view, load_handles
 from shared.lab.leaks import memfd_maps
 from shared.lab.topology import loads
 from shared.lab.vms import VmLab
+from shared.plumbing.control.client import query
 from tests.lab.labs import run_state_dir, topology_yaml
 from tests.lab.marks import REPO, needs_qemu
 

@@ -12,7 +12,7 @@ import yaml
 
 from shared.lab.commands import backend_options, frontend_features
 from shared.lab.topology import DEFAULT_TOPOLOGY, TopologyError, load, loads, parse
-from shared.mechanisms import names
+from shared.protocol.mechanisms import names
 
 
 def base() -> dict[str, Any]:

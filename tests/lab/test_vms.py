@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pnetns
 
-from shared.control import query
 from shared.lab.accel import CACHE_FILE
 from shared.lab.guest_handles import SshRunner, load_handles
 from shared.lab.image.store import cached_image
 from shared.lab.iperf import IperfPath, run_iperf
+from shared.plumbing.control.client import query
 from tests.lab.labs import invoke, invoked_lab, run_state_dir, topology_yaml, write_topology
 from tests.lab.marks import needs_qemu
 from tests.lab.test_pair import RECEIVER, SENDER

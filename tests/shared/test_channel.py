@@ -5,8 +5,8 @@ import socket
 
 import pytest
 
-from shared.channel import ChannelClosed, ChannelError, EventChannel
-from shared.transport import TransportError, create_memfd, map_memfd
+from shared.plumbing.channel import ChannelClosed, ChannelError, EventChannel
+from shared.plumbing.transport import TransportError, create_memfd, map_memfd
 
 
 @pytest.fixture

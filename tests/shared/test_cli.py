@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from shared import cli, stats_view
-from shared.control_server import ControlServer
+from shared import cli
+from shared.endpoint import stats_view
+from shared.plumbing.control.server import ControlServer
 
 
 def front(**over: Any) -> dict[str, Any]:

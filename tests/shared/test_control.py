@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.control import ControlError, query
-from shared.control_protocol import MAX_LINE, dispatch
-from shared.control_server import ControlServer
+from shared.plumbing.control.client import ControlError, query
+from shared.plumbing.control.protocol import MAX_LINE, dispatch
+from shared.plumbing.control.server import ControlServer
 
 SLOW_ENTERED = threading.Event()
 SLOW_RELEASE = threading.Event()

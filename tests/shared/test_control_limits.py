@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import jsonline
-from shared.control import ControlError, query
-from shared.control_server import MAX_CLIENTS, ControlServer
+from shared.plumbing import jsonline
+from shared.plumbing.control.client import ControlError, query
+from shared.plumbing.control.server import MAX_CLIENTS, ControlServer
 from tests.inproc import fd_count, wait_for
 from tests.shared.test_control import raw, stats_handler
 

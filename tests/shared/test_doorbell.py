@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from shared.channel import ChannelClosed, EventChannel
-from shared.doorbell import drain_eventfd
-from shared.doorbell_roundtrip import RoundTrips, follow, lead
-from shared.kickchannel import STREAM_EVERY, KickChannel
+from shared.plumbing.channel import ChannelClosed, EventChannel
+from shared.plumbing.doorbell import drain_eventfd
+from shared.plumbing.doorbell.kickchannel import STREAM_EVERY, KickChannel
+from shared.plumbing.doorbell.roundtrip import RoundTrips, follow, lead
 
 
 class FakeBell:

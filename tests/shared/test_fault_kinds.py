@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from shared.control_protocol import answer, dispatch
-from shared.doorbell import DoorbellError
-from shared.doorbell_host import HostDoorbell
 from shared.faults import kind_of
-from shared.ivshmem import IvshmemClient, ServerUnreachable
+from shared.plumbing.control.protocol import answer, dispatch
+from shared.plumbing.doorbell import DoorbellError
+from shared.plumbing.doorbell.host import HostDoorbell
+from shared.plumbing.ivshmem import IvshmemClient, ServerUnreachable
 
 
 def reply(line: bytes, commands: dict) -> dict:

@@ -1,4 +1,5 @@
-"""SCM_RIGHTS parsing (shared/fdpass.py): descriptors kept or closed, never leaked or trusted."""
+"""SCM_RIGHTS parsing (shared/plumbing/fdpass.py): descriptors kept or closed, never leaked or
+trusted."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import socket
 
 import pytest
 
-from shared.channel import ChannelError, EventChannel
-from shared.fdpass import AncillaryError, fds_from, recv_with_fds
-from shared.ivshmem import ProtocolError, recv_msg
+from shared.plumbing.channel import ChannelError, EventChannel
+from shared.plumbing.fdpass import AncillaryError, fds_from, recv_with_fds
+from shared.plumbing.ivshmem import ProtocolError, recv_msg
 
 
 def open_fds() -> set[int]:

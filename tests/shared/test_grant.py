@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.grant import GrantError, GrantTable, GTF_reading
+from shared.protocol.grant import GrantError, GrantTable, GTF_reading
 
 FRAMES = range(10, 20)
 

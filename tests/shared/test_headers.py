@@ -1,13 +1,13 @@
-"""The one header walker (shared/headers.py) that the filter, the checksum set-up and the
+"""The one header walker (shared/protocol/headers.py) that the filter, the checksum set-up and the
 header pull share: every layout a frontend can choose lands on the same L4 header."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.filter import header_fields
-from shared.headers import HeaderError, NeedMore, header_len, walk
-from shared.offload import checksum_setup
+from backend.tx.filter import header_fields
+from shared.protocol.headers import HeaderError, NeedMore, header_len, walk
+from shared.protocol.offload import checksum_setup
 from tests.conftest import frame, frame6, ipv4_options, l4_header, vlan
 
 HBH, ROUTING, FRAG, DSTOPT = 0, 43, 44, 60

@@ -11,16 +11,26 @@ from pathlib import Path
 import pytest
 
 from backend.mechanisms import load, own_counters
-from backend.rxmodes.base import RxMechanism
-from backend.txmodes.base import TxMechanism
+from backend.rx.modes.base import RxMechanism
+from backend.tx.modes.base import TxMechanism
 from frontend.grants.base import GrantPolicy
 from frontend.mechanisms import grant_policy
-from shared.grant import GrantTable
-from shared.mechanisms import GRANTS, RX, SIDES, TX, default, find, help_text, markdown_table, names
+from shared.protocol.grant import GrantTable
+from shared.protocol.mechanisms import (
+    GRANTS,
+    RX,
+    SIDES,
+    TX,
+    default,
+    find,
+    help_text,
+    markdown_table,
+    names,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 #: each side's protocol and where its own-work tests live (mirroring the code)
-BASES = {"tx": (TxMechanism, "backend/txmodes"), "rx": (RxMechanism, "backend/rxmodes"),
+BASES = {"tx": (TxMechanism, "backend/tx/modes"), "rx": (RxMechanism, "backend/rx/modes"),
          "grants": (GrantPolicy, "frontend/grants")}
 
 

@@ -1,6 +1,6 @@
 """Wire formats must match Xen's netif.h byte for byte."""
 
-from shared import netif
+from shared.protocol import netif
 
 
 def test_struct_sizes_match_netif_h():

@@ -1,4 +1,4 @@
-from shared.offload import checksum_setup
+from shared.protocol.offload import checksum_setup
 from tests.conftest import frame
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.region import Layout, LayoutError, Region
+from shared.protocol.region import Layout, LayoutError, Region
 
 
 @pytest.mark.parametrize("size", [1 << 20, 8 << 20, 64 << 20])

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from shared.faults import OwnFault
-from shared.region import Region, RegionInUse
-from shared.transport import create_memfd
+from shared.plumbing.transport import create_memfd
+from shared.protocol.region import Region, RegionInUse
 
 
 def mapped(name: str) -> bool:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.ring import (
+from shared.protocol.ring import (
     MASK32,
     REQ_EVENT,
     REQ_PROD,

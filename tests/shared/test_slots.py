@@ -1,6 +1,6 @@
 import pytest
 
-from shared.slots import HeaderSlots, SlotError
+from shared.protocol.slots import HeaderSlots, SlotError
 
 
 def test_alloc_release_and_check():

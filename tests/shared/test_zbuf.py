@@ -1,4 +1,4 @@
-"""The zbuf generation protocol (shared/zbuf.py) on a plain bytearray: ownership, rotation,
+"""The zbuf generation protocol (shared/protocol/zbuf.py) on a plain bytearray: ownership, rotation,
 wrap-around, and the readers that break the rules (never ack, ack what they do not hold,
 scribble over headers). The producer must never lose track and never raise."""
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import shared.zbuf as zbuf
-from shared.zbuf import (
+import shared.protocol.zbuf as zbuf
+from shared.protocol.zbuf import (
     HEADER,
     IN,
     KERNEL_GEN,

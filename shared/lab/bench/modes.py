@@ -3,7 +3,7 @@
 A mode name is
 ``<tx>[-noslots][-persistent|-staging|-recycle<K>][-poll][-doorbell][-q<N>][+rx-<rx>]``
 ``[+rate-<N>mbit][+capture[-s<N>]]``:
-``<tx>`` a TX mechanism and ``<rx>`` an RX mechanism of ``shared/mechanisms.py``, then the
+``<tx>`` a TX mechanism and ``<rx>`` an RX mechanism of ``shared/protocol/mechanisms.py``, then the
 options that are not mechanisms - header slots off, the netfront's grant policy (persistent
 grants, staging grants, or grant recycling with a pool of K rings: ``frontend/grants/``),
 the netfront's poll
@@ -24,7 +24,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from shared.mechanisms import default, names
+from shared.protocol.mechanisms import default, names
 
 _OPTIONS = ("noslots", "persistent", "staging", "poll", "doorbell")
 _NAME = re.compile(r"^(?P<tx>[a-z0-9_]+)(?P<opts>(?:-(?:" + "|".join(_OPTIONS) + r"))*)"

@@ -20,7 +20,7 @@ every path and mode.
 from __future__ import annotations
 
 from shared.lab.bench.modes import parse
-from shared.mechanisms import default
+from shared.protocol.mechanisms import default
 
 #: the paths of the default run (``--paths`` for the rest)
 DEFAULT_PATHS = ("veth", "pvnet-netns", "virtio-net", "pvnet-qemu")

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
-from shared.control import query
 from shared.lab.bench.measure import Sample, read_end
 from shared.lab.bench.modes import parse, select
 from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext
@@ -25,6 +24,7 @@ from shared.lab.bench.veth import ensure_ethtool, ethtool, offload_summary
 from shared.lab.commands import default_commands
 from shared.lab.netns import Lab
 from shared.lab.topology import Guest, Topology, loads
+from shared.plumbing.control.client import query
 
 
 def topology_yaml(ctx: PathContext, mode: str) -> str:

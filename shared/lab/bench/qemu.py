@@ -18,7 +18,6 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from shared.control import query
 from shared.lab.bench.measure import Sample, read_end, read_proc
 from shared.lab.bench.modes import select, yaml_keys
 from shared.lab.bench.paths import (
@@ -33,6 +32,7 @@ from shared.lab.commands import GUEST_TAP
 from shared.lab.guest_handles import SshRunner, load_handles
 from shared.lab.topology import Topology, loads
 from shared.lab.vms import VmLab
+from shared.plumbing.control.client import query
 
 
 def topology_yaml(ctx: PathContext, nic: str, keys: dict[str, object], gso: bool,

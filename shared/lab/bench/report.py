@@ -14,7 +14,7 @@ from pathlib import Path as FsPath
 from shared.lab.bench.modes import name_of, parse
 from shared.lab.bench.record import PRIMARY, Record
 from shared.lab.bench.workloads import WORKLOADS
-from shared.mechanisms import default
+from shared.protocol.mechanisms import default
 
 PVNET_PATHS = ("pvnet-netns", "pvnet-qemu")
 

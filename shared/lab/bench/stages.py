@@ -54,17 +54,16 @@ LINE_STAGES: tuple[tuple[re.Pattern[str], str], ...] = (
 """Source-line patterns for the innermost repository frame (the line inside a C call)."""
 
 MODULE_STAGES: dict[str, str] = {
-    **dict.fromkeys(("shared/ring.py", "shared/netif.py", "shared/slots.py",
-                     "backend/txreq.py", "backend/txrelease.py", "frontend/tx.py",
-                     "frontend/rx.py", "frontend/txflow.py", "frontend/rxstock.py"), "ring"),
-    **dict.fromkeys(("shared/grant.py", "shared/region.py", "backend/gntmap.py",
-                     "backend/txgrants.py", "backend/txmodes/", "backend/rxmodes/",
-                     "backend/persistent.py", "backend/cpuview.py", "backend/dmaview.py",
-                     "frontend/chunks.py", "frontend/grants/"), "grant"),
-    **dict.fromkeys(("shared/channel.py", "shared/kickchannel.py", "shared/transport.py",
-                     "shared/doorbell.py", "shared/doorbell_host.py",
-                     "shared/doorbell_guest.py"), "notify"),
-    **dict.fromkeys(("shared/tap.py", "shared/netdev.py"), "device"),
+    **dict.fromkeys(("shared/protocol/ring.py", "shared/protocol/netif.py",
+                     "shared/protocol/slots.py", "backend/tx/requests.py",
+                     "backend/tx/release.py", "frontend/tx/queue.py", "frontend/tx/flow.py",
+                     "frontend/rx/queue.py", "frontend/rx/stock.py"), "ring"),
+    **dict.fromkeys(("shared/protocol/grant.py", "shared/protocol/region.py", "backend/grants/",
+                     "backend/tx/modes/", "backend/rx/modes/", "frontend/tx/chunks.py",
+                     "frontend/grants/"), "grant"),
+    **dict.fromkeys(("shared/plumbing/channel.py", "shared/plumbing/transport.py",
+                     "shared/plumbing/doorbell/"), "notify"),
+    **dict.fromkeys(("shared/plumbing/tap.py", "shared/plumbing/netdev.py"), "device"),
 }
 """Repository file (relative path), or folder (ending in "/": every file under it, so a new
 mechanism module is covered) -> stage, for frames no function rule names."""

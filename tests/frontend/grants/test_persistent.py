@@ -2,8 +2,8 @@
 at connect, the grefs on the ring carry bit 31, and no grant is ended while connected - the
 backend validates each once (``persistent_hits`` afterwards)."""
 
-from shared.grant import RESERVED_REFS, GTF_permit_access
-from shared.netif import GREF_MASK, GREF_PERSISTENT, TX_REQUEST
+from shared.protocol.grant import RESERVED_REFS, GTF_permit_access
+from shared.protocol.netif import GREF_MASK, GREF_PERSISTENT, TX_REQUEST
 from tests.conftest import frame, make_pair
 
 

@@ -9,9 +9,15 @@ from __future__ import annotations
 import pytest
 
 from frontend.grants.recycle import Recycle
-from shared.grant import GRANT_ENTRY, RESERVED_REFS, GrantTable, GTF_permit_access, GTF_reading
-from shared.netif import GREF_PERSISTENT, RING_SIZE, TX_REQUEST, NETTXF_header_slot
-from shared.stats import RingStats
+from shared.protocol.grant import (
+    GRANT_ENTRY,
+    RESERVED_REFS,
+    GrantTable,
+    GTF_permit_access,
+    GTF_reading,
+)
+from shared.protocol.netif import GREF_PERSISTENT, RING_SIZE, TX_REQUEST, NETTXF_header_slot
+from shared.protocol.stats import RingStats
 from tests.conftest import frame, make_pair
 from tests.hostile import BASIC, HostileFrontend, assert_verdict
 from tests.inproc import BackendThread, wait_for

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import pytest
 
-from frontend.chunks import CHUNK_PAGES
 from frontend.grants.staging import pool_refs
-from frontend.rx import RX_BUFFERS
-from shared.channel import ChannelClosed
-from shared.grant import RESERVED_REFS, GTF_reading
-from shared.netif import (
+from frontend.rx.queue import RX_BUFFERS
+from frontend.tx.chunks import CHUNK_PAGES
+from shared.plumbing.channel import ChannelClosed
+from shared.protocol.grant import RESERVED_REFS, GTF_reading
+from shared.protocol.netif import (
     EXT_GREF_ALLOC,
     GREF_PERSISTENT,
     MAX_STAGING_GRANTS,
     PAGE_SIZE,
     NETTXF_header_slot,
 )
-from shared.offload import VNET_HDR
-from shared.region import Region
+from shared.protocol.offload import VNET_HDR
+from shared.protocol.region import Region
 from tests.conftest import frame
 from tests.hostile import BASIC, HostileFrontend, assert_verdict
 from tests.inproc import BackendThread, FrontendThread, wait_for
@@ -185,7 +185,7 @@ def test_a_kept_gref_outside_the_pools_is_not_negotiated(tmp_path):
 def test_the_pools_cover_what_the_queues_name():
     """netfront's lists hold exactly the grefs its queues use: RX buffers 0..255, then whole
     TX chunks from page 256 on, as many as 512 entries allow."""
-    from shared.transport import create_memfd
+    from shared.plumbing.transport import create_memfd
 
     _fd, mem = create_memfd(8 << 20)
     tx, rx = pool_refs(Region.create(mem), RX_BUFFERS)

@@ -2,8 +2,8 @@
 naming it is published (before, never after), its gref carries no persistent bit, and its grant
 is ended once the backend has answered it - at rest nothing is granted."""
 
-from shared.grant import RESERVED_REFS, GTF_permit_access
-from shared.netif import GREF_PERSISTENT, TX_REQUEST
+from shared.protocol.grant import RESERVED_REFS, GTF_permit_access
+from shared.protocol.netif import GREF_PERSISTENT, TX_REQUEST
 from tests.conftest import frame, make_pair
 
 

@@ -1,2 +1,0 @@
-"""RX mechanisms: one module each (``copy``: the grant copy, ``map``: a mapping receiver),
-one protocol (``base.RxMechanism``), registered in ``shared/mechanisms.py``."""

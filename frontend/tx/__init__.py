@@ -1,0 +1,2 @@
+"""Netfront TX: frames read from the guest's TAP into header slots and payload chunks (queue,
+chunks), onto the ring, and flow control with slot release (flow)."""

@@ -1,0 +1,1 @@
+"""Tests of netback RX (backend/rx/)."""

@@ -1,0 +1,1 @@
+"""Tests of netback TX (backend/tx/)."""
