@@ -13,7 +13,7 @@ import termios
 import threading
 import time
 
-import backend.handshake as backend_xenbus
+import backend.handshake as backend_handshake
 from backend.control import CTL_PIPELINE
 from shared.plumbing.control.client import query
 from shared.plumbing.transport import create_memfd
@@ -63,7 +63,7 @@ def test_a_silent_frontend_gives_way_to_a_newer_one(tmp_path):
 
 
 def test_a_half_finished_handshake_times_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(backend_xenbus, "HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(backend_handshake, "HANDSHAKE_TIMEOUT", 0.5)
     b = BackendThread(tmp_path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
