@@ -234,6 +234,7 @@ def test_backend_drops_ipv6_csum_blank_tx_it_did_not_offer(caplog):
     assert [len(f) for f in p.wire_frames()] == [542, 562]
     st = p.bstats[0]
     assert st.drops == st.drops_error == st.drops_not_negotiated == 1
+    assert st.tx_packets == 2  # the two frames handed on, not the dropped one
     assert st.slots_consumed == st.slots_released
     assert any("feature-ipv6-csum-offload" in r.getMessage() for r in caplog.records)
     close(p)

@@ -286,12 +286,6 @@ class TxPath:
     def _check(self, skb: SkBuff) -> bool:
         """Checksum set-up and the filter; False: dropped (freed with the pass)."""
         st = self.stats
-        size = skb.size
-        st.tx_packets += 1
-        st.tx_bytes += size
-        if size > len(skb.head):  # payload left in the fragments (Linux: the skb has frags)
-            skb.zc = True
-            st.tx_zerocopy_sent += 1
         vflags = 0
         cstart = coff = 0
         if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
@@ -311,6 +305,14 @@ class TxPath:
             vflags = VIRTIO_NET_HDR_F_DATA_VALID
         skb.vnet = VNET_HDR.pack(vflags, XEN_TO_VIRTIO_GSO[skb.gso_type], 0, skb.gso_size,
                                  cstart, coff, 0)
+        # counted once the checksum is set up, as Linux's xenvif_tx_submit counts after
+        # checksum_setup; a frame the filter drops was handed on (Linux: netfilter is later)
+        size = skb.size
+        st.tx_packets += 1
+        st.tx_bytes += size
+        if size > len(skb.head):  # payload left in the fragments (Linux: the skb has frags)
+            skb.zc = True
+            st.tx_zerocopy_sent += 1
         if self.filter is not None and (why := self.filter.drops(skb, self.gntmap, st)):
             st.drops += 1
             st.drops_filtered += 1

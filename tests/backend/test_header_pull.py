@@ -125,6 +125,7 @@ def test_csum_blank_without_a_checksummable_header_is_dropped_and_counted(mode, 
     drain(p)
     st = p.bstats[0]
     assert wire(p) == [] and st.drops_csum == 1 and st.drops == 1
+    assert st.tx_packets == st.tx_bytes == 0  # dropped before it was handed on
     assert st.slots_consumed == st.slots_released
     assert any(why in r.getMessage() for r in caplog.records)
     close(p)
