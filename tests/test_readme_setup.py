@@ -25,6 +25,10 @@ def test_the_set_up_block_is_a_venv_pip_up_lint_test_and_the_known_bugs() -> Non
 def test_ci_runs_the_readmes_commands_all_but_up() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     assert 'python3 tests/readme_setup.py --skip "invoke up"' in ci
+    lines = [ln.strip() for ln in ci.splitlines()]
+    skipped = ["invoke test", "tests/mutants/check.sh"]
+    assert all(f'--skip "{c}"' in ci and c in lines for c in skipped)  # run by name, once
+    assert lines.index(". .venv/bin/activate") < lines.index("invoke test")
     assert "pip install" not in ci  # no install of its own: the README's line
     out = subprocess.run([sys.executable, str(REPO / "tests" / "readme_setup.py"), "--skip",
                           "invoke up"], capture_output=True, text=True, check=True).stdout
