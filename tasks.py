@@ -17,6 +17,7 @@ from typing import Any
 from invoke import Context, Exit, task
 
 from shared.lab.bench.options import HELP as BENCH_HELP
+from shared.lab.paper.__main__ import HELP as PAPER_HELP
 
 TOPOLOGY_HELP = (
     "topology YAML (default: the running lab's, else shared/lab/topologies/default.yaml)"
@@ -259,27 +260,18 @@ def bench(c: Context, quick: bool = False, seconds: float | None = None,
         raise Exit(code=code)
 
 
-@task(help={
-    "rows": "comma list of rows (default all; e.g. P1a,P4a)",
-    "quick": "smoke test: 2 rounds of 2 s (default 5 rounds of 5 s)",
-    "rounds": "interleaved rounds (>= 5 for the published table)",
-    "seconds": "seconds per measurement",
-    "json": "also write the result as JSON to this file",
-    "results": "directory for paper.md/json/png and logs (default results/paper-<time>/)",
-    "no_plot": "no PNG",
-})
+@task(help=PAPER_HELP)
 def paper(c: Context, rows: str | None = None, quick: bool = False, rounds: int | None = None,
           seconds: float | None = None, json: str | None = None, results: str | None = None,
-          no_plot: bool = False):
+          no_plot: bool = False, prefix: str | None = None):
     """The published results on pvnet's mechanisms beside pvnet's own, in one run: table
     (theirs, ours with 95 % intervals, cost shares, the cost model, verdicts), JSON, PNG."""
     from shared.lab.paper.__main__ import main
 
-    argv = [*(["--rows", rows] if rows else []), *(["--quick"] if quick else []),
-            *(["--rounds", str(rounds)] if rounds is not None else []),
-            *(["--seconds", str(seconds)] if seconds is not None else []),
-            *(["--json", json] if json else []), *(["--results", results] if results else []),
-            *(["--no-plot"] if no_plot else [])]
+    given = {"rows": rows, "rounds": rounds, "seconds": seconds, "json": json,
+             "results": results, "prefix": prefix}
+    argv = [*(["--quick"] if quick else []), *(["--no-plot"] if no_plot else []),
+            *(a for k, v in given.items() if v is not None for a in (f"--{k}", str(v)))]
     code = main(argv)
     if code:
         raise Exit(code=code)

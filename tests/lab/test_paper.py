@@ -178,6 +178,26 @@ def test_help_and_options():
     assert parse_args([]).rounds >= 5
 
 
+def test_invoke_paper_takes_its_help_and_every_option_from_one_place(monkeypatch):
+    """``invoke paper`` and ``python -m shared.lab.paper`` share HELP, and the task hands
+    every option on to the same parser."""
+    import inspect
+
+    import shared.lab.paper.__main__ as cli
+    import tasks
+
+    body = tasks.paper.body
+    assert set(inspect.signature(body).parameters) - {"c"} == set(cli.HELP)
+    assert tasks.paper.help == cli.HELP
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(cli.parse(argv)) or 0)
+    body(None, rows="P1a", quick=True, rounds=3, seconds=1.5, json="/tmp/x.json",
+         results="/tmp/r", no_plot=True, prefix="pvz")
+    (cfg,) = seen
+    assert (cfg.rows, cfg.rounds, cfg.seconds, str(cfg.json_out), str(cfg.results), cfg.plot,
+            cfg.prefix) == (["P1a"], 3, 1.5, "/tmp/x.json", "/tmp/r", False, "pvz")
+
+
 def test_the_plot_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     from shared.lab.paper.plot import plot

@@ -16,7 +16,19 @@ from shared.lab.paper.run import (
     run_paper,
 )
 
-ROWS_HELP = "comma list of rows to run (default all: " + ", ".join(r.id for r in rows.ROWS) + ")"
+#: every option of ``invoke paper`` and ``python -m shared.lab.paper``, by its Python name
+#: (``no_plot`` is ``--no-plot``): both take their --help from here
+HELP: dict[str, str] = {
+    "rows": "comma list of rows to run (default all: " + ", ".join(r.id for r in rows.ROWS) + ")",
+    "quick": f"smoke test: {QUICK_ROUNDS} rounds of {QUICK_SECONDS:g} s "
+             f"(default {ROUNDS} rounds of {SECONDS:g} s)",
+    "rounds": "interleaved rounds (intervals need >= 2)",
+    "seconds": "seconds per measurement",
+    "json": "also write the result as JSON here",
+    "results": "where paper.md/json/png and logs go (default results/paper-<time>/)",
+    "no_plot": "no PNG",
+    "prefix": "name prefix of the namespaces and devices (default pvp)",
+}
 
 
 def parse(argv: list[str] | None = None) -> PaperConfig:
@@ -26,18 +38,18 @@ def parse(argv: list[str] | None = None) -> PaperConfig:
                     "row, what was compared, theirs (figures, ratio), ours (figures, ratio "
                     "with its 95 % interval), the share of per-frame cost removed, the cost "
                     "model's prediction and a verdict; JSON and a PNG beside it. Needs root.")
-    p.add_argument("--rows", help=ROWS_HELP.replace("%", "%%"))
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: {QUICK_ROUNDS} rounds of {QUICK_SECONDS:g} s "
-                        f"(default {ROUNDS} rounds of {SECONDS:g} s)")
-    p.add_argument("--rounds", type=int, help="interleaved rounds (intervals need >= 2)")
-    p.add_argument("--seconds", type=float, help="seconds per measurement")
-    p.add_argument("--json", metavar="FILE", help="also write the result as JSON here")
-    p.add_argument("--results", metavar="DIR", help="where paper.md/json/png and logs go "
-                   "(default results/paper-<time>/)")
-    p.add_argument("--no-plot", action="store_true", help="no PNG")
-    p.add_argument("--prefix", default="pvp",
-                   help="name prefix of the namespaces and devices (default pvp)")
+
+    def h(name: str) -> str:
+        return HELP[name].replace("%", "%%")
+
+    p.add_argument("--rows", help=h("rows"))
+    p.add_argument("--quick", action="store_true", help=h("quick"))
+    p.add_argument("--rounds", type=int, help=h("rounds"))
+    p.add_argument("--seconds", type=float, help=h("seconds"))
+    p.add_argument("--json", metavar="FILE", help=h("json"))
+    p.add_argument("--results", metavar="DIR", help=h("results"))
+    p.add_argument("--no-plot", action="store_true", help=h("no_plot"))
+    p.add_argument("--prefix", default="pvp", help=h("prefix"))
     a = p.parse_args(argv)
     cfg = PaperConfig(rows=[x.strip() for x in a.rows.split(",") if x.strip()] if a.rows
                       else None, json_out=Path(a.json) if a.json else None,

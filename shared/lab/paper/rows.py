@@ -92,7 +92,7 @@ ROWS: tuple[Row, ...] = (
     Row("P2b", "uek-26107942", "RX: kept-mapped buffers vs a grant copy per packet",
         1.02, 2.04, "Mpps", "E5-2699 v3, Dom0->DomU (about 2x the grant copy)",
         "lazy-noslots", "lazy-noslots-persistent+rx-map", "pps64", "rx",
-        note="item 1a: frontend buffers granted persistently, mapped once by the backend, "
+        note="frontend buffers granted persistently, mapped once by the backend, "
              "filled by memcpy; the source states 2.04 Mpps as about twice the grant copy"),
     Row("P3a", "uek-26107942", "grant recycling hit rate, pool = 1 ring", 100.0, 30.0, "%",
         "TCP streams, backend->frontend", "", "lazy-recycle1", "tcp", "rx", kind="arithmetic",
