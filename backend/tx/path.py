@@ -30,7 +30,6 @@ from shared.protocol.headers import CSUM_OFFSET, ETH_P_IPV6
 from shared.protocol.netif import (
     MAX_SKB_FRAGS,
     TX_REQUEST,
-    TX_RESPONSE,
     XEN_NETIF_RSP_OKAY,
     NETTXF_csum_blank,
     NETTXF_data_validated,
@@ -50,7 +49,6 @@ from shared.protocol.xenbus import Agreement, gso_accepted
 
 log = logging.getLogger("netback")
 _unpack_req = TX_REQUEST.unpack_from
-_pack_rsp = TX_RESPONSE.pack_into
 #: drop log lines per second per connection
 LOG_PER_SECOND = 10
 #: slots a ring pass takes at most: its answers go out when it ends, not at the end of the
@@ -260,10 +258,7 @@ class TxPath:
         st = self.stats
         st.copy_bytes += size
         st.tx_header_slot_packets += 1
-        prod = ring.rsp_prod_pvt
-        _pack_rsp(ring.buf, ring.entry(prod), rid, XEN_NETIF_RSP_OKAY)
-        ring.rsp_prod_pvt = (prod + 1) & MASK32
-        st.slots_released += 1
+        self.release.respond(rid, XEN_NETIF_RSP_OKAY, 0)
         return skb
 
     def _pull(self, skb: SkBuff) -> bool:
