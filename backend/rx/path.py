@@ -32,10 +32,10 @@ from itertools import islice
 from backend.capture import NO_CAPTURE
 from backend.grants.gntmap import GntMap
 from backend.mechanisms import load, own_counters
+from backend.rx.small import NEED, PREDICTED, RX_SHRINK_AFTER, SmallFrames
 from shared.faults import PeerFault
 from shared.protocol.netif import (
     EXTRA_INFO,
-    MAX_FRAME_PAGES,
     PAGE_SIZE,
     RX_REQUEST,
     RX_RESPONSE,
@@ -58,29 +58,17 @@ from shared.protocol.ring import MASK32, BackRing
 from shared.protocol.stats import RingStats
 from shared.protocol.xenbus import Agreement, gso_accepted
 
-#: buffers the largest frame may need: a 64 KiB GSO frame spans 17 pages, plus its extra slot
-NEED = MAX_FRAME_PAGES + 1
-#: where a frame is read before its length is known: the first buffer, then from the third
-#: on (the second is kept for a GSO extra slot)
-PREDICTED = (0, *range(2, NEED))
-#: single-page frames in a row after which the next is read into one buffer (``write_one``)
-RX_SHRINK_AFTER = 8
 _unpack_req = RX_REQUEST.unpack_from
 #: virtio_net_hdr's flags, gso_type, hdr_len, gso_size
 _unpack_vnet4 = struct.Struct("<BBHH").unpack_from
 _pack_rsp = RX_RESPONSE.pack_into
-_FIRST = (0,)
-#: a virtio_net_hdr's flags byte -> the netif RX flags of its frame
-_RX_FLAGS = tuple(
-    (NETRXF_csum_blank | NETRXF_data_validated) if f & VIRTIO_NET_HDR_F_NEEDS_CSUM
-    else NETRXF_data_validated if f & VIRTIO_NET_HDR_F_DATA_VALID else 0 for f in range(256))
 
 
 class FatalRxError(PeerFault):
     """The frontend posted something no correct frontend posts."""
 
 
-class RxPath:
+class RxPath(SmallFrames):
     """The RX ring of one connection, through mechanism ``mode`` (``backend/rx/modes/``)."""
 
     def __init__(self, region: Area, gntmap: GntMap, vif_fd: int, stats: RingStats,
@@ -208,78 +196,6 @@ class RxPath:
                 self._respond(w.n - VNET_HDR.size, w.data)
         st.grants_active = len(posted)
         return True
-
-    def _small_frames(self) -> None:
-        """Small frames in a row, each read into the first posted buffer (``write_one``) and
-        answered on the spot: the one loop a stream of small frames runs (Linux's RX copies
-        a batch of skbs the same way). Stops, for ``action`` to go on, at a frame that is not
-        small (handled by ``_one``), when fewer than NEED buffers are posted or a capture
-        wants incoming frames; BlockingIOError once the vif is empty."""
-        posted, views, grefs, exps = (self.posted, self.posted_views, self.posted_grefs,
-                                      self.posted_exps)
-        ids, write_one, capture = self.posted_ids, self.mech.write_one, self.capture
-        ring, buf, entry = self.ring, self.buf, self.ring.entry
-        vnet, fd, hdr, st = self.vnet, self.vif_fd, VNET_HDR.size, self.stats
-        no_csum = 0 if self.csum_ok else VIRTIO_NET_HDR_F_NEEDS_CSUM
-        prod = ring.rsp_prod_pvt
-        done = nbytes = 0
-        try:
-            while len(posted) >= NEED and not capture.on:
-                n = write_one(fd, vnet, views[0], grefs[0], exps[0])
-                length = n - hdr
-                if 0 < length <= PAGE_SIZE and not vnet[1] and not vnet[0] & no_csum:
-                    rid = posted.popleft()
-                    views.popleft()
-                    grefs.popleft()
-                    exps.popleft()
-                    ids.discard(rid)
-                    _pack_rsp(buf, entry(prod), rid, 0, _RX_FLAGS[vnet[0]], length)
-                    prod += 1
-                    done += 1
-                    nbytes += length
-                    continue
-                ring.rsp_prod_pvt = prod & MASK32
-                self._one(n)
-                prod = ring.rsp_prod_pvt
-                if self.small_run < RX_SHRINK_AFTER:
-                    return
-        finally:
-            ring.rsp_prod_pvt = prod & MASK32
-            st.rx_packets += done
-            st.rx_bytes += nbytes
-            st.copy_bytes += nbytes
-
-    def _one(self, n: int) -> None:
-        """Answer a frame ``write_one`` read into the first posted buffer (``n``: bytes read,
-        -1: that buffer was revoked); a longer one's rest is copied on from the bounce
-        buffer (``rx_spills``) and the next frames are read whole again."""
-        if n < 0:
-            self._retire([0])
-            return
-        length = n - VNET_HDR.size
-        if length <= 0:
-            return
-        vnet = self.vnet
-        if length <= PAGE_SIZE and not vnet[1] and not (
-                vnet[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.csum_ok):
-            self._vflags, self._gso = vnet[0], 0  # the usual frame: one buffer, no GSO
-            self._respond(length, _FIRST)
-            return
-        self.small_run = 0
-        data = self._layout(length)
-        if not data:
-            return
-        if len(data) > 1:
-            bad = self.mech.copy_in(data[1:], self.posted_views, self.posted_grefs,
-                                    self.posted_exps)
-            if bad:  # read, but a buffer it needed was revoked: dropped
-                self._retire(bad)
-                st = self.stats
-                st.drops += 1
-                st.drops_error += 1
-                return
-            self.stats.rx_spills += 1
-        self._respond(length, data)
 
     def _need(self, length: int) -> int:
         """Slots this frame takes (0: dropped, counted, as the frontend cannot take it). Keeps
