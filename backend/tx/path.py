@@ -25,6 +25,7 @@ from backend.tx.credit import Credit
 from backend.tx.release import TxRelease
 from backend.tx.requests import TxRequests
 from backend.tx.skb import HEADER_PULL_MAX, SkBuff, pull_headers
+from backend.tx.small import HeadOnly
 from shared.protocol.grant import GrantError
 from shared.protocol.headers import CSUM_OFFSET, ETH_P_IPV6
 from shared.protocol.netif import (
@@ -63,7 +64,7 @@ def _offered(name: str) -> property:
                     lambda self, value: setattr(self.requests, name, value))
 
 
-class TxPath:
+class TxPath(HeadOnly):
     """The TX ring of one connection and the vif it feeds, through mechanism ``mode``."""
 
     def __init__(self, region: Area, gntmap: GntMap, vif_fd: int, stats: RingStats,
@@ -143,8 +144,14 @@ class TxPath:
                     _unpack_req(ring.buf, ring.entry(ring.req_cons))[4]):
                 break  # its requests stay on the ring until the next window
             lone = lone_slot()
-            skb = self._build(avail) if lone is None else self._small(*lone)
             n += 1
+            if lone is None:
+                skb = self._build(avail)
+            elif not skbs and self._head_only_ok(lone[3]):
+                self._send_head(*lone)  # backend/tx/small.py
+                skb = None
+            else:
+                skb = self._small(*lone)
             if skb is not None:
                 skbs.append(skb)
             if (ring.req_cons - start) & MASK32 >= EARLY_SLOTS:
