@@ -24,10 +24,10 @@ from backend.mechanisms import load, own_counters
 from backend.tx.credit import Credit
 from backend.tx.release import TxRelease
 from backend.tx.requests import TxRequests
-from backend.tx.skb import HEADER_PULL_MAX, SkBuff, pull_headers
+from backend.tx.skb import HEADER_PULL_MAX, SkBuff, csum_fault, pull_headers
 from backend.tx.small import HeadOnly
 from shared.protocol.grant import GrantError
-from shared.protocol.headers import CSUM_OFFSET, ETH_P_IPV6
+from shared.protocol.headers import CSUM_OFFSET
 from shared.protocol.netif import (
     MAX_SKB_FRAGS,
     TX_REQUEST,
@@ -147,9 +147,8 @@ class TxPath(HeadOnly):
             n += 1
             if lone is None:
                 skb = self._build(avail)
-            elif not skbs and self._head_only_ok(lone[3]):
-                self._send_head(*lone)  # backend/tx/small.py
-                skb = None
+            elif not skbs and self._head_only_ok() and self._send_head(*lone):
+                skb = None  # sent on the spot: backend/tx/small.py
             else:
                 skb = self._small(*lone)
             if skb is not None:
@@ -292,14 +291,9 @@ class TxPath(HeadOnly):
         cstart = coff = 0
         if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
             h = skb.hdrs
-            if h is None or h.l4 is None or h.fragment or h.ip_proto not in CSUM_OFFSET:
-                self._count_drop("csum", f"ring[{skb.idx}].flags: csum_blank frame "
-                                 "without a TCP/UDP header "
-                                 f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
-                return False
-            if h.ethertype == ETH_P_IPV6 and not self.csum_v6:
-                self._count_drop("not_negotiated", f"ring[{skb.idx}].flags: csum_blank IPv6 "
-                                 "frame without feature-ipv6-csum-offload")
+            fault = csum_fault(h, self.csum_v6)
+            if fault is not None:
+                self._count_drop(fault[0], f"ring[{skb.idx}].flags: {fault[1]}")
                 return False
             vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
             cstart, coff = h.l4, CSUM_OFFSET[h.ip_proto]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from backend.grants.gntmap import GntMap, MapError
-from shared.protocol.headers import HeaderError, NeedMore, walk
+from shared.protocol.headers import CSUM_OFFSET, ETH_P_IPV6, HeaderError, NeedMore, walk
 
 #: SkBuff.hold_flags of fragments whose grants are not held (copy, or not attached yet)
 NOT_HELD = -2
@@ -195,3 +195,15 @@ def _take(skb: SkBuff, n: int, pull: Pull) -> bytes:
             sizes[i] -= k
             n -= k
     return b"".join(parts)
+
+
+def csum_fault(h, csum_v6: bool) -> tuple[str, str] | None:
+    """Linux's checksum_setup, judged on a header walk ``h`` (None: not IP or cut short): why
+    a csum_blank frame's checksum cannot be set up - (drop reason, what is wrong) - or None,
+    when it goes as NEEDS_CSUM from ``h.l4`` at ``CSUM_OFFSET[h.ip_proto]``."""
+    if h is None or h.l4 is None or h.fragment or h.ip_proto not in CSUM_OFFSET:
+        return ("csum", "csum_blank frame without a TCP/UDP header "
+                f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
+    if h.ethertype == ETH_P_IPV6 and not csum_v6:
+        return ("not_negotiated", "csum_blank IPv6 frame without feature-ipv6-csum-offload")
+    return None
