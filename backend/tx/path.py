@@ -133,6 +133,7 @@ class TxPath(HeadOnly):
         """One ring pass: build packets until ``limit`` packets or EARLY_SLOTS slots are
         consumed. Returns the packets built and how many were consumed (dropped ones too)."""
         ring, credit, lone_slot = self.ring, self.credit, self.requests.lone_slot
+        slot_frag = self.requests.slot_frag
         skbs: list[SkBuff] = []
         start = ring.req_cons
         n = 0
@@ -146,7 +147,8 @@ class TxPath(HeadOnly):
             lone = lone_slot()
             n += 1
             if lone is None:
-                skb = self._build(avail)
+                pair = slot_frag(avail)
+                skb = self._build(avail) if pair is None else self._slot_frag(*pair)
             elif not skbs and self._head_only_ok() and self._send_head(*lone):
                 skb = None  # sent on the spot: backend/tx/small.py
             else:
@@ -265,6 +267,29 @@ class TxPath(HeadOnly):
         st.copy_bytes += size
         st.tx_header_slot_packets += 1
         self.release.respond(rid, XEN_NETIF_RSP_OKAY, 0)
+        return skb
+
+    def _slot_frag(self, rid: int, start: int, first_len: int, flags: int, fgref: int,
+                   fid: int, fsize: int, size: int) -> SkBuff:
+        """A header slot and one fragment (``TxRequests.slot_frag``): ``_build``'s steps for
+        that shape - the slot copied and answered at once, the fragment's grant resolved."""
+        skb = SkBuff(bytes(self.hdr[start:start + first_len]))
+        skb.size = size
+        idx = skb.idx = (self.ring.req_cons - 2) & MASK32
+        st = self.stats
+        st.copy_bytes += first_len
+        st.tx_header_slot_packets += 1
+        self.release.respond(rid, XEN_NETIF_RSP_OKAY, 0)
+        skb.csum_blank = bool(flags & NETTXF_csum_blank)
+        skb.data_validated = bool(flags & NETTXF_data_validated)
+        skb.ids = [fid]
+        st.tx_frags += 1
+        grefs = [fgref]
+        try:
+            skb.frames, skb.flags0 = self.gntmap.tx.resolve(grefs)
+        except GrantError as e:  # fatal (fatal_grant): say which packet
+            raise GrantError(f"ring[{idx}..{(idx + 1) & MASK32}].gref: {e}") from e
+        skb.grefs, skb.offs, skb.sizes = grefs, [0], [fsize]
         return skb
 
     def _pull(self, skb: SkBuff) -> bool:
