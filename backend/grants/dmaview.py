@@ -38,6 +38,10 @@ class DmaView:
         """The fragments as iovecs for the vif write (the device's DMA, no CPU mapping)."""
         buf = self._buf
         f0, n = frames[0], len(frames)
+        if n == 1:  # an MTU packet's one fragment
+            a = f0 * PAGE_SIZE + offs[0]
+            out.append(buf[a:a + sizes[0]])
+            return
         if frames[-1] == f0 + n - 1 and offs.count(0) == n \
                 and sizes[:-1].count(PAGE_SIZE) == n - 1 and frames == list(range(f0, f0 + n)):
             # whole pages, physically contiguous: one iovec (sizes[-1] may be short). Each

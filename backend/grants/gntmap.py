@@ -101,6 +101,10 @@ class GntMap:
         """Validate a gref from the ring; return its frame. Persistent ones are checked once."""
         return self.kept.validate(gref, write)
 
+    def check_many(self, grefs: list[int], write: bool = False) -> list[int]:
+        """``check`` for a batch (an RX refill): their frames, in order."""
+        return self.kept.validate_many(grefs, write)
+
     # --- the CPU view -------------------------------------------------------------------
     def map(self, gref: int, frame: int, touch: bool = False, write: bool = False) -> None:
         """Map a payload page for CPU access, by the frame resolved at attach; pair with

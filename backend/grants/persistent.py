@@ -57,6 +57,13 @@ class PersistentGrants:
             raise NotNegotiated(f"gref {gref:#x} marked persistent without feature-persistent")
         return self.keep(gref, write)
 
+    def validate_many(self, grefs: list[int], write: bool = False) -> list[int]:
+        """``validate`` for a batch: transient grefs of a table no other queue shares are
+        checked in one loop (``GrantTable.check_many``)."""
+        if self.owned is None and not any(g & GREF_PERSISTENT for g in grefs):
+            return self.table.check_many(grefs, self.domid, write, self.frames)
+        return [self.validate(g, write) for g in grefs]
+
     def keep(self, gref: int, write: bool = False) -> int:
         """Validate ``gref`` (with the bit) once and keep it in use until disconnect."""
         if len(self.kept) >= MAX_PERSISTENT_GRANTS:

@@ -57,6 +57,11 @@ class TxGrants:
         n = len(grefs)
         g0 = grefs[0]
         lo, hi = self.frames.start, self.frames.stop
+        if n == 1 and self.lo <= g0 < self.count:  # an MTU packet's one fragment
+            fl, dom, frame = _unpack_gnt(self.buf, g0 * _GE)
+            if fl & GTF_permit_access and not fl & GTF_in_use and dom == self.domid \
+                    and lo <= frame < hi:
+                return [frame], fl
         if self.lo <= g0 and g0 + n <= self.count and grefs[-1] == g0 + n - 1 \
                 and grefs == list(range(g0, g0 + n)):
             e = entries(n).unpack_from(self.buf, g0 * _GE)
@@ -86,6 +91,15 @@ class TxGrants:
         flags = self.flags
         n = len(grefs)
         g0 = grefs[0]
+        if n == 1 and flags0 >= 0 and flags[g0] == flags0:  # one fragment: the same steps
+            held_flags = flags0 | GTF_reading
+            flags[g0] = held_flags
+            if flags[g0] == held_flags:
+                self.stats.grants_in_use += 1
+                return flags0
+            self._unhold(grefs)
+            raise GrantError(f"a grant of grefs {g0}..{g0} was revoked or changed while the "
+                             "backend took it")
         if flags0 >= 0 and flags[g0:g0 + n].tolist().count(flags0) == n:
             # unchanged since attach: one strided store, then re-read to catch a revoke that
             # landed after it (one that lands between the read and the store is the window
@@ -125,7 +139,10 @@ class TxGrants:
         """The skb is freed: nothing reads these grants any more; end_access may succeed."""
         if flags0 >= 0:
             g0, n = grefs[0], len(grefs)
-            self.flags[g0:g0 + n] = _fill(flags0 & ~GTF_in_use, n)
+            if n == 1:
+                self.flags[g0] = flags0 & ~GTF_in_use
+            else:
+                self.flags[g0:g0 + n] = _fill(flags0 & ~GTF_in_use, n)
             self.stats.grants_in_use -= n
             return
         self._unhold(grefs)

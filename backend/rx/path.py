@@ -32,10 +32,10 @@ from itertools import islice
 from backend.capture import NO_CAPTURE
 from backend.grants.gntmap import GntMap
 from backend.mechanisms import load, own_counters
+from backend.rx.small import NEED, PREDICTED, RX_SHRINK_AFTER, SmallFrames
 from shared.faults import PeerFault
 from shared.protocol.netif import (
     EXTRA_INFO,
-    MAX_FRAME_PAGES,
     PAGE_SIZE,
     RX_REQUEST,
     RX_RESPONSE,
@@ -58,11 +58,6 @@ from shared.protocol.ring import MASK32, BackRing
 from shared.protocol.stats import RingStats
 from shared.protocol.xenbus import Agreement, gso_accepted
 
-#: buffers the largest frame may need: a 64 KiB GSO frame spans 17 pages, plus its extra slot
-NEED = MAX_FRAME_PAGES + 1
-#: where a frame is read before its length is known: the first buffer, then from the third
-#: on (the second is kept for a GSO extra slot)
-PREDICTED = (0, *range(2, NEED))
 _unpack_req = RX_REQUEST.unpack_from
 #: virtio_net_hdr's flags, gso_type, hdr_len, gso_size
 _unpack_vnet4 = struct.Struct("<BBHH").unpack_from
@@ -73,7 +68,7 @@ class FatalRxError(PeerFault):
     """The frontend posted something no correct frontend posts."""
 
 
-class RxPath:
+class RxPath(SmallFrames):
     """The RX ring of one connection, through mechanism ``mode`` (``backend/rx/modes/``)."""
 
     def __init__(self, region: Area, gntmap: GntMap, vif_fd: int, stats: RingStats,
@@ -112,6 +107,8 @@ class RxPath:
         self.held_need = 0
         self._gso = 0  # the netif GSO type of the frame being answered
         self._vflags = self._gso_size = 0  # and its virtio flags and GSO size
+        #: single-page frames in a row (RX_SHRINK_AFTER of them: the next is read alone)
+        self.small_run = 0
 
     def refill(self) -> int:
         """Take newly posted requests off the ring, validating each once (the mechanism's
@@ -174,11 +171,18 @@ class RxPath:
                     self.held = n - VNET_HDR.size
                     self.held_need = self._need(self.held)
                 continue
+            if self.small_run >= RX_SHRINK_AFTER:
+                try:
+                    self._small_frames()
+                except BlockingIOError:
+                    return False
+                continue
             try:
                 w = mech.write(vif_fd, vnet, *queues, PREDICTED, layout)
             except BlockingIOError:
                 return False
             if w.revoked:
+                self.small_run = 0
                 self._retire(w.revoked)
                 if w.kept:  # still whole in the mechanism's own memory: held, not lost
                     self.held = w.n - VNET_HDR.size
@@ -188,6 +192,7 @@ class RxPath:
                     st.drops_error += 1
                 continue
             if w.data:
+                self.small_run = self.small_run + 1 if len(w.data) == 1 else 0
                 self._respond(w.n - VNET_HDR.size, w.data)
         st.grants_active = len(posted)
         return True

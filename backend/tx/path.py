@@ -24,9 +24,10 @@ from backend.mechanisms import load, own_counters
 from backend.tx.credit import Credit
 from backend.tx.release import TxRelease
 from backend.tx.requests import TxRequests
-from backend.tx.skb import HEADER_PULL_MAX, SkBuff, pull_headers
+from backend.tx.skb import HEADER_PULL_MAX, SkBuff, csum_fault, pull_headers
+from backend.tx.small import HeadOnly
 from shared.protocol.grant import GrantError
-from shared.protocol.headers import CSUM_OFFSET, ETH_P_IPV6
+from shared.protocol.headers import CSUM_OFFSET
 from shared.protocol.netif import (
     MAX_SKB_FRAGS,
     TX_REQUEST,
@@ -63,7 +64,7 @@ def _offered(name: str) -> property:
                     lambda self, value: setattr(self.requests, name, value))
 
 
-class TxPath:
+class TxPath(HeadOnly):
     """The TX ring of one connection and the vif it feeds, through mechanism ``mode``."""
 
     def __init__(self, region: Area, gntmap: GntMap, vif_fd: int, stats: RingStats,
@@ -132,6 +133,7 @@ class TxPath:
         """One ring pass: build packets until ``limit`` packets or EARLY_SLOTS slots are
         consumed. Returns the packets built and how many were consumed (dropped ones too)."""
         ring, credit, lone_slot = self.ring, self.credit, self.requests.lone_slot
+        slot_frag = self.requests.slot_frag
         skbs: list[SkBuff] = []
         start = ring.req_cons
         n = 0
@@ -143,8 +145,14 @@ class TxPath:
                     _unpack_req(ring.buf, ring.entry(ring.req_cons))[4]):
                 break  # its requests stay on the ring until the next window
             lone = lone_slot()
-            skb = self._build(avail) if lone is None else self._small(*lone)
             n += 1
+            if lone is None:
+                pair = slot_frag(avail)
+                skb = self._build(avail) if pair is None else self._slot_frag(*pair)
+            elif not skbs and self._head_only_ok() and self._send_head(*lone):
+                skb = None  # sent on the spot: backend/tx/small.py
+            else:
+                skb = self._small(*lone)
             if skb is not None:
                 skbs.append(skb)
             if (ring.req_cons - start) & MASK32 >= EARLY_SLOTS:
@@ -261,6 +269,29 @@ class TxPath:
         self.release.respond(rid, XEN_NETIF_RSP_OKAY, 0)
         return skb
 
+    def _slot_frag(self, rid: int, start: int, first_len: int, flags: int, fgref: int,
+                   fid: int, fsize: int, size: int) -> SkBuff:
+        """A header slot and one fragment (``TxRequests.slot_frag``): ``_build``'s steps for
+        that shape - the slot copied and answered at once, the fragment's grant resolved."""
+        skb = SkBuff(bytes(self.hdr[start:start + first_len]))
+        skb.size = size
+        idx = skb.idx = (self.ring.req_cons - 2) & MASK32
+        st = self.stats
+        st.copy_bytes += first_len
+        st.tx_header_slot_packets += 1
+        self.release.respond(rid, XEN_NETIF_RSP_OKAY, 0)
+        skb.csum_blank = bool(flags & NETTXF_csum_blank)
+        skb.data_validated = bool(flags & NETTXF_data_validated)
+        skb.ids = [fid]
+        st.tx_frags += 1
+        grefs = [fgref]
+        try:
+            skb.frames, skb.flags0 = self.gntmap.tx.resolve(grefs)
+        except GrantError as e:  # fatal (fatal_grant): say which packet
+            raise GrantError(f"ring[{idx}..{(idx + 1) & MASK32}].gref: {e}") from e
+        skb.grefs, skb.offs, skb.sizes = grefs, [0], [fsize]
+        return skb
+
     def _pull(self, skb: SkBuff) -> bool:
         """The header pull; False: dropped (drops_headers)."""
         if pull_headers(skb, self.gntmap.pull):
@@ -285,14 +316,9 @@ class TxPath:
         cstart = coff = 0
         if skb.csum_blank:  # checksum_setup on the pulled headers; Linux drops on failure
             h = skb.hdrs
-            if h is None or h.l4 is None or h.fragment or h.ip_proto not in CSUM_OFFSET:
-                self._count_drop("csum", f"ring[{skb.idx}].flags: csum_blank frame "
-                                 "without a TCP/UDP header "
-                                 f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
-                return False
-            if h.ethertype == ETH_P_IPV6 and not self.csum_v6:
-                self._count_drop("not_negotiated", f"ring[{skb.idx}].flags: csum_blank IPv6 "
-                                 "frame without feature-ipv6-csum-offload")
+            fault = csum_fault(h, self.csum_v6)
+            if fault is not None:
+                self._count_drop(fault[0], f"ring[{skb.idx}].flags: {fault[1]}")
                 return False
             vflags = VIRTIO_NET_HDR_F_NEEDS_CSUM
             cstart, coff = h.l4, CSUM_OFFSET[h.ip_proto]

@@ -49,6 +49,9 @@ FATAL_REASONS = ("slots_unpublished", "too_many_slots", "page_boundary", "id_reu
 _unpack_req = TX_REQUEST.unpack_from
 #: flags of a request that is not a whole packet on its own
 _NOT_LONE = NETTXF_more_data | NETTXF_extra_info
+#: a header slot followed by fragments, without extra info (``slot_frag``)
+_SLOT_FRAG_MASK = NETTXF_header_slot | NETTXF_more_data | NETTXF_extra_info
+_SLOT_FRAG = NETTXF_header_slot | NETTXF_more_data
 _unpack_extra = EXTRA_INFO.unpack_from
 
 
@@ -117,6 +120,32 @@ class TxRequests:
         ring.req_cons = (cons + 1) & MASK32
         self.stats.slots_consumed += 1
         return rid, gref + off, size, flags
+
+    def slot_frag(self, avail: int) -> tuple[int, int, int, int, int, int, int, int] | None:
+        """The usual MTU packet, checked and consumed in one go: a header-slot request with
+        MORE_DATA and no extra, then one last fragment at offset 0 within a page, both ids
+        free, the slot reference and the sizes valid - (request id, byte offset of its bytes
+        in the header area, their length, flags, the fragment's gref, id and size, the
+        packet's size). None (nothing consumed) for anything else, which ``read`` judges."""
+        if avail < 2:
+            return None
+        ring, buf = self.ring, self.buf
+        cons = ring.req_cons
+        gref, off, flags, rid, size = _unpack_req(buf, ring.entry(cons))
+        if flags & _SLOT_FRAG_MASK != _SLOT_FRAG or not self.header_slots:
+            return None
+        fgref, foff, fflags, fid, fsize = _unpack_req(buf, ring.entry(cons + 1))
+        first_len = size - fsize
+        slots, pending = self.slots, self.pending
+        ss = slots.slot_size
+        if fflags or foff or fsize > PAGE_SIZE or first_len <= 0 or pending[rid] \
+                or pending[fid] or fid == rid or size > MAX_FRAME or size < 14 \
+                or off + first_len > ss or gref % ss or not 0 <= gref < ss * slots.count:
+            return None
+        pending[rid] = pending[fid] = 1
+        ring.req_cons = (cons + 2) & MASK32
+        self.stats.slots_consumed += 2
+        return rid, gref + off, first_len, flags, fgref, fid, fsize, size
 
     def read(self, avail: int) -> TxPacket:
         """The next packet (``avail`` requests are published); consumes its requests."""

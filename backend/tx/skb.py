@@ -22,10 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from backend.grants.gntmap import GntMap, MapError
-from shared.protocol.headers import HeaderError, NeedMore, walk
+from shared.protocol.headers import CSUM_OFFSET, ETH_P_IPV6, HeaderError, NeedMore, walk
 
 #: SkBuff.hold_flags of fragments whose grants are not held (copy, or not attached yet)
 NOT_HELD = -2
+#: SkBuff._hdrs of a head not walked yet (``SkBuff.hdrs`` walks it when asked)
+UNWALKED = object()
 
 
 class SkBuff:
@@ -33,7 +35,7 @@ class SkBuff:
 
     __slots__ = ("size", "head", "grefs", "frames", "offs", "sizes", "ids", "extras",
                  "gso_type", "gso_size", "csum_blank", "data_validated", "mapped", "touched",
-                 "transmitted", "flags0", "hold_flags", "drop", "hdrs", "linear", "idx", "zc",
+                 "transmitted", "flags0", "hold_flags", "drop", "_hdrs", "linear", "idx", "zc",
                  "vnet")
 
     def __init__(self, head: bytes = b"") -> None:
@@ -63,9 +65,8 @@ class SkBuff:
         #: the grants' common flags when held with one strided store, -1 when held one by
         #: one, NOT_HELD when not held (``backend/grants/tx.py``)
         self.hold_flags = NOT_HELD
-        #: the header walk of the pulled head (shared.protocol.headers.Headers; None: not
-        #: IP/malformed)
-        self.hdrs = None
+        #: the header walk of the pulled head (``hdrs``), or UNWALKED until something asks
+        self._hdrs: object = None
         #: the whole frame as a payload rule read it: then this copy is what is sent
         self.linear: bytes | None = None
         #: the ring index of its first request (for the log line of a drop)
@@ -75,6 +76,21 @@ class SkBuff:
         self.drop: tuple[str, str] | None = None
         #: its virtio_net_hdr for the vif write (checksum and GSO), set by the checksum set-up
         self.vnet = b""
+
+    @property
+    def hdrs(self):
+        """The header walk of the head (shared.protocol.headers.Headers; None: not IP, or
+        malformed/cut short). A frame wholly in its head needs no walk to be pulled, so its
+        walk waits until the checksum set-up or a rule asks: most small frames are never
+        walked (the walk was a fifth of a 64-byte frame's TX cost)."""
+        h = self._hdrs
+        if h is UNWALKED:
+            try:
+                h = walk(self.head)
+            except (NeedMore, HeaderError):
+                h = None
+            self._hdrs = h
+        return h
 
     def map_frags(self, gntmap: GntMap, which: list[int] | range, touch: bool = False) -> bool:
         """Map fragments ``which`` into the CPU view (those not mapped yet), remembering them
@@ -141,6 +157,9 @@ def pull_headers(skb: SkBuff, pull: Pull) -> bool:
     """Pull ``skb``'s headers into ``skb.head``; ``skb.hdrs`` becomes their walk (None: not
     IP, or malformed/cut short). False: the headers do not end within HEADER_PULL_MAX."""
     head, size = skb.head, skb.size
+    if len(head) >= size:  # nothing left in the fragments to pull: walked only if asked
+        skb._hdrs = UNWALKED
+        return True
     want = min(size, TX_COPY_LEN)
     while True:
         if len(head) < want:
@@ -148,7 +167,7 @@ def pull_headers(skb: SkBuff, pull: Pull) -> bool:
                 return False
             head += _take(skb, want - len(head), pull)
         try:
-            skb.hdrs = walk(head)
+            skb._hdrs = walk(head)
             break
         except NeedMore as e:
             if len(head) >= size:  # a frame shorter than its own headers
@@ -176,3 +195,15 @@ def _take(skb: SkBuff, n: int, pull: Pull) -> bytes:
             sizes[i] -= k
             n -= k
     return b"".join(parts)
+
+
+def csum_fault(h, csum_v6: bool) -> tuple[str, str] | None:
+    """Linux's checksum_setup, judged on a header walk ``h`` (None: not IP or cut short): why
+    a csum_blank frame's checksum cannot be set up - (drop reason, what is wrong) - or None,
+    when it goes as NEEDS_CSUM from ``h.l4`` at ``CSUM_OFFSET[h.ip_proto]``."""
+    if h is None or h.l4 is None or h.fragment or h.ip_proto not in CSUM_OFFSET:
+        return ("csum", "csum_blank frame without a TCP/UDP header "
+                f"({'fragment' if h and h.fragment else 'not TCP/UDP'})")
+    if h.ethertype == ETH_P_IPV6 and not csum_v6:
+        return ("not_negotiated", "csum_blank IPv6 frame without feature-ipv6-csum-offload")
+    return None

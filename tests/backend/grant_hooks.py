@@ -40,18 +40,23 @@ def install(gntmap: GntMap, hook: Hook, rx=None) -> None:
     hooks = [(tx, "hold", hooked_hold), (gntmap, "map", hooked_map),
              (gntmap, "pull", hooked_pull), (gntmap, "tx_iovecs", hooked_iovecs)]
     if rx is not None:
-        write, spill = rx.write, rx._rx_spill
+        write, write_one, copy_in = rx.write, rx.write_one, rx.copy_in
 
         def hooked_write(fd, vnet, views, grefs, exps, predicted, layout):
-            for p in predicted[:min(rx.window, len(predicted))]:  # validated first
+            for p in predicted:  # validated first
                 hook("rx_write", grefs[p])
             return write(fd, vnet, views, grefs, exps, predicted, layout)
 
-        def hooked_spill(k, nbufs, predicted, views, grefs, exps):
-            for p in predicted[k:nbufs]:  # the buffers a spill validates
-                hook("rx_write", grefs[p])
-            return spill(k, nbufs, predicted, views, grefs, exps)
+        def hooked_write_one(fd, vnet, view, g, e):
+            hook("rx_write", g)
+            return write_one(fd, vnet, view, g, e)
 
-        hooks += [(rx, "write", hooked_write), (rx, "_rx_spill", hooked_spill)]
+        def hooked_copy_in(positions, views, grefs, exps):
+            for p in positions:  # the buffers a spill validates
+                hook("rx_write", grefs[p])
+            return copy_in(positions, views, grefs, exps)
+
+        hooks += [(rx, "write", hooked_write), (rx, "write_one", hooked_write_one),
+                  (rx, "copy_in", hooked_copy_in)]
     for obj, name, wrapper in hooks:
         setattr(obj, name, wrapper)  # on the instance: its own methods find the wrapper

@@ -205,6 +205,13 @@ class RxSpy(_Spy):
         return [ev for ev in self.events if ev[0] == "map"]
 
 
+def split_head_only(writes: list[list[Piece]]) -> tuple[list, list]:
+    """A TX spy's vif writes: those of packets the mechanism's hooks saw (a fragment iovec
+    follows the head, if only an empty one) and the head-only ones (vnet header and head:
+    a packet wholly in its header slot, sent by ``backend/tx/small.py``)."""
+    return [w for w in writes if len(w) > 2], [w for w in writes if len(w) == 2]
+
+
 def tx_through(mode: str, header_slots: bool, monkeypatch) -> tuple[Pair, TxSpy]:
     """Frames of every size (``FRAMES_SIZES``) through a pair in ``mode``, watched; they must
     arrive intact."""

@@ -14,8 +14,14 @@ force does the part that touches the frontend's pages:
   core's decision, once the frame's length and GSO kind are known, of the positions its pages
   go to (None: dropped, not negotiated). Returns what was read, the positions found revoked
   (then nothing is answered for the frame), and the positions written.
-- ``copy_in(first, nbufs, targets, grefs, exps)``: the pages of ``bounce()`` (a frame read
-  there while too few buffers were posted) into posted buffers ``first..nbufs-1``.
+- ``write_one(fd, vnet, target, g, e)``: one frame into one posted buffer, the rest of a
+  longer one into the bounce buffer's pages 0..; the core asks for this while small frames
+  come in a row (a frame per read, one buffer checked and marked, not 17), and copies a longer
+  frame's rest on with ``copy_in``. Returns the bytes read (with the vnet header), or -1 if
+  the buffer was found revoked (nothing read).
+- ``copy_in(positions, targets, grefs, exps)``: the pages of ``bounce()`` (a frame read
+  there while too few buffers were posted, or the rest of a frame ``write_one`` read) into
+  the posted buffers at ``positions``, in order.
 
 Every write into a buffer checks first that its entry is still exactly what was validated, and
 sets GTF_writing on it meanwhile (``_stale``, ``_writing``): a buffer the frontend revoked in
@@ -72,6 +78,8 @@ class RxMechanism:
         self._q = table.words  # whole entries, to compare one value per grant
         self.flags = table.ref_flags
         self._bounce = memoryview(bytearray(RX_BOUNCE))
+        #: where ``write_one`` reads what follows a frame's first page
+        self._spill = self._bounce[:RX_BOUNCE - PAGE_SIZE]
 
     def target(self, gref: int, frame: int) -> object:
         """The mechanism's handle on a posted page (what ``write`` and ``copy_in`` get) for
@@ -79,28 +87,32 @@ class RxMechanism:
         return gref, frame
 
     def post(self, grefs: list[int]) -> tuple[list[int], list[int], list]:
-        """A refill's posted buffers, validated now: their table indexes, their entries as
-        one u64 each (what they must still be at write time), their targets."""
-        check, q, target = self.check, self._q, self.target
-        gis, exps, targets = [], [], []
-        for gref in grefs:
-            frame = check(gref, True)
-            gi = gref & GREF_MASK
+        """A refill's posted buffers, validated now (``GntMap.check_many``: the batch in one
+        loop): their table indexes, their entries as one u64 each (what they must still be at
+        write time), their targets."""
+        frames = self.gntmap.check_many(grefs, True) if self.check == self.gntmap.check \
+            else [self.check(g, True) for g in grefs]
+        q = self._q
+        gis = [gref & GREF_MASK for gref in grefs]
+        exps = []
+        low = (1 << WORD_FRAME_SHIFT) - 1
+        for gi, frame in zip(gis, frames, strict=True):
             word = q[gi]
             if word >> WORD_FRAME_SHIFT != frame:  # rewritten since the check (or a kept
                 # grant's entry since it was kept): expect the frame validated, so the write
                 # finds the entry changed (revoked) and nothing reaches the unvalidated one
-                word = (frame << WORD_FRAME_SHIFT) | (word & ((1 << WORD_FRAME_SHIFT) - 1))
-            gis.append(gi)
+                word = (frame << WORD_FRAME_SHIFT) | (word & low)
             exps.append(word)
-            targets.append(target(gref, frame))
-        return gis, exps, targets
+        return gis, exps, list(map(self.target, grefs, frames))
 
     def write(self, fd: int, vnet: bytearray, targets, grefs, exps, maxbufs: int,
               layout: Layout) -> RxWrite:
         raise NotImplementedError
 
-    def copy_in(self, first: int, nbufs: int, targets, grefs, exps) -> list[int]:
+    def write_one(self, fd: int, vnet: bytearray, target, g: int, e: int) -> int:
+        raise NotImplementedError
+
+    def copy_in(self, positions: Sequence[int], targets, grefs, exps) -> list[int]:
         raise NotImplementedError
 
     def bounce(self) -> memoryview:

@@ -40,6 +40,9 @@ class TxMechanism:
 
     #: the mechanism's own counters (space-separated names), shown beside the ring's
     COUNTERS: ClassVar[str] = ""
+    #: a packet wholly in its header slot has no grant to act on, so the core sends it
+    #: without the hooks (``backend/tx/small.py``); True: this mechanism sees those too
+    HEAD_ONLY_HOOKS: ClassVar[bool] = False
 
     def __init__(self, gntmap: GntMap, stats: RingStats, release: TxRelease,
                  own: object) -> None:

@@ -24,4 +24,6 @@ Modules, each holding one thing:
   report.py       markdown table, targets, JSON, plot
   perframe.py     the per-frame cost table and the per-frame goals' figures
   runner.py       the loop, progress lines, teardown on failure and Ctrl-C
+  devices.py      `python -m shared.lab.bench.devices`: a frame's cost into a bridge through a
+                  TAP, an AF_PACKET socket and a TPACKET_V2 TX ring (the device model)
 """

@@ -74,6 +74,38 @@ def test_rx_marks_one_buffer_for_small_frames_and_spills_a_long_one_correctly():
         p.wire.send(bytes(VNET_HDR.size) + f)
     p.run_rx()
     assert [g[VNET_HDR.size:] for g in p.guest_frames()] == frames
-    assert p.brx.mech.window > 1  # widened again after the long frame
+    assert p.brx.small_run == 1  # read whole again after the long frame
     assert p.bstats[1].rx_spills == 1
+    close(p)
+
+
+def test_a_buffer_revoked_during_a_run_of_small_frames_is_not_written():
+    """While small frames come in a row one buffer is checked per read (``write_one``): the
+    frontend revokes that buffer just before the read; it keeps its bytes, is answered
+    XEN_NETIF_RSP_ERROR (rx_grant_revoked 1), and the frame arrives in the next one."""
+    p = make_pair(rx_mode="copy")
+    warm = [frame(bytes([i]) * 40) for i in range(10)]
+    for f in warm:
+        p.wire.send(bytes(VNET_HDR.size) + f)
+    p.run_rx()
+    assert len(p.guest_frames()) == len(warm) and p.brx.small_run >= 8
+    grants = p.front_region.grants
+    revoked, pages = [], []
+
+    def hook(point, g):
+        if point == "rx_write" and not revoked:
+            i = p.rx.refs.index(g)
+            page = p.front_region.page(p.rx.frames[i])
+            page[:] = b"\xee" * len(page)
+            pages.append(page)
+            revoked.append(grants.end_access(g))
+
+    grant_hooks.install(p.brx.gntmap, hook, p.brx.mech)
+    sent = frame(b"s" * 70)
+    p.wire.send(bytes(VNET_HDR.size) + sent)
+    p.run_rx()
+    assert revoked == [True]
+    assert bytes(pages[0]) == b"\xee" * len(pages[0])
+    assert p.bstats[1].rx_grant_revoked == 1
+    assert [g[VNET_HDR.size:] for g in p.guest_frames()] == [sent]
     close(p)
