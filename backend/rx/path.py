@@ -151,7 +151,9 @@ class RxPath(SmallFrames):
         posted, st, mech, capture = self.posted, self.stats, self.mech, self.capture
         vnet, vif_fd, layout = self.vnet, self.vif_fd, self._layout
         queues = (self.posted_views, self.posted_grefs, self.posted_exps)
-        for _ in range(budget):
+        left = budget
+        while left > 0:
+            left -= 1  # a frame, or an attempt (the small-frame loop gives back the rest)
             if self.held:
                 if not self._place_held():
                     return False
@@ -173,7 +175,7 @@ class RxPath(SmallFrames):
                 continue
             if self.small_run >= RX_SHRINK_AFTER:
                 try:
-                    self._small_frames()
+                    left -= max(self._small_frames(left + 1) - 1, 0)
                 except BlockingIOError:
                     return False
                 continue

@@ -43,12 +43,13 @@ _RX_FLAGS = tuple(
 class SmallFrames:
     """The small-frame loop of ``backend.rx.path.RxPath`` (its state and queues)."""
 
-    def _small_frames(self) -> None:
+    def _small_frames(self, limit: int) -> int:
         """Small frames in a row, each read into the first posted buffer (``write_one``) and
         answered on the spot: the one loop a stream of small frames runs (Linux's RX copies
-        a batch of skbs the same way). Stops, for ``action`` to go on, at a frame that is not
-        small (handled by ``_one``), when fewer than NEED buffers are posted or a capture
-        wants incoming frames; BlockingIOError once the vif is empty."""
+        a batch of skbs the same way). Returns the frames read (at most ``limit``: the
+        caller's budget); stops, for ``action`` to go on, at a frame that is not small
+        (handled by ``_one``), when fewer than NEED buffers are posted or a capture wants
+        incoming frames; BlockingIOError once the vif is empty."""
         posted, views, grefs, exps = (self.posted, self.posted_views, self.posted_grefs,
                                       self.posted_exps)
         ids, write_one, capture = self.posted_ids, self.mech.write_one, self.capture
@@ -56,10 +57,12 @@ class SmallFrames:
         vnet, fd, hdr, st = self.vnet, self.vif_fd, VNET_HDR.size, self.stats
         no_csum = 0 if self.csum_ok else VIRTIO_NET_HDR_F_NEEDS_CSUM
         prod = ring.rsp_prod_pvt
-        done = nbytes = 0
+        done = nbytes = reads = 0
         try:
-            while len(posted) >= NEED and not capture.on:
+            while reads < limit and len(posted) >= NEED \
+                    and not (capture.on and capture.wants_in()):
                 n = write_one(fd, vnet, views[0], grefs[0], exps[0])
+                reads += 1
                 length = n - hdr
                 if 0 < length <= PAGE_SIZE and not vnet[1] and not vnet[0] & no_csum:
                     rid = posted.popleft()
@@ -76,12 +79,13 @@ class SmallFrames:
                 self._one(n)
                 prod = ring.rsp_prod_pvt
                 if self.small_run < RX_SHRINK_AFTER:
-                    return
+                    break
         finally:
             ring.rsp_prod_pvt = prod & MASK32
             st.rx_packets += done
             st.rx_bytes += nbytes
             st.copy_bytes += nbytes
+        return reads
 
     def _one(self, n: int) -> None:
         """Answer a frame ``write_one`` read into the first posted buffer (``n``: bytes read,

@@ -33,27 +33,32 @@ class MapReceiver(RxMechanism):
         self._first = memoryview(bytearray(PAGE_SIZE))  # a transient buffer's page, read first
 
     def write_one(self, fd: int, vnet: bytearray, target, g: int, e: int) -> int:
-        """One frame into one posted buffer (the rest into the bounce buffer): straight into
-        its mapping if it is kept mapped, else read first and copied in (``copy_in``)."""
+        """One frame into one posted buffer (the rest into the bounce buffer), its entry
+        checked first (-1 if revoked: nothing read) and marked GTF_writing meanwhile:
+        straight into its mapping if it is kept mapped, else read into backend memory, then
+        mapped, copied in by the CPU and unmapped (only once a frame was read)."""
         gref, frame = target
-        gntmap = self.gntmap
-        if not (gref & GREF_PERSISTENT and gntmap.kept.is_mapped(gref, frame)):
-            n = os.readv(fd, [vnet, self._first, self._spill])
-            if n > len(vnet):
-                if self._copy([target], [g], [e], [self._first]):
-                    return -1
-            return n
         flags = self.flags
         if self._q[g] != e:
             return -1
+        gntmap = self.gntmap
+        kept = gref & GREF_PERSISTENT and gntmap.kept.is_mapped(gref, frame)
         flags[g] = (e & WORD_FLAGS) | GTF_writing
         try:
-            n = os.readv(fd, [vnet, gntmap.page(frame), self._spill])
+            if kept:
+                n = os.readv(fd, [vnet, gntmap.page(frame), self._spill])
+                self.own.rx_kept_reads += 1
+            else:
+                n = os.readv(fd, [vnet, self._first, self._spill])
+                if n > len(vnet):
+                    gntmap.map(gref, frame, write=True)
+                    try:
+                        gntmap.page(frame)[:] = self._first
+                    finally:
+                        gntmap.unmap(gref, frame)
         finally:
             flags[g] = e & WORD_FLAGS
-        own = self.own
-        own.rx_kept_reads += 1
-        own.rx_mapped_copies += 1
+        self.own.rx_mapped_copies += n > len(vnet)
         return n
 
     def write(self, fd: int, vnet: bytearray, targets, grefs, exps,

@@ -56,7 +56,8 @@ LINE_STAGES: tuple[tuple[re.Pattern[str], str], ...] = (
 MODULE_STAGES: dict[str, str] = {
     **dict.fromkeys(("shared/protocol/ring.py", "shared/protocol/netif.py",
                      "shared/protocol/slots.py", "backend/tx/requests.py",
-                     "backend/tx/release.py", "frontend/tx/queue.py", "frontend/tx/flow.py",
+                     "backend/tx/release.py", "backend/tx/small.py", "backend/rx/small.py",
+                     "frontend/tx/queue.py", "frontend/tx/flow.py",
                      "frontend/rx/queue.py", "frontend/rx/stock.py"), "ring"),
     **dict.fromkeys(("shared/protocol/grant.py", "shared/protocol/region.py", "backend/grants/",
                      "backend/tx/modes/", "backend/rx/modes/", "frontend/tx/chunks.py",
