@@ -162,7 +162,10 @@ def test_the_generator_command_is_one_bounded_unshaped_worker_that_leaves_system
                    "udp(sp=9, dp=9), fill(0x00, 22) }")  # 14 + 20 + 8 + 22 = 64 bytes
     assert "fill(0x00, 1454)" in pps.packet("02:00:00:00:b2:11", "10.81.0.11", 1496)
     argv = pps.generator_argv("eth0", pkt, 5)
-    assert argv[:2] == ["sh", "-c"] and argv[2].startswith("timeout -s INT 5 trafgen --dev eth0")
+    # from /tmp: trafgen's temporary file needs a writable working directory (a guest sees a
+    # checkout under /tmp read-only)
+    assert argv[:2] == ["sh", "-c"] and argv[2].startswith(
+        "cd /tmp && timeout -s INT 5 trafgen --dev eth0")
     for opt in ("--cpus 1", "--gap 0ns", "--qdisc-path", "--no-sock-mem", "--notouch-irq"):
         assert opt in argv[2]
     assert argv[2].endswith("; cat /proc/$$/stat")

@@ -80,11 +80,14 @@ def packet(dst_mac: str, dst_ip: str, frame_len: int, flows: int = 1) -> str:
 
 def generator_argv(dev: str, pkt: str, seconds: float) -> list[str]:
     """trafgen for `seconds` (SIGINT: it prints its counts), then the shell's own stat line,
-    whose cutime/cstime are trafgen's CPU once it is reaped."""
+    whose cutime/cstime are trafgen's CPU once it is reaped. From /tmp: trafgen writes the
+    packet description to a temporary file in its working directory, and a QEMU guest sees
+    a checkout under /tmp (bind-mounted from the host) read-only."""
     trafgen = ["trafgen", "--dev", dev, "--cpus", "1", "--gap", "0ns", "--qdisc-path",
                "--no-sock-mem", "--notouch-irq", pkt]
     secs = f"{max(1.0, seconds):g}"
-    return ["sh", "-c", f"timeout -s INT {secs} {shlex.join(trafgen)}; cat /proc/$$/stat"]
+    return ["sh", "-c",
+            f"cd /tmp && timeout -s INT {secs} {shlex.join(trafgen)}; cat /proc/$$/stat"]
 
 
 def parse_generator(out: str) -> tuple[int, float, float | None]:
