@@ -91,23 +91,21 @@ class TxGrants:
         flags = self.flags
         n = len(grefs)
         g0 = grefs[0]
-        if n == 1 and flags0 >= 0 and flags[g0] == flags0:  # one fragment: the same steps
-            held_flags = flags0 | GTF_reading
-            flags[g0] = held_flags
-            if flags[g0] == held_flags:
-                self.stats.grants_in_use += 1
-                return flags0
-            self._unhold(grefs)
-            raise GrantError(f"a grant of grefs {g0}..{g0} was revoked or changed while the "
-                             "backend took it")
-        if flags0 >= 0 and flags[g0:g0 + n].tolist().count(flags0) == n:
+        one = n == 1  # an MTU packet's one fragment: the same steps without the slices
+        if flags0 >= 0 and (flags[g0] == flags0 if one
+                            else flags[g0:g0 + n].tolist().count(flags0) == n):
             # unchanged since attach: one strided store, then re-read to catch a revoke that
             # landed after it (one that lands between the read and the store is the window
             # documented in docs/design.md: no compare-and-swap from Python). Only the flags are
             # re-read: the frames were resolved at attach and are never read again.
             held_flags = flags0 | GTF_reading
-            flags[g0:g0 + n] = _fill(held_flags, n)
-            if flags[g0:g0 + n].tolist().count(held_flags) == n:
+            if one:
+                flags[g0] = held_flags
+                still = flags[g0] == held_flags
+            else:
+                flags[g0:g0 + n] = _fill(held_flags, n)
+                still = flags[g0:g0 + n].tolist().count(held_flags) == n
+            if still:
                 self.stats.grants_in_use += n
                 return flags0
             self._unhold(grefs)

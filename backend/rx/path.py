@@ -41,15 +41,13 @@ from shared.protocol.netif import (
     RX_RESPONSE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_RSP_ERROR,
-    NETRXF_csum_blank,
-    NETRXF_data_validated,
     NETRXF_extra_info,
     NETRXF_more_data,
 )
 from shared.protocol.offload import (
-    VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_TO_NETRXF,
     VIRTIO_TO_XEN_GSO,
     VNET_HDR,
 )
@@ -254,11 +252,7 @@ class RxPath(SmallFrames):
         posted, st = self.posted, self.stats
         ring, buf, entry = self.ring, self.buf, self.ring.entry
         vflags, gso_size, xgso = self._vflags, self._gso_size, self._gso
-        flags = 0
-        if vflags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            flags = NETRXF_csum_blank | NETRXF_data_validated
-        elif vflags & VIRTIO_NET_HDR_F_DATA_VALID:
-            flags = NETRXF_data_validated
+        flags = VIRTIO_TO_NETRXF[vflags]
         prod = ring.rsp_prod_pvt
         if not xgso and len(data) == 1 and data[0] == 0:  # one buffer, the first posted
             rid = posted.popleft()

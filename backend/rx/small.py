@@ -11,18 +11,8 @@ bounce buffer: ``rx_spills``) and the core reads whole frames again.
 
 from __future__ import annotations
 
-from shared.protocol.netif import (
-    MAX_FRAME_PAGES,
-    PAGE_SIZE,
-    RX_RESPONSE,
-    NETRXF_csum_blank,
-    NETRXF_data_validated,
-)
-from shared.protocol.offload import (
-    VIRTIO_NET_HDR_F_DATA_VALID,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VNET_HDR,
-)
+from shared.protocol.netif import MAX_FRAME_PAGES, PAGE_SIZE, RX_RESPONSE
+from shared.protocol.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_TO_NETRXF, VNET_HDR
 from shared.protocol.ring import MASK32
 
 #: buffers the largest frame may need: a 64 KiB GSO frame spans 17 pages, plus its extra slot
@@ -33,11 +23,6 @@ PREDICTED = (0, *range(2, NEED))
 #: single-page frames in a row after which the next is read into one buffer (``write_one``)
 RX_SHRINK_AFTER = 8
 _pack_rsp = RX_RESPONSE.pack_into
-_FIRST = (0,)
-#: a virtio_net_hdr's flags byte -> the netif RX flags of its frame
-_RX_FLAGS = tuple(
-    (NETRXF_csum_blank | NETRXF_data_validated) if f & VIRTIO_NET_HDR_F_NEEDS_CSUM
-    else NETRXF_data_validated if f & VIRTIO_NET_HDR_F_DATA_VALID else 0 for f in range(256))
 
 
 class SmallFrames:
@@ -70,7 +55,7 @@ class SmallFrames:
                     grefs.popleft()
                     exps.popleft()
                     ids.discard(rid)
-                    _pack_rsp(buf, entry(prod), rid, 0, _RX_FLAGS[vnet[0]], length)
+                    _pack_rsp(buf, entry(prod), rid, 0, VIRTIO_TO_NETRXF[vnet[0]], length)
                     prod += 1
                     done += 1
                     nbytes += length
@@ -88,20 +73,14 @@ class SmallFrames:
         return reads
 
     def _one(self, n: int) -> None:
-        """Answer a frame ``write_one`` read into the first posted buffer (``n``: bytes read,
-        -1: that buffer was revoked); a longer one's rest is copied on from the bounce
-        buffer (``rx_spills``) and the next frames are read whole again."""
+        """A frame ``write_one`` read that is not a small one (``n``: bytes read, -1: the
+        buffer was revoked, nothing read): laid out as any frame, a longer one's rest copied
+        on from the bounce buffer (``rx_spills``); the next frames are read whole again."""
         if n < 0:
             self._retire([0])
             return
         length = n - VNET_HDR.size
         if length <= 0:
-            return
-        vnet = self.vnet
-        if length <= PAGE_SIZE and not vnet[1] and not (
-                vnet[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.csum_ok):
-            self._vflags, self._gso = vnet[0], 0  # the usual frame: one buffer, no GSO
-            self._respond(length, _FIRST)
             return
         self.small_run = 0
         data = self._layout(length)

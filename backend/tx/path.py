@@ -224,10 +224,7 @@ class TxPath(HeadOnly):
         if flags & NETTXF_header_slot:
             start = pkt.hdr_start
             skb.head = bytes(self.hdr[start:start + first_len])
-            st.copy_bytes += first_len
-            st.tx_header_slot_packets += 1
-            # the header slot is released at once
-            self.release.respond(pkt.rid, XEN_NETIF_RSP_OKAY, pkt.extras)
+            self._slot_copied(pkt.rid, first_len, pkt.extras)
         else:
             # the first slot is the first fragment: its grant is resolved with the others
             # (once), and the header pull copies its head out of it
@@ -247,26 +244,35 @@ class TxPath(HeadOnly):
             st.tx_frags += n
             if n > MAX_SKB_FRAGS:
                 st.tx_frag_overflow += 1
-            try:
-                skb.frames, skb.flags0 = self.gntmap.tx.resolve(grefs)
-            except GrantError as e:  # fatal (fatal_grant): say which packet
-                raise GrantError(f"ring[{cons & MASK32}..{(pkt.end - 1) & MASK32}].gref: "
-                                 f"{e}") from e
-            skb.grefs, skb.offs, skb.sizes = grefs, offs, sizes
+            self._resolve(skb, grefs, cons, pkt.end - 1)
+            skb.offs, skb.sizes = offs, sizes
         return skb
+
+    def _slot_copied(self, rid: int, size: int, nulls: int = 0) -> None:
+        """A header slot's ``size`` bytes were copied out: counted, and the slot (with
+        ``nulls`` extra-info slots) answered at once - it is released as soon as copied."""
+        st = self.stats
+        st.copy_bytes += size
+        st.tx_header_slot_packets += 1
+        self.release.respond(rid, XEN_NETIF_RSP_OKAY, nulls)
+
+    def _resolve(self, skb: SkBuff, grefs: list[int], first: int, last: int) -> None:
+        """Attach the fragments' grants to ``skb`` (their frames resolved once); a bad one is
+        the frontend's fatal fault, naming the packet's ring slots ``first..last``."""
+        try:
+            skb.frames, skb.flags0 = self.gntmap.tx.resolve(grefs)
+        except GrantError as e:  # fatal (fatal_grant): say which packet
+            raise GrantError(f"ring[{first & MASK32}..{last & MASK32}].gref: {e}") from e
+        skb.grefs = grefs
 
     def _small(self, rid: int, start: int, size: int, flags: int) -> SkBuff:
         """A packet that is one header slot (``TxRequests.lone_slot``): copied, answered at
         once, no fragment to resolve."""
-        ring = self.ring
         skb = SkBuff(bytes(self.hdr[start:start + size]))
-        skb.idx = (ring.req_cons - 1) & MASK32
+        self._slot_copied(rid, size)
+        skb.idx = (self.ring.req_cons - 1) & MASK32
         skb.csum_blank = bool(flags & NETTXF_csum_blank)
         skb.data_validated = bool(flags & NETTXF_data_validated)
-        st = self.stats
-        st.copy_bytes += size
-        st.tx_header_slot_packets += 1
-        self.release.respond(rid, XEN_NETIF_RSP_OKAY, 0)
         return skb
 
     def _slot_frag(self, rid: int, start: int, first_len: int, flags: int, fgref: int,
@@ -274,22 +280,15 @@ class TxPath(HeadOnly):
         """A header slot and one fragment (``TxRequests.slot_frag``): ``_build``'s steps for
         that shape - the slot copied and answered at once, the fragment's grant resolved."""
         skb = SkBuff(bytes(self.hdr[start:start + first_len]))
+        self._slot_copied(rid, first_len)
         skb.size = size
         idx = skb.idx = (self.ring.req_cons - 2) & MASK32
-        st = self.stats
-        st.copy_bytes += first_len
-        st.tx_header_slot_packets += 1
-        self.release.respond(rid, XEN_NETIF_RSP_OKAY, 0)
         skb.csum_blank = bool(flags & NETTXF_csum_blank)
         skb.data_validated = bool(flags & NETTXF_data_validated)
         skb.ids = [fid]
-        st.tx_frags += 1
-        grefs = [fgref]
-        try:
-            skb.frames, skb.flags0 = self.gntmap.tx.resolve(grefs)
-        except GrantError as e:  # fatal (fatal_grant): say which packet
-            raise GrantError(f"ring[{idx}..{(idx + 1) & MASK32}].gref: {e}") from e
-        skb.grefs, skb.offs, skb.sizes = grefs, [0], [fsize]
+        self.stats.tx_frags += 1
+        self._resolve(skb, [fgref], idx, idx + 1)
+        skb.offs, skb.sizes = [0], [fsize]
         return skb
 
     def _pull(self, skb: SkBuff) -> bool:

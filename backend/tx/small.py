@@ -19,7 +19,7 @@ import os
 
 from backend.tx.skb import csum_fault
 from shared.protocol.headers import CSUM_OFFSET, HeaderError, NeedMore, walk
-from shared.protocol.netif import XEN_NETIF_RSP_OKAY, NETTXF_csum_blank, NETTXF_data_validated
+from shared.protocol.netif import NETTXF_csum_blank, NETTXF_data_validated
 from shared.protocol.offload import (
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -44,6 +44,7 @@ class HeadOnly:
         answer the slot, write the frame (a failed write is a drop, ``drops_vif``, as in
         ``_write``). False, with nothing done, for a checksum that cannot be set up: the
         full path judges and counts that frame."""
+        # copied first: what is judged and sent are bytes the frontend can no longer change
         head = bytes(self.hdr[start:start + size])
         if flags & NETTXF_csum_blank:
             try:
@@ -56,10 +57,8 @@ class HeadOnly:
                                  CSUM_OFFSET[h.ip_proto], 0)
         else:
             vnet = VNET_VALID if flags & NETTXF_data_validated else VNET_NONE
-        self.release.respond(rid, XEN_NETIF_RSP_OKAY, 0)
+        self._slot_copied(rid, size)  # answered at once
         st = self.stats
-        st.copy_bytes += size
-        st.tx_header_slot_packets += 1
         st.tx_packets += 1
         st.tx_bytes += size
         try:

@@ -15,6 +15,8 @@ from shared.protocol.netif import (
     XEN_NETIF_GSO_TYPE_NONE,
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
 )
 
 #: struct virtio_net_hdr_mrg_rxbuf (TUNSETVNETHDRSZ 12)
@@ -37,6 +39,11 @@ VIRTIO_TO_XEN_GSO = {
     VIRTIO_NET_HDR_GSO_TCPV6: XEN_NETIF_GSO_TYPE_TCPV6,
 }
 XEN_TO_VIRTIO_GSO = {v: k for k, v in VIRTIO_TO_XEN_GSO.items()}
+#: a virtio_net_hdr's flags byte -> the netif RX flags of its frame (netback RX): a partial
+#: checksum is csum_blank and data_validated, a validated one data_validated
+VIRTIO_TO_NETRXF = tuple(
+    (NETRXF_csum_blank | NETRXF_data_validated) if f & VIRTIO_NET_HDR_F_NEEDS_CSUM
+    else NETRXF_data_validated if f & VIRTIO_NET_HDR_F_DATA_VALID else 0 for f in range(256))
 
 
 def checksum_setup(hdr: bytes | memoryview) -> tuple[int, int] | None:

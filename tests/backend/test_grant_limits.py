@@ -235,18 +235,18 @@ def test_rx_post_expects_the_validated_frame_even_if_the_entry_races_the_check()
     p = make_pair()
     try:
         rx = p.brx.mech
-        check = rx.check
+        check_many = rx.check_many
         grants = p.front_region.grants
         lay = p.front_region.layout
         good = lay.payload_page + 3
         grants.grant(20, 0, good)
 
-        def racing(gref: int, write: bool) -> int:
-            frame_ = check(gref, write)
+        def racing(grefs: list[int], write: bool) -> list[int]:
+            frames = check_many(grefs, write)
             grants.grant(20, 0, 0)  # the frontend rewrites it right after the check
-            return frame_
+            return frames
 
-        rx.check = racing
+        rx.check_many = racing
         _gis, (word,), _targets = rx.post([20])
         assert word >> WORD_FRAME_SHIFT == good
         assert rx._q[20] != word  # the write will refuse it (revoked)

@@ -121,20 +121,32 @@ def test_a_buffer_revoked_after_posting_is_never_written(rx_mode):
     posted buffer before a frame arrives; the buffer keeps its bytes, is answered
     XEN_NETIF_RSP_ERROR (rx_grant_revoked), and the frame arrives in the next one."""
     p = make_pair(rx_mode=rx_mode)
+    first, page = poison_first_posted(p)
+    assert p.front_region.grants.end_access(p.rx.refs[first])
+    refused_then_delivered(p, page, frame(b"r" * 3000))
+    close(p)
+
+
+def poison_first_posted(p) -> tuple[int, memoryview]:
+    """Buffers posted and taken by the backend; the first one's page filled with 0xee, to
+    see that it stays untouched. Returns its buffer id and page."""
     p.rx.refill()
     p.rx.ring.push_requests()
     p.brx.refill()
     first = p.brx.posted[0]
     page = p.front_region.page(p.rx.frames[first])
     page[:] = b"\xee" * len(page)
-    assert p.front_region.grants.end_access(p.rx.refs[first])
-    sent = frame(b"r" * 3000)
+    return first, page
+
+
+def refused_then_delivered(p, page: memoryview, sent: bytes) -> None:
+    """``sent`` from the wire: the poisoned buffer is refused (untouched, rx_grant_revoked 1)
+    and the frame arrives whole in the next one."""
     p.wire.send(bytes(VNET_HDR.size) + sent)
     p.run_rx()
     assert bytes(page) == b"\xee" * len(page)
     assert p.bstats[1].rx_grant_revoked == 1
     assert [g[VNET_HDR.size:] for g in p.guest_frames()] == [sent]
-    close(p)
 
 
 @pytest.mark.parametrize("rx_mode", names("rx"))

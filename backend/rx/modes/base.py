@@ -72,8 +72,9 @@ class RxMechanism:
         self.gntmap = gntmap
         self.stats = stats
         self.own = own
-        #: validates a posted gref (``PersistentGrants.validate``: transient or persistent)
-        self.check = gntmap.check
+        #: validates a refill's grefs (``PersistentGrants.validate_many``: transient or
+        #: persistent), returning their frames
+        self.check_many = gntmap.check_many
         table = gntmap.table
         self._q = table.words  # whole entries, to compare one value per grant
         self.flags = table.ref_flags
@@ -90,8 +91,7 @@ class RxMechanism:
         """A refill's posted buffers, validated now (``GntMap.check_many``: the batch in one
         loop): their table indexes, their entries as one u64 each (what they must still be at
         write time), their targets."""
-        frames = self.gntmap.check_many(grefs, True) if self.check == self.gntmap.check \
-            else [self.check(g, True) for g in grefs]
+        frames = self.check_many(grefs, True)
         q = self._q
         gis = [gref & GREF_MASK for gref in grefs]
         exps = []

@@ -73,35 +73,28 @@ class MapReceiver(RxMechanism):
         return RxWrite(n, bad, [] if bad else data, kept=bool(bad))
 
     def copy_in(self, positions: Sequence[int], targets, grefs, exps) -> list[int]:
-        """Bounce pages 0.. into the posted buffers at ``positions``. Returns the positions
-        found revoked (then nothing was copied)."""
-        bounce = self._bounce
-        bad = self._copy([targets[p] for p in positions], [grefs[p] for p in positions],
-                         [exps[p] for p in positions],
-                         [bounce[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-                          for i in range(len(positions))])
-        return [positions[i] for i in bad]
-
-    def _copy(self, targets: list, gs: list[int], ex: list[int], pages: list) -> list[int]:
-        """``pages`` into the buffers ``targets``: each validated, marked GTF_writing,
-        mapped writable (unless kept mapped), written by the CPU, unmapped. Returns the
-        indexes found revoked (then nothing was copied)."""
+        """Bounce pages 0.. into the posted buffers at ``positions``: each validated, marked
+        GTF_writing, mapped writable (unless kept mapped), written by the CPU, unmapped.
+        Returns the positions found revoked (then nothing was copied)."""
+        gs = [grefs[p] for p in positions]
+        ex = [exps[p] for p in positions]
         bad = self._stale(gs, ex, 0)
         if bad:
-            return bad
-        gntmap = self.gntmap
+            return [positions[i] for i in bad]
+        gntmap, bounce = self.gntmap, self._bounce
         cmap, cunmap, page = gntmap.map, gntmap.unmap, gntmap.page
         self._writing(gs, ex, GTF_writing)
         try:
-            for (gref, frame), src in zip(targets, pages, strict=True):
+            for i, p in enumerate(positions):
+                gref, frame = targets[p]
                 cmap(gref, frame, write=True)
                 try:
-                    page(frame)[:] = src
+                    page(frame)[:] = bounce[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
                 finally:
                     cunmap(gref, frame)
         finally:
             self._writing(gs, ex, 0)
-        self.own.rx_mapped_copies += len(targets)
+        self.own.rx_mapped_copies += len(positions)
         return []
 
 

@@ -34,10 +34,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS
 from pyroute2 import netns as pnetns
 
+from shared.lab.bench.hostcpu import parse_stat
+from shared.lab.bench.pps import udp_seen
 from shared.lab.plumbing import netns_exec
 from shared.plumbing.tap import open_tap
 
@@ -48,7 +51,6 @@ TPACKET2_HDRLEN = 32  # sizeof(struct tpacket2_hdr), where a TPACKET_V2 frame's 
 RING_FRAME, RING_FRAMES, RING_BLOCK = 2048, 512, 4096
 BATCH = 64
 SENDERS = ("tap", "sendto", "tx-ring")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SUBNET = "10.87.0"
 
 
@@ -78,11 +80,6 @@ def udp_frame(dst_mac: bytes) -> bytes:
         + struct.pack("!HHHH", 9, 9, 30, 0) + bytes(22)
     assert len(frame) == 64
     return frame
-
-
-def _busy_jiffies() -> int:
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
 class Bench:
@@ -148,10 +145,8 @@ class Bench:
 
     def delivered(self) -> int:
         """UDP datagrams the receiving namespace saw (InDatagrams + NoPorts + InErrors)."""
-        out = subprocess.run([*netns_exec(self.ns), "cat", "/proc/net/snmp"], check=True,
-                             capture_output=True, text=True).stdout.splitlines()
-        udp = [line.split() for line in out if line.startswith("Udp:")][1]
-        return int(udp[1]) + int(udp[2]) + int(udp[3])
+        return udp_seen(subprocess.run([*netns_exec(self.ns), "cat", "/proc/net/snmp"],
+                                       check=True, capture_output=True, text=True).stdout)
 
     def senders(self, frame: bytes) -> dict[str, Callable[[int], None]]:
         """Each way in, as ``send(n)``: n frames."""
@@ -201,7 +196,7 @@ class Bench:
 def measure(send: Callable[[int], None], bench: Bench, name: str, rnd: int,
             frames: int) -> DeviceCost:
     """One sender: ``frames`` frames, timed; the receiver's count once it stops growing."""
-    d0, j0, t0, w0 = bench.delivered(), _busy_jiffies(), os.times(), time.perf_counter()
+    d0, b0, t0, w0 = bench.delivered(), _busy_s(), os.times(), time.perf_counter()
     send(frames)
     wall = time.perf_counter() - w0
     t1 = os.times()
@@ -212,11 +207,16 @@ def measure(send: Callable[[int], None], bench: Bench, name: str, rnd: int,
             break
         last = got
         time.sleep(0.1)
-    j1 = _busy_jiffies()
+    b1 = _busy_s()
     per = 1e6 / frames
     return DeviceCost(name, rnd, frames, last, round((t1.user - t0.user) * per, 2),
-                      round((t1.system - t0.system) * per, 2),
-                      round((j1 - j0) / CLK_TCK * per, 2), round(wall * per, 2))
+                      round((t1.system - t0.system) * per, 2), round((b1 - b0) * per, 2),
+                      round(wall * per, 2))
+
+
+def _busy_s() -> float:
+    """The whole machine's busy CPU seconds so far (``hostcpu.parse_stat``, as the bench)."""
+    return parse_stat(Path("/proc/stat").read_text())[0]
 
 
 def run(frames: int, rounds: int, prefix: str, cpu: int | None,

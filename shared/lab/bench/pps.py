@@ -108,13 +108,19 @@ def parse_generator(out: str) -> tuple[int, float, float | None]:
 _STAT_LINE = re.compile(r"^\d+ \(.*\) [A-Za-z] ")
 
 
-def parse_counters(out: str) -> tuple[int, int, int]:
-    """``cat /proc/net/snmp rx_packets rx_bytes`` -> (UDP datagrams seen, rx packets, bytes)."""
-    udp = [line.split()[1:] for line in out.splitlines() if line.startswith("Udp:")]
+def udp_seen(snmp: str) -> int:
+    """/proc/net/snmp -> the UDP datagrams the stack saw (InDatagrams + NoPorts + InErrors:
+    nothing listens, so most are NoPorts)."""
+    udp = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Udp:")]
     if len(udp) < 2:
         raise RuntimeError("no Udp lines in /proc/net/snmp")
     row = dict(zip(udp[0], (int(v) for v in udp[1]), strict=False))
-    seen = row.get("InDatagrams", 0) + row.get("NoPorts", 0) + row.get("InErrors", 0)
+    return row.get("InDatagrams", 0) + row.get("NoPorts", 0) + row.get("InErrors", 0)
+
+
+def parse_counters(out: str) -> tuple[int, int, int]:
+    """``cat /proc/net/snmp rx_packets rx_bytes`` -> (UDP datagrams seen, rx packets, bytes)."""
+    seen = udp_seen(out)
     tail = [line for line in out.splitlines() if line.strip().isdigit()]
     if len(tail) < 2:
         raise RuntimeError("no rx counters of the receiving device")

@@ -7,6 +7,7 @@ import pytest
 from shared.protocol.netif import GREF_MASK, PAGE_SIZE
 from shared.protocol.offload import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR
 from tests.backend.handed import FRAMES_SIZES, RxSpy, _address
+from tests.backend.test_rx import poison_first_posted, refused_then_delivered
 from tests.conftest import frame, make_pair
 
 
@@ -86,21 +87,9 @@ def test_a_kept_buffer_whose_entry_the_frontend_rewrote_is_not_written_in_a_smal
     p.run_rx(rounds=20)
     assert len(p.guest_frames()) == len(warm)
     assert p.brx.small_run >= 8  # the next frame is read into one buffer
-    p.rx.refill()
-    p.rx.ring.push_requests()
-    p.brx.refill()
-    first = p.brx.posted[0]
-    gref = p.rx.refs[first]
-    frame_no = p.rx.frames[first]
-    page = p.front_region.page(frame_no)
-    page[:] = b"\xee" * len(page)
-    grants = p.front_region.grants
-    grants.grant(gref & GREF_MASK, 0, p.front_region.layout.payload_page)  # rewritten
-    sent = frame(b"k" * 70)
-    p.wire.send(bytes(VNET_HDR.size) + sent)
-    p.run_rx()
-    assert bytes(page) == b"\xee" * len(page)
-    assert p.bstats[1].rx_grant_revoked == 1
-    assert [g[VNET_HDR.size:] for g in p.guest_frames()] == [sent]
+    first, page = poison_first_posted(p)
+    grants = p.front_region.grants  # the entry rewritten to another page
+    grants.grant(p.rx.refs[first] & GREF_MASK, 0, p.front_region.layout.payload_page)
+    refused_then_delivered(p, page, frame(b"k" * 70))
     for s in (p.guest, p.wire, *p._keep):
         s.close()
