@@ -11,6 +11,8 @@ through the very calls the data path makes, each many times, and prints mean µs
 - ``grant_copy``: ``GntMap.copy_from`` of 64 bytes (check the grant, mark it, copy through the
   DMA view, unmark: what a header copy without header slots costs), and ``grant_copy_kb`` the
   extra cost per KiB (from 64-byte and 4096-byte copies).
+- ``cpu_copy_kb``: a CPU copy out of a mapped page, per KiB (what copy mode's TX copy and the
+  mapping receiver's RX copy pay beyond their maps; the page kept mapped while timed).
 - ``hold``: ``TxGrants.hold`` + ``release`` of one transient fragment grant (GTF_reading set
   and cleared, the entry re-read).
 - ``notify``: one event-channel kick (a byte ``send`` on a unix socket pair, drained).
@@ -31,6 +33,7 @@ import time
 from backend.grants.gntmap import GntMap, Views
 from backend.handshake import attach_region
 from shared.plumbing.transport import create_memfd
+from shared.protocol.netif import PAGE_SIZE
 from shared.protocol.region import Region
 from shared.protocol.stats import RingStats
 
@@ -80,11 +83,31 @@ def measure(rounds: int = 5000) -> dict[str, float]:
             g = [REF0 + i % PAGES]
             release(g, hold(g, [frames[i % PAGES]]))
         out["hold"] = _timed(held, rounds)
+        out["cpu_copy_kb"] = _cpu_copy_kb(gm, frames, rounds)
         out["notify"] = _notify(rounds)
     finally:
         gm.unmap_all()
         views.close()
     return {k: round(v, 3) for k, v in out.items()}
+
+
+def _cpu_copy_kb(gm: GntMap, frames: list[int], rounds: int) -> float:
+    """µs per KiB of a CPU copy out of a mapped page (copy mode's TX copy, the mapping
+    receiver's RX copy): 4096-byte against 64-byte copies of pages kept mapped meanwhile,
+    so neither the maps nor the first touches are in it."""
+    for i, f in enumerate(frames):
+        gm.map(REF0 + i, f)
+        gm.page(f)[0]
+    dst = bytearray(PAGE_SIZE)
+    page = gm.page
+    try:
+        small = _timed(lambda i: dst.__setitem__(slice(0, 64), page(frames[i % PAGES])[:64]),
+                       rounds)
+        whole = _timed(lambda i: dst.__setitem__(slice(None), page(frames[i % PAGES])), rounds)
+    finally:
+        for i, f in enumerate(frames):
+            gm.unmap(REF0 + i, f)
+    return max(0.0, (whole - small) / ((PAGE_SIZE - 64) / 1024))
 
 
 def _timed(op, rounds: int) -> float:

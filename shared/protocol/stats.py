@@ -95,6 +95,10 @@ class RingStats:
     #: netback: payload pages accessed through the CPU view for the first time since they
     #: were mapped (each such access is a page fault filling the PTE)
     first_touches: int = 0
+    #: netback: payload bytes the CPU copied through a mapping of the frontend's pages (copy
+    #: mode's TX copy; the mapping receiver's RX copy of a frame read into backend memory):
+    #: the cost model's CPU-copy count, apart from grant copies and header pulls
+    cpu_copy_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -80,6 +80,19 @@ def test_the_model_adds_counted_operations_to_the_reference_base():
     assert p.hit(p.ratio * 1.19) and not p.hit(p.ratio * 1.3)
 
 
+def test_the_model_charges_the_bytes_a_mode_copied_with_the_cpu():
+    """Copy mode's CPU copy (``op_cpu_copy_bytes_per_pkt``) is an operation like the others:
+    1496 bytes per frame at 0.04 µs per KiB on top of the same maps; without the opbench
+    figure it costs nothing (an older run's costs still predict)."""
+    ref = rec("lazy-noslots", "pps1496", "tx", 1e4, cpu_ours_us_per_frame=30.0)
+    before = rec("copy-noslots", "pps1496", "tx", 1e4, op_maps_per_pkt=1.0,
+                 op_cpu_copy_bytes_per_pkt=1496.0)
+    after = rec("map-noslots", "pps1496", "tx", 1e4, op_maps_per_pkt=1.0)
+    p = model.predict(ref, before, after, COSTS | {"cpu_copy_kb": 0.04})
+    assert p.cost_before - p.cost_after == pytest.approx(1496 / 1024 * 0.04, abs=0.01)
+    assert model.predict(ref, before, after, COSTS).ratio == 1.0
+
+
 def test_without_the_machine_figure_both_ends_are_the_cost():
     ref = rec("lazy", "pps64", "rx", 1e4, cpu_back_us_per_frame=10.0, cpu_front_us_per_frame=40.0)
     before = rec("lazy", "pps64", "rx", 1e4, op_maps_per_pkt=1.0, op_unmaps_per_pkt=1.0)
@@ -226,7 +239,7 @@ def test_invoke_paper_quick_two_rows_end_to_end(tmp_path):
     assert all(ln.count("|") == 9 for ln in lines)
     doc = json.loads(out.read_text())
     assert set(doc["op_costs"]) >= {"map", "unmap", "grant_copy", "grant_copy_kb", "notify",
-                                    "hold", "first_touch"}
+                                    "hold", "first_touch", "cpu_copy_kb"}
     for row in doc["rows"]:
         assert isinstance(row["ours"], float) and row["rounds"] == 2, row
         lo, hi = row["ours_ci95"]

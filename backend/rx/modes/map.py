@@ -10,7 +10,8 @@ is mapped once and kept (``backend/grants/persistent.py``): the kept-mapped RX b
 "use gref mappings for Rx requests". A small frame (``write_one``) goes by the vif read itself
 straight into a kept mapping - the one copy Linux's memcpy from the skb into the mapped buffer
 is, with no grant operation - while a transient buffer still takes the read into backend memory,
-then a map, the CPU copy and the unmap (mapping first would pay a map for every empty read).
+then a map, the CPU copy of the frame's bytes (not the page's) and the unmap (mapping first would
+pay a map for every empty read).
 ``rx_mapped_copies`` counts the pages written through a mapping, ``rx_kept_reads`` those read
 straight into a kept one.
 """
@@ -50,12 +51,14 @@ class MapReceiver(RxMechanism):
                 self.own.rx_kept_reads += 1
             else:
                 n = os.readv(fd, [vnet, self._first, self._spill])
-                if n > len(vnet):
+                m = min(n - len(vnet), PAGE_SIZE)  # the frame's bytes in its first page
+                if m > 0:  # as Linux's memcpy: the frame's bytes, not the whole page
                     gntmap.map(gref, frame, write=True)
                     try:
-                        gntmap.page(frame)[:] = self._first
+                        gntmap.page(frame)[:m] = self._first[:m]
                     finally:
                         gntmap.unmap(gref, frame)
+                    self.stats.cpu_copy_bytes += m
         finally:
             flags[g] = e & WORD_FLAGS
         self.own.rx_mapped_copies += n > len(vnet)
@@ -95,6 +98,7 @@ class MapReceiver(RxMechanism):
         finally:
             self._writing(gs, ex, 0)
         self.own.rx_mapped_copies += len(positions)
+        self.stats.cpu_copy_bytes += PAGE_SIZE * len(positions)
         return []
 
 

@@ -39,7 +39,9 @@ class Copy(TxMechanism):
             release.release(skb.ids, skb.extras)
             skb.extras = 0
             skb.grefs, skb.frames, skb.offs, skb.sizes, skb.ids = [], [], [], [], []
-        self.stats.copy_bytes += copied
+        st = self.stats
+        st.copy_bytes += copied
+        st.cpu_copy_bytes += copied
 
 
 MECHANISM = Copy

@@ -139,7 +139,8 @@ def _op_counts(before: Sample, after: Sample, rings: tuple[str, ...],
                packets: int) -> dict[str, float | None]:
     """The counts the paper table's cost model multiplies by per-operation costs, per packet
     of the measured direction: the backend's CPU-view maps and unmaps, grant copies and
-    grant-copied bytes and first touches of freshly mapped pages on both rings (the CPU view
+    grant-copied bytes, first touches of freshly mapped pages and bytes the CPU copied through
+    a mapping on both rings (the CPU view
     counts every map on the TX ring's stats,
     and a direction's frames bring the other ring's traffic with them), the transient TX
     grants it held (fragments less persistent hits); and the netfront's grant recycling hit
@@ -156,6 +157,7 @@ def _op_counts(before: Sample, after: Sample, rings: tuple[str, ...],
             "op_gcopy_bytes_per_pkt": _per(back("grant_copy_bytes"), packets, 1),
             "op_holds_per_pkt": _per(holds, packets),
             "op_touches_per_pkt": _per(back("first_touches"), packets),
+            "op_cpu_copy_bytes_per_pkt": _per(back("cpu_copy_bytes"), packets, 1),
             "recycle_hit_pct": _per(100 * hits, hits + fresh, 1)}
 
 

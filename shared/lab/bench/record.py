@@ -73,7 +73,8 @@ class Record:
     copies_per_pkt: float | None = None
     copy_bytes_per_pkt: float | None = None
     #: the paper's cost model: the backend's grant operations per packet on both rings (maps,
-    #: unmaps, grant copies and their bytes, first touches) and transient TX grants held
+    #: unmaps, grant copies and their bytes, first touches, bytes copied by the CPU through a
+    #: mapping) and transient TX grants held
     #: (measure.py); the
     #: netfront's grant recycling hit rate in % (null without recycling)
     op_maps_per_pkt: float | None = None
@@ -82,6 +83,7 @@ class Record:
     op_gcopy_bytes_per_pkt: float | None = None
     op_holds_per_pkt: float | None = None
     op_touches_per_pkt: float | None = None
+    op_cpu_copy_bytes_per_pkt: float | None = None
     recycle_hit_pct: float | None = None
     rss_front_mb: float | None = None
     rss_back_mb: float | None = None

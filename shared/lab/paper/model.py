@@ -6,11 +6,12 @@ per row:
 - per-operation costs (µs) from ``python -m backend.opbench`` run in the same lock hold:
   ``map``, ``unmap``, ``grant_copy`` (per copy) and ``grant_copy_kb`` (per KiB beyond),
   ``hold`` (a transient TX grant held and released), ``first_touch`` (the page fault of the
-  first access to a freshly mapped page), ``notify``;
+  first access to a freshly mapped page), ``cpu_copy_kb`` (a CPU copy out of a mapped page,
+  per KiB), ``notify``;
 - operation counts per packet from each mode's own counters in the run (the bench record's
   ``op_maps_per_pkt``, ``op_unmaps_per_pkt``, ``op_copies_per_pkt``,
   ``op_gcopy_bytes_per_pkt``, ``op_holds_per_pkt``, ``op_touches_per_pkt``,
-  ``notify_per_pkt``);
+  ``op_cpu_copy_bytes_per_pkt``, ``notify_per_pkt``);
 - one base cost per path, workload and direction: the reference mode's (``rows.REFERENCE``)
   CPU µs per frame for each end, minus the operations it did itself.
 
@@ -37,6 +38,7 @@ OPS = (("op_maps_per_pkt", "map", 1.0), ("op_unmaps_per_pkt", "unmap", 1.0),
        ("op_copies_per_pkt", "grant_copy", 1.0),
        ("op_gcopy_bytes_per_pkt", "grant_copy_kb", 1 / 1024),
        ("op_holds_per_pkt", "hold", 1.0), ("op_touches_per_pkt", "first_touch", 1.0),
+       ("op_cpu_copy_bytes_per_pkt", "cpu_copy_kb", 1 / 1024),
        ("notify_per_pkt", "notify", 1.0))
 #: a prediction within this share of the measured ratio is a hit (the goal: 20 %)
 HIT = 0.20

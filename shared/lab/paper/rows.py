@@ -111,11 +111,21 @@ ROWS: tuple[Row, ...] = (
         "E5-2630 v4, 100 GbE, 1 queue, guest->host", "linux-noslots",
         "linux-noslots-staging", "tcp", "tx"),
     Row("P5", "xu-2007", "bulk domU->dom0: lazy copy vs the netloop copy", 1.0, 1.5, "x",
-        "domU -> dom0 bulk ('around 50 %' higher)", "copy-noslots", "lazy-noslots", "tcp", "tx"),
+        "domU -> dom0 bulk ('around 50 %' higher)", "copy-noslots", "map-noslots", "tcp", "tx",
+        note="2007's netback grant-mapped every TX page before and after the change; Xu "
+             "removed only the copy of every packet bound for dom0 ('eliminate the copying "
+             "for bulk transfers'): copy mode (map, copy, unmap) against map mode (mapped, "
+             "never copied); until 2026-12-07 the 'after' was lazy-noslots, which also "
+             "drops the maps"),
     Row("P7", "snabb-719", "skipping the per-packet copy", 5.6, 8.1, "Mpps",
-        "virtio-net, 128 B frames", "copy-noslots", "lazy-noslots", "pps1496", "tx",
-        note="pvnet's packet-rate workloads are 64 and 1496 B; at 64 B the header pull "
-             "takes the whole frame, leaving copy mode nothing to copy"),
+        "virtio-net, 128 B frames", "copy-noslots-persistent", "map-noslots-persistent",
+        "pps1496", "tx",
+        note="Snabb's vhost-user maps the guest's memory once (its memory table), so only "
+             "the copy differs: both sides keep the frontend's pages mapped (persistent "
+             "grants) and one copies the payload out, the other hands the mapped page on; "
+             "until 2026-12-07 the row compared copy-noslots with lazy-noslots, a per-packet "
+             "map and unmap apart as well. 1496 B: at 64 B the header pull takes the whole "
+             "frame, leaving copy mode nothing to copy"),
     Row("P6", "bennieston-2014", "2 queues vs 1 (aggregate), MTU frames, 4 flows", 1.0, 1.7,
         "x", "X5650, intra-host iperf, 10 GbE line rate", "lazy-noslots", "lazy-noslots-q2",
         "tcp-nogso-p4", "rx",

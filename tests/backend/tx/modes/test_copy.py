@@ -22,3 +22,14 @@ def test_copy_copies_through_the_cpu_view_and_answers_before_the_write(monkeypat
     for pieces in spy.writes:  # [vnet, the whole frame]: the backend's own memory only
         assert len(pieces) == 2 and all(x.offset is None for x in pieces)
     assert spy.maps(spy.between("xmit", None)) == []
+
+
+@pytest.mark.parametrize("header_slots", [True, False])
+def test_copy_counts_the_bytes_its_cpu_copied_for_the_cost_model(monkeypatch, header_slots):
+    """``cpu_copy_bytes`` is exactly what copy mode copied out of the frontend's pages (the
+    fragments' bytes after the header pull), the count the paper's cost model multiplies by
+    ``cpu_copy_kb``; a mode that copies nothing counts nothing."""
+    p, spy = tx_through("copy", header_slots, monkeypatch)
+    assert p.bstats[0].cpu_copy_bytes == sum(map(sum, spy.pulled)) > 0
+    q, _ = tx_through("lazy", header_slots, monkeypatch)
+    assert q.bstats[0].cpu_copy_bytes == 0
