@@ -263,13 +263,13 @@ def bench(c: Context, quick: bool = False, seconds: float | None = None,
 @task(help=PAPER_HELP)
 def paper(c: Context, rows: str | None = None, quick: bool = False, rounds: int | None = None,
           seconds: float | None = None, json: str | None = None, results: str | None = None,
-          no_plot: bool = False, prefix: str | None = None):
+          no_plot: bool = False, prefix: str | None = None, placement: str | None = None):
     """The published results on pvnet's mechanisms beside pvnet's own, in one run: table
     (theirs, ours with 95 % intervals, cost shares, the cost model, verdicts), JSON, PNG."""
     from shared.lab.paper.__main__ import main
 
     given = {"rows": rows, "rounds": rounds, "seconds": seconds, "json": json,
-             "results": results, "prefix": prefix}
+             "results": results, "prefix": prefix, "placement": placement}
     argv = [*(["--quick"] if quick else []), *(["--no-plot"] if no_plot else []),
             *(a for k, v in given.items() if v is not None for a in (f"--{k}", str(v)))]
     code = main(argv)

@@ -16,7 +16,7 @@ from shared.lab.bench.modes import parse
 from shared.lab.bench.record import Record
 from shared.lab.paper import model, rows, table
 from shared.lab.paper.__main__ import parse as parse_args
-from shared.lab.paper.run import _todo, mean_costs
+from shared.lab.paper.run import _todo, generator_line, mean_costs
 
 REPO = Path(__file__).resolve().parents[2]
 COSTS = {"map": 8.0, "unmap": 6.0, "grant_copy": 2.0, "grant_copy_kb": 0.5, "notify": 2.0}
@@ -182,6 +182,29 @@ def test_only_what_the_rows_need_is_planned():
     assert b.progress.total == 5 * 3
 
 
+def test_the_qemu_placement_reads_only_its_own_path_and_generator():
+    """``--placement qemu``: a row is computed from the pvnet-qemu records alone (the
+    namespace pair's, in the same list, are not mixed in), the generator line names
+    virtio-net, and the planner gives the reference path only the generator check."""
+    row = rows.select(["P1c"])[0]
+    netns = _raw(row, [10, 10], [30, 30])
+    guest = [Record("pvnet-qemu", r.mode, r.workload, r.direction, reps=1, fps=f)
+             for r, f in zip(_raw(row, [10, 10], [12, 13]), [10, 12, 10, 13], strict=True)]
+    res = table.evaluate(row, [], netns + guest, COSTS, "pvnet-qemu")
+    assert res.ours == pytest.approx((1.2 + 1.3) / 2) and res.rounds == 2
+    assert table.evaluate(row, [], netns + guest, COSTS).ours == pytest.approx(3.0)
+    gen = [Record("virtio-net", "-", "pps64", "tx", reps=1, fps=30e3), *guest]
+    assert generator_line(gen, "virtio-net", "pvnet-qemu").startswith(
+        "generator: trafgen moved 30.0k frames/s on virtio-net (pps64 tx); pvnet's best 0.0k")
+    assert generator_line(netns, "virtio-net", "pvnet-qemu") == \
+        "generator: not measured (virtio-net pps64 tx)"
+    assert parse_args(["--placement", "qemu"]).placement == "qemu"
+    assert parse_args([]).placement == "netns"
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--placement", "xen"])
+    assert exc.value.code == 2
+
+
 def test_help_and_options():
     out = subprocess.run([sys.executable, "-m", "shared.lab.paper", "--help"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
@@ -251,3 +274,28 @@ def test_invoke_paper_quick_two_rows_end_to_end(tmp_path):
                           for r in staged)  # no grant operation per packet, for real
     assert (tmp_path / "r" / "paper.png").is_file()
     assert "generator: trafgen moved" in res.stdout
+
+
+@pytest.mark.full
+def test_invoke_paper_quick_in_the_qemu_placement(tmp_path):
+    """`invoke paper --quick --placement qemu --rows P1c` for real (QEMU guests, TCG here):
+    the netfront in a guest, the generator on the wire side, virtio-net as the reference.
+    The table names the placement and has the row with a ratio and its interval; the JSON's
+    records are the guest path's."""
+    out = tmp_path / "paper.json"
+    res = subprocess.run([sys.executable, "-m", "invoke", "paper", "--quick", "--placement",
+                          "qemu", "--rows", "P1c", "--no-plot", "--json", str(out),
+                          "--results", str(tmp_path / "r")],
+                         cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "placement: qemu (pvnet-qemu; generator reference virtio-net)" in res.stdout
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| P")]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["P1c"]
+    doc = json.loads(out.read_text())
+    assert doc["placement"] == "qemu" and doc["path"] == "pvnet-qemu"
+    (row,) = doc["rows"]
+    assert isinstance(row["ours"], float) and row["rounds"] == 2, row
+    lo, hi = row["ours_ci95"]
+    assert lo <= row["ours"] <= hi and row["verdict"]
+    assert {r["path"] for r in doc["records"]} == {"virtio-net", "pvnet-qemu"}
+    assert "generator: trafgen moved" in res.stdout and "on virtio-net" in res.stdout

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shared.lab.paper import rows
 from shared.lab.paper.run import (
+    PLACEMENTS,
     QUICK_ROUNDS,
     QUICK_SECONDS,
     ROUNDS,
@@ -28,6 +29,9 @@ HELP: dict[str, str] = {
     "results": "where paper.md/json/png and logs go (default results/paper-<time>/)",
     "no_plot": "no PNG",
     "prefix": "name prefix of the namespaces and devices (default pvp)",
+    "placement": "where the netfront runs: " + " or ".join(PLACEMENTS)
+                 + " (default netns: the namespace pair against veth; qemu: a QEMU guest "
+                 "against virtio-net, TCG here, no goal)",
 }
 
 
@@ -50,11 +54,13 @@ def parse(argv: list[str] | None = None) -> PaperConfig:
     p.add_argument("--results", metavar="DIR", help=h("results"))
     p.add_argument("--no-plot", action="store_true", help=h("no_plot"))
     p.add_argument("--prefix", default="pvp", help=h("prefix"))
+    p.add_argument("--placement", choices=sorted(PLACEMENTS), default="netns",
+                   help=h("placement"))
     a = p.parse_args(argv)
     cfg = PaperConfig(rows=[x.strip() for x in a.rows.split(",") if x.strip()] if a.rows
                       else None, json_out=Path(a.json) if a.json else None,
                       results=Path(a.results) if a.results else None, plot=not a.no_plot,
-                      prefix=a.prefix)
+                      prefix=a.prefix, placement=a.placement)
     if a.quick:
         cfg.rounds, cfg.seconds = QUICK_ROUNDS, QUICK_SECONDS
     if a.rounds is not None:

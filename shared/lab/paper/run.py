@@ -3,9 +3,13 @@
 The experiments are bench runs (``shared/lab/bench``: its paths, workloads, rounds, records):
 each mode a row compares, on the workload and direction the row needs, plus the reference mode
 on each of those (the cost model's base), plus veth with the pps generator (its own rate: the
-generator must not be what limits pvnet). Rounds are interleaved over all of them (>= 5 by
-default). ``python -m backend.opbench`` runs before the first and after the last round in the
-same lock hold; the model uses the mean of its runs.
+generator must not be what limits pvnet). ``--placement qemu`` runs the same rows with the
+netfront in a QEMU guest (``pvnet-qemu``; under TCG here) and virtio-net as the generator's
+reference: the generator runs inside the guest for guest->wire rows, the receiver for
+wire->guest ones (the issue's "rows a generator can drive from inside the guest"; no goal
+under TCG, where the guest's Python sets every ratio). Rounds are interleaved over all of them
+(>= 5 by default). ``python -m backend.opbench`` runs before the first and after the last round
+in the same lock hold; the model uses the mean of its runs.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from shared.lab.bench.runner import REPO_ROOT, Bench, BenchConfig, Progress
 from shared.lab.bench.workloads import WORKLOADS
 from shared.lab.paper import plot, rows, table
 
-#: the generator check: veth with the 64-byte frame workload, guest->peer
+#: the generator check: the reference path with the 64-byte frame workload, guest->peer
 GENERATOR = ("pps64", "tx")
+#: placement -> (the generator's reference path, pvnet's path)
+PLACEMENTS = {"netns": ("veth", "pvnet-netns"), "qemu": ("virtio-net", "pvnet-qemu")}
 ROUNDS, SECONDS = 5, 5.0
 QUICK_ROUNDS, QUICK_SECONDS = 2, 2.0
 
@@ -42,6 +48,7 @@ class PaperConfig:
     results: Path | None = None
     plot: bool = True
     prefix: str = "pvp"
+    placement: str = "netns"  # a PLACEMENTS key
 
 
 def opbench(rounds: int = 5000) -> dict[str, float]:
@@ -59,10 +66,11 @@ def mean_costs(runs: list[dict[str, float]]) -> dict[str, float]:
             for k in keys}
 
 
-def _todo(bench: Bench, exps: dict[str, list[tuple[str, str]]]) -> None:
-    """Each path runs only what the rows need of it, one direction at a time."""
+def _todo(bench: Bench, exps: dict[str, list[tuple[str, str]]], ref: str = "veth") -> None:
+    """Each path runs only what the rows need of it, one direction at a time; the reference
+    path ``ref`` the generator check alone."""
     for p in bench.paths:
-        pairs = [GENERATOR] if p.path == "veth" else exps.get(p.mode, [])
+        pairs = [GENERATOR] if p.path == ref else exps.get(p.mode, [])
         by_wl: dict[str, list[str]] = {}
         for wl, d in pairs:
             by_wl.setdefault(wl, []).append(d)
@@ -84,6 +92,7 @@ def run_paper(cfg: PaperConfig, out: TextIO = sys.stdout) -> int:
     from shared.lab import deps
 
     deps.ensure(["iperf3", "iproute2", "procps", "netsniff-ng"])
+    ref, ours = PLACEMENTS[cfg.placement]
     exps = rows.experiments(chosen)
     results = cfg.results or REPO_ROOT / "results" / f"paper-{time.strftime('%Y%m%d-%H%M%S')}"
     results.mkdir(parents=True, exist_ok=True)
@@ -94,12 +103,13 @@ def run_paper(cfg: PaperConfig, out: TextIO = sys.stdout) -> int:
         ctx = PathContext(prefix=cfg.prefix, state_dir=bench_cfg.state_dir, results=results,
                           modes=tuple(exps),
                           log=lambda line: print(line, file=log, flush=True))
-        paths = build_paths(["veth", "pvnet-netns"] if exps else [], ctx)
+        paths = build_paths([ref, ours] if exps else [], ctx)
         bench = Bench(bench_cfg, paths, log)
-        _todo(bench, exps)
+        _todo(bench, exps, ref)
         bench.progress.line(f"paper: rows {', '.join(r.id for r in chosen)}; "
                             f"{bench.progress.total} runs of {cfg.seconds:g} s in "
-                            f"{cfg.rounds} interleaved rounds over {len(exps)} modes + veth; "
+                            f"{cfg.rounds} interleaved rounds over {len(exps)} modes on "
+                            f"{ours} + {ref}; "
                             f"about {bench.estimate_s() / 60:.1f} min; results in {results}")
         bench.progress.line("op costs: python -m backend.opbench (before the rounds)")
         costs_runs.append(opbench())
@@ -107,16 +117,18 @@ def run_paper(cfg: PaperConfig, out: TextIO = sys.stdout) -> int:
         bench.progress.line("op costs: python -m backend.opbench (after the rounds)")
         costs_runs.append(opbench())
     costs = mean_costs(costs_runs)
-    res = [table.evaluate(r, records, bench.raw, costs) for r in chosen]
-    gen = generator_line(records)
-    text = "\n\n".join([table.markdown(res), table.summary(res),
+    res = [table.evaluate(r, records, bench.raw, costs, ours) for r in chosen]
+    gen = generator_line(records, ref, ours)
+    text = "\n\n".join([f"placement: {cfg.placement} ({ours}; generator reference {ref})",
+                         table.markdown(res), table.summary(res),
                         "op costs (µs, mean of the opbench runs): "
                         + ", ".join(f"{k} {v}" for k, v in costs.items()), gen,
                         "sources:\n" + table.sources_text(res)])
     print(text, file=out)
     (results / "paper.md").write_text(text + "\n")
     write_json(bench.raw, results / "raw.json")
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": cfg.rounds,
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "placement": cfg.placement,
+           "path": ours, "rounds": cfg.rounds,
            "seconds": cfg.seconds, "op_costs": costs, "op_cost_runs": costs_runs,
            "generator": gen, "rows": [r.as_dict() for r in res],
            "records": [r.as_dict() for r in records]}
@@ -133,14 +145,15 @@ def run_paper(cfg: PaperConfig, out: TextIO = sys.stdout) -> int:
     return 1 if any(r.error for r in records) else 0
 
 
-def generator_line(records) -> str:
-    """The generator's own rate (veth) against the best pvnet delivered on the same
-    workload: pvnet must be well below it for the generator not to be its limit."""
+def generator_line(records, ref: str = "veth", path: str = table.PATH) -> str:
+    """The generator's own rate (on the reference path ``ref``) against the best pvnet
+    delivered on ``path`` on the same workload: pvnet must be well below it for the
+    generator not to be its limit."""
     wl, d = GENERATOR
-    veth = next((r for r in records if r.path == "veth" and r.workload == wl
-                 and r.direction == d and r.fps), None)
-    ours = [r.fps for r in records if r.path == table.PATH and r.workload == wl and r.fps]
-    if veth is None or not ours:
-        return "generator: not measured (veth pps64 tx)"
-    return (f"generator: trafgen moved {veth.fps / 1e3:.1f}k frames/s on veth ({wl} {d}); "
-            f"pvnet's best {max(ours) / 1e3:.1f}k ({max(ours) / veth.fps:.2f}x of it)")
+    gen = next((r for r in records if r.path == ref and r.workload == wl
+                and r.direction == d and r.fps), None)
+    ours = [r.fps for r in records if r.path == path and r.workload == wl and r.fps]
+    if gen is None or not ours:
+        return f"generator: not measured ({ref} {wl} {d})"
+    return (f"generator: trafgen moved {gen.fps / 1e3:.1f}k frames/s on {ref} ({wl} {d}); "
+            f"pvnet's best {max(ours) / 1e3:.1f}k ({max(ours) / gen.fps:.2f}x of it)")

@@ -64,15 +64,15 @@ class RowResult:
         return asdict(self)
 
 
-def _series(raw: list[Record], mode: str, row: Row) -> list[Record]:
-    """The rounds of one (mode, workload, direction), in the order they ran."""
-    return [r for r in raw if r.path == PATH and r.mode == mode and r.workload == row.workload
+def _series(raw: list[Record], mode: str, row: Row, path: str = PATH) -> list[Record]:
+    """The rounds of one (mode, workload, direction) on ``path``, in the order they ran."""
+    return [r for r in raw if r.path == path and r.mode == mode and r.workload == row.workload
             and r.direction == row.direction]
 
 
-def _median(records: list[Record], mode: str, row: Row) -> Record | None:
+def _median(records: list[Record], mode: str, row: Row, path: str = PATH) -> Record | None:
     for r in records:
-        if (r.path, r.mode, r.workload, r.direction) == (PATH, mode, row.workload, row.direction):
+        if (r.path, r.mode, r.workload, r.direction) == (path, mode, row.workload, row.direction):
             return r
     return None
 
@@ -96,8 +96,9 @@ def _verdict(ours: float | None, theirs: float, kind: str, note: str) -> str:
 
 
 def evaluate(row: Row, records: list[Record], raw: list[Record],
-             costs: dict[str, float]) -> RowResult:
-    """One row's result from the run's median records, its raw rounds and the op costs."""
+             costs: dict[str, float], path: str = PATH) -> RowResult:
+    """One row's result from the run's median records, its raw rounds and the op costs, on
+    pvnet's ``path`` (the namespace pair, or a QEMU guest's)."""
     res = RowResult(row.id, row.source, row.compared, row.kind, row.unit, row.theirs_before,
                     row.theirs_after, round(row.theirs_ratio, 3),
                     _round(removed_share(row.theirs_ratio)), row.before, row.after,
@@ -105,23 +106,23 @@ def evaluate(row: Row, records: list[Record], raw: list[Record],
     if row.kind == "pending":
         res.verdict = _verdict(None, row.theirs_ratio, row.kind, row.note)
         return res
-    after = [r for r in _series(raw, row.after, row) if r.error is None]
+    after = [r for r in _series(raw, row.after, row, path) if r.error is None]
     if row.kind == "arithmetic":
         hits = [r.recycle_hit_pct for r in after if r.recycle_hit_pct is not None]
         res.ours, res.ours_ci95 = _mean_ci(hits)
         res.rounds = len(hits)
         res.verdict = _verdict(res.ours, row.theirs_after, row.kind, row.note)
         return res
-    before = [r for r in _series(raw, row.before, row) if r.error is None]
+    before = [r for r in _series(raw, row.before, row, path) if r.error is None]
     ratios = [a.primary / b.primary for b, a in zip(before, after, strict=False)
               if a.primary and b.primary]
     res.ours, res.ours_ci95 = _mean_ci(ratios)
     res.rounds = len(ratios)
     res.ours_removed = _round(removed_share(res.ours))
-    mb, ma = _median(records, row.before, row), _median(records, row.after, row)
+    mb, ma = _median(records, row.before, row, path), _median(records, row.after, row, path)
     res.ours_before = mb.primary if mb else None
     res.ours_after = ma.primary if ma else None
-    ref = _median(records, REFERENCE, row)
+    ref = _median(records, REFERENCE, row, path)
     pred: Prediction | None = predict(ref, mb, ma, costs) if ref and mb and ma else None
     costs_b = [path_cost(b) for b, a in zip(before, after, strict=False)]
     costs_a = [path_cost(a) for b, a in zip(before, after, strict=False)]
