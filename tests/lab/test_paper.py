@@ -16,7 +16,7 @@ from shared.lab.bench.modes import parse
 from shared.lab.bench.record import Record
 from shared.lab.paper import model, rows, table
 from shared.lab.paper.__main__ import parse as parse_args
-from shared.lab.paper.run import _todo, generator_line, mean_costs
+from shared.lab.paper.run import _todo, cost_line, generator_line, mean_costs
 
 REPO = Path(__file__).resolve().parents[2]
 COSTS = {"map": 8.0, "unmap": 6.0, "grant_copy": 2.0, "grant_copy_kb": 0.5, "notify": 2.0}
@@ -103,6 +103,25 @@ def test_without_the_machine_figure_both_ends_are_the_cost():
 
 def test_opbench_runs_are_averaged_per_key():
     assert mean_costs([{"map": 2.0, "notify": 1.0}, {"map": 4.0}]) == {"map": 3.0, "notify": 1.0}
+
+
+def test_the_op_costs_line_gives_each_cost_its_range_over_the_runs():
+    runs = [{"map": 6.0, "notify": 1.5}, {"map": 9.0}, {"map": 7.5, "notify": 1.7}]
+    line = cost_line(mean_costs(runs), runs)
+    assert line == ("op costs (µs, mean of 3 opbench runs, range): map 7.5 (6-9), "
+                    "notify 1.6 (1.5-1.7)")
+
+
+def test_the_bench_calls_back_after_every_round(tmp_path):
+    """``invoke paper`` measures the op costs between the rounds: the bench's ``after_round``
+    runs once per round, after that round's sessions, in order."""
+    import io
+
+    from shared.lab.bench.runner import Bench, BenchConfig
+
+    b = Bench(BenchConfig(rounds=3, results=tmp_path), [], io.StringIO())
+    seen: list[int] = []
+    assert b.run(seen.append) == [] and seen == [1, 2, 3]
 
 
 # -- the table -----------------------------------------------------------------------------------

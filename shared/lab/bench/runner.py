@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import TextIO
@@ -142,8 +142,10 @@ class Bench:
                      for p in self.paths) * self.cfg.rounds
         return self.progress.total * (self.cfg.seconds + STEP_OVERHEAD_S) + setups
 
-    def run(self) -> list[Record]:
-        """Run everything; Ctrl-C/SIGTERM ends early. Returns median records with ratios."""
+    def run(self, after_round: Callable[[int], object] | None = None) -> list[Record]:
+        """Run everything; Ctrl-C/SIGTERM ends early. Returns median records with ratios.
+        ``after_round(n)`` runs after each round (the paper's op costs: measured between
+        the rounds, on the machine as the rounds found it)."""
         try:
             for rnd in range(1, self.cfg.rounds + 1):
                 for path in self.paths:
@@ -151,6 +153,8 @@ class Bench:
                         todo = [w for w in self.todo[id(path)] if w.gso == gso]
                         if todo:
                             self._session(path, gso, todo, rnd)
+                if after_round is not None:
+                    after_round(rnd)
         except KeyboardInterrupt:
             self.interrupted = True
             self.progress.line("interrupted: everything is torn down; reporting what was measured")

@@ -8,8 +8,10 @@ netfront in a QEMU guest (``pvnet-qemu``; under TCG here) and virtio-net as the 
 reference: the generator runs inside the guest for guest->wire rows, the receiver for
 wire->guest ones (the issue's "rows a generator can drive from inside the guest"; no goal
 under TCG, where the guest's Python sets every ratio). Rounds are interleaved over all of them
-(>= 5 by default). ``python -m backend.opbench`` runs before the first and after the last round
-in the same lock hold; the model uses the mean of its runs.
+(>= 5 by default). ``python -m backend.opbench`` runs before the first round and after every
+round in the same lock hold (so the op costs meet the machine as the rounds met it: this shared
+VM's map cost moved 5.9 -> 9.0 µs between a quiet and a busy hour); the model uses the mean of
+its runs, and the table gives their range.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def opbench(rounds: int = 5000) -> dict[str, float]:
                           str(rounds)], capture_output=True, text=True, check=True,
                          cwd=REPO_ROOT, timeout=300)
     return json.loads(out.stdout)
+
+
+def cost_line(costs: dict[str, float], runs: list[dict[str, float]]) -> str:
+    """The op costs the model used (means) with each one's range over the opbench runs."""
+    def spread(k: str) -> str:
+        vals = [r[k] for r in runs if k in r]
+        return f" ({min(vals):g}-{max(vals):g})" if len(vals) > 1 else ""
+    return (f"op costs (µs, mean of {len(runs)} opbench runs, range): "
+            + ", ".join(f"{k} {v}{spread(k)}" for k, v in costs.items()))
 
 
 def mean_costs(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -111,18 +122,21 @@ def run_paper(cfg: PaperConfig, out: TextIO = sys.stdout) -> int:
                             f"{cfg.rounds} interleaved rounds over {len(exps)} modes on "
                             f"{ours} + {ref}; "
                             f"about {bench.estimate_s() / 60:.1f} min; results in {results}")
-        bench.progress.line("op costs: python -m backend.opbench (before the rounds)")
+        bench.progress.line("op costs: python -m backend.opbench (before the rounds, then "
+                            "after each)")
         costs_runs.append(opbench())
-        records = bench.run() if exps else []
-        bench.progress.line("op costs: python -m backend.opbench (after the rounds)")
-        costs_runs.append(opbench())
+
+        def between(rnd: int) -> None:
+            costs_runs.append(opbench())
+            bench.progress.line(f"op costs after round {rnd}: map {costs_runs[-1]['map']} "
+                                f"unmap {costs_runs[-1]['unmap']} µs")
+        records = bench.run(between) if exps else []
     costs = mean_costs(costs_runs)
     res = [table.evaluate(r, records, bench.raw, costs, ours) for r in chosen]
     gen = generator_line(records, ref, ours)
     text = "\n\n".join([f"placement: {cfg.placement} ({ours}; generator reference {ref})",
                          table.markdown(res), table.summary(res),
-                        "op costs (µs, mean of the opbench runs): "
-                        + ", ".join(f"{k} {v}" for k, v in costs.items()), gen,
+                        cost_line(costs, costs_runs), gen,
                         "sources:\n" + table.sources_text(res)])
     print(text, file=out)
     (results / "paper.md").write_text(text + "\n")
