@@ -15,12 +15,20 @@ lookup is the persistent grants' table; a bit-31 gref outside the declared pools
 cover every page netfront names (its RX buffers, and as many 17-page TX chunks as fit in 512
 entries: 30), which the UEK netfront reaches by copying into its pool ("use gref mappings
 for Tx buffers"); pvnet's header slots are the staged linear area of TX (see docs/design.md).
+
+The pools' pages are granted before the Initialised message that names them (``write_pools``),
+as UEK's netfront grants its pool before it writes the xenstore keys: the backend maps them as
+soon as it has answered Connected, which may be before this end has built its queues (it was,
+every time, with the netfront in a QEMU guest under TCG: "gref 264 is not granted"). The
+queues' set-up then leaves those entries alone, since rewriting one would clear the in-use
+marks the backend's mapping set.
 """
 
 from __future__ import annotations
 
+from frontend.grants.base import Run
 from frontend.grants.persistent import Persistent
-from shared.protocol.grant import RESERVED_REFS
+from shared.protocol.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access
 from shared.protocol.netif import (
     EXT_GREF_ALLOC,
     MAX_FRAME_PAGES,
@@ -36,6 +44,16 @@ class Staging(Persistent):
 
     max_grants = MAX_STAGING_GRANTS
 
+    def setup(self, runs: list[Run]) -> None:
+        """The queues' pages: the pools' were granted before Initialised (``write_pools``)
+        and may already be mapped and marked in use by the backend, so only an entry not
+        granted yet is written (none, when the pools cover what the queues name)."""
+        size = GRANT_ENTRY.size
+        for dst, entries in runs:
+            for at in range(0, len(dst), size):
+                if not int.from_bytes(dst[at:at + 2], "little") & GTF_permit_access:
+                    dst[at:at + size] = entries[at:at + size]
+
 
 def pool_refs(region: Region, rx_buffers: int) -> tuple[list[int], list[int]]:
     """The grefs netfront's queues will name (TX chunk pages from page ``rx_buffers`` on, RX
@@ -50,16 +68,20 @@ def pool_refs(region: Region, rx_buffers: int) -> tuple[list[int], list[int]]:
 
 
 def write_pools(region: Region, backend_domid: int, rx_buffers: int) -> dict[str, int]:
-    """Grant the pools' list pages (the region's last two payload pages, read-only) with the
-    lists written in, and return the keys that name them for the Initialised message."""
+    """Grant the pools' pages (TX read-only, RX writable) and their list pages (the
+    region's last two payload pages, read-only) with the lists written in, and return the
+    keys that name them for the Initialised message: everything the backend reads when it
+    maps the pools is granted before it can be named."""
     lay = region.layout
     keys: dict[str, int] = {}
     tx, rx = pool_refs(region, rx_buffers)
+    grant = region.grants.grant
     for i, (name, refs, readonly) in enumerate((("tx", tx, True), ("rx", rx, False))):
         page = lay.payload_pages - 1 - i
         at = (lay.payload_page + page) * PAGE_SIZE
         buf = region.buf
         for j, ref in enumerate(refs):
+            grant(ref, backend_domid, lay.payload_page + ref - RESERVED_REFS, readonly=readonly)
             EXT_GREF_ALLOC.pack_into(buf, at + j * EXT_GREF_ALLOC.size, ref,
                                      XEN_EXTF_GREF_readonly if readonly else 0)
         list_ref = RESERVED_REFS + page

@@ -191,3 +191,54 @@ def test_the_pools_cover_what_the_queues_name():
     tx, rx = pool_refs(Region.create(mem), RX_BUFFERS)
     assert rx == [RESERVED_REFS + i for i in range(RX_BUFFERS)]
     assert tx == [RESERVED_REFS + RX_BUFFERS + p for p in range(TX_STAGED)]
+
+
+def test_the_pools_are_granted_before_initialised_and_kept_in_use_once_mapped():
+    """The backend maps the pools as soon as it has answered Connected, which may be before
+    netfront has built its queues (with the netfront in a QEMU guest under TCG it was, every
+    time: "gref 264 is not granted"). So everything a pool names is granted by
+    ``write_pools``, before Initialised: the backend's ``premap`` in that order stages every
+    page; and the queues built afterwards leave the entries as the backend marked them (in
+    use), where rewriting them would let the frontend revoke a page the backend has mapped."""
+    import os
+
+    from backend.grants.gntmap import GntMap, Views
+    from backend.grants.staging import premap
+    from backend.handshake import attach_region
+    from frontend.grants.staging import write_pools
+    from frontend.mechanisms import grant_policy
+    from frontend.rx.queue import RxQueue
+    from frontend.tx.queue import TxQueue
+    from shared.plumbing.transport import create_memfd
+    from shared.protocol.grant import GTF_writing
+    from shared.protocol.stats import RingStats
+    from tests.conftest import agreement, dgram_pair
+
+    fd, mem = create_memfd(8 << 20)
+    front = Region.create(mem)
+    keys = write_pools(front, 0, RX_BUFFERS)  # what goes with Initialised
+    region, own_fd = attach_region(fd, mem)
+    os.close(fd)
+    st = RingStats()
+    views = Views(own_fd, mem, region, st, shared=True)
+    gms = [GntMap(region, views, 0, st, True) for _ in range(2)]
+    assert premap(keys, *gms) == TX_STAGED + RX_BUFFERS  # before any queue exists
+    tx, rx = pool_refs(front, RX_BUFFERS)
+    flags = front.grants.ref_flags
+    marked = [flags[r] & (GTF_reading | GTF_writing) for r in tx + rx]
+    assert all(marked)
+    guest, tap = dgram_pair()
+    ag = agreement(header_slots=False)
+    chosen = {"feature-staging-grants": True}
+    queues = [RxQueue(front, tap.fileno(), RingStats(),
+                      grant_policy(chosen, front.grants, RingStats(), "staging"), 0, ag),
+              TxQueue(front, tap.fileno(), RingStats(), RX_BUFFERS, False,
+                      grant_policy(chosen, front.grants, RingStats(), "staging"), 0, ag)]
+    assert [flags[r] & (GTF_reading | GTF_writing) for r in tx + rx] == marked
+    assert not any(front.grants.end_access(r) for r in (tx[0], rx[0]))  # still refused
+    for gm in gms:
+        gm.unmap_all()
+    views.close()
+    del queues
+    guest.close()
+    tap.close()
