@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from frontend.grants.base import Run
 from frontend.grants.persistent import Persistent
-from shared.protocol.grant import GRANT_ENTRY, RESERVED_REFS, GTF_permit_access
+from shared.protocol.grant import RESERVED_REFS
 from shared.protocol.netif import (
     EXT_GREF_ALLOC,
     MAX_FRAME_PAGES,
@@ -45,14 +45,10 @@ class Staging(Persistent):
     max_grants = MAX_STAGING_GRANTS
 
     def setup(self, runs: list[Run]) -> None:
-        """The queues' pages: the pools' were granted before Initialised (``write_pools``)
-        and may already be mapped and marked in use by the backend, so only an entry not
-        granted yet is written (none, when the pools cover what the queues name)."""
-        size = GRANT_ENTRY.size
-        for dst, entries in runs:
-            for at in range(0, len(dst), size):
-                if not int.from_bytes(dst[at:at + 2], "little") & GTF_permit_access:
-                    dst[at:at + size] = entries[at:at + size]
+        """Nothing: every page the queues name is in a pool, granted before Initialised
+        (``write_pools``) and perhaps already mapped and marked in use by the backend, which
+        rewriting the entries would undo (a page outside the pools could not be named with
+        the kept bit anyway: ``not_negotiated``)."""
 
 
 def pool_refs(region: Region, rx_buffers: int) -> tuple[list[int], list[int]]:

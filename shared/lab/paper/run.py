@@ -36,7 +36,8 @@ from shared.lab.paper import plot, rows, table
 #: the generator check: the reference path with the 64-byte frame workload, guest->peer
 GENERATOR = ("pps64", "tx")
 #: placement -> (the generator's reference path, pvnet's path)
-PLACEMENTS = {"netns": ("veth", "pvnet-netns"), "qemu": ("virtio-net", "pvnet-qemu")}
+PLACEMENTS = {"netns": ("veth", table.PATH), "qemu": ("virtio-net", "pvnet-qemu")}
+NETNS_REF = PLACEMENTS["netns"][0]
 ROUNDS, SECONDS = 5, 5.0
 QUICK_ROUNDS, QUICK_SECONDS = 2, 2.0
 
@@ -77,7 +78,7 @@ def mean_costs(runs: list[dict[str, float]]) -> dict[str, float]:
             for k in keys}
 
 
-def _todo(bench: Bench, exps: dict[str, list[tuple[str, str]]], ref: str = "veth") -> None:
+def _todo(bench: Bench, exps: dict[str, list[tuple[str, str]]], ref: str = NETNS_REF) -> None:
     """Each path runs only what the rows need of it, one direction at a time; the reference
     path ``ref`` the generator check alone."""
     for p in bench.paths:
@@ -159,7 +160,7 @@ def run_paper(cfg: PaperConfig, out: TextIO = sys.stdout) -> int:
     return 1 if any(r.error for r in records) else 0
 
 
-def generator_line(records, ref: str = "veth", path: str = table.PATH) -> str:
+def generator_line(records, ref: str = NETNS_REF, path: str = table.PATH) -> str:
     """The generator's own rate (on the reference path ``ref``) against the best pvnet
     delivered on ``path`` on the same workload: pvnet must be well below it for the
     generator not to be its limit."""
