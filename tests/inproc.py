@@ -83,6 +83,20 @@ def wait_for(cond: Callable[[], object], timeout: float = 5.0, what: str = "cond
         time.sleep(0.005)
 
 
+def gather(read: Callable[[], list[bytes]], n: int, timeout: float = 5.0,
+           what: str = "frames") -> list[bytes]:
+    """Every frame ``read`` returns until there are ``n``: a counter an end bumps before its
+    device write (tx_packets, rx_packets) says nothing yet about the far side's socket."""
+    got: list[bytes] = []
+
+    def enough() -> bool:
+        got.extend(read())
+        return len(got) >= n
+
+    wait_for(enough, timeout, f"{n} {what}")
+    return got
+
+
 def answers(ctl: Path | str) -> bool:
     """Does the control socket at `ctl` answer a ping (bound *and* listening and served)?"""
     try:

@@ -45,7 +45,7 @@ from shared.protocol.xenbus import (
 )
 from tests.conftest import frame, frame6, make_pair
 from tests.hostile import BASIC, HostileFrontend
-from tests.inproc import BackendThread, FrontendThread, wait_for
+from tests.inproc import BackendThread, FrontendThread, gather, wait_for
 
 STOCK = {"request-rx-copy": True, "feature-sg": True, "feature-gso-tcpv4": True,
          "feature-gso-tcpv6": True}
@@ -303,9 +303,7 @@ def test_netfront_against_a_backend_withholding_extensions(tmp_path):
         frames = [frame(bytes([i]) * (100 + 900 * i)) for i in range(8)]
         for fr in frames:
             f.guest.send(bytes(VNET_HDR.size) + fr)
-        got: list[bytes] = []
-        wait_for(lambda: (got.extend(b.wire_frames()), len(got) >= len(frames))[1], 5,
-                 "frames on the wire")
+        got = gather(b.wire_frames, len(frames), 5, "frames on the wire")
         assert got == frames
         assert f.nf.tx_stats.tx_header_slot_packets == 0
         assert b.nb.counters["malformed"] == 0, b.nb.last_error
