@@ -236,7 +236,8 @@ class RxPath(SmallFrames):
         length = self.held
         self.held = self.held_need = 0
         data = [0, *range(2 if self._gso else 1, need)]
-        bad = self.mech.copy_in(data, self.posted_views, self.posted_grefs, self.posted_exps)
+        bad = self.mech.copy_in(data, self.posted_views, self.posted_grefs, self.posted_exps,
+                                length)
         if bad:  # nothing was copied: the frame waits, whole, for buffers still granted
             self._retire(bad)
             self.held, self.held_need = length, need

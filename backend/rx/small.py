@@ -88,7 +88,7 @@ class SmallFrames:
             return
         if len(data) > 1:
             bad = self.mech.copy_in(data[1:], self.posted_views, self.posted_grefs,
-                                    self.posted_exps)
+                                    self.posted_exps, length - PAGE_SIZE)
             if bad:  # read, but a buffer it needed was revoked: dropped
                 self._retire(bad)
                 st = self.stats

@@ -51,10 +51,10 @@ def install(gntmap: GntMap, hook: Hook, rx=None) -> None:
             hook("rx_write", g)
             return write_one(fd, vnet, view, g, e)
 
-        def hooked_copy_in(positions, views, grefs, exps):
+        def hooked_copy_in(positions, views, grefs, exps, nbytes):
             for p in positions:  # the buffers a spill validates
                 hook("rx_write", grefs[p])
-            return copy_in(positions, views, grefs, exps)
+            return copy_in(positions, views, grefs, exps, nbytes)
 
         hooks += [(rx, "write", hooked_write), (rx, "write_one", hooked_write_one),
                   (rx, "copy_in", hooked_copy_in)]

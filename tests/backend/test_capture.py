@@ -188,8 +188,8 @@ def test_rx_capture_records_the_frame_as_read_and_maps_nothing(pair, monkeypatch
     guest = mech.gntmap.dma._buf  # all of the guest's memory (as the guest writes it)
     real = mech.copy_in
 
-    def copy_in(positions, targets, grefs, exps):
-        bad = real(positions, targets, grefs, exps)
+    def copy_in(positions, targets, grefs, exps, nbytes):
+        bad = real(positions, targets, grefs, exps, nbytes)
         for e in (exps[p] for p in positions):  # the guest scribbles on what it got
             frame_ = e >> 32
             guest[frame_ * 4096:frame_ * 4096 + 4096] = b"Z" * 4096

@@ -207,3 +207,36 @@ def test_a_small_frame_writes_only_its_own_bytes_into_a_guest_buffer(rx_mode, pe
         want = len(sent) if rx_mode == "map" else 0
         assert p.bstats[1].cpu_copy_bytes - copied == want
     close(p)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("rx_mode", names("rx"))
+@pytest.mark.parametrize("after_small_run", [False, True])
+def test_a_multi_page_frame_writes_no_stale_bytes_past_its_end(rx_mode, persistent,
+                                                               after_small_run):
+    """A frame over two buffers after a longer one: its last buffer gets the frame's bytes
+    only, not what the longer frame left in the backend's bounce page (the rest of a frame is
+    copied on from there: ``copy_in`` once copied whole pages). Every posted page is poisoned
+    first; in the two buffers answered, exactly the frame's bytes differ from the poison."""
+    p = make_pair(rx_mode=rx_mode, persistent=persistent)
+    small = [frame(bytes([i]) * 40) for i in range(10)]
+    for f in [*small, frame(b"L" * 3 * 4096), *(small if after_small_run else [])]:
+        p.wire.send(bytes(VNET_HDR.size) + f)
+        p.run_rx()
+    assert len(p.guest_frames()) == len(small) * (1 + after_small_run) + 1
+    assert (p.brx.small_run >= 8) == after_small_run
+    p.rx.refill()
+    p.rx.ring.push_requests()
+    p.brx.refill()
+    pages = {i: p.front_region.page(p.rx.frames[i]) for i in p.brx.posted}
+    for page in pages.values():
+        page[:] = b"\xee" * len(page)
+    sent = frame(b"m" * (4096 + 100))
+    p.wire.send(bytes(VNET_HDR.size) + sent)
+    p.run_rx()
+    assert [g[VNET_HDR.size:] for g in p.guest_frames()] == [sent]
+    used = [pages[i] for i in pages if i not in p.brx.posted_ids]  # answered with the frame
+    assert len(used) == 2
+    written = sum(len(pg) - bytes(pg).count(0xee) for pg in used)
+    assert written == len(sent) - sent.count(0xee)  # the frame's bytes, nothing past them
+    close(p)

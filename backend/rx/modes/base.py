@@ -19,9 +19,11 @@ force does the part that touches the frontend's pages:
   come in a row (a frame per read, one buffer checked and marked, not 17), and copies a longer
   frame's rest on with ``copy_in``. Returns the bytes read (with the vnet header), or -1 if
   the buffer was found revoked (nothing read).
-- ``copy_in(positions, targets, grefs, exps)``: the pages of ``bounce()`` (a frame read
-  there while too few buffers were posted, or the rest of a frame ``write_one`` read) into
-  the posted buffers at ``positions``, in order.
+- ``copy_in(positions, targets, grefs, exps, nbytes)``: the first ``nbytes`` of ``bounce()``
+  (a frame read there while too few buffers were posted, or the rest of a frame ``write_one``
+  read) into the posted buffers at ``positions``, a page each, in order: the last buffer
+  gets only the frame's bytes, never what an earlier, longer frame left in the bounce page
+  (Linux copies the skb's bytes, not pages).
 
 Every write into a buffer checks first that its entry is still exactly what was validated, and
 sets GTF_writing on it meanwhile (``_stale``, ``_writing``): a buffer the frontend revoked in
@@ -112,7 +114,8 @@ class RxMechanism:
     def write_one(self, fd: int, vnet: bytearray, target, g: int, e: int) -> int:
         raise NotImplementedError
 
-    def copy_in(self, positions: Sequence[int], targets, grefs, exps) -> list[int]:
+    def copy_in(self, positions: Sequence[int], targets, grefs, exps,
+                nbytes: int) -> list[int]:
         raise NotImplementedError
 
     def bounce(self) -> memoryview:

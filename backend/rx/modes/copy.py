@@ -90,18 +90,16 @@ class GrantCopy(RxMechanism):
             bounce = self._bounce
             for i, p in enumerate(predicted[1:len(data)]):
                 bounce[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = targets[p]
-            bad = self.copy_in(data[1:], targets, grefs, exps)
+            bad = self.copy_in(data[1:], targets, grefs, exps, length - PAGE_SIZE)
             if bad:
                 return RxWrite(n, bad)
         return RxWrite(n, [], data)
 
-    def copy_in(self, positions: Sequence[int], targets, grefs, exps) -> list[int]:
-        """Grant-copy bounce pages 0.. into the posted buffers at ``positions``, each
-        validated now and marked GTF_writing while copied. Returns the positions found
-        revoked (then nothing was copied)."""
-        return self._copy(positions, targets, grefs, exps)
-
-    def _copy(self, positions: Sequence[int], targets, grefs, exps) -> list[int]:
+    def copy_in(self, positions: Sequence[int], targets, grefs, exps,
+                nbytes: int) -> list[int]:
+        """Grant-copy the bounce buffer's first ``nbytes`` into the posted buffers at
+        ``positions`` (a page each), each validated now and marked GTF_writing while copied.
+        Returns the positions found revoked (then nothing was copied)."""
         gs = [grefs[p] for p in positions]
         ex = [exps[p] for p in positions]
         bad = self._stale(gs, ex, 0)
@@ -112,10 +110,14 @@ class GrantCopy(RxMechanism):
         bounce = self._bounce
         try:
             for i, p in enumerate(positions):
-                targets[p][:] = bounce[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                at = i * PAGE_SIZE
+                m = min(PAGE_SIZE, nbytes - at)
+                targets[p][:m] = bounce[at:at + m]
         finally:
             self._writing(gs, ex, 0)
-        self.stats.grant_copy_ns += _now() - t
+        st = self.stats
+        st.grant_copy_ns += _now() - t
+        st.grant_copy_bytes += max(0, min(nbytes, PAGE_SIZE * len(positions)))
         return []
 
 

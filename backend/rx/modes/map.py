@@ -72,13 +72,15 @@ class MapReceiver(RxMechanism):
         data = layout(length) if length > 0 else None
         if not data:
             return RxWrite(n, [])
-        bad = self.copy_in(data, targets, grefs, exps)
+        bad = self.copy_in(data, targets, grefs, exps, length)
         return RxWrite(n, bad, [] if bad else data, kept=bool(bad))
 
-    def copy_in(self, positions: Sequence[int], targets, grefs, exps) -> list[int]:
-        """Bounce pages 0.. into the posted buffers at ``positions``: each validated, marked
-        GTF_writing, mapped writable (unless kept mapped), written by the CPU, unmapped.
-        Returns the positions found revoked (then nothing was copied)."""
+    def copy_in(self, positions: Sequence[int], targets, grefs, exps,
+                nbytes: int) -> list[int]:
+        """The bounce buffer's first ``nbytes`` into the posted buffers at ``positions`` (a
+        page each): each validated, marked GTF_writing, mapped writable (unless kept mapped),
+        written by the CPU, unmapped. Returns the positions found revoked (then nothing was
+        copied)."""
         gs = [grefs[p] for p in positions]
         ex = [exps[p] for p in positions]
         bad = self._stale(gs, ex, 0)
@@ -90,15 +92,17 @@ class MapReceiver(RxMechanism):
         try:
             for i, p in enumerate(positions):
                 gref, frame = targets[p]
+                at = i * PAGE_SIZE
+                m = min(PAGE_SIZE, nbytes - at)
                 cmap(gref, frame, write=True)
                 try:
-                    page(frame)[:] = bounce[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                    page(frame)[:m] = bounce[at:at + m]
                 finally:
                     cunmap(gref, frame)
         finally:
             self._writing(gs, ex, 0)
         self.own.rx_mapped_copies += len(positions)
-        self.stats.cpu_copy_bytes += PAGE_SIZE * len(positions)
+        self.stats.cpu_copy_bytes += max(0, min(nbytes, PAGE_SIZE * len(positions)))
         return []
 
 
