@@ -94,7 +94,7 @@ class GntMap:
         # given the validation itself, not a method of this object: no reference cycle, so a
         # disconnected connection's mappings go the moment the last reference does
         self.tx = TxGrants(self.table, domid, self.frames, stats, self.kept.validate,
-                           self.refs)
+                           self.refs, self.kept.kept)
 
     # --- validation ---------------------------------------------------------------------
     def check(self, gref: int, write: bool = False) -> int:

@@ -8,7 +8,10 @@ transient grants from attach until its sk_buff-equivalent is freed (``release``)
 grant revoked while the backend took it is a fatal error for that frontend (``GrantError``).
 Consecutive grefs with equal flags (how netfront grants a chunk) are read with one unpack and
 marked and unmarked with one strided store each. Persistent grants
-(``backend/grants/persistent.py``) are never held here: they stay marked until disconnect.
+(``backend/grants/persistent.py``) are never held here: they stay marked until disconnect. A
+packet on one persistent gref the ring already keeps (persistent grants, staging pools: the
+common case once warm) is a dictionary lookup (``KEPT``), as Linux's persistent-grant tree
+lookup is, with nothing to hold or release.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from shared.protocol.stats import RingStats
 _unpack_gnt = GRANT_ENTRY.unpack_from
 _GE = GRANT_ENTRY.size
 _NOT_IN_USE = ~GTF_in_use & WORD_FLAGS  # a u16 flags value without the in-use bits
+#: ``resolve``'s flags for a packet whose every grant is kept (persistent, validated before):
+#: ``hold`` and ``release`` have nothing to do
+KEPT = -3
 
 
 class TxGrants:
@@ -40,7 +46,8 @@ class TxGrants:
     (``PersistentGrants.validate``: transient or persistent), used for anything unusual."""
 
     def __init__(self, table: GrantTable, domid: int, frames: range, stats: RingStats,
-                 check: Callable[[int], int], refs: range | None = None) -> None:
+                 check: Callable[[int], int], refs: range | None = None,
+                 kept: dict[int, int] | None = None) -> None:
         self.table, self.buf = table, table.buf
         #: this queue's grant references (``Layout.share``): the fast path stays inside them,
         #: anything else takes ``check``, which refuses a gref of another queue
@@ -48,6 +55,9 @@ class TxGrants:
         self.lo, self.count = refs.start, min(refs.stop, table.count)
         self.flags = table.ref_flags  # flags[ref]
         self.domid, self.frames, self.stats, self.check = domid, frames, stats, check
+        #: the ring's kept persistent grants (gref with the bit -> frame), validated once
+        #: (and owned by this queue) when first kept: ``PersistentGrants.kept``
+        self.kept = {} if kept is None else kept
 
     def resolve(self, grefs: list[int]) -> tuple[list[int], int]:
         """Check every fragment's grant; the frames they grant, and the entries' common flags
@@ -56,6 +66,11 @@ class TxGrants:
         which also says precisely what is wrong."""
         n = len(grefs)
         g0 = grefs[0]
+        if n == 1 and g0 & GREF_PERSISTENT:  # one fragment on a grant kept before
+            frame = self.kept.get(g0)
+            if frame is not None:
+                self.stats.persistent_hits += 1
+                return [frame], KEPT
         lo, hi = self.frames.start, self.frames.stop
         if n == 1 and self.lo <= g0 < self.count:  # an MTU packet's one fragment
             fl, dom, frame = _unpack_gnt(self.buf, g0 * _GE)
@@ -88,6 +103,8 @@ class TxGrants:
         not after the bytes left). ``flags0``: every entry's flags, if the caller read them
         all equal (consecutive grefs: one strided store). Returns what to pass to
         ``release``."""
+        if flags0 == KEPT:
+            return KEPT
         flags = self.flags
         n = len(grefs)
         g0 = grefs[0]
@@ -135,6 +152,8 @@ class TxGrants:
 
     def release(self, grefs: list[int], flags0: int = -1) -> None:
         """The skb is freed: nothing reads these grants any more; end_access may succeed."""
+        if flags0 == KEPT:
+            return
         if flags0 >= 0:
             g0, n = grefs[0], len(grefs)
             if n == 1:

@@ -133,7 +133,7 @@ class TxPath(HeadOnly):
         """One ring pass: build packets until ``limit`` packets or EARLY_SLOTS slots are
         consumed. Returns the packets built and how many were consumed (dropped ones too)."""
         ring, credit, lone_slot = self.ring, self.credit, self.requests.lone_slot
-        slot_frag = self.requests.slot_frag
+        slot_frag, lone_frag = self.requests.slot_frag, self.requests.lone_frag
         skbs: list[SkBuff] = []
         start = ring.req_cons
         n = 0
@@ -144,9 +144,11 @@ class TxPath(HeadOnly):
             if credit is not None and credit.exceeded(
                     _unpack_req(ring.buf, ring.entry(ring.req_cons))[4]):
                 break  # its requests stay on the ring until the next window
-            lone = lone_slot()
             n += 1
-            if lone is None:
+            one = lone_frag()  # no header slot: a flags peek declines the other shapes
+            if one is not None:
+                skb = self._lone_frag(*one)
+            elif (lone := lone_slot()) is None:
                 pair = slot_frag(avail)
                 skb = self._build(avail) if pair is None else self._slot_frag(*pair)
             elif not skbs and self._head_only_ok() and self._send_head(*lone):
@@ -289,6 +291,21 @@ class TxPath(HeadOnly):
         self.stats.tx_frags += 1
         self._resolve(skb, [fgref], idx, idx + 1)
         skb.offs, skb.sizes = [0], [fsize]
+        return skb
+
+    def _lone_frag(self, rid: int, gref: int, off: int, size: int, flags: int) -> SkBuff:
+        """A packet that is one fragment, no header slot (``TxRequests.lone_frag``): ``_build``'s
+        steps for that shape - its grant resolved once; the header pull copies its head out
+        of it later, as for any packet without a header slot."""
+        skb = SkBuff()
+        skb.size = size
+        idx = skb.idx = (self.ring.req_cons - 1) & MASK32
+        skb.csum_blank = bool(flags & NETTXF_csum_blank)
+        skb.data_validated = bool(flags & NETTXF_data_validated)
+        skb.ids = [rid]
+        self.stats.tx_frags += 1
+        self._resolve(skb, [gref], idx, idx)
+        skb.offs, skb.sizes = [off], [size]
         return skb
 
     def _pull(self, skb: SkBuff) -> bool:

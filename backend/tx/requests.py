@@ -52,6 +52,8 @@ _NOT_LONE = NETTXF_more_data | NETTXF_extra_info
 #: a header slot followed by fragments, without extra info (``slot_frag``)
 _SLOT_FRAG_MASK = NETTXF_header_slot | NETTXF_more_data | NETTXF_extra_info
 _SLOT_FRAG = NETTXF_header_slot | NETTXF_more_data
+#: flags of a request that is not a one-fragment packet on its own (``lone_frag``)
+_NOT_LONE_FRAG = NETTXF_header_slot | NETTXF_more_data | NETTXF_extra_info
 _unpack_extra = EXTRA_INFO.unpack_from
 
 
@@ -120,6 +122,25 @@ class TxRequests:
         ring.req_cons = (cons + 1) & MASK32
         self.stats.slots_consumed += 1
         return rid, gref + off, size, flags
+
+    def lone_frag(self) -> tuple[int, int, int, int, int] | None:
+        """The usual small packet without header slots (every ring in Xen's own netif),
+        checked and consumed in one go: one request, no header slot, no fragment and no extra
+        after it, whose id is free, inside its page and of a size inside Ethernet's limits -
+        (request id, gref, offset, size, flags). None (nothing consumed) for anything else,
+        which ``read`` then judges, naming any fault: the checks are ``read``'s for that
+        shape, in one expression."""
+        ring = self.ring
+        cons = ring.req_cons
+        if self._flags[cons & ring.mask] & _NOT_LONE_FRAG:  # one strided read, no unpack
+            return None
+        gref, off, flags, rid, size = _unpack_req(self.buf, ring.entry(cons))
+        if flags & _NOT_LONE_FRAG or self.pending[rid] or size < 14 or off + size > PAGE_SIZE:
+            return None  # (inside its page is inside MAX_FRAME)
+        self.pending[rid] = 1
+        ring.req_cons = (cons + 1) & MASK32
+        self.stats.slots_consumed += 1
+        return rid, gref, off, size, flags
 
     def slot_frag(self, avail: int) -> tuple[int, int, int, int, int, int, int, int] | None:
         """The usual MTU packet, checked and consumed in one go: a header-slot request with

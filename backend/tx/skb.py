@@ -161,6 +161,10 @@ def pull_headers(skb: SkBuff, pull: Pull) -> bool:
         skb._hdrs = UNWALKED
         return True
     want = min(size, TX_COPY_LEN)
+    if want == size:  # the least pull takes the whole frame: no walk decides how much
+        skb.head = head + _take(skb, size - len(head), pull)
+        skb._hdrs = UNWALKED  # walked only if asked (checksum set-up, a filter)
+        return True
     while True:
         if len(head) < want:
             if want > HEADER_PULL_MAX:

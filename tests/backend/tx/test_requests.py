@@ -1,7 +1,9 @@
 """The request parser's shortcuts judge exactly as the general parse does: whatever
-``TxRequests.slot_frag`` (a header slot and one fragment, the usual MTU packet) accepts,
-``TxRequests.read`` accepts with the same fields and counters; whatever it declines is left on
-the ring untouched for ``read``, which names the fault (hostile shapes drawn by hypothesis)."""
+``TxRequests.slot_frag`` (a header slot and one fragment, the usual MTU packet) or
+``TxRequests.lone_frag`` (one fragment, no header slot: every packet of Xen's own netif up to a
+page) accepts, ``TxRequests.read`` accepts with the same fields and counters; whatever they
+decline is left on the ring untouched for ``read``, which names the fault (hostile shapes drawn
+by hypothesis)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from shared.protocol.netif import (
     PAGE_SIZE,
     NETTXF_csum_blank,
+    NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_header_slot,
     NETTXF_more_data,
@@ -66,6 +69,48 @@ def test_slot_frag_accepts_only_what_read_accepts_and_the_same_way(changes):
         assert fsize <= PAGE_SIZE
     except NotNegotiated:
         raise AssertionError("slot_frag accepted what the agreement refuses") from None
+    finally:
+        close(a)
+        close(b)
+
+
+#: the usual packet without header slots (a 64-byte frame in a page of its own) ...
+LONE = dict(gref=8, off=0, flags=0, rid=1, size=64, busy=None, hs_on=False)
+#: ... and each way a field can leave that shape (valid or not)
+LONE_CHANGES = [("flags", HS), ("flags", MD), ("flags", NETTXF_extra_info),
+                ("flags", NETTXF_csum_blank), ("flags", NETTXF_data_validated),
+                ("flags", 0x40), ("off", 10), ("off", 4032), ("off", 4033), ("off", 4095),
+                ("rid", 255), ("size", 13), ("size", 14), ("size", 4096), ("size", 4097),
+                ("size", 65535), ("size", 0), ("busy", 1), ("busy", 2), ("hs_on", True),
+                ("gref", 0), ("gref", 0xFFFFFFFF)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.lists(st.sampled_from(LONE_CHANGES), max_size=3))
+def test_lone_frag_accepts_only_what_read_accepts_and_the_same_way(changes):
+    c = {**LONE, **dict(changes)}
+    gref, off, flags, rid, size = c["gref"], c["off"], c["flags"], c["rid"], c["size"]
+    a, b = make_pair(header_slots=False), make_pair(header_slots=False)
+    try:
+        for p in (a, b):
+            p.btx.header_slots = c["hs_on"]
+            if c["busy"] is not None:
+                p.btx.release.pending[c["busy"]] = 1
+            put(p, (gref, off, flags, rid, size))
+        got = a.btx.requests.lone_frag()
+        if got is None:  # declined: nothing consumed, the general parse judges it
+            assert a.btx.ring.req_cons == 0 and a.bstats[0].slots_consumed == 0
+            assert list(a.btx.release.pending) == list(b.btx.release.pending)
+            return
+        pkt = b.btx.requests.read(1)  # accepted: the general parse agrees, field by field
+        assert pkt.drop is None and pkt.hdr_start == -1
+        assert got == (pkt.rid, pkt.gref, pkt.off, pkt.size, pkt.flags)
+        assert (pkt.grefs, pkt.first_len, pkt.extras, pkt.gso_type) == ([], size, 0, 0)
+        assert a.btx.ring.req_cons == b.btx.ring.req_cons == 1
+        assert a.bstats[0].slots_consumed == b.bstats[0].slots_consumed == 1
+        assert list(a.btx.release.pending) == list(b.btx.release.pending)
+    except NotNegotiated:
+        raise AssertionError("lone_frag accepted what the agreement refuses") from None
     finally:
         close(a)
         close(b)
