@@ -283,29 +283,26 @@ class TxPath(HeadOnly):
         that shape - the slot copied and answered at once, the fragment's grant resolved."""
         skb = SkBuff(bytes(self.hdr[start:start + first_len]))
         self._slot_copied(rid, first_len)
-        skb.size = size
-        idx = skb.idx = (self.ring.req_cons - 2) & MASK32
-        skb.csum_blank = bool(flags & NETTXF_csum_blank)
-        skb.data_validated = bool(flags & NETTXF_data_validated)
-        skb.ids = [fid]
-        self.stats.tx_frags += 1
-        self._resolve(skb, [fgref], idx, idx + 1)
-        skb.offs, skb.sizes = [0], [fsize]
-        return skb
+        return self._one_frag(skb, size, 2, flags, fgref, fid, 0, fsize)
 
     def _lone_frag(self, rid: int, gref: int, off: int, size: int, flags: int) -> SkBuff:
         """A packet that is one fragment, no header slot (``TxRequests.lone_frag``): ``_build``'s
         steps for that shape - its grant resolved once; the header pull copies its head out
         of it later, as for any packet without a header slot."""
-        skb = SkBuff()
+        return self._one_frag(SkBuff(), size, 1, flags, gref, rid, off, size)
+
+    def _one_frag(self, skb: SkBuff, size: int, slots: int, flags: int, gref: int, fid: int,
+                  off: int, fsize: int) -> SkBuff:
+        """``skb`` (its head, if any, copied) with its one fragment attached: the packet's
+        ``slots`` requests were just consumed, the fragment's is the last of them."""
         skb.size = size
-        idx = skb.idx = (self.ring.req_cons - 1) & MASK32
+        idx = skb.idx = (self.ring.req_cons - slots) & MASK32
         skb.csum_blank = bool(flags & NETTXF_csum_blank)
         skb.data_validated = bool(flags & NETTXF_data_validated)
-        skb.ids = [rid]
+        skb.ids = [fid]
         self.stats.tx_frags += 1
-        self._resolve(skb, [gref], idx, idx)
-        skb.offs, skb.sizes = [off], [size]
+        self._resolve(skb, [gref], idx, idx + slots - 1)
+        skb.offs, skb.sizes = [off], [fsize]
         return skb
 
     def _pull(self, skb: SkBuff) -> bool:
