@@ -60,10 +60,12 @@ class SkBuff:
         self.transmitted = False
         #: counted in tx_zerocopy_sent: payload bytes were left in the fragments (by reference)
         self.zc = False
-        #: the fragments' grant entries' common flags as resolved (-1: not alike)
+        #: the fragments' grant entries' common flags as resolved (-1: not alike; KEPT: a
+        #: persistent grant the ring keeps, nothing to hold)
         self.flags0 = -1
         #: the grants' common flags when held with one strided store, -1 when held one by
-        #: one, NOT_HELD when not held (``backend/grants/tx.py``)
+        #: one, KEPT when there was nothing to hold, NOT_HELD when not held
+        #: (``backend/grants/tx.py``)
         self.hold_flags = NOT_HELD
         #: the header walk of the pulled head (``hdrs``), or UNWALKED until something asks
         self._hdrs: object = None
