@@ -207,7 +207,11 @@ class CpuView:
         return self._raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
 
     def close(self) -> None:
-        """Disconnect: every page goes back to PROT_NONE with the whole reservation."""
+        """Disconnect: every page this view still holds goes, with the reservation around
+        it - but never a hole: the kernel may since have placed another mapping there (a
+        region the next frontend attaches, another connection's page, the heap), and
+        unmapping the whole range once took that away from under its owner (EFAULT, or a
+        crash, in code that had nothing to do with this connection)."""
         if self.base is None:
             return
         self._raw.release()
@@ -215,7 +219,16 @@ class CpuView:
             view.release()
             _munmap(addr, PAGE_SIZE)
         self._away.clear()
-        _munmap(self.base, self.size)
+        holes, n, i = self._holes, self.count, 0
+        while i < n:  # each run of pages that are still ours, in one munmap
+            if holes[i]:
+                i = holes.find(0, i)
+                if i < 0:
+                    break
+            end = holes.find(1, i)
+            end = n if end < 0 else end
+            _munmap(self.base + i * PAGE_SIZE, (end - i) * PAGE_SIZE)
+            i = end
         self.base = None
         self.outstanding = self.holes = 0
         self._refs = array("I", bytes(4 * self.count))

@@ -107,6 +107,42 @@ def test_a_hole_taken_by_another_mapping_is_never_clobbered():
     os.close(fd)
 
 
+def test_closing_the_view_leaves_a_mapping_in_its_holes_alone():
+    """At disconnect the view unmaps what it holds, never its holes: a mapping the kernel
+    placed in one (here: on purpose, over a run of unmapped pages, as a 4 MiB region of the
+    next frontend can land there) stays its owner's. Closing once unmapped the whole range,
+    and the next user of that memory got EFAULT (a fast-tier run hit it: the next pair's
+    region, ``readv`` into it failing with "Bad address")."""
+    fd, mem = create_memfd(1 << 20)
+    Region.create(mem)
+    region, own = attach_region(fd, mem)
+    cpu = CpuView(own, region.layout, RingStats())
+    first = region.layout.payload_page
+    for i in range(4, 8):  # a run of holes
+        cpu.map(first + i)
+        cpu.unmap(first + i)
+    cpu.map(first + 10)  # and a page still mapped at close
+    hole = cpu.base + 4 * 4096
+    intruder = cpuview._mmap(hole, 4 * 4096, 3,
+                             cpuview._NONE_FLAGS | cpuview.MAP_FIXED_NOREPLACE, -1, 0)
+    assert intruder == hole
+    ctypes.memmove(hole, b"mine!", 5)
+    base = cpu.base
+    cpu.close()
+    r, w = os.pipe()
+    try:  # the kernel reads it: EFAULT (not a crash) had close unmapped it
+        os.write(w, (ctypes.c_char * 5).from_address(hole))
+        assert os.read(r, 5) == b"mine!"
+    finally:
+        os.close(r)
+        os.close(w)
+    assert not _memfd_at(base + 10 * 4096)  # and the page the view held is gone
+    cpuview._munmap(hole, 4 * 4096)
+    region.close()
+    os.close(own)
+    os.close(fd)
+
+
 def test_reading_an_unmapped_page_faults():
     """Not merely counted: the bytes are not there. A raw read through the CPU view's range
     (bypassing the accessor) of a page that was mapped and then unmapped kills the process
