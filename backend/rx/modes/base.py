@@ -21,8 +21,9 @@ force does the part that touches the frontend's pages:
   the buffer was found revoked (nothing read).
 - ``copy_in(positions, targets, grefs, exps, nbytes)``: the first ``nbytes`` of ``bounce()``
   (a frame read there while too few buffers were posted, or the rest of a frame ``write_one``
-  read) into the posted buffers at ``positions``, a page each, in order: the last buffer
-  gets only the frame's bytes, never what an earlier, longer frame left in the bounce page
+  read) into the posted buffers at ``positions``, a page each, in order (``nbytes`` falls in
+  the last of them: the callers lay the frame out from it): the last buffer gets only the
+  frame's bytes, never what an earlier, longer frame left in the bounce page
   (Linux copies the skb's bytes, not pages).
 
 Every write into a buffer checks first that its entry is still exactly what was validated, and

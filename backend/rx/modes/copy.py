@@ -117,7 +117,7 @@ class GrantCopy(RxMechanism):
             self._writing(gs, ex, 0)
         st = self.stats
         st.grant_copy_ns += _now() - t
-        st.grant_copy_bytes += max(0, min(nbytes, PAGE_SIZE * len(positions)))
+        st.grant_copy_bytes += nbytes
         return []
 
 

@@ -102,7 +102,7 @@ class MapReceiver(RxMechanism):
         finally:
             self._writing(gs, ex, 0)
         self.own.rx_mapped_copies += len(positions)
-        self.stats.cpu_copy_bytes += max(0, min(nbytes, PAGE_SIZE * len(positions)))
+        self.stats.cpu_copy_bytes += nbytes
         return []
 
 
