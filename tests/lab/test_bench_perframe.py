@@ -22,7 +22,7 @@ import pytest
 
 from shared.lab.bench import checks, hostcpu, perframe, placement, pps, report, runner, stages
 from shared.lab.bench.interval import ci95, rounded, t975
-from shared.lab.bench.measure import ProcSample, Sample, derive
+from shared.lab.bench.measure import ProcSample, Sample, derive, read_proc
 from shared.lab.bench.profiler import Profiler, py_spy
 from shared.lab.bench.record import Record, add_ratios, median_of
 from shared.lab.bench.workloads import WORKLOADS
@@ -40,12 +40,15 @@ def rec(path: str, mode: str, workload: str, direction: str, **kw: object) -> Re
 
 def test_cpu_per_frame_divides_each_ends_cpu_by_the_runs_frames():
     before = Sample(t=0.0, frames={"tx": 0, "rx": 0},
-                    procs={"front": ProcSample(1.0, 1, 10), "back": ProcSample(2.0, 1, 11)})
+                    procs={"front": ProcSample(1.0, 1, 10, wait_s=0.5),
+                           "back": ProcSample(2.0, 1, 11)})
     after = Sample(t=2.0, frames={"tx": 40_000, "rx": 7},
-                   procs={"front": ProcSample(1.4, 1, 10), "back": ProcSample(3.0, 1, 11)})
+                   procs={"front": ProcSample(1.4, 1, 10, wait_s=0.7),
+                          "back": ProcSample(3.0, 1, 11, wait_s=0.1)})
     out = derive(before, after, "tx", payload_bytes=6e7, seconds=2.0)
     assert out["frames"] == 40_000
     assert (out["cpu_front_us_per_frame"], out["cpu_back_us_per_frame"]) == (10.0, 25.0)
+    assert (out["wait_front_us_per_frame"], out["wait_back_us_per_frame"]) == (5.0, 2.5)
     # pps: the frames delivered at the receiver, not those the path counted, divide
     out = derive(before, after, "tx", payload_bytes=6e7, seconds=2.0, delivered=20_000)
     assert out["frames"] == 20_000 and out["cpu_back_us_per_frame"] == 50.0
@@ -287,6 +290,7 @@ def test_pinning_moves_every_thread_of_each_end_to_its_core():
         assert os.sched_getaffinity(procs[0].pid) == {guest}
         assert os.sched_getaffinity(procs[1].pid) == {host}
         assert text == f"back {host}, front {guest}, client {guest}, server {host}"
+        assert all(os.sched_getscheduler(p.pid) == os.SCHED_BATCH for p in procs)
         placement.pin_ends(pids, placement.PATH)
         assert os.sched_getaffinity(procs[0].pid) == {host} == os.sched_getaffinity(procs[1].pid)
     finally:
@@ -294,6 +298,35 @@ def test_pinning_moves_every_thread_of_each_end_to_its_core():
             p.kill()
             p.wait()
     assert placement.is_vcpu("CPU 0/TCG") and not placement.is_vcpu("qemu-system-x86")
+
+
+def test_two_busy_ends_on_one_core_each_wait_for_it_as_long_as_they_run():
+    """run_delay is the time a runnable end waited for its CPU: two spinning processes on
+    one core each get at most half of it, so each waits at least about as long as it runs
+    (a measure that read nothing fails)."""
+    _guest, host = placement.cpus()
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 30: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        placement.pin_ends({"front": procs[0].pid, "back": procs[1].pid}, placement.PATH)
+        first, t0 = [read_proc(p.pid) for p in procs], time.monotonic()
+        deadline = t0 + 20
+        while True:  # until each has run 0.4 s of CPU side by side
+            now = [read_proc(p.pid) for p in procs]
+            ran = [b.cpu_s - a.cpu_s for a, b in zip(first, now, strict=True)]
+            if min(ran) >= 0.4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        wall = time.monotonic() - t0
+        waited = [b.wait_s - a.wait_s for a, b in zip(first, now, strict=True)]
+        for r, w in zip(ran, waited, strict=True):  # more if others run there; never > wall
+            assert r >= 0.4 and 0.5 * r <= w <= wall + 0.05, (ran, waited, wall)
+        alone = read_proc(os.getpid())
+        assert alone is not None and alone.wait_s >= 0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_queue_workers_are_spread_one_queue_of_each_end_per_core():
@@ -399,12 +432,15 @@ def test_pps_and_nogso_through_veth_and_pvnet_netns(tmp_path: Path):
         assert d["cpu_gen_us_per_frame"] > 0, key
         if d["path"] == "pvnet-netns":
             assert d["cpu_front_us_per_frame"] > 0 and d["cpu_back_us_per_frame"] > 0, key
+            waits = (d["wait_front_us_per_frame"], d["wait_back_us_per_frame"])
+            assert min(waits) >= 0 and sum(waits) > 0, key  # one core: the ends take turns
             assert set(d["stages"]["back"]) == set(stages.STAGES), key
             assert sum(d["stages"]["back"].values()) == pytest.approx(1.0, abs=0.01), key
             assert d["stage_samples"]["back"] > 0, key
             guest, host = placement.cpus()
             assert d["cpus"] == f"back {host}, front {host}, generator {guest}", key
     table = (tmp_path / "res" / "table.md").read_text()
-    assert "| b stages % r/g/d/n/o |" in table and "per frame: 64 B frames tx" in table
+    assert "| b stages % r/g/d/n/o |" in table and "| wait µs/frame f / b |" in table
+    assert "per frame: 64 B frames tx" in table
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "pvbp-" not in left

@@ -22,13 +22,17 @@ MIN_BYTES_FOR_CPU_PER_GB = 1 << 20
 
 @dataclass(frozen=True)
 class ProcSample:
-    """CPU time used so far and peak RSS of one process, from /proc (None if it is gone)."""
+    """CPU time used so far, peak RSS and time spent runnable but waiting for a CPU, of one
+    process, from /proc (None if it is gone)."""
 
     cpu_s: float
     hwm_kb: int
     pid: int = 0
     #: a multi-queue end's queue workers (placement.py pins them apart)
     workers: tuple[int, ...] = ()
+    #: run queue wait of its threads (schedstat's run_delay): on the packet-rate path's one
+    #: core, the time an end waited while the other end or the kernel ran
+    wait_s: float = 0.0
 
 
 def read_proc(pid: int) -> ProcSample | None:
@@ -45,7 +49,24 @@ def read_proc(pid: int) -> ProcSample | None:
         if line.startswith("VmHWM:"):
             hwm = int(line.split()[1])
             break
-    return ProcSample(ticks / CLK_TCK, hwm, pid)
+    return ProcSample(ticks / CLK_TCK, hwm, pid, wait_s=run_delay_s(pid))
+
+
+def run_delay_s(pid: int) -> float:
+    """Seconds the threads of `pid` have spent on a run queue waiting for a CPU: the second
+    field of each /proc/<pid>/task/<tid>/schedstat (ns; a thread that has exited is gone
+    from the sum, the ends' threads live as long as they do)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
 
 
 def read_end(reply: dict) -> ProcSample | None:
@@ -56,7 +77,7 @@ def read_end(reply: dict) -> ProcSample | None:
     if not got:
         return None
     return ProcSample(sum(p.cpu_s for p in got), sum(p.hwm_kb for p in got), got[0].pid,
-                      tuple(p.pid for p in got[1:]))
+                      tuple(p.pid for p in got[1:]), sum(p.wait_s for p in got))
 
 
 @dataclass
@@ -118,6 +139,9 @@ def derive(before: Sample, after: Sample, direction: str, payload_bytes: float,
         out[f"rss_{role}_mb"] = round(a.hwm_kb / 1024, 1) if a is not None else None
         out[f"cpu_{role}_us_per_frame"] = (round(1e6 * cpu / frames, 2)
                                            if cpu is not None and frames else None)
+        waited = a.wait_s - b.wait_s if a is not None and b is not None else None
+        out[f"wait_{role}_us_per_frame"] = (round(1e6 * waited / frames, 2)
+                                            if waited is not None and frames else None)
     if before.rings and after.rings:
         rings = _rings_for(direction)
         packets = sum(_ring_delta(before, after, "back", r, f"{r}_packets") for r in rings)

@@ -42,6 +42,8 @@ COLUMNS = [
         cell(v, ".1f") for v in (r.cpu_front_us_per_frame, r.cpu_back_us_per_frame,
                                  r.cpu_ours_us_per_frame, r.cpu_machine_us_per_frame))),
     ("gen µs/frame", lambda r: cell(r.cpu_gen_us_per_frame, ".1f")),
+    ("wait µs/frame f / b", lambda r: " / ".join(
+        cell(v, ".1f") for v in (r.wait_front_us_per_frame, r.wait_back_us_per_frame))),
     (f"b stages % {STAGE_LETTERS}", lambda r: stages_text(r, "back")),
     (f"f stages % {STAGE_LETTERS}", lambda r: stages_text(r, "front")),
     ("load1 / busy / outside / kthreads %", _load),
@@ -54,9 +56,12 @@ LEGEND = (
     "the whole machine's busy CPU from /proc/stat (user+nice+system+irq+softirq, every core, "
     "the neighbours' included), the py-spy samplers' own CPU taken out of both, per "
     "data frame of the run: frames counted on the path, or delivered at the receiver for pps*. "
-    "gen: trafgen's own CPU per delivered frame (inside the machine figure). stages: share of "
-    "each end's sampled CPU in ring / grant / device / notify / other (stages.py), n working "
-    "samples. load1: 1-minute load average after the run; busy: all cores' busy share; "
+    "gen: trafgen's own CPU per delivered frame (inside the machine figure). wait: the time "
+    "each end was runnable but waited for its core (schedstat run_delay; on the pps path core "
+    "the ends take turns). stages: share of each end's sampled CPU in ring / grant / device / "
+    "notify / other (stages.py; the ends run SCHED_BATCH so that samples of an end waiting "
+    "for its core fall where it runs, placement.py), n working samples. "
+    "load1: 1-minute load average after the run; busy: all cores' busy share; "
     "outside: busy share not spent by the bench, the processes it started or kernel threads "
     "(the neighbours'); kthreads: kernel threads' share (ksoftirqd may carry our softirqs).")
 

@@ -20,6 +20,20 @@ keeps the other: on this 2-core machine a packet-rate run has no second core for
 
 Pinning is os.sched_setaffinity on every thread of a process, done before each run (a
 restarted end is pinned again). A machine with one allowed CPU runs everything on it.
+
+pvnet's own ends (the netback, a namespace netfront and their queue workers; not QEMU, so a
+virtio-net baseline is run as it always was) also run ``SCHED_BATCH``: the kernel then never
+preempts a running task to run a woken end. Without it, a kick or a frame from the
+generator switched the path core to the woken end in the middle of the other's batch, and
+the preempted end sat runnable at the system call that woke its peer; py-spy counts a
+runnable thread as working, so those waits were sampled as work at that line: in a 64 B run
+on the shared path core the netback's stages put 25-30 % in ``notify`` with one kick per
+~70 frames (1.9 µs each: 0.2 % of its CPU), and the netfront's waits, sampled at its poll,
+were dropped as idle. With no wake-up preemption an end is only switched out at the end of
+its slice, wherever it is, so its sampled stacks are again in proportion to its CPU (notify
+0-2 % in the same runs), and a batch is not cut short by a kick, as Linux's NAPI poll runs
+its budget out. The time an end waited for a CPU is in the records (``wait_*_us_per_frame``,
+measure.py).
 """
 
 from __future__ import annotations
@@ -62,22 +76,27 @@ def is_vcpu(name: str) -> bool:
     return name.startswith("CPU ") and "/" in name
 
 
-def _pin(tid: int, cpu: int) -> None:
+def _pin(tid: int, cpu: int, batch: bool) -> None:
     with contextlib.suppress(OSError):  # a thread may exit between listing and pinning
         os.sched_setaffinity(tid, {cpu})
+        if batch:
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
 
 
 def pin_process(pid: int, cpu: int, vcpu: int | None = None) -> None:
-    """Every thread of `pid` onto `cpu`; a QEMU's vCPU threads onto `vcpu` if given."""
+    """Every thread of `pid` onto `cpu`; a QEMU's vCPU threads onto `vcpu` if given. A
+    process other than QEMU (one of pvnet's ends) also runs SCHED_BATCH (above: why)."""
+    batch = not is_qemu(pid)
     for tid in threads(pid):
         on_vcpu = vcpu is not None and is_vcpu(thread_name(tid))
-        _pin(tid, vcpu if on_vcpu and vcpu is not None else cpu)
+        _pin(tid, vcpu if on_vcpu and vcpu is not None else cpu, batch)
 
 
 def pin_ends(pids: Mapping[str, int], placement: str,
              workers: Mapping[str, tuple[int, ...]] | None = None) -> str:
     """Pin a path's processes (role "front"/"back" -> pid, and each end's queue workers)
-    for `placement`; what was done, as the record's ``cpus`` text."""
+    for `placement`, pvnet's ends SCHED_BATCH; what was done, as the record's ``cpus``
+    text."""
     guest, host = cpus()
     done = []
     for role, ws in sorted((workers or {}).items()):

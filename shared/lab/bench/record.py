@@ -39,7 +39,9 @@ class Record:
     run (frames counted on the path; delivered frames for pps*); cpu_machine_us_per_frame the
     whole machine's busy CPU per frame (/proc/stat, hostcpu.py), cpu_ours_us_per_frame the
     same without the neighbours' processes (ours and kernel threads); cpu_gen_us_per_frame the
-    pps generator's own share of it. stages: end -> stage -> share of that end's sampled CPU
+    pps generator's own share of it; wait_front/back_us_per_frame the time each end spent
+    runnable but waiting for a CPU (the other end, the kernel or a tool had it), per frame.
+    stages: end -> stage -> share of that end's sampled CPU
     (stages.py), stage_samples the working samples behind each end's shares. load1,
     busy_pct, outside_pct, kthreads_pct, steal_pct: the machine during the run
     (hostcpu.py). cpus: where the ends and tools ran (placement.py). ci95: figure -> [low,
@@ -92,6 +94,9 @@ class Record:
     cpu_machine_us_per_frame: float | None = None
     cpu_ours_us_per_frame: float | None = None
     cpu_gen_us_per_frame: float | None = None
+    #: runnable but waiting for a CPU, per frame (schedstat run_delay; placement.py)
+    wait_front_us_per_frame: float | None = None
+    wait_back_us_per_frame: float | None = None
     stages: dict[str, dict[str, float]] | None = None
     stage_samples: dict[str, int] | None = None
     load1: float | None = None

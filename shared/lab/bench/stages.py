@@ -21,6 +21,13 @@ How a stack is attributed (``attribute``), leaf first, the innermost match winni
   3. ``MODULE_STAGES``: the file the frame is in, or its folder (a mechanism's package);
   and a frame that matches nothing hands the question to its caller. Samples attributed to
   ``wait`` are left out of the shares: they are a process waiting for work, not working.
+
+py-spy takes a runnable thread for a working one: an end that waits for its core while the
+other end runs is sampled where it stopped. Were the ends preempted when they woke each
+other, that would be the system call that woke the peer (a kick, a TAP write), and those
+lines would collect every sample of the wait; the bench runs the ends SCHED_BATCH
+(placement.py), which removes wake-up preemption, so an end is switched out at the end of
+its slice, wherever it is, and its samples stay in proportion to its CPU.
 """
 
 from __future__ import annotations
