@@ -25,7 +25,8 @@ class Source:
 
 SOURCES = {s.key: s for s in (
     Source("martins-rfc-2015", "J. Martins, [RFC PATCH 00/13] Persistent grant maps for xen net "
-           "drivers, xen-devel, May 2015 (cover letter)",
+           "drivers, xen-devel, May 2015 (cover letter; as sent, also in github.com/cnplab/"
+           "xen-pgnt-net, patches/linux/0000-cover-letter.patch)",
            "https://lists.xenproject.org/archives/html/xen-devel/2015-05/msg01498.html"),
     Source("uek-26107942", "J. Martins, Oracle UEK xen-netback/netfront 'use gref mappings for "
            "Tx/Rx requests', 'generalize recycling for grants' (Orabug 26107942)",
@@ -71,18 +72,32 @@ class Row:
         return tuple(m for m in (self.before, self.after) if m)
 
 
+P1_TX = ("the cover letter's baseline is stock netback (as the UEK commit's, P2a: the same "
+         "1.24 Mpps): the first 128 bytes grant-copied, any rest of the slot and the frags "
+         "grant-mapped and unmapped per packet, so a 64-byte frame is one grant copy and a "
+         "1496-byte one a copy and a map; with persistent grants every gref is mapped once "
+         "and kept ('still preparing the grant map and adding them to the tree'), the "
+         "header memcpy'd out of the mapping. Until 2026-12-07 the 'before' was "
+         "map-noslots (every page mapped per packet: at 64 B a map no netback did)")
+
 ROWS: tuple[Row, ...] = (
-    Row("P1a", "martins-rfc-2015", "TX 64 B: persistent grants vs a grant map per packet",
+    Row("P1a", "martins-rfc-2015", "TX 64 B: persistent grants vs stock netback",
         1.24, 1.82, "Mpps", "E5-1650 v2, Xen 4.5, pktgen burst 1, DomU->Dom0",
-        "map-noslots", "map-noslots-persistent", "pps64", "tx",
-        note="no header slots (as in Xen's netif): the frame's one page mapped per packet"),
-    Row("P1b", "martins-rfc-2015", "TX 1496 B: persistent grants vs a grant map per packet",
+        "linux-noslots", "map-noslots-persistent", "pps64", "tx",
+        note=P1_TX),
+    Row("P1b", "martins-rfc-2015", "TX 1496 B: persistent grants vs stock netback",
         0.518, 1.48, "Mpps", "E5-1650 v2, Xen 4.5, pktgen burst 1, DomU->Dom0",
-        "map-noslots", "map-noslots-persistent", "pps1496", "tx"),
-    Row("P1c", "martins-rfc-2015", "RX 64 B: persistent grants vs a grant map per packet",
+        "linux-noslots", "map-noslots-persistent", "pps1496", "tx", note=P1_TX),
+    Row("P1c", "martins-rfc-2015", "RX 64 B: persistent grants vs stock netback's grant copy",
         1.33, 2.78, "Mpps", "E5-1650 v2, Xen 4.5, pktgen burst 1, Dom0->DomU",
-        "lazy-noslots+rx-map", "lazy-noslots-persistent+rx-map", "pps64", "rx",
-        note="RX buffers mapped per frame (the mapping receiver) vs kept mapped"),
+        "lazy-noslots", "lazy-noslots-persistent+rx-map", "pps64", "rx",
+        note="stock netback grant-copies every frame into the guest's buffer; with "
+             "persistent grants it maps a buffer's gref once and memcpys into it (the cover "
+             "letter); the same pair as P2b. The RFC's RX figure also has its patch 6 in "
+             "it (the frame copied in ndo_start_xmit instead of through the RX kthread: "
+             "'by ~2x' for small packets, its words), which pvnet has no counterpart for; "
+             "until 2026-12-07 the 'before' was the mapping receiver (a map per frame), "
+             "which no netback had"),
     Row("P2a", "uek-26107942", "TX 64 B: gref mappings (staged) vs Linux netback's grant copy",
         1.24, 3.6, "Mpps", "E5-2699 v3, DomU->Dom0",
         "linux-noslots", "linux-noslots-staging", "pps64", "tx",
