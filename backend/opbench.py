@@ -13,6 +13,11 @@ through the very calls the data path makes, each many times, and prints mean µs
   extra cost per KiB (from 64-byte and 4096-byte copies).
 - ``cpu_copy_kb``: a CPU copy out of a mapped page, per KiB (what copy mode's TX copy and the
   mapping receiver's RX copy pay beyond their maps; the page kept mapped while timed).
+- ``pull``: ``GntMap.pull`` of 64 bytes out of a fragment grant already held: the header pull
+  without header slots, a grant copy whose check and mark are the hold's (until 2026-12-07
+  the model charged a pull a whole ``grant_copy`` on top of the hold: the check twice).
+- ``staged_pull``: the same pull out of a persistent grant kept mapped (persistent and
+  staging grants): a lookup and a CPU copy (``staged_pulls``).
 - ``hold``: ``TxGrants.hold`` + ``release`` of one transient fragment grant (GTF_reading set
   and cleared, the entry re-read).
 - ``notify``: one event-channel kick (a byte ``send`` on a unix socket pair, drained).
@@ -33,7 +38,7 @@ import time
 from backend.grants.gntmap import GntMap, Views
 from backend.handshake import attach_region
 from shared.plumbing.transport import create_memfd
-from shared.protocol.netif import PAGE_SIZE
+from shared.protocol.netif import GREF_PERSISTENT, PAGE_SIZE
 from shared.protocol.region import Region
 from shared.protocol.stats import RingStats
 
@@ -84,6 +89,9 @@ def measure(rounds: int = 5000) -> dict[str, float]:
             release(g, hold(g, [frames[i % PAGES]]))
         out["hold"] = _timed(held, rounds)
         out["cpu_copy_kb"] = _cpu_copy_kb(gm, frames, rounds)
+        # the pulls last: timed before it, they made the CPU copy above read 10x dearer
+        out["pull"] = _pull(gm, frames, rounds)
+        out["staged_pull"] = _staged_pull(region, views, frames, rounds)
         out["notify"] = _notify(rounds)
     finally:
         gm.unmap_all()
@@ -108,6 +116,31 @@ def _cpu_copy_kb(gm: GntMap, frames: list[int], rounds: int) -> float:
         for i, f in enumerate(frames):
             gm.unmap(REF0 + i, f)
     return max(0.0, (whole - small) / ((PAGE_SIZE - 64) / 1024))
+
+
+def _pull(gm: GntMap, frames: list[int], rounds: int) -> float:
+    """Mean µs of a 64-byte header pull from held fragment grants (held once, outside the
+    timing, as a packet holds its fragments before the pull)."""
+    refs = [REF0 + i for i in range(PAGES)]
+    held = gm.tx.hold(refs, frames)
+    try:
+        return _timed(lambda i: gm.pull(REF0 + i % PAGES, frames[i % PAGES], 0, 64), rounds)
+    finally:
+        gm.tx.release(refs, held)
+
+
+def _staged_pull(region: Region, views: Views, frames: list[int], rounds: int) -> float:
+    """Mean µs of a 64-byte header pull out of a persistent grant the backend keeps mapped
+    (persistent and staging grants: a lookup and a CPU copy, no grant operation)."""
+    gp = GntMap(region, views, 0, RingStats(), persistent=True)
+    refs = [(REF0 + i) | GREF_PERSISTENT for i in range(PAGES)]
+    try:
+        for ref, f in zip(refs, frames, strict=True):
+            gp.check(ref)
+            gp.map(ref, f)
+        return _timed(lambda i: gp.pull(refs[i % PAGES], frames[i % PAGES], 0, 64), rounds)
+    finally:
+        gp.unmap_all()
 
 
 def _timed(op, rounds: int) -> float:

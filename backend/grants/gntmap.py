@@ -179,6 +179,7 @@ class GntMap:
         st = self.stats
         st.grant_copy_ns += _now() - t
         st.grant_copies += 1
+        st.grant_pulls += 1
         st.grant_copy_bytes += size
         st.copy_bytes += size
         return data

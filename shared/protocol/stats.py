@@ -92,6 +92,10 @@ class RingStats:
     #: pulls served by a CPU copy from a kept mapping instead of a grant copy
     staged_grants: int = 0
     staged_pulls: int = 0
+    #: netback: TX header pulls served by a grant copy of a fragment the packet already holds
+    #: (inside grant_copies: the cost model charges them the copy alone, the grant check and
+    #: mark being the hold's)
+    grant_pulls: int = 0
     #: netback: payload pages accessed through the CPU view for the first time since they
     #: were mapped (each such access is a page fault filling the PTE)
     first_touches: int = 0

@@ -93,6 +93,20 @@ def test_the_model_charges_the_bytes_a_mode_copied_with_the_cpu():
     assert model.predict(ref, before, after, COSTS).ratio == 1.0
 
 
+def test_a_pull_is_charged_the_copy_alone_not_a_second_grant_check():
+    """A header pull out of a held fragment is among the grant copies but costs ``pull``
+    (the hold, counted apart, did the check); a run without the figure charges a copy."""
+    ref = rec("lazy-noslots", "pps64", "tx", 1e4, cpu_ours_us_per_frame=30.0)
+    before = rec("linux-noslots", "pps64", "tx", 1e4, op_copies_per_pkt=2.0,
+                 op_pulls_per_pkt=1.0, op_holds_per_pkt=1.0)
+    after = rec("map-noslots-persistent", "pps64", "tx", 1e4)
+    costs = COSTS | {"hold": 3.0, "pull": 0.5}
+    assert model.op_cost(before, costs) == pytest.approx(2.0 + 0.5 + 3.0)
+    assert model.op_cost(before, COSTS | {"hold": 3.0}) == pytest.approx(2 * 2.0 + 3.0)
+    p = model.predict(ref, before, after, costs)
+    assert p is not None and p.ratio == pytest.approx((30.0 + 5.5) / 30.0)
+
+
 def test_without_the_machine_figure_both_ends_are_the_cost():
     ref = rec("lazy", "pps64", "rx", 1e4, cpu_back_us_per_frame=10.0, cpu_front_us_per_frame=40.0)
     before = rec("lazy", "pps64", "rx", 1e4, op_maps_per_pkt=1.0, op_unmaps_per_pkt=1.0)
@@ -281,7 +295,8 @@ def test_invoke_paper_quick_two_rows_end_to_end(tmp_path):
     assert all(ln.count("|") == 9 for ln in lines)
     doc = json.loads(out.read_text())
     assert set(doc["op_costs"]) >= {"map", "unmap", "grant_copy", "grant_copy_kb", "notify",
-                                    "hold", "first_touch", "cpu_copy_kb"}
+                                    "hold", "first_touch", "cpu_copy_kb", "pull",
+                                    "staged_pull"}
     for row in doc["rows"]:
         assert isinstance(row["ours"], float) and row["rounds"] == 2, row
         lo, hi = row["ours_ci95"]
@@ -291,6 +306,10 @@ def test_invoke_paper_quick_two_rows_end_to_end(tmp_path):
     staged = [r for r in doc["records"] if r["mode"] == "linux-noslots-staging"]
     assert staged and all(r["op_maps_per_pkt"] == 0 and r["op_copies_per_pkt"] == 0
                           for r in staged)  # no grant operation per packet, for real
+    assert all(r["op_staged_pulls_per_pkt"] >= 0.99 for r in staged)  # a CPU pull each
+    copied = [r for r in doc["records"] if r["mode"] == "linux-noslots"]
+    assert copied and all(r["op_pulls_per_pkt"] == r["op_copies_per_pkt"] >= 0.99
+                          for r in copied)  # 64 B: the one grant copy is the header pull
     assert (tmp_path / "r" / "paper.png").is_file()
     assert "generator: trafgen moved" in res.stdout
 

@@ -82,6 +82,10 @@ class Record:
     op_maps_per_pkt: float | None = None
     op_unmaps_per_pkt: float | None = None
     op_copies_per_pkt: float | None = None
+    #: of op_copies_per_pkt, the header pulls out of a fragment the packet holds
+    op_pulls_per_pkt: float | None = None
+    #: header pulls by a CPU copy out of a kept mapping (persistent, staging grants)
+    op_staged_pulls_per_pkt: float | None = None
     op_gcopy_bytes_per_pkt: float | None = None
     op_holds_per_pkt: float | None = None
     op_touches_per_pkt: float | None = None
