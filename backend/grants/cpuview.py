@@ -2,12 +2,18 @@
 
 Why: in Xen a backend can read a guest page only after a grant-map hypercall has put it in its
 page tables, and it loses it at the unmap (a TLB flush). This module gives netback the same
-machine-enforced rule. At connect it reserves an address range the size of the payload area
+machine-enforced rule. At connect it reserves an address range twice the size of the payload area
 with ``PROT_NONE`` (nothing is readable there); a *map* is ``mmap(MAP_SHARED)`` of that one
 page of the region memfd at its place in the range, an *unmap* is ``munmap`` of it: each is a
-real page-table change, the unmap a real TLB invalidation. An unmapped page that was mapped
-before is a hole (absent), one never mapped is still ``PROT_NONE``; a map into a hole uses
-``MAP_FIXED_NOREPLACE``, so it can never clobber a mapping that is not ours (it fails instead).
+real page-table change, the unmap a real TLB invalidation. A page's place is followed by a
+guard page that is never mapped (``STRIDE``): two frames that are neighbours in the region
+are never neighbours here, so the kernel never merges their mappings into one VMA, to split
+it again at an unmap - which made an unmap of a page next to a mapped one cost nearly twice
+another (measured in the bench's own op timings, docs/performance.md: TX payload pages). In
+Xen a grant map costs the same whichever guest frame it maps; here too, since. An unmapped
+page that was mapped before is a hole (absent), one never mapped is still ``PROT_NONE``; a
+map into a hole uses ``MAP_FIXED_NOREPLACE``, so it can never clobber a mapping that is not
+ours (it fails instead).
 Why holes rather than ``mmap(PROT_NONE, MAP_FIXED)`` back over the page: on this machine that
 doubles the cost of both operations (each FIXED mapping over another is an unmap plus a map),
 measured by ``python -m backend.grants.cpuview``. A raw read of an unmapped page faults (SIGSEGV,
@@ -17,7 +23,7 @@ frontend granting scattered pages could make every later mmap of this process fa
 own allocations included. So at most HOLE_LIMIT holes are left; past that an unmap puts
 ``PROT_NONE`` back over the page instead (the dearer way, which merges with the reservation).
 A hole is free address space, though: the kernel may place any later mapping of this process
-there (a Python arena fits a run of unmapped RX buffers). ``MAP_FIXED_NOREPLACE`` then fails
+there (a one-page mapping fits a hole between two guards). ``MAP_FIXED_NOREPLACE`` then fails
 (EEXIST) rather than clobber it, and the page is mapped wherever the kernel likes instead
 (``_away``), at the same cost, until it is unmapped.
 
@@ -71,6 +77,8 @@ _NONE_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
 #: holes left in the reservation at most (each one a VMA more; see the module's docstring):
 #: more than an honest frontend's TX chunks and RX buffers, far below vm.max_map_count
 HOLE_LIMIT = 8192
+#: bytes from one page's place to the next: the page, then its guard page (never mapped)
+STRIDE = 2 * PAGE_SIZE
 _now = time.perf_counter_ns
 
 
@@ -93,7 +101,7 @@ class CpuView:
         self.stats = stats
         self.first = layout.payload_page
         self.count = layout.payload_pages
-        self.size = self.count * PAGE_SIZE
+        self.size = self.count * STRIDE
         self.base = _check(_mmap(None, self.size, PROT_NONE, _NONE_FLAGS, -1, 0),
                            "reserving the CPU view")
         # one view over the whole range; slicing it touches nothing, reading an unmapped
@@ -128,7 +136,7 @@ class CpuView:
         # over the reservation (never mapped yet) or our own mapping (a remap for writing),
         # else into our hole - unless something else has been placed there meanwhile
         away = self._away.get(i)
-        addr = away[0] if away else self.base + i * PAGE_SIZE
+        addr = away[0] if away else self.base + i * STRIDE
         how = MAP_FIXED if refs or not self._holes[i] else MAP_FIXED_NOREPLACE
         t = _now()
         got = _mmap(addr, PAGE_SIZE, prot, mmap.MAP_SHARED | how, self.fd, frame * PAGE_SIZE)
@@ -171,7 +179,7 @@ class CpuView:
             if _munmap(away[0], PAGE_SIZE):
                 _check(None, "unmapping a payload page")
         else:
-            addr = self.base + i * PAGE_SIZE
+            addr = self.base + i * STRIDE
             hole = self.holes < HOLE_LIMIT
             t = _now()
             if hole:
@@ -204,7 +212,7 @@ class CpuView:
         away = self._away.get(i) if self._away else None
         if away:
             return away[1][:]
-        return self._raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        return self._raw[i * STRIDE:i * STRIDE + PAGE_SIZE]
 
     def close(self) -> None:
         """Disconnect: every page this view still holds goes, with the reservation around
@@ -220,14 +228,14 @@ class CpuView:
             _munmap(addr, PAGE_SIZE)
         self._away.clear()
         holes, n, i = self._holes, self.count, 0
-        while i < n:  # each run of pages that are still ours, in one munmap
-            if holes[i]:
-                i = holes.find(0, i)
-                if i < 0:
-                    break
+        while i < n:  # each run of places that are still ours (with their guards), in one
+            if holes[i]:  # munmap; a hole's guard is still ours, its place is not
+                _munmap(self.base + i * STRIDE + PAGE_SIZE, PAGE_SIZE)
+                i += 1
+                continue
             end = holes.find(1, i)
             end = n if end < 0 else end
-            _munmap(self.base + i * PAGE_SIZE, (end - i) * PAGE_SIZE)
+            _munmap(self.base + i * STRIDE, (end - i) * STRIDE)
             i = end
         self.base = None
         self.outstanding = self.holes = 0

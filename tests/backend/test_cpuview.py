@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from backend.grants import cpuview, dmaview
-from backend.grants.cpuview import CpuView, NotMapped
+from backend.grants.cpuview import STRIDE, CpuView, NotMapped
 from backend.handshake import attach_region
 from shared.plumbing.transport import create_memfd
 from shared.protocol.mechanisms import names
@@ -39,6 +39,16 @@ def _memfd_at(addr: int) -> bool:
     return False
 
 
+def _vma_at(addr: int) -> tuple[int, int] | None:
+    """The bounds of whatever this process maps at ``addr``, if anything."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, _, rest = line.partition("-")
+            if int(lo, 16) <= addr < int(rest.split()[0], 16):
+                return int(lo, 16), int(rest.split()[0], 16)
+    return None
+
+
 def test_a_map_is_a_real_mapping_and_the_accessor_refuses_unmapped_pages():
     fd, mem = create_memfd(1 << 20)
     Region.create(mem)
@@ -47,7 +57,7 @@ def test_a_map_is_a_real_mapping_and_the_accessor_refuses_unmapped_pages():
     cpu = CpuView(own, region.layout, st)
     frame_no = region.layout.payload_page + 3
     mem[frame_no * 4096:frame_no * 4096 + 5] = b"hello"
-    addr = cpu.base + 3 * 4096
+    addr = cpu.base + 3 * STRIDE
     assert not _memfd_at(addr)
     with pytest.raises(NotMapped):
         cpu.page(frame_no)
@@ -71,6 +81,32 @@ def test_a_map_is_a_real_mapping_and_the_accessor_refuses_unmapped_pages():
     os.close(fd)
 
 
+def test_neighbouring_frames_never_share_a_mapping():
+    """Frames that are neighbours in the region are mapped a guard page apart: each is a
+    mapping (a VMA) of its own, so unmapping one never splits another's - which made an
+    unmap next to a mapped page cost nearly twice another. The guard is never readable."""
+    fd, mem = create_memfd(1 << 20)
+    Region.create(mem)
+    region, own = attach_region(fd, mem)
+    cpu = CpuView(own, region.layout, RingStats())
+    first = region.layout.payload_page
+    for i in range(3, 7):
+        cpu.map(first + i)
+
+    for i in range(3, 7):
+        assert _vma_at(cpu.base + i * STRIDE) == (cpu.base + i * STRIDE,
+                                             cpu.base + i * STRIDE + 4096)
+        assert not _memfd_at(cpu.base + i * STRIDE + 4096)  # the guard
+    cpu.unmap(first + 4)
+    assert _vma_at(cpu.base + 5 * STRIDE) == (cpu.base + 5 * STRIDE,
+                                             cpu.base + 5 * STRIDE + 4096)
+    assert bytes(cpu.page(first + 5)[:1]) == bytes(mem[(first + 5) * 4096:(first + 5) * 4096 + 1])
+    cpu.close()
+    region.close()
+    os.close(own)
+    os.close(fd)
+
+
 def test_a_hole_taken_by_another_mapping_is_never_clobbered():
     """An unmapped page leaves a hole the kernel may give to any later mmap of this process
     (here: one placed there on purpose). Mapping that frame again must not clobber it: the
@@ -84,7 +120,7 @@ def test_a_hole_taken_by_another_mapping_is_never_clobbered():
     mem[frame_no * 4096:frame_no * 4096 + 5] = b"guest"
     cpu.map(frame_no)
     cpu.unmap(frame_no)  # a hole now
-    hole = cpu.base + 5 * 4096
+    hole = cpu.base + 5 * STRIDE
     intruder = cpuview._mmap(hole, 4096, 3, cpuview._NONE_FLAGS | cpuview.MAP_FIXED_NOREPLACE,
                              -1, 0)
     assert intruder == hole  # someone else's page sits in our hole
@@ -109,8 +145,8 @@ def test_a_hole_taken_by_another_mapping_is_never_clobbered():
 
 def test_closing_the_view_leaves_a_mapping_in_its_holes_alone():
     """At disconnect the view unmaps what it holds, never its holes: a mapping the kernel
-    placed in one (here: on purpose, over a run of unmapped pages, as a 4 MiB region of the
-    next frontend can land there) stays its owner's. Closing once unmapped the whole range,
+    placed in one (here: on purpose, a page's worth, the most a hole between two guard pages
+    holds) stays its owner's. Closing once unmapped the whole range,
     and the next user of that memory got EFAULT (a fast-tier run hit it: the next pair's
     region, ``readv`` into it failing with "Bad address")."""
     fd, mem = create_memfd(1 << 20)
@@ -122,8 +158,8 @@ def test_closing_the_view_leaves_a_mapping_in_its_holes_alone():
         cpu.map(first + i)
         cpu.unmap(first + i)
     cpu.map(first + 10)  # and a page still mapped at close
-    hole = cpu.base + 4 * 4096
-    intruder = cpuview._mmap(hole, 4 * 4096, 3,
+    hole = cpu.base + 5 * STRIDE
+    intruder = cpuview._mmap(hole, 4096, 3,
                              cpuview._NONE_FLAGS | cpuview.MAP_FIXED_NOREPLACE, -1, 0)
     assert intruder == hole
     ctypes.memmove(hole, b"mine!", 5)
@@ -136,8 +172,9 @@ def test_closing_the_view_leaves_a_mapping_in_its_holes_alone():
     finally:
         os.close(r)
         os.close(w)
-    assert not _memfd_at(base + 10 * 4096)  # and the page the view held is gone
-    cpuview._munmap(hole, 4 * 4096)
+    assert not _memfd_at(base + 10 * STRIDE)  # and the page the view held is gone
+    assert _vma_at(base + 4 * STRIDE + 4096) is None  # as are the guards, a hole's too
+    cpuview._munmap(hole, 4096)
     region.close()
     os.close(own)
     os.close(fd)
@@ -149,7 +186,7 @@ def test_reading_an_unmapped_page_faults():
     with SIGSEGV."""
     script = textwrap.dedent("""
         import os, sys
-        from backend.grants.cpuview import CpuView, NotMapped
+        from backend.grants.cpuview import STRIDE, CpuView, NotMapped
         from backend.handshake import attach_region
         from shared.protocol.region import Region
         from shared.protocol.stats import RingStats
