@@ -61,7 +61,7 @@ class QueuedFrontend(HostileFrontend):
 
     def own_ref(self, q: int, i: int = 0) -> int:
         """The ``i``-th grant reference queue ``q`` owns past its RX buffers' (pvnet's
-        netfront grants a queue's TX chunks there)."""
+        netfront grants a queue's TX payload pages there)."""
         return self.areas[q].refs.start + (8 if q == 0 else 0) + 256 + i
 
     def kick(self, n: int = 1) -> None:

@@ -12,6 +12,9 @@ the grant table's bytes they go into; a policy decides what happens to them, alw
   backend holds it: its fault, the caller says which).
 - ``ref_bit``: or-ed into every gref the ring carries (``GREF_PERSISTENT``: "keep it").
 - ``max_grants``: how many the backend keeps per ring, if it limits them.
+- ``revokes``: False if ``revoke`` never does anything (the queues skip building its runs).
+- ``tail_pages``: payload pages at the region's end the policy keeps for itself (staging's
+  pool lists): no queue names them.
 
 Each queue has its own policy object (bound to its ring's counters); a policy is chosen by
 the agreement (``feature``), or, for one that needs no extension (``recycle``), by netfront's
@@ -41,6 +44,10 @@ class GrantPolicy:
     #: the most grants of this kind the backend keeps per ring (0: no limit): the queues
     #: grant no more pages than that
     max_grants: ClassVar[int] = 0
+    #: False: ``revoke`` does nothing (grants kept for the connection's life)
+    revokes: ClassVar[bool] = True
+    #: payload pages at the region's end that no queue may name (staging: its pool lists)
+    tail_pages: ClassVar[int] = 0
 
     def __init__(self, table: GrantTable, stats: RingStats | None = None) -> None:
         self.table = table

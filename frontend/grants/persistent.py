@@ -12,6 +12,7 @@ from shared.protocol.netif import GREF_PERSISTENT, MAX_PERSISTENT_GRANTS
 class Persistent(GrantPolicy):
     ref_bit = GREF_PERSISTENT
     max_grants = MAX_PERSISTENT_GRANTS
+    revokes = False
 
     def setup(self, runs: list[Run]) -> None:
         for dst, entries in runs:

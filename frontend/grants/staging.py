@@ -12,9 +12,11 @@ frontend keeps using those pages for every packet: no grant operation per packet
 Where pvnet differs: the grefs on the ring carry bit 31 (``GREF_PERSISTENT``), so the backend's
 lookup is the persistent grants' table; a bit-31 gref outside the declared pools is fatal
 (``not_negotiated``), as a gref UEK's table lacks would fall back to a grant map. The pools
-cover every page netfront names (its RX buffers, and as many 17-page TX chunks as fit in 512
-entries: 30), which the UEK netfront reaches by copying into its pool ("use gref mappings
-for Tx buffers"); pvnet's header slots are the staged linear area of TX (see docs/design.md).
+cover every page netfront names (its RX buffers, and TX payload pages up to the list's 512
+entries, a frame taking the pages it fills: one for a small frame), which the UEK netfront
+reaches by copying into its pool ("use gref mappings for Tx buffers"); pvnet's netfront reads
+a frame straight into its pool pages (``frontend/tx/pages.py``). pvnet's header slots are the
+staged linear area of TX (see docs/design.md).
 
 The pools' pages are granted before the Initialised message that names them (``write_pools``),
 as UEK's netfront grants its pool before it writes the xenstore keys: the backend maps them as
@@ -31,7 +33,6 @@ from frontend.grants.persistent import Persistent
 from shared.protocol.grant import RESERVED_REFS
 from shared.protocol.netif import (
     EXT_GREF_ALLOC,
-    MAX_FRAME_PAGES,
     MAX_STAGING_GRANTS,
     PAGE_SIZE,
     XEN_EXTF_GREF_readonly,
@@ -43,6 +44,8 @@ class Staging(Persistent):
     """Granted once at connect (as ``persistent``); what the pools list is the backend's."""
 
     max_grants = MAX_STAGING_GRANTS
+    #: the TX and RX pool lists: the region's last two payload pages (``write_pools``)
+    tail_pages = 2
 
     def setup(self, runs: list[Run]) -> None:
         """Nothing: every page the queues name is in a pool, granted before Initialised
@@ -52,13 +55,13 @@ class Staging(Persistent):
 
 
 def pool_refs(region: Region, rx_buffers: int) -> tuple[list[int], list[int]]:
-    """The grefs netfront's queues will name (TX chunk pages from page ``rx_buffers`` on, RX
+    """The grefs netfront's queues will name (TX payload pages from page ``rx_buffers`` on, RX
     buffers ``0..rx_buffers-1``): the refs of payload page p are ``RESERVED_REFS + p``, and
-    the TX queue keeps as many whole chunks as the pool allows."""
+    the TX queue names as many pages as the list holds, short of the two list pages
+    (``frontend/tx/pages.py`` counts them the same way)."""
     lay = region.layout
-    chunk = MAX_FRAME_PAGES  # a TX chunk's pages (frontend/tx/chunks.py: CHUNK_PAGES)
-    chunks = min((lay.payload_pages - rx_buffers - 2) // chunk, MAX_STAGING_GRANTS // chunk)
-    tx = [RESERVED_REFS + rx_buffers + p for p in range(chunks * chunk)]
+    pages = min(lay.payload_pages - Staging.tail_pages - rx_buffers, MAX_STAGING_GRANTS)
+    tx = [RESERVED_REFS + rx_buffers + p for p in range(pages)]
     rx = [RESERVED_REFS + p for p in range(rx_buffers)]
     return tx, rx
 

@@ -1,9 +1,9 @@
 """TX flow control and slot release on the frontend: stop when short, reap, restart.
 
 A packet needs ring slots (up to MAX_SLOTS_PER_PACKET + 1 besides its extra), a header slot and
-a payload chunk. When any of them runs short the queue *stops* (the pump stops reading the
-TAP) and restarts as responses release them (``reap``): a header slot's answer frees the slot,
-the last page answer of a chunk frees the chunk (revoking its grants). The backend answers a
+free payload pages for the largest frame. When any of them runs short the queue *stops* (the
+pump stops reading the TAP) and restarts as responses release them (``reap``): a header slot's
+answer frees the slot, a page's answer the page (revoking its grant). The backend answers a
 slot only when its packet is freed (``backend/tx/release.py``), so this is where its pace reaches
 the guest (docs/protocol.md: TX slot release and flow control). Every response is checked: an
 id not in flight is a lie (``BackendError``).
@@ -16,7 +16,7 @@ REAP_INTERVAL. Only a stopped queue arms rsp_event (``arm_completions``).
 from __future__ import annotations
 
 from frontend.faults import BackendError
-from frontend.tx.chunks import CHUNK_PAGES, SLOT_ID_BASE, TxChunks
+from frontend.tx.pages import SLOT_ID_BASE, TxPages
 from shared.protocol.netif import (
     MAX_SLOTS_PER_PACKET,
     TX_RESPONSE_ID,
@@ -35,11 +35,11 @@ REAP_INTERVAL = 0.005
 class TxFlow:
     """Which TX resources are in flight, and whether the queue may send."""
 
-    def __init__(self, ring: FrontRing, slots: HeaderSlots, chunks: TxChunks,
+    def __init__(self, ring: FrontRing, slots: HeaderSlots, pages: TxPages,
                  stats: RingStats) -> None:
         self.ring = ring
         self.slots = slots
-        self.chunks = chunks
+        self.pages = pages
         self.stats = stats
         self.busy = bytearray(1 << 16)  # ids in flight: a response for any other is a lie
         self.stopped = False
@@ -51,18 +51,18 @@ class TxFlow:
 
     def can_send(self) -> bool:
         return (self.ring.free_requests() >= MAX_SLOTS_PER_PACKET + 1
-                and bool(self.chunks.free) and bool(self.slots.free))
+                and self.pages.can_read() and bool(self.slots.free))
 
     def stop(self) -> None:
-        """The pump found the ring, the header slots or the chunks short."""
+        """The pump found the ring, the header slots or the payload pages short."""
         if not self.stopped:
             self.stopped = True
             self.stats.queue_stops += 1
 
     def reap(self) -> int:
-        """Consume responses: release header slots, chunks (revoking their grants) and ids."""
-        ring, chunks = self.ring, self.chunks
-        busy, chunk_out = self.busy, chunks.out
+        """Consume responses: release header slots, pages (revoking their grants) and ids."""
+        ring, pages = self.ring, self.pages
+        busy = self.busy
         free_slots = self.slots.free
         st = self.stats
         done = 0
@@ -78,7 +78,7 @@ class TxFlow:
             if first < n:
                 ids += self._ids[:n - first].tolist()
                 sts += self._statuses[:n - first].tolist()
-            finished = []
+            freed = []
             for rid, status in zip(ids, sts, strict=True):
                 if status == XEN_NETIF_RSP_NULL:
                     continue
@@ -88,15 +88,12 @@ class TxFlow:
                 if rid >= SLOT_ID_BASE:
                     free_slots.append(rid - SLOT_ID_BASE)
                 else:
-                    c = rid // CHUNK_PAGES
-                    chunk_out[c] -= 1
-                    if not chunk_out[c]:
-                        finished.append(c)
+                    freed.append(rid)
                 if status != XEN_NETIF_RSP_OKAY:
                     st.drops += 1
                 done += 1
-            if finished:
-                chunks.release(finished)
+            if freed:
+                pages.release(freed)
             ring.rsp_cons = (cons + n) & MASK32
             st.slots_released += n
             if self.stopped and self.can_send():

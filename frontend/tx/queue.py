@@ -1,14 +1,15 @@
 """Netfront TX: frames from the guest's TAP straight into shared memory, then onto the ring.
 
 One ``readv`` per frame scatters it with no Python copy: the virtio_net_hdr into a scratch
-buffer, the first bytes (up to the slot size) into a free header slot, the rest into a 68 KiB
-payload chunk whose pages are granted one reference each (``frontend/tx/chunks.py``). The first
-request carries the header slot's offset (``NETTXF_header_slot``), an extra-info slot carries
-GSO, then one request per payload page, copied from the chunk's template with the last one's
-size patched. Without header slots the frame starts in the chunk's first page, as stock netif.
+buffer, the first bytes (up to the slot size) into a free header slot, the rest over the next
+free payload pages, each granted with a reference of its own; the frame keeps the pages it
+filled (``frontend/tx/pages.py``). The first request carries the header slot's offset
+(``NETTXF_header_slot``), an extra-info slot carries GSO, then one request per payload page,
+copied from the pages' templates with the last one's size patched. Without header slots the
+frame starts in its first page, as stock netif.
 
 Flow control and slot release (``frontend/tx/flow.py``): when the ring, the header slots or the
-chunks run short, the queue stops (it stops polling the TAP) and restarts as responses
+payload pages run short, the queue stops (it stops polling the TAP) and restarts as responses
 release them.
 """
 
@@ -17,8 +18,8 @@ from __future__ import annotations
 import os
 
 from frontend.grants.base import GrantPolicy
-from frontend.tx.chunks import CHUNK_PAGES, SLOT_ID_BASE, TxChunks
 from frontend.tx.flow import TxFlow
+from frontend.tx.pages import ALL_FREE, READ_PAGES, SLOT_ID_BASE, TxPages
 from shared.protocol.grant import GRANT_ENTRY
 from shared.protocol.netif import (
     EXTRA_INFO,
@@ -50,7 +51,8 @@ _pack_req = TX_REQUEST.pack_into
 _pack_extra = EXTRA_INFO.pack_into
 _SLOT = TX_REQUEST.size
 _GE = GRANT_ENTRY.size
-_ONES = b"\x01" * CHUNK_PAGES
+_ONES = b"\x01" * READ_PAGES
+_NONE = bytes(READ_PAGES)
 #: virtio_net_hdr flags (NEEDS_CSUM=1, DATA_VALID=2, indexed by VIRTIO_NET_HDR_F_MASK bits)
 #: -> netif TX flags
 _TX_FLAGS = (0, NETTXF_csum_blank | NETTXF_data_validated, NETTXF_data_validated,
@@ -76,8 +78,8 @@ class TxQueue:
         self.tap_fd, self.stats = tap_fd, stats
         self.header_slots, self.policy = header_slots, policy
         self.slots = HeaderSlots(region.hdr, region.hdr_slot_size, region.hdr_slots)
-        self.chunks = TxChunks(region, first_page, policy, backend_domid)
-        self.flow = flow = TxFlow(self.ring, self.slots, self.chunks, stats)
+        self.pages = TxPages(region, first_page, policy, backend_domid)
+        self.flow = flow = TxFlow(self.ring, self.slots, self.pages, stats)
         self.reap, self.arm_completions = flow.reap, flow.arm_completions
         self.can_send, self.in_flight = flow.can_send, flow.in_flight
         self.vnet = bytearray(VNET_HDR.size)
@@ -106,12 +108,12 @@ class TxQueue:
         The hottest loop of the frontend (and, in a guest under TCG, of the whole guest): no
         method calls, no allocations but the iovec list reuse, counters summed per batch."""
         ring, buf, mask, offsets = self.ring, self.buf, self.ring.mask, self.ring.offsets
-        flow, chunks = self.flow, self.chunks
+        flow, pages = self.flow, self.pages
         st, vnet, busy = self.stats, self.vnet, flow.busy
-        free_slots, free_chunks = self.slots.free, chunks.free
-        slot_views, chunk_views = self.slots.views, chunks.views
-        chunk_ref0, req_tmpl = chunks.ref0, chunks.req_tmpl
-        gnt_tmpl, gnt_span = chunks.gnt_tmpl, chunks.gnt_span
+        free_slots, free, spans = self.slots.free, pages.free, pages.spans
+        find = free.find
+        slot_views, ref0, req_tmpl = self.slots.views, pages.ref0, pages.req_tmpl
+        gnt_tmpl, gnt_span = pages.gnt_tmpl, pages.gnt_span
         hs, ss = self.header_slots, self.slots.slot_size
         pbit = self.policy.ref_bit  # or-ed into grefs (the persistent bit)
         granted = []  # (table bytes, entries) of the pages named, for the grant policy
@@ -125,17 +127,16 @@ class TxQueue:
         sent = nbytes = slots = 0
         while sent < budget:
             prod = start = ring.req_prod_pvt
-            if (prod - ring.rsp_cons) & MASK32 > room_needed or not free_chunks \
-                    or not free_slots:
+            base = find(ALL_FREE)  # the lowest run of free pages the largest frame fits
+            if (prod - ring.rsp_cons) & MASK32 > room_needed or base < 0 or not free_slots:
                 flow.stop()
                 break
-            chunk = free_chunks[-1]
             if hs:
                 slot = free_slots[-1]
                 iov[1] = slot_views[slot]
-                iov[2] = chunk_views[chunk]
+                iov[2] = spans[base]
             else:
-                iov[1] = chunk_views[chunk]
+                iov[1] = spans[base]
             try:
                 length = readv(tap, iov) - VNET_HDR.size
             except BlockingIOError:
@@ -156,7 +157,6 @@ class TxQueue:
                 continue
             if xgso:
                 flags |= NETTXF_extra_info
-            base = chunk * CHUNK_PAGES
             if hs:  # first request: the header slot
                 free_slots.pop()
                 rest = length - ss if length > ss else 0
@@ -167,9 +167,9 @@ class TxQueue:
                           sid, length)
                 npages = -(-rest // PAGE_SIZE)
                 first = 0
-            else:  # first request: the chunk's first page, sized as the whole packet
+            else:  # first request: the frame's first page, sized as the whole packet
                 npages = -(-length // PAGE_SIZE)
-                _pack_req(buf, offsets[prod & mask], chunk_ref0[chunk] | pbit, 0,
+                _pack_req(buf, offsets[prod & mask], (ref0 + base) | pbit, 0,
                           flags | (NETTXF_more_data if npages > 1 else 0), base, length)
                 rest = length - PAGE_SIZE
                 first = 1
@@ -180,17 +180,15 @@ class TxQueue:
                 prod += 1
             if npages:
                 nfrag = npages - first
-                if nfrag:  # the chunk's template, then the real size of the last page
-                    self._put(prod, req_tmpl[chunk][first * _SLOT:npages * _SLOT])
+                end = base + npages
+                if nfrag:  # the pages' templates, then the real size of the last page
+                    self._put(prod, req_tmpl[(base + first) * _SLOT:end * _SLOT])
                     prod += nfrag
-                    _pack_req(buf, offsets[(prod - 1) & mask],
-                              (chunk_ref0[chunk] + npages - 1) | pbit, 0, 0,
-                              base + npages - 1, rest - (nfrag - 1) * PAGE_SIZE)
-                busy[base:base + npages] = _ONES[:npages]
-                granted.append((gnt_span[chunk][:npages * _GE], gnt_tmpl[chunk][:npages * _GE]))
-                free_chunks.pop()
-                chunks.out[chunk] = npages
-                chunks.used[chunk] = npages
+                    _pack_req(buf, offsets[(prod - 1) & mask], (ref0 + end - 1) | pbit, 0, 0,
+                              end - 1, rest - (nfrag - 1) * PAGE_SIZE)
+                busy[base:end] = _ONES[:npages]
+                free[base:end] = _NONE[:npages]
+                granted.append((gnt_span[base * _GE:end * _GE], gnt_tmpl[base * _GE:end * _GE]))
             ring.req_prod_pvt = prod & MASK32
             slots += prod - start
             nbytes += length

@@ -141,9 +141,9 @@ def test_a_pipelined_flood_on_the_control_socket_does_not_starve_other_readers(t
 
 
 def test_small_region_pair_moves_everything_without_a_lost_wakeup(tmp_path):
-    """1280K region: 3 TX chunks, so the frontend stops on a full queue constantly. Every
-    frame arrives, in order, and neither end's timer ever found work a notification had not
-    announced."""
+    """1280K region: 52 TX pages, three 64 KB frames, so the frontend stops on a full queue
+    constantly. Every frame arrives, in order, and neither end's timer ever found work a
+    notification had not announced."""
     b = BackendThread(tmp_path)
     f = FrontendThread(b.ev, tmp_path / "f.ctl", domid=b.domid, region_size=1280 << 10)
     sizes = [60, 1514, 9000, 30000, 64000, 200] * 150

@@ -15,7 +15,7 @@ POLL_US = 2000
 
 
 def test_a_polling_frontend_moves_everything_through_a_small_region(tmp_path):
-    """Queue stops all the time (3 TX chunks) and the frontend polls between rounds: every
+    """Queue stops all the time (52 TX pages) and the frontend polls between rounds: every
     frame arrives in order both ways, polls with and without work happened, the loop slept,
     and neither end's timer found work that no notification announced."""
     b = BackendThread(tmp_path)

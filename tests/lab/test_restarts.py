@@ -37,7 +37,8 @@ GUESTS = [{"domid": 211, "tx_mode": "lazy"},
           {"domid": 213, "tx_mode": "lazy", "region_size": "1280K"}]
 WIRE = "10.83.0.1"
 REPO = Path(__file__).resolve().parents[2]
-#: bytes per direction through pvr-g3's 1280K region (3 TX chunks: the queue stops constantly)
+#: bytes per direction through pvr-g3's 1280K region (52 TX pages, three 64 KB frames: the
+#: queue stops constantly)
 LONG_BYTES = int(os.environ.get("PVNET_LONG_BYTES", str(3 << 30)))
 
 

@@ -67,7 +67,7 @@ MODULE_STAGES: dict[str, str] = {
                      "frontend/tx/queue.py", "frontend/tx/flow.py",
                      "frontend/rx/queue.py", "frontend/rx/stock.py"), "ring"),
     **dict.fromkeys(("shared/protocol/grant.py", "shared/protocol/region.py", "backend/grants/",
-                     "backend/tx/modes/", "backend/rx/modes/", "frontend/tx/chunks.py",
+                     "backend/tx/modes/", "backend/rx/modes/", "frontend/tx/pages.py",
                      "frontend/grants/"), "grant"),
     **dict.fromkeys(("shared/plumbing/channel.py", "shared/plumbing/transport.py",
                      "shared/plumbing/doorbell/"), "notify"),

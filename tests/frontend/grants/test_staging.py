@@ -10,7 +10,6 @@ import pytest
 
 from frontend.grants.staging import pool_refs
 from frontend.rx.queue import RX_BUFFERS
-from frontend.tx.chunks import CHUNK_PAGES
 from shared.plumbing.channel import ChannelClosed
 from shared.protocol.grant import RESERVED_REFS, GTF_reading
 from shared.protocol.netif import (
@@ -27,7 +26,7 @@ from tests.hostile import BASIC, HostileFrontend, assert_verdict
 from tests.inproc import BackendThread, FrontendThread, gather, wait_for
 
 STAGING = dict(BASIC, **{"feature-staging-grants": True})
-TX_STAGED = MAX_STAGING_GRANTS // CHUNK_PAGES * CHUNK_PAGES  # 30 chunks of 17 pages
+TX_STAGED = MAX_STAGING_GRANTS  # the list page's 512 entries, TX payload pages
 
 
 @pytest.mark.parametrize("slots", [True, False])
@@ -185,7 +184,7 @@ def test_a_kept_gref_outside_the_pools_is_not_negotiated(tmp_path):
 
 def test_the_pools_cover_what_the_queues_name():
     """netfront's lists hold exactly the grefs its queues use: RX buffers 0..255, then whole
-    TX chunks from page 256 on, as many as 512 entries allow."""
+    TX payload pages from page 256 on, as many as 512 entries allow."""
     from shared.plumbing.transport import create_memfd
 
     _fd, mem = create_memfd(8 << 20)
