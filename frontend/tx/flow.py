@@ -41,7 +41,7 @@ class TxFlow:
         self.slots = slots
         self.pages = pages
         self.stats = stats
-        self.busy = bytearray(1 << 16)  # ids in flight: a response for any other is a lie
+        self.busy = pages.busy  # ids in flight: a response for any other is a lie
         self.stopped = False
         #: the most requests in flight that still leave room for a packet of the most slots
         #: (its first request and MAX_SLOTS_PER_PACKET follow-ons); beyond it the queue stops

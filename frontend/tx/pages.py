@@ -3,8 +3,9 @@
 A frame is read straight into free payload pages: ``readv`` is offered the lowest run of
 ``READ_PAGES`` free pages (the largest frame, 64 KiB + headers, without a header slot) as one
 iovec, and the frame keeps only the pages it filled - a 64-byte frame takes one page, not a
-17-page chunk. Which pages are free is a byte per page; the run is found with one
-``bytearray.find`` (C speed). Lowest first keeps the working set small - the pages answered
+17-page chunk. Which pages are free is the queue's in-flight byte per id (``busy``: a page's
+id is its number), so the run is one ``bytearray.find`` of zeros (C speed) and nothing else
+keeps page state. Lowest first keeps the working set small - the pages answered
 last are the ones reused, which is what grant recycling and the backend's kept mappings hit -
 and a frame's pages are always consecutive: its requests and grant entries are one slice of
 templates built once (``req_tmpl``, ``gnt_tmpl``), and the backend resolves and holds them as
@@ -34,8 +35,9 @@ from shared.protocol.region import Area
 READ_PAGES = MAX_FRAME_PAGES
 #: ids at and above this belong to header slots; below, the id is the queue's page number
 SLOT_ID_BASE = 0x8000
-#: ``free.find(ALL_FREE)``: the lowest page from which a read may fill ``READ_PAGES``
-ALL_FREE = b"\x01" * READ_PAGES
+#: ``busy.find(ALL_FREE, 0, count)``: the lowest page from which a read may fill
+#: ``READ_PAGES`` (none of them in flight)
+ALL_FREE = bytes(READ_PAGES)
 _RO = GTF_permit_access | GTF_readonly
 
 
@@ -83,24 +85,22 @@ class TxPages:
                                             for p in range(count)))
         self.gnt_span = self.grants.span(ref0, count)
         policy.setup([(self.gnt_span, self.gnt_tmpl)])
-        #: 1 per page not in flight
-        self.free = bytearray(b"\x01" * count)
+        #: ids in flight, 1 byte each - pages below SLOT_ID_BASE, header slots from it on: a
+        #: response for any other is a lie (``TxFlow.reap``); a page is free while its is 0
+        self.busy = bytearray(1 << 16)
 
     def can_read(self) -> bool:
         """Somewhere a run of free pages holds the largest frame."""
-        return self.free.find(ALL_FREE) >= 0
+        return self.busy.find(ALL_FREE, 0, self.count) >= 0
 
     def in_use(self) -> int:
         """Pages in flight."""
-        return self.count - self.free.count(1)
+        return self.busy.count(1, 0, self.count)
 
     def release(self, done: list[int]) -> None:
-        """Pages ``done`` are answered: the policy revokes their grants (refused if the
-        backend still holds one), then they are free again."""
+        """Pages ``done`` were answered (``reap`` has marked them free): the policy revokes
+        their grants, refused if the backend still holds one."""
         policy, ref0 = self.policy, self.ref0
         if policy.revokes and not policy.revoke(runs_of(done, ref0)):
             bad = next((p for p in done if self.grants.in_use(ref0 + p)), done[0])
             raise BackendError(f"backend still holds a grant: TX page {bad}")
-        free = self.free
-        for p in done:
-            free[p] = 1

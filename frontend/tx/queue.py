@@ -52,7 +52,6 @@ _pack_extra = EXTRA_INFO.pack_into
 _SLOT = TX_REQUEST.size
 _GE = GRANT_ENTRY.size
 _ONES = b"\x01" * READ_PAGES
-_NONE = bytes(READ_PAGES)
 #: virtio_net_hdr flags (NEEDS_CSUM=1, DATA_VALID=2, indexed by VIRTIO_NET_HDR_F_MASK bits)
 #: -> netif TX flags
 _TX_FLAGS = (0, NETTXF_csum_blank | NETTXF_data_validated, NETTXF_data_validated,
@@ -110,8 +109,8 @@ class TxQueue:
         ring, buf, mask, offsets = self.ring, self.buf, self.ring.mask, self.ring.offsets
         flow, pages = self.flow, self.pages
         st, vnet, busy = self.stats, self.vnet, flow.busy
-        free_slots, free, spans = self.slots.free, pages.free, pages.spans
-        find = free.find
+        free_slots, spans, count = self.slots.free, pages.spans, pages.count
+        find = busy.find
         slot_views, ref0, req_tmpl = self.slots.views, pages.ref0, pages.req_tmpl
         gnt_tmpl, gnt_span = pages.gnt_tmpl, pages.gnt_span
         hs, ss = self.header_slots, self.slots.slot_size
@@ -127,7 +126,7 @@ class TxQueue:
         sent = nbytes = slots = 0
         while sent < budget:
             prod = start = ring.req_prod_pvt
-            base = find(ALL_FREE)  # the lowest run of free pages the largest frame fits
+            base = find(ALL_FREE, 0, count)  # the lowest run of free pages for any frame
             if (prod - ring.rsp_cons) & MASK32 > room_needed or base < 0 or not free_slots:
                 flow.stop()
                 break
@@ -186,8 +185,7 @@ class TxQueue:
                     prod += nfrag
                     _pack_req(buf, offsets[(prod - 1) & mask], (ref0 + end - 1) | pbit, 0, 0,
                               end - 1, rest - (nfrag - 1) * PAGE_SIZE)
-                busy[base:end] = _ONES[:npages]
-                free[base:end] = _NONE[:npages]
+                busy[base:end] = _ONES[:npages]  # in flight: no longer free
                 granted.append((gnt_span[base * _GE:end * _GE], gnt_tmpl[base * _GE:end * _GE]))
             ring.req_prod_pvt = prod & MASK32
             slots += prod - start
