@@ -48,13 +48,12 @@ from shared.plumbing.channel import ChannelClosed, EventChannel
 from shared.plumbing.control.protocol import Handoff
 from shared.plumbing.doorbell.host import HostDoorbell
 from shared.plumbing.doorbell.kickchannel import KickChannel
-from shared.plumbing.netdev import NetDevice, offload_flags
+from shared.plumbing.netdev import VIF_MAC, NetDevice, offload_flags
 from shared.plumbing.transport import connect_unix, map_memfd
 from shared.protocol.mechanisms import default
 from shared.protocol.xenbus import Agreement, NotNegotiated, XenbusState
 
 log = logging.getLogger("netback")
-VIF_MAC = "fe:ff:ff:ff:ff:ff"
 #: Linux xen-netback's rx_stall_timeout default (seconds)
 RX_STALL_TIMEOUT = 60.0
 #: how long a control message to a frontend may wait for it to read (it is not trusted)

@@ -158,6 +158,19 @@ def terminate(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
     return survivors
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 3.0) -> None:
+    """Stop a child we started in a session of its own (``start_new_session``) with all its
+    group: SIGTERM, SIGKILL after ``timeout``; reaped either way."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def stop_pidfile(path: Path, timeout: float = 5.0) -> list[int]:
     """Stop the process group a pidfile names and remove the file; return the pids signalled."""
     rec = read_pidfile(path)

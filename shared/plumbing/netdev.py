@@ -25,6 +25,9 @@ from shared.plumbing.tap import (
 
 #: _IOW('T', 226, int): netif_carrier_on/off on a TAP (Linux >= 5.0)
 TUNSETCARRIER = 0x400454E2
+#: a vif's MAC, as Xen's hotplug scripts set it: the highest unicast address, so a bridge,
+#: which takes the lowest MAC of its ports for its own, never takes a vif's
+VIF_MAC = "fe:ff:ff:ff:ff:ff"
 
 
 def offload_flags(tso4: bool, tso6: bool, csum: bool = True) -> int:

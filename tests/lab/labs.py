@@ -109,14 +109,15 @@ def write_topology(directory: Path, yaml: str) -> tuple[Path, Topology]:
     return path, load(path)
 
 
-def tiny_bench(tmp_path: Path, workloads: list[str], prefix: str) -> list[dict]:
-    """A real `invoke bench` of 2 s runs, one round, over veth and pvnet-netns lazy, in its
-    own namespaces (`prefix`); its JSON records. The bench's exit status must be 0: every
-    record measured something and none was refused."""
+def tiny_bench(tmp_path: Path, workloads: list[str], prefix: str,
+               paths: tuple[str, ...] = ("veth", "pvnet-netns")) -> list[dict]:
+    """A real `invoke bench` of 2 s runs, one round, over `paths` (pvnet-netns in lazy mode),
+    in its own namespaces (`prefix`); its JSON records. The bench's exit status must be 0:
+    every record measured something and none was refused."""
     from shared.lab.bench import runner
 
     out = tmp_path / "bench.json"
-    cfg = runner.BenchConfig(seconds=2, rounds=1, paths=["veth", "pvnet-netns"], modes=["lazy"],
+    cfg = runner.BenchConfig(seconds=2, rounds=1, paths=list(paths), modes=["lazy"],
                              workloads=workloads, prefix=prefix, state_dir=tmp_path / "st",
                              results=tmp_path / "res", json_out=out)
     code = runner.run_bench(cfg)

@@ -100,6 +100,7 @@ def test_the_default_run_measures_each_mode_where_it_differs_within_30_minutes()
     assert bench.estimate_s() < 30 * 60
     todo = {(p.path, p.mode): [w.name for w in bench.todo[id(p)]] for p in paths}
     assert todo[("veth", "-")] == todo[("pvnet-netns", "lazy")] == list(plan.ALL)
+    assert todo[("tap-relay", "-")] == list(plan.ALL)  # the floor beside every workload
     for tx in names("tx")[1:]:
         assert "tcp-nogso" in todo[("pvnet-netns", tx)]
     assert todo[("pvnet-netns", "lazy-noslots")] == ["pps64"]

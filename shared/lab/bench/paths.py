@@ -48,9 +48,6 @@ it back but the runner). A QEMU path is about this much (names below are illustr
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -58,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any, Protocol
 
+from shared.lab import procs
 from shared.lab.bench.measure import Sample
 
 IPERF_PORT = 5201
@@ -110,17 +108,7 @@ class NetnsEndpoint:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
 
-        def stop() -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-        return stop
+        return lambda: procs.stop_group(proc)
 
 
 @dataclass

@@ -5,7 +5,8 @@ hours on this machine; the default run stays under 30 minutes by measuring each 
 differs from the reference (``shared.lab.bench.modes``), built from the mode's parts, never
 from a list of names:
 
-- ``veth`` and the reference mode (the default mechanisms, no option): every workload;
+- ``veth``, ``tap-relay`` (the floor under pvnet's per-frame cost) and the reference mode
+  (the default mechanisms, no option): every workload;
 - another TX mechanism: TCP with and without GSO (its per-fragment and per-packet cost) and
   64-byte frames; another RX mechanism: TCP and 64-byte frames;
 - header slots off: 64-byte frames (where a header copy is most of a packet); persistent
@@ -23,7 +24,7 @@ from shared.lab.bench.modes import parse
 from shared.protocol.mechanisms import default
 
 #: the paths of the default run (``--paths`` for the rest)
-DEFAULT_PATHS = ("veth", "pvnet-netns", "virtio-net", "pvnet-qemu")
+DEFAULT_PATHS = ("veth", "tap-relay", "pvnet-netns", "virtio-net", "pvnet-qemu")
 ALL = ("tcp", "tcp-nogso", "udp64", "rr", "pps64", "pps1496")
 #: a QEMU guest's boot and shutdown under TCG, for the time estimate (seconds)
 QEMU_SETUP_S = 45.0

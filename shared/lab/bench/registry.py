@@ -1,6 +1,6 @@
 """The registry of measured paths: every path name, its factory, and the run order.
 
-The one module that imports every path module (veth, pvnet_netns, qemu); they import only
+The one module that imports every path module (veth, tap_relay, pvnet_netns, qemu); they import only
 ``shared.lab.bench.paths`` (the interfaces), and nothing imports this module back but the
 runner, so the bench's import graph has no cycle.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.lab.bench import pvnet_netns, qemu, veth
+from shared.lab.bench import pvnet_netns, qemu, tap_relay, veth
 from shared.lab.bench.paths import Factory, Path, PathContext
 
 REGISTRY: dict[str, Factory] = {
     "veth": veth.veth_paths,
+    "tap-relay": tap_relay.tap_relay_paths,
     "pvnet-netns": pvnet_netns.pvnet_netns_paths,
     "virtio-net": qemu.virtio_paths,
     "pvnet-qemu": qemu.pvnet_qemu_paths,

@@ -211,7 +211,8 @@ def targets_text(records: list[Record]) -> str:
     met = sum(1 for t in res if t.met)
     known = sum(1 for t in res if t.met is not None)
     return "\n".join([f"Targets: {met} of {known} measured met", *[t.line() for t in res],
-                      *capture_lines(records), *mechanism_lines(records)])
+                      *capture_lines(records), *mechanism_lines(records),
+                      *floor_lines(records)])
 
 
 def rate_targets(records: list[Record]) -> list[TargetResult]:
@@ -259,6 +260,28 @@ def mechanism_lines(records: list[Record]) -> list[str]:
         out.append(f"- {r.mode} {r.workload} {r.direction}: {r.primary / base.primary:.2f}x "
                    f"{REF}")
     return (["Mechanisms against " + REF + " (same run):", *out]) if out else []
+
+
+def floor_lines(records: list[Record]) -> list[str]:
+    """pvnet's reference mode over the ``tap-relay`` path (the least a Python driver over the
+    same two TAPs does: ``shared.lab.bench.tap_relay``), per workload and direction, same run:
+    the primary figure's ratio and the whole machine's CPU per frame of each, whose difference
+    is what the split driver itself costs."""
+    out = []
+    for r in records:
+        if r.path != "pvnet-netns" or r.mode != REF:
+            continue
+        floor = find(records, "tap-relay", "-", r.workload, r.direction)
+        if floor is None or r.primary is None or not floor.primary:
+            continue
+        line = f"- {r.workload} {r.direction}: {r.primary / floor.primary:.2f}x the relay"
+        ours, least = r.cpu_machine_us_per_frame, floor.cpu_machine_us_per_frame
+        if ours is not None and least is not None:
+            line += (f"; CPU per frame, whole machine, {ours:.1f} vs {least:.1f} µs "
+                     f"(the split driver: {ours - least:+.1f} µs)")
+        out.append(line)
+    return (["pvnet-netns " + REF + " against the tap-relay floor (same run):", *out]
+            if out else [])
 
 
 def write_json(records: list[Record], path: FsPath) -> None:
