@@ -171,6 +171,38 @@ PENDING = rows.Row("PX", "bennieston-2014", "1 queue vs several (aggregate)", 1.
                    note="pending: multi-queue not implemented")
 
 
+def test_the_ceiling_puts_the_floor_in_place_of_the_base_and_says_what_is_out_of_reach():
+    """With a ``tap-relay`` record (the floor: 4 µs of path CPU per frame, the generator's
+    taken off) the row gets the model's ratio on that base: P1a's map + unmap (14 µs) before,
+    nothing after -> (4 + 14) / 4 = 4.5x, so 1.47x is within reach; a dearer floor (60 µs)
+    gives 1.23x, and 1.47x is beyond it once past the 25 % margin (1.23 x 1.25 = 1.54: still
+    within; 100 µs: 1.14 x 1.25 = 1.42 < 1.47, beyond)."""
+    row = rows.select(["P1a"])[0]
+    raw = _raw(row, [10, 11], [14, 15])
+    before = rec(row.before, row.workload, row.direction, 10, op_maps_per_pkt=1.0,
+                 op_unmaps_per_pkt=1.0)
+    after = rec(row.after, row.workload, row.direction, 14)
+
+    def floor(us: float) -> Record:
+        return Record("tap-relay", "-", row.workload, row.direction, reps=1, fps=1e5,
+                      cpu_ours_us_per_frame=us + 5.0, cpu_gen_us_per_frame=5.0)
+
+    res = table.evaluate(row, [before, after, floor(4.0)], raw, COSTS)
+    assert res.floor_us == 4.0 and res.ceiling == pytest.approx(18 / 4) and res.reachable
+    assert table.evaluate(row, [before, after, floor(60.0)], raw, COSTS).reachable
+    far = table.evaluate(row, [before, after, floor(100.0)], raw, COSTS)
+    assert far.ceiling == pytest.approx(114 / 100) and far.reachable is False
+    assert "ceiling 1.14x" in table.markdown([far])
+    assert ("within reach of this device model (published ratio at most the ceiling +25 %: "
+            "the model with the tap-relay floor as the whole base): 0 of 1; beyond it: P1a"
+            ) in table.summary([far])
+    # no floor record (the QEMU placement, an older run): no ceiling, no summary line
+    plain = table.evaluate(row, [before, after], raw, COSTS)
+    assert plain.ceiling is None and "within reach" not in table.summary([plain])
+    assert table.evaluate(row, [before, after, floor(4.0)], raw, COSTS, "pvnet-qemu").ceiling \
+        is None
+
+
 def test_arithmetic_and_pending_rows():
     p3a, p6 = rows.select(["P3a"])[0], PENDING
     raw = [Record("pvnet-netns", p3a.after, "tcp", "rx", gbps=1.0, recycle_hit_pct=h)
@@ -203,16 +235,22 @@ def test_only_what_the_rows_need_is_planned():
 
     class B:
         def __init__(self) -> None:
-            self.paths = [P("veth", "-"), P("pvnet-netns", "map-noslots"), P("pvnet-netns", "x")]
+            self.paths = [P("veth", "-"), P("tap-relay", "-"), P("pvnet-netns", "map-noslots"),
+                          P("pvnet-netns", rows.REFERENCE), P("pvnet-netns", "x")]
             self.todo: dict[int, list] = {}
             self.cfg = type("C", (), {"rounds": 5})()
 
     b = B()
-    _todo(b, {"map-noslots": [("pps64", "tx"), ("pps1496", "tx")]})  # type: ignore[arg-type]
-    got = {p.mode: [(w.name, w.directions) for w in b.todo[id(p)]] for p in b.paths}
-    assert got == {"-": [("pps64", ("tx",))],
-                   "map-noslots": [("pps64", ("tx",)), ("pps1496", ("tx",))], "x": []}
-    assert b.progress.total == 5 * 3
+    _todo(b, {"map-noslots": [("pps64", "tx"), ("pps1496", "tx")],  # type: ignore[arg-type]
+              rows.REFERENCE: [("pps64", "tx"), ("pps1496", "tx"), ("pps64", "rx")],
+              "x": [("tcp", "rx")]})  # an arithmetic row's mode: no base, no floor
+    got = {p.path + p.mode: [(w.name, w.directions) for w in b.todo[id(p)]] for p in b.paths}
+    assert got == {"veth-": [("pps64", ("tx",))],  # the generator check alone
+                   "tap-relay-": [("pps64", ("tx", "rx")), ("pps1496", ("tx",))],  # the floor
+                   "pvnet-netnsmap-noslots": [("pps64", ("tx",)), ("pps1496", ("tx",))],
+                   "pvnet-netns" + rows.REFERENCE: [("pps64", ("tx", "rx")), ("pps1496", ("tx",))],
+                   "pvnet-netnsx": [("tcp", ("rx",))]}
+    assert b.progress.total == 5 * (1 + 3 + 2 + 3 + 1)
 
 
 def test_the_qemu_placement_reads_only_its_own_path_and_generator():
@@ -303,6 +341,13 @@ def test_invoke_paper_quick_two_rows_end_to_end(tmp_path):
         assert lo <= row["ours"] <= hi and row["verdict"]
     p4a = doc["rows"][0]
     assert isinstance(p4a["predicted"], float) and isinstance(p4a["ours_cpu"], float)
+    # the floor ran beside it, on the rows' workloads: a ceiling and a reach verdict
+    assert isinstance(p4a["floor_us"], float) and p4a["floor_us"] > 0
+    assert isinstance(p4a["ceiling"], float) and isinstance(p4a["reachable"], bool)
+    floors = {(r["workload"], r["direction"]) for r in doc["records"]
+              if r["path"] == "tap-relay" and r["error"] is None}
+    assert floors == {("pps64", "tx")}  # P4a's alone (P3b, arithmetic, has no base)
+    assert "within reach of this device model" in res.stdout
     staged = [r for r in doc["records"] if r["mode"] == "linux-noslots-staging"]
     assert staged and all(r["op_maps_per_pkt"] == 0 and r["op_copies_per_pkt"] == 0
                           for r in staged)  # no grant operation per packet, for real

@@ -28,6 +28,14 @@ per-frame cost a mechanism removes follows from any ratio r as ``1 - 1/r`` (for 
 theirs and the prediction). The table also gives the measured cost ratio: where it matches
 the prediction but the frame rates do not, the difference is the share of the shared
 machine the path got in each run, not the mechanism.
+
+The *ceiling* is the same arithmetic with the base replaced by the floor: the CPU per frame
+of the bench's ``tap-relay`` path (one Python process copying frames between the same two
+TAPs, no ring and no grant: ``shared/lab/bench/tap_relay.py``) on the row's workload and
+direction, measured in the same rounds. It is the largest ratio the row's operations could
+give with a split driver that cost nothing beyond the device model; a published ratio above
+it (by more than the agreement margin) cannot be reached here by any per-frame lever, only by
+operations dearer than they are, which no run may imitate.
 """
 
 from __future__ import annotations
@@ -89,6 +97,16 @@ def op_cost(rec: Record, costs: dict[str, float]) -> float:
 def removed_share(ratio: float | None) -> float | None:
     """The share of the per-frame cost that a speed-up of ``ratio`` removes (1 - 1/r)."""
     return None if not ratio else 1 - 1 / ratio
+
+
+def ceiling(floor: Record, before: Record, after: Record,
+            costs: dict[str, float]) -> float | None:
+    """before/after's ratio with the floor's CPU per frame as the whole base cost."""
+    base = path_cost(floor)
+    if base is None:
+        return None
+    a = base + op_cost(after, costs)
+    return None if a <= 0 else (base + op_cost(before, costs)) / a
 
 
 def predict(ref: Record, before: Record, after: Record,

@@ -3,15 +3,16 @@
 The experiments are bench runs (``shared/lab/bench``: its paths, workloads, rounds, records):
 each mode a row compares, on the workload and direction the row needs, plus the reference mode
 on each of those (the cost model's base), plus veth with the pps generator (its own rate: the
-generator must not be what limits pvnet). ``--placement qemu`` runs the same rows with the
-netfront in a QEMU guest (``pvnet-qemu``; under TCG here) and virtio-net as the generator's
-reference: the generator runs inside the guest for guest->wire rows, the receiver for
-wire->guest ones (the issue's "rows a generator can drive from inside the guest"; no goal
-under TCG, where the guest's Python sets every ratio). Rounds are interleaved over all of them
-(>= 5 by default). ``python -m backend.opbench`` runs before the first round and after every
-round in the same lock hold (so the op costs meet the machine as the rounds met it: this shared
-VM's map cost moved 5.9 -> 9.0 µs between a quiet and a busy hour); the model uses the mean of
-its runs, and the table gives their range.
+generator must not be what limits pvnet), plus the ``tap-relay`` floor on every workload and
+direction the rows use (the model's ceiling: ``shared/lab/paper/model.py``). ``--placement
+qemu`` runs the same rows with the netfront in a QEMU guest (``pvnet-qemu``; under TCG here)
+and virtio-net as the generator's reference: the generator runs inside the guest for
+guest->wire rows, the receiver for wire->guest ones (the issue's "rows a generator can drive
+from inside the guest"; no goal under TCG, where the guest's Python sets every ratio). Rounds
+are interleaved over all of them (>= 5 by default). ``python -m backend.opbench`` runs before
+the first round and after every round in the same lock hold (so the op costs meet the machine
+as the rounds met it: this shared VM's map cost moved 5.9 -> 9.0 µs between a quiet and a busy
+hour); the model uses the mean of its runs, and the table gives their range.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ def mean_costs(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def _todo(bench: Bench, exps: dict[str, list[tuple[str, str]]], ref: str = NETNS_REF) -> None:
     """Each path runs only what the rows need of it, one direction at a time; the reference
-    path ``ref`` the generator check alone."""
+    path ``ref`` the generator check alone; the floor (``table.FLOOR``) what the reference
+    mode runs: every workload and direction a measured row uses."""
+    every = exps.get(rows.REFERENCE, [])
     for p in bench.paths:
-        pairs = [GENERATOR] if p.path == ref else exps.get(p.mode, [])
+        pairs = ([GENERATOR] if p.path == ref else every if p.path == table.FLOOR
+                 else exps.get(p.mode, []))
         by_wl: dict[str, list[str]] = {}
         for wl, d in pairs:
             by_wl.setdefault(wl, []).append(d)
@@ -115,7 +119,9 @@ def run_paper(cfg: PaperConfig, out: TextIO = sys.stdout) -> int:
         ctx = PathContext(prefix=cfg.prefix, state_dir=bench_cfg.state_dir, results=results,
                           modes=tuple(exps),
                           log=lambda line: print(line, file=log, flush=True))
-        paths = build_paths([ref, ours] if exps else [], ctx)
+        # the floor beside the namespace pair only (a QEMU guest's TAP is QEMU's)
+        floor = [table.FLOOR] if cfg.placement == "netns" else []
+        paths = build_paths([ref, *floor, ours] if exps else [], ctx)
         bench = Bench(bench_cfg, paths, log)
         _todo(bench, exps, ref)
         bench.progress.line(f"paper: rows {', '.join(r.id for r in chosen)}; "

@@ -18,12 +18,21 @@ from typing import Any
 
 from shared.lab.bench.interval import ci95
 from shared.lab.bench.record import Record
-from shared.lab.paper.model import Prediction, op_cost, path_cost, predict, removed_share
+from shared.lab.paper.model import (
+    Prediction,
+    ceiling,
+    op_cost,
+    path_cost,
+    predict,
+    removed_share,
+)
 from shared.lab.paper.rows import REFERENCE, SOURCES, Row
 
 #: the published ratio agrees when inside ours +- this share (the goal: 25 %)
 AGREE = 0.25
 PATH = "pvnet-netns"
+#: the floor under PATH's per-frame cost: its topology without the split driver
+FLOOR = "tap-relay"
 
 
 @dataclass
@@ -57,6 +66,12 @@ class RowResult:
     predicted_removed: float | None = None
     model_hit: bool | None = None
     model: dict[str, float | bool | None] = field(default_factory=dict)
+    #: the floor's path CPU per frame (FLOOR, median round) and the ratio the model gives
+    #: with it as the whole base (``model.ceiling``); ``reachable``: the published ratio is
+    #: not above that ceiling by more than AGREE
+    floor_us: float | None = None
+    ceiling: float | None = None
+    reachable: bool | None = None
     verdict: str = ""
     note: str = ""
 
@@ -138,6 +153,12 @@ def evaluate(row: Row, records: list[Record], raw: list[Record],
                      "measured_cost_after_us": _round(path_cost(ma)),
                      "ops_before_us": round(op_cost(mb, costs), 2),
                      "ops_after_us": round(op_cost(ma, costs), 2)}
+    floor = _median(records, "-", row, FLOOR) if path == PATH else None
+    if floor is not None and mb and ma:
+        res.floor_us = _round(path_cost(floor))
+        ceil = ceiling(floor, mb, ma, costs)
+        res.ceiling = _round(ceil)
+        res.reachable = None if ceil is None else row.theirs_ratio <= ceil * (1 + AGREE)
     res.verdict = _verdict(res.ours, row.theirs_ratio, row.kind, row.note)
     return res
 
@@ -162,7 +183,7 @@ def _pct(x: float | None) -> str:
 def markdown(results: list[RowResult]) -> str:
     """The table: row, what was compared, theirs, ours, cost shares, model, verdict."""
     lines = ["| row | compared | theirs | ours (median frames) | ours ratio [95 % CI] | "
-             "share removed ours / theirs | model (measured CPU ratio) | verdict |",
+             "share removed ours / theirs | model (measured CPU ratio; ceiling) | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.kind == "arithmetic":
@@ -185,6 +206,8 @@ def markdown(results: list[RowResult]) -> str:
         model = ("-" if r.predicted is None else
                  f"{r.predicted:.2f}x ({'hit' if r.model_hit else 'miss'}; CPU "
                  f"{_num(r.ours_cpu)}x)")
+        if r.ceiling is not None:
+            model += f"; ceiling {r.ceiling:.2f}x"
         lines.append(f"| {r.id} | {r.compared} | {theirs} | {ours_fig} | {_ratio_cell(r)} | "
                      f"{_pct(r.ours_removed)} / {_pct(r.theirs_removed)} | {model} | "
                      f"{r.verdict} |")
@@ -204,6 +227,8 @@ def summary(results: list[RowResult]) -> str:
     arith = [r for r in results if r.kind == "arithmetic"]
     pending = [r for r in results if r.kind == "pending"]
     sources = sorted({r.source for r in measured})
+    floored = [r for r in measured if r.reachable is not None]
+    beyond = [r for r in floored if not r.reachable]
     return "\n".join([
         f"measured rows: {len(measured)} from {len(sources)} sources "
         f"({', '.join(sources)}); published ratio inside ours +-25 %: {len(agree)} of "
@@ -213,6 +238,10 @@ def summary(results: list[RowResult]) -> str:
            if len(hits) < len(modeled) else ""),
         f"arithmetic rows (apart): {', '.join(f'{r.id} {r.verdict}' for r in arith) or '-'}; "
         f"pending: {', '.join(f'{r.id} ({r.verdict})' for r in pending) or '-'}",
+        *([f"within reach of this device model (published ratio at most the ceiling +25 %: "
+           f"the model with the {FLOOR} floor as the whole base): {len(floored) - len(beyond)} "
+           f"of {len(floored)}" + (f"; beyond it: {', '.join(r.id for r in beyond)}"
+                                   if beyond else "")] if floored else []),
     ])
 
 
