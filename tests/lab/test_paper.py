@@ -178,7 +178,7 @@ def test_the_ceiling_puts_the_floor_in_place_of_the_base_and_says_what_is_out_of
     gives 1.23x, and 1.47x is beyond it once past the 25 % margin (1.23 x 1.25 = 1.54: still
     within; 100 µs: 1.14 x 1.25 = 1.42 < 1.47, beyond)."""
     row = rows.select(["P1a"])[0]
-    raw = _raw(row, [10, 11], [14, 15])
+    raw = _raw(row, [10, 10], [10.5, 10.4])  # ours lower: the ceiling decides the reach
     before = rec(row.before, row.workload, row.direction, 10, op_maps_per_pkt=1.0,
                  op_unmaps_per_pkt=1.0)
     after = rec(row.after, row.workload, row.direction, 14)
@@ -196,6 +196,10 @@ def test_the_ceiling_puts_the_floor_in_place_of_the_base_and_says_what_is_out_of
     assert ("within reach of this device model (published ratio at most the ceiling +25 %: "
             "the model with the tap-relay floor as the whole base): 0 of 1; beyond it: P1a"
             ) in table.summary([far])
+    # a row that agrees is within reach, whatever its ceiling (the model errs by up to 20 %)
+    agreeing = table.evaluate(row, [before, after, floor(100.0)],
+                              _raw(row, [10, 10], [15, 15]), COSTS)
+    assert agreeing.verdict == "agrees" and agreeing.reachable
     # no floor record (the QEMU placement, an older run): no ceiling, no summary line
     plain = table.evaluate(row, [before, after], raw, COSTS)
     assert plain.ceiling is None and "within reach" not in table.summary([plain])

@@ -67,8 +67,8 @@ class RowResult:
     model_hit: bool | None = None
     model: dict[str, float | bool | None] = field(default_factory=dict)
     #: the floor's path CPU per frame (FLOOR, median round) and the ratio the model gives
-    #: with it as the whole base (``model.ceiling``); ``reachable``: the published ratio is
-    #: not above that ceiling by more than AGREE
+    #: with it as the whole base (``model.ceiling``); ``reachable``: the row agrees, or the
+    #: published ratio is not above that ceiling by more than AGREE
     floor_us: float | None = None
     ceiling: float | None = None
     reachable: bool | None = None
@@ -153,13 +153,15 @@ def evaluate(row: Row, records: list[Record], raw: list[Record],
                      "measured_cost_after_us": _round(path_cost(ma)),
                      "ops_before_us": round(op_cost(mb, costs), 2),
                      "ops_after_us": round(op_cost(ma, costs), 2)}
+    res.verdict = _verdict(res.ours, row.theirs_ratio, row.kind, row.note)
     floor = _median(records, "-", row, FLOOR) if path == PATH else None
     if floor is not None and mb and ma:
         res.floor_us = _round(path_cost(floor))
         ceil = ceiling(floor, mb, ma, costs)
         res.ceiling = _round(ceil)
-        res.reachable = None if ceil is None else row.theirs_ratio <= ceil * (1 + AGREE)
-    res.verdict = _verdict(res.ours, row.theirs_ratio, row.kind, row.note)
+        # a row that agrees is within reach whatever the model says (it errs by up to HIT)
+        res.reachable = None if ceil is None else (
+            res.verdict == "agrees" or row.theirs_ratio <= ceil * (1 + AGREE))
     return res
 
 
