@@ -121,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gso", dest="gso", action="store_false",
                    help="offer no TSO on either TAP (MTU frames both ways, as netfront --no-gso)")
     args = p.parse_args(argv)
-    guest, vif = open_ends(args)
+    try:
+        guest, vif = open_ends(args)
+    except (OSError, ValueError) as exc:  # not root, a name taken, no such bridge or netns
+        print(f"tap-relay: cannot set up {args.guest_tap} and {args.vif}: {exc}",
+              file=sys.stderr)
+        return 1
     relay = Relay(guest.fd, vif.fd)
 
     def on_signal(_sig: int, _frame: object) -> None:
