@@ -37,14 +37,12 @@ from shared.plumbing.transport import (
     open_port,
     queue_channel,
 )
-from shared.protocol.netif import EXTENSIONS, FRONTEND_KEYS, NUM_QUEUES_KEY
+from shared.protocol.netif import EXTENSIONS, FRONTEND_KEYS, GSO_MAX_SIZE, NUM_QUEUES_KEY
 from shared.protocol.queues import frontend_queue_keys
 from shared.protocol.region import Region
 from shared.protocol.xenbus import Agreement, XenbusState
 
 log = logging.getLogger("netfront")
-#: largest GSO packet the guest stack may hand us: tx_request.size is 16 bits
-GSO_MAX_SIZE = 0xFFFF - 320
 
 
 #: pause before reconnecting after a fault, so a broken backend cannot make us spin

@@ -75,7 +75,7 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MAP_FAILED = ctypes.c_void_p(-1).value
 _NONE_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
 #: holes left in the reservation at most (each one a VMA more; see the module's docstring):
-#: more than an honest frontend's TX chunks and RX buffers, far below vm.max_map_count
+#: more than an honest frontend's TX payload pages and RX buffers, far below vm.max_map_count
 HOLE_LIMIT = 8192
 #: bytes from one page's place to the next: the page, then its guard page (never mapped)
 STRIDE = 2 * PAGE_SIZE

@@ -6,8 +6,8 @@ the fragment is attached (``resolve``): the frame found then is the one every la
 transient grants from attach until its sk_buff-equivalent is freed (``release``), in every mode
 (the vif write reads the pages), so the frontend's ``end_access`` is refused all that time; a
 grant revoked while the backend took it is a fatal error for that frontend (``GrantError``).
-Consecutive grefs with equal flags (how netfront grants a chunk) are read with one unpack and
-marked and unmarked with one strided store each. Persistent grants
+Consecutive grefs with equal flags (how netfront grants a frame's pages) are read with one
+unpack and marked and unmarked with one strided store each. Persistent grants
 (``backend/grants/persistent.py``) are never held here: they stay marked until disconnect. A
 packet on one persistent gref the ring already keeps (persistent grants, staging pools: the
 common case once warm) is a dictionary lookup (``KEPT``), as Linux's persistent-grant tree
@@ -62,7 +62,7 @@ class TxGrants:
     def resolve(self, grefs: list[int]) -> tuple[list[int], int]:
         """Check every fragment's grant; the frames they grant, and the entries' common flags
         when they are consecutive and alike (else -1). Consecutive grefs (how netfront grants
-        a chunk) are read with one unpack; anything unusual takes the full per-grant check,
+        a frame's pages) are read with one unpack; anything unusual takes the full per-grant check,
         which also says precisely what is wrong."""
         n = len(grefs)
         g0 = grefs[0]

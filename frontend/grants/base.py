@@ -49,6 +49,14 @@ class GrantPolicy:
     #: payload pages at the region's end that no queue may name (staging: its pool lists)
     tail_pages: ClassVar[int] = 0
 
+    @classmethod
+    def tx_pages(cls, available: int) -> int:
+        """How many of the ``available`` payload pages from a TX queue's first on it names:
+        less the pages the policy keeps at the region's end, at most ``max_grants``. The one
+        count the TX queue (``frontend/tx/pages.py``) and a pool list (staging) both use."""
+        n = available - cls.tail_pages
+        return min(n, cls.max_grants) if cls.max_grants else n
+
     def __init__(self, table: GrantTable, stats: RingStats | None = None) -> None:
         self.table = table
         #: the counters of the ring whose queue uses this policy (a policy with counters of

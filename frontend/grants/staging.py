@@ -58,10 +58,10 @@ def pool_refs(region: Region, rx_buffers: int) -> tuple[list[int], list[int]]:
     """The grefs netfront's queues will name (TX payload pages from page ``rx_buffers`` on, RX
     buffers ``0..rx_buffers-1``): the refs of payload page p are ``RESERVED_REFS + p``, and
     the TX queue names as many pages as the list holds, short of the two list pages
-    (``frontend/tx/pages.py`` counts them the same way)."""
+    (``GrantPolicy.tx_pages``, the count the queue itself uses)."""
     lay = region.layout
-    pages = min(lay.payload_pages - Staging.tail_pages - rx_buffers, MAX_STAGING_GRANTS)
-    tx = [RESERVED_REFS + rx_buffers + p for p in range(pages)]
+    tx = [RESERVED_REFS + rx_buffers + p
+          for p in range(Staging.tx_pages(lay.payload_pages - rx_buffers))]
     rx = [RESERVED_REFS + p for p in range(rx_buffers)]
     return tx, rx
 

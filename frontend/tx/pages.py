@@ -63,9 +63,7 @@ class TxPages:
         lay = region.layout
         self.grants = region.grants
         self.policy = policy
-        count = min(region.payload.stop - policy.tail_pages - first_page, SLOT_ID_BASE)
-        if policy.max_grants:  # e.g. the backend keeps only so many persistent grants
-            count = min(count, policy.max_grants)
+        count = min(policy.tx_pages(region.payload.stop - first_page), SLOT_ID_BASE)
         if count < 2 * READ_PAGES:
             raise ValueError("region too small for TX payload pages")
         self.count = count

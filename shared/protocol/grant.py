@@ -70,7 +70,7 @@ class GrantTable:
         self.words = table.cast("Q")
         assert self.words.itemsize == GRANT_ENTRY.size
         #: end_access_run's source of zeros: built on first use, as long as the longest run
-        #: revoked (a frontend's chunk), never per declared entry - the backend, which never
+        #: revoked (a frontend's frame), never per declared entry - the backend, which never
         #: revokes, builds nothing per entry of a table whose size the frontend declares
         self._no_flags = memoryview(array("H"))
         self._views = (table, self.flags, self.ref_flags, self.words)

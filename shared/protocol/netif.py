@@ -77,7 +77,10 @@ FATAL_SKB_SLOTS = 20
 MAX_SKB_FRAGS = 17
 #: Largest frame the TAP can hand over: 64 KiB IP datagram + Ethernet + VLAN header.
 MAX_FRAME = 65535 + ETH_HLEN + 4
-#: pages the largest frame spans (17): an RX frame's buffers, a TX chunk
+#: the largest GSO packet a netfront lets its stack hand it (Linux netfront's
+#: netif_set_tso_max_size: XEN_NETIF_MAX_TX_SIZE less MAX_TCP_HEADER): tx_request.size is u16
+GSO_MAX_SIZE = 0xFFFF - 320
+#: pages the largest frame spans (17): an RX frame's buffers, what a TX read is offered
 MAX_FRAME_PAGES = -(-MAX_FRAME // PAGE_SIZE)
 
 #: pvnet addition (feature-persistent): set in a gref passed on the ring to say "keep it mapped".
@@ -86,8 +89,8 @@ GREF_MASK = GREF_PERSISTENT - 1
 
 
 #: pvnet addition: the most persistent grants a backend keeps per ring; one more is fatal for
-#: the frontend. At least a recycling pool of twice the ring (2 x 256); pvnet's netfront grants
-#: a chunk of MAX_FRAME_PAGES per TX packet in flight, and 120 such chunks fill 2040 of them.
+#: the frontend. At least a recycling pool of twice the ring (2 x 256); pvnet's netfront names
+#: at most this many TX payload pages under persistent grants (``frontend/tx/pages.py``).
 #: Linux's blkback caps its persistent grants likewise (1056).
 MAX_PERSISTENT_GRANTS = 2048
 

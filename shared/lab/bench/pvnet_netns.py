@@ -20,18 +20,19 @@ from pathlib import Path as FsPath
 from shared.lab.bench.measure import Sample, read_end
 from shared.lab.bench.modes import parse, select
 from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext
-from shared.lab.bench.veth import ensure_ethtool, ethtool, offload_summary
+from shared.lab.bench.veth import offloads_off
 from shared.lab.commands import default_commands
 from shared.lab.netns import Lab
 from shared.lab.topology import Guest, Topology, loads
 from shared.plumbing.control.client import query
 
 
-def topology_yaml(ctx: PathContext, mode: str) -> str:
+def topology_yaml(ctx: PathContext, mode: str | None = None) -> str:
     """A one-guest topology in `ctx`'s names and subnet, with `mode`'s guest keys
-    (``shared.lab.bench.modes``: a mechanism and its options)."""
+    (``shared.lab.bench.modes``: a mechanism and its options; none without a mode, for a
+    path that puts something else between the two TAPs)."""
     pre = ctx.prefix
-    keys = parse(mode).guest_yaml()
+    keys = parse(mode).guest_yaml() if mode else ""
     return (f"bridge: {pre}br0\nhost_netns: {pre}-host\n"
             f"wire: {{netns: {pre}-wire, ip: {ctx.ip(1)}/24, iperf_server: true, "
             f"host_if: {pre}br0-wire}}\n"
@@ -76,10 +77,8 @@ class PvnetNetnsPath:
         if not gso:
             # Like veth's "both ends": the peer sends MTU frames too, so the RX ring sees MTU
             # frames whatever the bridge and the vif TAP would otherwise hand the backend.
-            ensure_ethtool()
-            ethtool(topo.wire.netns, "-K", topo.wire.dev, "tso", "off", "gso", "off", "gro", "off")
             self.note = ("gso off: netfront --no-gso; peer "
-                         + offload_summary(topo.wire.netns, topo.wire.dev))
+                         + offloads_off(topo.wire.netns, topo.wire.dev))
         if parse(self.mode).capture is not None:  # a reader for the whole session, to set
             self._start_capture(topo, g)           # the cost of a capture beside the same mode
         return Endpoints(NetnsEndpoint(g.netns, str(g.ip.ip)),

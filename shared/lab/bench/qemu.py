@@ -27,7 +27,7 @@ from shared.lab.bench.paths import (
     Path,
     PathContext,
 )
-from shared.lab.bench.veth import ensure_ethtool, ethtool, link_frames
+from shared.lab.bench.veth import link_frames, offloads_off
 from shared.lab.commands import GUEST_TAP
 from shared.lab.guest_handles import SshRunner, load_handles
 from shared.lab.topology import Topology, loads
@@ -104,9 +104,7 @@ class QemuPath:
         g = topo.guests[0]
         self.note = f"{self.nic}, gso {'on' if gso else 'off'}"
         if not gso:
-            ensure_ethtool()
-            ethtool(topo.wire.netns, "-K", topo.wire.dev, "tso", "off", "gso", "off", "gro",
-                    "off")
+            offloads_off(topo.wire.netns, topo.wire.dev)
             if self.nic == "virtio-net":
                 for guest in topo.guests:
                     self._runner(guest.name, ["ethtool", "-K", GUEST_TAP, "tso", "off", "gso",

@@ -33,14 +33,13 @@ from pathlib import Path as FsPath
 from shared.lab import procs
 from shared.lab.bench.measure import Sample, read_proc
 from shared.lab.bench.paths import Endpoints, NetnsEndpoint, Path, PathContext
-from shared.lab.bench.veth import ensure_ethtool, ethtool, link_frames, offload_summary
+from shared.lab.bench.pvnet_netns import topology_yaml
+from shared.lab.bench.veth import link_frames, offloads_off
 from shared.lab.netns import Lab
 from shared.lab.topology import Topology, loads
 from shared.plumbing.netdev import VIF_MAC, NetDevice, offload_flags
+from shared.protocol.netif import GSO_MAX_SIZE
 
-#: the netfront's cap on what the guest stack hands its TAP (netif's 16-bit size less
-#: MAX_TCP_HEADER, as Linux netfront's netif_set_tso_max_size)
-GSO_MAX_SIZE = 0xFFFF - 320
 #: frames moved from one TAP per turn before the other gets its turn (the ends' budget)
 BUDGET = 64
 READY = "ready"
@@ -146,17 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- the path ---------------------------------------------------------------------------------
-def topology_yaml(ctx: PathContext) -> str:
-    """pvnet-netns's one-guest topology (the same names, subnet and MAC): only the driver
-    between the two TAPs differs."""
-    pre = ctx.prefix
-    return (f"bridge: {pre}br0\nhost_netns: {pre}-host\n"
-            f"wire: {{netns: {pre}-wire, ip: {ctx.ip(1)}/24, iperf_server: true, "
-            f"host_if: {pre}br0-wire}}\n"
-            f"guests:\n  - {{name: {pre}-g1, domid: 211, mac: \"02:00:00:00:b2:11\", "
-            f"ip: {ctx.ip(11)}/24}}\n")
-
-
 @dataclass
 class TapRelayPath:
     ctx: PathContext
@@ -168,6 +156,7 @@ class TapRelayPath:
     _proc: subprocess.Popen | None = None
 
     def setup(self, gso: bool) -> Endpoints:
+        # pvnet-netns's topology (names, subnet, MAC): only the driver between the TAPs differs
         topo = self._topo = loads(topology_yaml(self.ctx),
                                   state_dir=self.ctx.state_dir / f"{self.ctx.prefix}-relay")
         self._lab = Lab(topo, say=self.ctx.log)
@@ -188,9 +177,7 @@ class TapRelayPath:
         self._wait_ready(log)
         self.note = "gso on"
         if not gso:  # as pvnet-netns: the peer sends MTU frames too
-            ensure_ethtool()
-            ethtool(topo.wire.netns, "-K", topo.wire.dev, "tso", "off", "gso", "off", "gro", "off")
-            self.note = "gso off: no TSO on the TAPs; peer " + offload_summary(
+            self.note = "gso off: no TSO on the TAPs; peer " + offloads_off(
                 topo.wire.netns, topo.wire.dev)
         self.ctx.log(f"tap-relay: {g.netns}:eth0 <-> {g.vif} on {topo.bridge} "
                      f"(pid {self._proc.pid}, {self.note})")

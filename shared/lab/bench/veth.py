@@ -52,6 +52,14 @@ def offload_summary(ns: str, dev: str) -> str:
     return ", ".join(f"{short} {feats.get(long, '?')}" for long, short in names.items())
 
 
+def offloads_off(ns: str, dev: str) -> str:
+    """TSO, GSO and GRO off on ``dev`` in ``ns`` (a no-GSO session's MTU frames end to end);
+    what it then has, as ``offload_summary`` says it."""
+    ensure_ethtool()
+    ethtool(ns, "-K", dev, "tso", "off", "gso", "off", "gro", "off")
+    return offload_summary(ns, dev)
+
+
 def wait_listening(ns: str, port: int, timeout: float = 5.0) -> None:
     """Wait until a TCP socket listens on `port` in `ns` (/proc/net/tcp{,6} seen from inside;
     iperf3 listens on a dual-stack IPv6 socket)."""
@@ -104,9 +112,8 @@ class VethPath:
             _ip(ns, "addr", "add", f"{self.ctx.ip(host)}/24", "dev", DEV)
             _ip(ns, "link", "set", DEV, "up")
         if not gso:
-            ensure_ethtool()
             for ns in (g, p):
-                ethtool(ns, "-K", DEV, "tso", "off", "gso", "off", "gro", "off")
+                offloads_off(ns, DEV)
         if shutil.which("ethtool"):
             self.note = offload_summary(g, DEV)
         else:
